@@ -1,0 +1,92 @@
+"""The run-directory layout. Every stage, the launcher and the report find things through here.
+
+    runs/<run>/
+      config.yaml, config.json        the resolved configuration and its hash
+      data/                           corpus splits, tokenizer, shards + manifest.json
+      <stage>/                        shared stages (denoiser, planner, ar_pretrain, ar2diff)
+      <stage>/<target>/<fraction>/    per-(target, fraction) stages
+          ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
+          export/model.pt             consolidated fp32 weights, loadable without DeepSpeed
+          DONE.json                   completion marker with the hashes of the stage's inputs
+      samples/<method>/<target>/<fraction>/shard-0000.jsonl
+      tb/<stage>[/<target>/<fraction>]  TensorBoard event files, one directory per job
+      eval/                           report.md, results.csv, plots
+      jobs/                           submitit folders and logs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+def fraction_name(fraction: float) -> str:
+    """1.0 -> "1", 0.3 -> "0.3", 0.05 -> "0.05": stable directory names for fractions."""
+    return f"{fraction:g}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer_model(self) -> Path:
+        return self.data / "tokenizer.model"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
+        path = self.root / stage
+        if target is not None:
+            path = path / target
+        if fraction is not None:
+            path = path / fraction_name(fraction)
+        return path
+
+    def checkpoints(self, stage: str, target: Optional[str] = None,
+                    fraction: Optional[float] = None) -> Path:
+        return self.stage(stage, target, fraction) / "ckpt"
+
+    def export(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
+        return self.stage(stage, target, fraction) / "export" / "model.pt"
+
+    def marker(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
+        return self.stage(stage, target, fraction) / "DONE.json"
+
+    def tb(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
+        path = self.root / "tb" / stage
+        if target is not None:
+            path = path / target
+        if fraction is not None:
+            path = path / fraction_name(fraction)
+        return path
+
+    def samples(self, method: str, target: str, fraction: Optional[float]) -> Path:
+        path = self.root / "samples" / method / target
+        return path / fraction_name(fraction) if fraction is not None else path
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"

@@ -1,0 +1,91 @@
+"""Configuration: presets load, unknown keys are named with their file, overrides work, hashing."""
+
+from pathlib import Path
+
+import pytest
+
+from gtl_dist.config import ConfigError, RunConfig, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["markov", "tiny", "demo"])
+def test_presets_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == name
+
+
+def test_arxiv_preset_needs_a_path_and_has_paper_sizes():
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(CONFIGS / "arxiv.yaml")
+    cfg = load_config(CONFIGS / "arxiv.yaml", ["data.path=/data/arxiv.json"])
+    assert cfg.models.denoiser.hidden == 512 and cfg.models.ratio.hidden == 96
+    assert cfg.data.source_domains == ["cs", "math"] and cfg.data.target_domains == ["physics"]
+    assert cfg.data.target_fractions == [1.0, 0.3, 0.05, 0.01]
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  denoiser:\n    stepz: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    msg = str(exc.value)
+    assert str(bad) in msg and "train.denoiser.stepz" in msg and "did you mean 'steps'" in msg
+
+
+def test_unknown_key_in_second_file_names_that_file(tmp_path):
+    good, bad = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    good.write_text("seed: 3\n")
+    bad.write_text("sample:\n  gama: 2\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml.*sample\.gama"):
+        load_config([good, bad])
+
+
+def test_overrides_apply_in_order_and_are_typed():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["models.denoiser.hidden=64", "train.ratio.lr=1e-3",
+                                              "sample.methods=[gtl, source]"])
+    assert cfg.models.denoiser.hidden == 64
+    assert cfg.train.ratio.lr == pytest.approx(1e-3)  # "1e-3" is a string to YAML 1.1
+    assert cfg.sample.methods == ["gtl", "source"]
+
+
+def test_override_errors_are_clear():
+    with pytest.raises(ConfigError, match="--set model.hidden=256.*unknown key 'model'.*did you mean 'models'"):
+        load_config(CONFIGS / "tiny.yaml", ["model.hidden=256"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("models.denoiser.hidden")
+    with pytest.raises(ConfigError, match="models.denoiser.hidden: expected an integer"):
+        load_config(CONFIGS / "tiny.yaml", ["models.denoiser.hidden=wide"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sample.gamma=-1", "sample.gamma"),
+    ("sample.top_k=0", "sample.top_k"),
+    ("data.target_fractions=[1.0, 0.0]", "data.target_fractions"),
+    ("train.denoiser.zero_stage=4", "train.denoiser.zero_stage"),
+    ("train.denoiser.micro_batch=7", "train.denoiser.micro_batch"),
+    ("models.denoiser.heads=3", "models.denoiser.hidden"),
+    ("data.overlap=1.0", "data.overlap"),
+    ("train.planner.precision=fp16", "train.planner.precision"),
+])
+def test_cross_field_validation_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_hash_is_stable_and_sections_are_independent():
+    a = load_config(CONFIGS / "tiny.yaml")
+    b = load_config(CONFIGS / "tiny.yaml", ["sample.gamma=3.0"])
+    assert a.hash() == load_config(CONFIGS / "tiny.yaml").hash()
+    assert a.hash() != b.hash()
+    # A sampler setting does not change what the denoiser depends on.
+    assert a.section_hash("data", "models.denoiser", "train.denoiser") == \
+        b.section_hash("data", "models.denoiser", "train.denoiser")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["seed=7"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(cfg.to_yaml())
+    assert load_config(out).hash() == cfg.hash()
