@@ -79,8 +79,11 @@ class RunPaths:
             path = path / fraction_name(fraction)
         return path
 
-    def samples(self, method: str, target: str, fraction: Optional[float]) -> Path:
-        path = self.root / "samples" / method / target
+    def samples(self, method: str, target: Optional[str], fraction: Optional[float]) -> Path:
+        """Sample shards of one method; the source model's samples are shared by all targets."""
+        path = self.root / "samples" / method
+        if target is not None:
+            path = path / target
         return path / fraction_name(fraction) if fraction is not None else path
 
     @property

@@ -1,0 +1,248 @@
+"""The GTL pipeline as a DAG of task groups (ARCHITECTURE.md, "The pipeline").
+
+A *task* is one unit of work with one entry point (``gtl_dist.cluster.tasks.run_task``); a *group*
+is the set of tasks of one kind that are submitted together: a single job (data, the source
+denoiser, evaluation) or a job array (one task per target × fraction, or per sample shard).
+Dependencies are between groups, which maps one-to-one onto SLURM ``afterok`` dependencies.
+
+Completion is decided by markers, not by job state: a task is done when its ``DONE.json``
+records the same *input hash* that the current configuration gives it. The input hash covers
+the configuration sections the task reads and, recursively, the input hashes of the tasks it
+depends on — so changing the denoiser's model size invalidates fine-tuning, the planner and
+every sample drawn from them, while changing γ only invalidates GTL samples and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, Optional
+
+from gtl_dist.config import RunConfig, dict_hash
+from gtl_dist.paths import RunPaths, fraction_name
+
+# How a group is sized on the cluster.
+BIG = "big"        # spans --nodes nodes, one rank per GPU (or per node on CPU)
+SMALL = "small"    # one task, at most one GPU: packed many to a node
+DATA = "data"      # one task, CPU only, shards.build_workers processes
+EVAL = "eval"      # one task, at most one GPU
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    target: Optional[str] = None
+    fraction: Optional[float] = None
+    method: Optional[str] = None
+    shard: Optional[int] = None
+
+    @property
+    def key(self) -> str:
+        parts = [self.kind]
+        if self.method is not None:
+            parts.append(self.method)
+        if self.target is not None:
+            parts.append(self.target)
+        if self.fraction is not None:
+            parts.append(fraction_name(self.fraction))
+        if self.shard is not None:
+            parts.append(f"shard{self.shard}")
+        return "/".join(parts)
+
+    def marker(self, paths: RunPaths):
+        """Where this task's completion marker lives."""
+        if self.kind == "sample":
+            return paths.samples(self.method, self.target, self.fraction) / f"DONE-{self.shard:04d}.json"
+        if self.kind == "data":
+            return paths.data / "DONE.json"
+        if self.kind == "eval":
+            return paths.eval / "DONE.json"
+        return paths.marker(self.kind, self.target, self.fraction)
+
+
+@dataclass
+class Group:
+    name: str
+    tasks: list[Task]
+    deps: list[str]
+    size: str
+
+    @property
+    def is_array(self) -> bool:
+        return self.size != BIG and (len(self.tasks) > 1 or self.name in PER_TASK_ARRAYS)
+
+
+# Groups that are arrays by nature, even when the config leaves them a single task.
+PER_TASK_ARRAYS = {"classifier_ti", "classifier_td", "ratio", "vanilla", "finetune",
+                   "reference_lm", "sample"}
+
+# Configuration sections each task kind reads (besides its dependencies).
+_SECTIONS = {
+    "data": ("seed", "data", "tokenizer", "shards"),
+    "denoiser": ("seed", "noise", "models.denoiser", "train.denoiser"),
+    "ar_pretrain": ("seed", "models.denoiser", "train.ar_pretrain"),
+    "ar2diff": ("seed", "noise", "models.denoiser", "train.ar2diff"),
+    "planner": ("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope"),
+    "classifier_ti": ("seed", "noise", "models.classifier", "train.classifier_ti"),
+    "classifier_td": ("seed", "noise", "models.classifier", "train.classifier_td"),
+    "ratio": ("seed", "noise", "models.ratio", "train.ratio"),
+    "vanilla": ("seed", "noise", "models.denoiser", "train.vanilla"),
+    "finetune": ("seed", "noise", "models.denoiser", "train.finetune"),
+    "reference_lm": ("seed", "models.denoiser", "train.ar_pretrain"),
+    "sample": ("sample", "noise"),
+    "eval": ("eval", "sample.num_samples"),
+}
+
+
+@dataclass
+class Pipeline:
+    """The DAG for one configuration: groups in submission (topological) order."""
+    cfg: RunConfig
+    groups: list[Group] = field(default_factory=list)
+
+    @property
+    def source_stage(self) -> str:
+        """The stage whose export is the frozen source denoiser."""
+        return "ar2diff" if self.cfg.pipeline.ar2diff else "denoiser"
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group '{name}' in this pipeline; groups: {', '.join(self.group_names)}")
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [t for g in self.groups for t in g.tasks]
+
+    def group_of(self, task: Task) -> Group:
+        for g in self.groups:
+            if task in g.tasks:
+                return g
+        raise KeyError(task.key)
+
+    def task_deps(self, task: Task) -> list[Task]:
+        """The tasks whose outputs ``task`` reads (finer than the group dependencies)."""
+        cfg = self.cfg
+        k, t, f = task.kind, task.target, task.fraction
+        source = Task(self.source_stage)
+        if k == "data":
+            return []
+        if k in ("denoiser", "ar_pretrain"):
+            return [Task("data")]
+        if k == "ar2diff":
+            return [Task("ar_pretrain")]
+        if k == "planner":
+            return [source]
+        if k in ("classifier_ti", "classifier_td", "vanilla", "reference_lm"):
+            return [Task("data")]
+        if k == "ratio":
+            return [Task("classifier_ti", t, f), Task("classifier_td", t, f)]
+        if k == "finetune":
+            return [source]
+        if k == "sample":
+            m = task.method
+            if m == "source":
+                deps = [source]
+            elif m in ("vanilla", "finetune"):
+                deps = [Task(m, t, f)]
+            else:  # gtl
+                deps = [source, Task("ratio", t, f)]
+                if cfg.sample.sampler == "planner":
+                    deps.append(self.planner_task(t, f))
+            return deps
+        if k == "eval":
+            deps = [x for x in self.group("sample").tasks]
+            deps += [Task("classifier_ti", t, f) for t in cfg.targets for f in cfg.data.target_fractions]
+            if cfg.uses_tokenizer:
+                deps += [Task("reference_lm", t) for t in cfg.targets]
+            return deps
+        raise ValueError(f"unknown task kind '{k}'")
+
+    def planner_task(self, target: Optional[str], fraction: Optional[float]) -> Task:
+        if self.cfg.pipeline.planner_scope == "shared":
+            return Task("planner")
+        return Task("planner", target, fraction)
+
+    @cached_property
+    def _hash_cache(self) -> dict[Task, str]:
+        return {}
+
+    def input_hash(self, task: Task) -> str:
+        """Hash of everything the task's output depends on (config sections + upstream hashes)."""
+        cache = self._hash_cache
+        if task not in cache:
+            sections = _SECTIONS[task.kind]
+            own = self.cfg.section_hash(*sections)
+            ups = sorted((d.key, self.input_hash(d)) for d in self.task_deps(task))
+            ident = {"task": task.key, "own": own, "deps": ups}
+            if task.kind == "sample":
+                # Which samples a shard holds depends on the sharding, not just the sampler.
+                ident["shards"] = self.cfg.sample.shards
+            cache[task] = dict_hash(ident)
+        return cache[task]
+
+
+def build_pipeline(cfg: RunConfig, only: Optional[Iterable[str]] = None) -> Pipeline:
+    """Build the DAG for ``cfg``. ``only`` restricts it to the named groups (their deps are kept
+    as dependencies but not re-run)."""
+    p = Pipeline(cfg)
+    targets, fractions = cfg.targets, cfg.data.target_fractions
+    per_tf = [(t, f) for t in targets for f in fractions]
+    methods = cfg.sample.methods
+    src = p.source_stage
+
+    def add(name: str, tasks: list[Task], deps: list[str], size: str) -> None:
+        if tasks:
+            p.groups.append(Group(name, tasks, [d for d in deps if d in p.group_names], size))
+
+    add("data", [Task("data")], [], DATA)
+    if cfg.pipeline.ar2diff:
+        add("ar_pretrain", [Task("ar_pretrain")], ["data"], BIG)
+        add("ar2diff", [Task("ar2diff")], ["ar_pretrain"], BIG)
+    else:
+        add("denoiser", [Task("denoiser")], ["data"], BIG)
+    need_gtl = "gtl" in methods
+    if need_gtl and cfg.sample.sampler == "planner":
+        if cfg.pipeline.planner_scope == "shared":
+            add("planner", [Task("planner")], [src], SMALL)
+        else:
+            add("planner", [Task("planner", t, f) for t, f in per_tf], [src], SMALL)
+    if need_gtl:
+        add("classifier_ti", [Task("classifier_ti", t, f) for t, f in per_tf], ["data"], SMALL)
+        add("classifier_td", [Task("classifier_td", t, f) for t, f in per_tf], ["data"], SMALL)
+        add("ratio", [Task("ratio", t, f) for t, f in per_tf], ["classifier_ti", "classifier_td"], SMALL)
+    elif cfg.uses_tokenizer:
+        # The report's domain score needs the time-independent classifier even without GTL.
+        add("classifier_ti", [Task("classifier_ti", t, f) for t, f in per_tf], ["data"], SMALL)
+    if "vanilla" in methods:
+        add("vanilla", [Task("vanilla", t, f) for t, f in per_tf], ["data"], SMALL)
+    if "finetune" in methods:
+        add("finetune", [Task("finetune", t, f) for t, f in per_tf], [src], SMALL)
+    if cfg.uses_tokenizer:
+        add("reference_lm", [Task("reference_lm", t) for t in targets], ["data"], SMALL)
+
+    sample_tasks = []
+    shards = range(cfg.sample.shards)
+    for m in methods:
+        if m == "source":
+            sample_tasks += [Task("sample", None, None, m, s) for s in shards]
+        else:
+            sample_tasks += [Task("sample", t, f, m, s) for t, f in per_tf for s in shards]
+    sample_deps = {"source": [src], "vanilla": ["vanilla"], "finetune": ["finetune"],
+                   "gtl": [src, "ratio", "planner"]}
+    add("sample", sample_tasks, sorted({d for m in methods for d in sample_deps[m]}), SMALL)
+    add("eval", [Task("eval")], ["sample", "classifier_ti", "reference_lm"], EVAL)
+
+    if only is not None:
+        only = list(only)
+        unknown = [n for n in only if n not in p.group_names]
+        if unknown:
+            raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)}; this config's stages "
+                             f"are: {', '.join(p.group_names)}")
+        p.groups = [g for g in p.groups if g.name in only]
+    return p

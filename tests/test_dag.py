@@ -1,0 +1,68 @@
+"""The pipeline DAG: which groups exist, how they depend on each other, and input hashing."""
+
+import pytest
+
+from gtl_dist.cluster.dag import BIG, Task, build_pipeline
+from gtl_dist.config import load_config
+
+
+def _cfg(configs_dir, name="tiny", *overrides):
+    return load_config(configs_dir / f"{name}.yaml", list(overrides))
+
+
+def test_markov_pipeline_groups_and_order(configs_dir):
+    p = build_pipeline(_cfg(configs_dir))
+    names = p.group_names
+    assert names == ["data", "denoiser", "classifier_ti", "classifier_td", "ratio", "vanilla",
+                     "finetune", "sample", "eval"]
+    # Topological: every dependency comes earlier.
+    for i, g in enumerate(p.groups):
+        assert all(names.index(d) < i for d in g.deps), g.name
+    assert p.group("denoiser").size == BIG
+    # One task per (target, fraction) in the per-target arrays.
+    assert [t.key for t in p.group("ratio").tasks] == ["ratio/sticky/1", "ratio/sticky/0.2"]
+    # The source model is sampled once, shared by all targets.
+    src = [t for t in p.group("sample").tasks if t.method == "source"]
+    assert len(src) == p.cfg.sample.shards and all(t.target is None for t in src)
+
+
+def test_text_pipeline_has_planner_and_reference_lm(configs_dir):
+    p = build_pipeline(_cfg(configs_dir, "demo"))
+    assert "planner" in p.group_names and "reference_lm" in p.group_names
+    gtl = next(t for t in p.group("sample").tasks if t.method == "gtl")
+    assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "ratio", "planner"}
+
+
+def test_ar2diff_route_replaces_the_denoiser(configs_dir):
+    p = build_pipeline(_cfg(configs_dir, "tiny", "pipeline.ar2diff=true"))
+    assert "denoiser" not in p.group_names
+    assert p.group("ar2diff").deps == ["ar_pretrain"]
+    assert p.group("finetune").deps == ["ar2diff"]
+
+
+def test_per_target_planner(configs_dir):
+    p = build_pipeline(_cfg(configs_dir, "demo", "pipeline.planner_scope=per_target"))
+    assert len(p.group("planner").tasks) == len(p.cfg.targets) * len(p.cfg.data.target_fractions)
+
+
+def test_input_hash_invalidates_exactly_the_downstream(configs_dir):
+    base = build_pipeline(_cfg(configs_dir))
+    bigger = build_pipeline(_cfg(configs_dir, "tiny", "models.denoiser.hidden=64"))
+    guided = build_pipeline(_cfg(configs_dir, "tiny", "sample.gamma=3.0"))
+
+    def h(p, task):
+        return p.input_hash(task)
+
+    clf = Task("classifier_ti", "sticky", 1.0)
+    ft = Task("finetune", "sticky", 1.0)
+    gtl = Task("sample", "sticky", 1.0, "gtl", 0)
+    assert h(base, clf) == h(bigger, clf)          # classifiers do not read the denoiser
+    assert h(base, ft) != h(bigger, ft)            # fine-tuning starts from it
+    assert h(base, Task("denoiser")) == h(guided, Task("denoiser"))
+    assert h(base, gtl) != h(guided, gtl)          # γ changes GTL samples...
+    assert h(base, Task("ratio", "sticky", 1.0)) == h(guided, Task("ratio", "sticky", 1.0))
+
+
+def test_unknown_stage_is_a_clear_error(configs_dir):
+    with pytest.raises(ValueError, match="unknown stage.*denoisr.*are: data, denoiser"):
+        build_pipeline(_cfg(configs_dir), only=["denoisr"])
