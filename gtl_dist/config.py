@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ PER_TARGET_STAGES = ("vanilla", "finetune", "classifier_ti", "classifier_td", "r
 CORPORA = ("markov", "demo", "arxiv", "jsonl", "txt")
 SAMPLERS = ("planner", "ancestral", "exact")
 METHODS = ("gtl", "source", "vanilla", "finetune")
+
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -93,6 +97,10 @@ class ShardConfig:
     build_workers: int = 2
     # Where shards go; default <run_dir>/data. Relative paths are taken from the run directory.
     dir: Optional[str] = None
+    # Text sets are cut into build units of whole documents holding about this many characters;
+    # each unit is packed and written on its own (its last partial chunk is dropped, its last shard
+    # may be short), which makes the shards independent of how many build workers ran.
+    unit_chars: int = 8_000_000
 
 
 @dataclass
@@ -489,6 +497,37 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("data.markov.length", "needs at least 2 tokens")
     if d.corpus == "markov" and not (m.target_matrices or m.target_diagonals):
         bad("data.markov.target_diagonals", "needs at least one target chain")
+    for key in ("num_source", "num_target", "num_test"):
+        if getattr(m, key) < 1:
+            bad(f"data.markov.{key}", "must be at least 1")
+    for name, diag in [("source_diagonal", m.source_diagonal)] + [
+            (f"target_diagonals.{k}", v) for k, v in m.target_diagonals.items()]:
+        if not 0.0 <= diag <= 1.0:
+            bad(f"data.markov.{name}", f"{diag} is outside [0, 1]")
+    matrices = [("source_matrix", m.source_matrix)] + [
+        (f"target_matrices.{k}", v) for k, v in (m.target_matrices or {}).items()]
+    for name, mat in matrices:
+        if mat is None:
+            continue
+        if len(mat) != m.num_states or any(len(row) != m.num_states for row in mat):
+            bad(f"data.markov.{name}", f"expected a {m.num_states}x{m.num_states} matrix "
+                                      f"(data.markov.num_states={m.num_states})")
+        for i, row in enumerate(mat):
+            if min(row) < 0 or abs(sum(row) - 1.0) > 1e-6:
+                bad(f"data.markov.{name}", f"row {i} = {row} must be non-negative and sum to 1")
+    # Set and domain names become file names and WebDataset keys (where a '.' would split the key).
+    if d.corpus == "markov":
+        named = {"data.markov.target_matrices" if m.target_matrices else "data.markov.target_diagonals":
+                 cfg.targets}
+    else:
+        named = {"data.source_domains": d.source_domains, "data.target_domains": d.target_domains}
+    for key, names in named.items():
+        for name in names:
+            if not _DOMAIN_NAME.fullmatch(name):
+                bad(key, f"'{name}' is not a valid domain name (letters, digits, '_' and '-', no dots)")
+    target_key = list(named)[-1]
+    if "source" in cfg.targets:
+        bad(target_key, "'source' is reserved for the source set; rename that target")
 
     t = cfg.tokenizer
     if t.model_type not in ("unigram", "bpe"):
@@ -501,6 +540,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("shards.samples_per_shard", "must be at least 1")
     if cfg.shards.build_workers < 1:
         bad("shards.build_workers", "must be at least 1")
+    if cfg.shards.unit_chars < 1:
+        bad("shards.unit_chars", "must be at least 1")
 
     for role in ("denoiser", "classifier", "ratio", "planner"):
         mc: ModelConfig = getattr(cfg.models, role)
