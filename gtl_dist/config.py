@@ -200,6 +200,11 @@ class SampleConfig:
     planner_temperature: float = 0.5
     planner_mode: str = "sample"  # sample | argmax | uniform
     seed: int = 1234
+    # Edited sequences scored per ratio-net pass (n_ratio candidates × positions, chunked).
+    ratio_batch_size: int = 4096
+    # Ancestral samplers: reset P(stay masked) to the unguided value after guidance (METHOD.md §7).
+    # Off only to show the all-mask collapse it prevents.
+    stabilise: bool = True
 
 
 @dataclass
@@ -606,6 +611,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("sample.planner_mode", f"'{s.planner_mode}' is not sample, argmax or uniform")
     if s.planner_temperature <= 0:
         bad("sample.planner_temperature", "must be > 0")
+    if s.ratio_batch_size < 1:
+        bad("sample.ratio_batch_size", "must be at least 1")
+    if not 0.0 < s.t_end < 1.0:
+        bad("sample.t_end", f"{s.t_end} is outside (0, 1)")
     if s.num_samples < 1 or s.batch_size < 1 or s.shards < 1 or s.steps < 1:
         bad("sample", "num_samples, batch_size, shards and steps must all be at least 1")
     if cfg.pipeline.planner_scope not in ("shared", "per_target"):
