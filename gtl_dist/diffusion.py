@@ -1,0 +1,191 @@
+"""The masking (absorbing-state) diffusion process of MDLM and its training loss (METHOD.md §2).
+
+Forward process: every token independently becomes [MASK] with probability 1 - alpha_t (the
+"move chance"). The continuous-time NELBO of a SUBS denoiser is
+
+    NELBO = ∫ w(t) E_{z_t} [ sum over masked l of -log p_theta(x0^l | z_t) ] dt,
+    w(t)  = -alpha'_t / (1 - alpha_t).
+
+Substituting u = 1 - alpha_t gives w(t) dt = du / u, which is why the weight diverges like 1/t
+while the chance of a position being masked vanishes like t: the integrand stays finite.
+
+Training draws t ~ U[t_min, 1] (stratified over the global batch) and averages over all valid
+tokens, so exp(loss) is MDLM's perplexity bound. As in MDLM the estimator is the mean over
+t in [t_min, 1] (no (1 - t_min) factor).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any
+
+import torch
+
+from gtl_dist.config import NoiseConfig
+
+
+class NoiseSchedule(abc.ABC):
+    """alpha_t through the move chance 1 - alpha_t, its NELBO weight, and sigma(t) = -log alpha_t."""
+
+    name = "base"
+
+    def __init__(self, t_min: float = 1e-3, antithetic: bool = True):
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"noise.t_min={t_min} must lie in (0, 1)")
+        self.t_min = t_min
+        self.antithetic = antithetic
+
+    @abc.abstractmethod
+    def move_chance(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - alpha_t: the probability that a token is [MASK] at time t."""
+
+    @abc.abstractmethod
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """-alpha'_t / (1 - alpha_t)."""
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """-log alpha_t: the noise level a time-conditioned network sees."""
+        return -torch.log1p(-self.move_chance(t))
+
+    @staticmethod
+    def from_config(cfg: NoiseConfig) -> "NoiseSchedule":
+        if cfg.schedule == "loglinear":
+            return LogLinearSchedule(cfg.eps, t_min=cfg.t_min, antithetic=cfg.antithetic)
+        if cfg.schedule == "geometric":
+            return GeometricSchedule(cfg.sigma_min, cfg.sigma_max, t_min=cfg.t_min,
+                                     antithetic=cfg.antithetic)
+        raise ValueError(f"noise.schedule='{cfg.schedule}' is not loglinear or geometric")
+
+
+class LogLinearSchedule(NoiseSchedule):
+    """1 - alpha_t = (1 - eps) t (MDLM's text schedule).
+
+    alpha'_t = -(1 - eps), so w(t) = (1 - eps) / ((1 - eps) t) = 1/t exactly: eps changes
+    where the process ends (a fraction eps of tokens survive at t = 1), not the weight.
+    """
+
+    name = "loglinear"
+
+    def __init__(self, eps: float = 1e-3, **kw: Any):
+        super().__init__(**kw)
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"noise.eps={eps} must lie in [0, 1)")
+        self.eps = eps
+
+    def move_chance(self, t: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self.eps) * _float(t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / _float(t)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.log1p(-(1.0 - self.eps) * _float(t))
+
+
+class GeometricSchedule(NoiseSchedule):
+    """sigma(t) = sigma_min^(1-t) sigma_max^t, 1 - alpha_t = 1 - exp(-sigma) (the synthetic code's).
+
+    w(t) = sigma'(t) e^{-sigma} / (1 - e^{-sigma}) = sigma'(t) / expm1(sigma),
+    sigma'(t) = sigma(t) log(sigma_max / sigma_min).
+    """
+
+    name = "geometric"
+
+    def __init__(self, sigma_min: float = 1e-4, sigma_max: float = 20.0, **kw: Any):
+        super().__init__(**kw)
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"noise.sigma_min={sigma_min}, noise.sigma_max={sigma_max}: need "
+                             f"0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.log_ratio = math.log(sigma_max / sigma_min)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma_min * torch.exp(self.log_ratio * _float(t))
+
+    def move_chance(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.expm1(-self.sigma(t))
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(t)
+        return s * self.log_ratio / torch.expm1(s)
+
+
+def _float(t: torch.Tensor | float) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    return t if t.is_floating_point() else t.float()
+
+
+def sample_t(batch_size: int, generator: torch.Generator | None, *, t_min: float,
+             antithetic: bool = True, rank: int = 0, world_size: int = 1,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """Diffusion times for this rank's share of one global batch, t in [t_min, 1).
+
+    ``generator`` must give the same draws on every rank (seed it by step): all ranks draw the
+    same global batch of size batch_size * world_size and rank r keeps entries r, r + W, ...
+    With ``antithetic`` the global draw is stratified, u_i = (u_0 + i / n) mod 1, so each
+    rank's share is itself stratified. Gradient accumulation: pass world_size = W * steps and
+    rank = r * steps + micro_step to stratify over the accumulated batch.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"sample_t: need batch_size >= 1 and 0 <= rank < world_size, got "
+                         f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    n = batch_size * world_size
+    gen_device = generator.device if generator is not None else "cpu"
+    if antithetic:
+        u0 = torch.rand((), generator=generator, dtype=torch.float64, device=gen_device)
+        u = torch.remainder(u0 + torch.arange(n, dtype=torch.float64, device=gen_device) / n, 1.0)
+    else:
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device)
+    t = t_min + (1.0 - t_min) * u[rank::world_size]
+    return t.float().to(device if device is not None else gen_device)
+
+
+def mask_tokens(x0: torch.Tensor, move_chance: torch.Tensor | float, mask_id: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """z_t: each token of x0 independently replaced by mask_id with probability move_chance.
+
+    ``move_chance`` is a scalar or one value per sequence ([B]).
+    """
+    move = torch.as_tensor(move_chance, dtype=torch.float32, device=x0.device)
+    if move.dim() == 1:
+        if move.shape[0] != x0.shape[0]:
+            raise ValueError(f"move_chance has {move.shape[0]} entries for a batch of {x0.shape[0]}")
+        move = move[:, None]
+    gen_device = generator.device if generator is not None else x0.device
+    u = torch.rand(x0.shape, generator=generator, device=gen_device).to(x0.device)
+    return torch.where(u < move, torch.full_like(x0, mask_id), x0)
+
+
+def mdlm_loss(denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
+              generator: torch.Generator | None, *, vocab: Any = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MDLM NELBO estimate for a batch (fp32): weighted masked-position cross-entropy,
+    averaged over all valid tokens (tokens equal to vocab.pad_id, if any, are not counted).
+
+    ``denoiser(z, sigma)`` returns SUBS log-probabilities; ``vocab`` defaults to denoiser.vocab.
+    Stats: loss, nll (mean CE over masked positions), accuracy (greedy, masked positions),
+    masked_fraction.
+    """
+    vocab = denoiser.vocab if vocab is None else vocab
+    if bool((x0 == vocab.mask_id).any()):
+        raise ValueError(f"clean data x0 contains the [MASK] id {vocab.mask_id}; the data and the "
+                         f"model disagree about the vocabulary (check the manifest's mask_id)")
+    t = t.to(x0.device, torch.float32)
+    z = mask_tokens(x0, schedule.move_chance(t), vocab.mask_id, generator)
+    logp = denoiser(z, schedule.sigma(t))
+    masked = z == vocab.mask_id
+    valid = torch.ones_like(masked) if vocab.pad_id is None else x0 != vocab.pad_id
+    scored = masked & valid
+    log_p_true = logp.float().gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    # Where() rather than multiplying: a carried-over row is -inf off the observed token.
+    nll = torch.where(scored, -log_p_true, torch.zeros_like(log_p_true))
+    num_valid = valid.sum().clamp_min(1)
+    loss = (schedule.loss_weight(t).to(nll.device)[:, None] * nll).sum() / num_valid
+
+    with torch.no_grad():
+        num_scored = scored.sum().clamp_min(1)
+        correct = (logp.argmax(-1) == x0) & scored
+        stats = torch.stack([loss.detach(), nll.sum() / num_scored, correct.sum() / num_scored,
+                             scored.sum() / num_valid]).tolist()
+    return loss, dict(zip(("loss", "nll", "accuracy", "masked_fraction"), stats))

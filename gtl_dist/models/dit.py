@@ -1,0 +1,262 @@
+"""The DiT backbone shared by every network in gtl_dist (METHOD.md §2).
+
+A DiT-style transformer as in MDLM: token embedding, rotary positions, adaLN-zero blocks
+(shift/scale/gate for attention and MLP, modulation initialised to zero so every block starts
+as the identity), GELU-tanh MLP, LayerNorm without bias, dropout on the residual branches, and
+attention through ``scaled_dot_product_attention`` (CPU and GPU alike).
+
+The conditioning vector ``c = silu(sigma_map(sigma))`` always exists. With time conditioning off
+(the default) sigma is replaced by zeros, so ``c`` is a learned constant: that is what MDLM does,
+it keeps parameter counts equal to the paper's (59.83M / 4.06M), and it lets a checkpoint be
+loaded with time conditioning switched on later.
+
+The attention mode (bidirectional / causal) is an attribute, not part of the weights: AR2Diff
+(METHOD.md §11) runs the same parameters causally as an AR model, then bidirectionally.
+
+Precision: with fp32 parameters on CUDA the blocks run under bf16 autocast; LayerNorm, rotary
+positions and everything the heads return are fp32. With bf16 parameters (DeepSpeed bf16) the
+blocks run in bf16 and the heads still return fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gtl_dist.config import ModelConfig
+
+ATTENTION_MODES = ("bidirectional", "causal")
+# MDLM's timestep embedder: 256 sinusoidal features of sigma, then a 2-layer MLP to cond_dim.
+SIGMA_FEATURES = 256
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), (self.dim,)) * self.weight.float()
+        return y.to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class SigmaEmbedder(nn.Module):
+    """Noise level sigma -> cond_dim vector (sinusoidal features, then MLP), as in DiT/MDLM."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(SIGMA_FEATURES, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
+        half = SIGMA_FEATURES // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        angles = sigma.float()[:, None] * self.freqs[None]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over the full head dimension (rotate-half form), fp32."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq.to(device)[None]
+        angles = torch.cat([angles, angles], dim=-1)  # [L, head_dim]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, L, D]; cos/sin: [L, D]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block for causal decoding: [B, heads, max_len, head_dim] each.
+
+    ``length`` is the number of positions already written; the next call writes at ``length``.
+    """
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, cond_dim: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = LayerNorm(hidden)
+        self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.attn_out = nn.Linear(hidden, hidden, bias=False)
+        self.norm2 = LayerNorm(hidden)
+        mlp_hidden = int(round(mlp_ratio * hidden))
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+        # adaLN-zero: shift/scale/gate for attention and MLP; zero init makes the block the identity.
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, L, H = x.shape
+        mod = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
+        q, k, v = qkv.view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            attn = self._attend_cached(q, k, v, cache, layer)
+        attn = attn.transpose(1, 2).reshape(B, L, H)
+        x = x + gate_msa * self.dropout(self.attn_out(attn))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+    @staticmethod
+    def _attend_cached(q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        start, new = cache.length, q.shape[2]
+        cache.keys[layer][:, :, start:start + new] = k.to(cache.keys[layer].dtype)
+        cache.values[layer][:, :, start:start + new] = v.to(cache.values[layer].dtype)
+        keys = cache.keys[layer][:, :, :start + new].to(q.dtype)
+        values = cache.values[layer][:, :, :start + new].to(q.dtype)
+        if new == 1:  # one new query sees every cached position: no mask needed
+            return F.scaled_dot_product_attention(q, keys, values)
+        # SDPA's is_causal aligns the mask top-left, which is wrong once start > 0: build it.
+        qpos = torch.arange(start, start + new, device=q.device)[:, None]
+        kpos = torch.arange(start + new, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=kpos <= qpos)
+
+
+class DiT(nn.Module):
+    """Token ids (and optionally a noise level) -> hidden states [B, L, hidden] and conditioning c."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_len: int, *,
+                 attention: str | None = None, time_conditioning: bool | None = None):
+        super().__init__()
+        attention = cfg.attention if attention is None else attention
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention='{attention}' is not one of {ATTENTION_MODES} "
+                             f"(models.<role>.attention in the config)")
+        if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
+            raise ValueError(f"hidden={cfg.hidden} must split into {cfg.heads} heads of even size "
+                             f"(rotary positions); fix models.<role>.hidden / heads")
+        if vocab_size < 2 or seq_len < 1:
+            raise ValueError(f"vocab_size={vocab_size} and seq_len={seq_len} must be >= 2 and >= 1")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.attention = attention
+        self.time_conditioning = cfg.time_conditioning if time_conditioning is None else time_conditioning
+
+        self.vocab_embed = nn.Embedding(vocab_size, cfg.hidden)
+        # MDLM's initialisation of the input embedding (kaiming-uniform on a [V, H] matrix).
+        nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
+        self.sigma_map = SigmaEmbedder(cfg.cond_dim)
+        self.rotary = Rotary(cfg.hidden // cfg.heads)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout)
+            for _ in range(cfg.blocks))
+
+    @property
+    def causal(self) -> bool:
+        return self.attention == "causal"
+
+    def set_attention(self, mode: str) -> None:
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode '{mode}' is not one of {ATTENTION_MODES}")
+        self.attention = mode
+
+    def check_tokens(self, z: torch.Tensor, start: int = 0) -> None:
+        """Cheap input check: shape, dtype and id range, with an error that says what to fix."""
+        if z.dim() != 2 or z.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected token ids as an integer tensor [batch, length], got "
+                             f"{tuple(z.shape)} {z.dtype}")
+        if start + z.shape[1] > self.seq_len:
+            raise ValueError(f"sequence length {start + z.shape[1]} exceeds the model's seq_len "
+                             f"{self.seq_len} (built from the config's sequence length)")
+        if z.numel():
+            lo, hi = torch.aminmax(z)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.vocab_size else lo} is outside the "
+                                 f"model's vocabulary [0, {self.vocab_size}); the data and the model "
+                                 f"were built with different vocabularies (check the manifest)")
+
+    def conditioning(self, sigma: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if sigma is None or not self.time_conditioning:
+            sigma = torch.zeros(batch, device=device)
+        elif sigma.numel() == 1:
+            sigma = sigma.reshape(1).expand(batch)
+        elif tuple(sigma.shape) != (batch,):
+            raise ValueError(f"sigma must have shape [batch]=[{batch}], got {tuple(sigma.shape)}")
+        return F.silu(self.sigma_map(sigma.to(device)))
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        start = 0 if cache is None else cache.length
+        self.check_tokens(z, start)
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache only makes sense with causal attention")
+        B, L = z.shape
+        x = self.vocab_embed(z)
+        c = self.conditioning(sigma, B, z.device)
+        cos, sin = self.rotary.cos_sin(start, L, z.device)
+        autocast = z.device.type == "cuda" and x.dtype == torch.float32
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            for i, block in enumerate(self.blocks):
+                x = block(x, c, cos, sin, self.causal, cache, i)
+        if cache is not None:
+            cache.length = start + L
+        return x, c
+
+    def new_cache(self, batch_size: int, max_len: int | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        max_len = self.seq_len if max_len is None else max_len
+        if max_len > self.seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's seq_len {self.seq_len}")
+        p = self.vocab_embed.weight
+        device = p.device if device is None else device
+        shape = (batch_size, self.cfg.heads, max_len, self.cfg.hidden // self.cfg.heads)
+        return KVCache([torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.blocks],
+                       [torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.blocks])
+
+
+def float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """Apply an output projection outside autocast and return fp32 (loss math is fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = linear.weight
+        return F.linear(x.to(w.dtype), w, linear.bias).float()

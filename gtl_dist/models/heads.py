@@ -1,0 +1,291 @@
+"""The networks of the method, each a DiT backbone plus a head (METHOD.md §2, §4-§6, §11).
+
+    Denoiser            SUBS log-probabilities p_theta(x0 | z_t) per position
+    ARLM                next-token logits, causal; same parameter names as Denoiser (AR2Diff)
+    SequenceClassifier  one domain logit per sequence (source = 1), clean or masked input
+    RatioNet            one log-ratio r_phi(z) per sequence (mean-pooled)
+    Planner             one logit per position ("decoding this position now would be right")
+
+Bad input fails at construction: vocabularies, mask ids and sequence lengths are checked when
+a model is built, and ``check_compatible`` checks the networks a sampler combines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from gtl_dist.config import ModelConfig, RunConfig
+from gtl_dist.log import get_logger
+from gtl_dist.models.dit import DiT, KVCache, LayerNorm, float32_linear, modulate
+
+log = get_logger("models")
+
+ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "planner")
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """The id space every network and data set of a run agrees on.
+
+    ``data_ids``: when known, the number of leading ids the data may use (e.g. 5 for a 5-state
+    Markov chain); the absorbing [MASK] must then lie outside them.
+    """
+    size: int  # number of ids including [MASK]
+    mask_id: int
+    pad_id: int | None = None
+    data_ids: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise ValueError(f"VocabSpec: size={self.size}; need at least one data id plus [MASK]")
+        if not 0 <= self.mask_id < self.size:
+            raise ValueError(f"VocabSpec: mask_id={self.mask_id} is outside [0, size={self.size}); "
+                             f"[MASK] must be one of the model's ids")
+        if self.pad_id is not None:
+            if not 0 <= self.pad_id < self.size:
+                raise ValueError(f"VocabSpec: pad_id={self.pad_id} is outside [0, size={self.size})")
+            if self.pad_id == self.mask_id:
+                raise ValueError(f"VocabSpec: pad_id and mask_id are both {self.mask_id}; [MASK] must "
+                                 f"be a token of its own")
+        if self.data_ids is not None:
+            if not 1 <= self.data_ids <= self.size:
+                raise ValueError(f"VocabSpec: data_ids={self.data_ids} is outside [1, size={self.size}]")
+            if self.mask_id < self.data_ids:
+                raise ValueError(f"VocabSpec: mask_id={self.mask_id} lies inside the data's ids "
+                                 f"[0, {self.data_ids}); data tokens would be read as [MASK]. Put "
+                                 f"[MASK] after them (mask_id={self.data_ids}, size={self.data_ids + 1})")
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> "VocabSpec":
+        """From a shard manifest (attributes or a mapping): vocab_size, mask_id, pad_id[, data_ids]."""
+        def get(key: str, default: Any = KeyError) -> Any:
+            if isinstance(manifest, Mapping):
+                value = manifest.get(key, default)
+            else:
+                value = getattr(manifest, key, default)
+            if value is KeyError:
+                raise ValueError(f"manifest has no '{key}'; rebuild the shards with this version "
+                                 f"of gtl_dist (shards/ CLI)")
+            return value
+        return cls(size=int(get("vocab_size")), mask_id=int(get("mask_id")),
+                   pad_id=get("pad_id", None), data_ids=get("data_ids", None))
+
+
+def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS parameterisation (MDLM): [MASK] never predicted, observed tokens carried over.
+
+    Works in place on ``logits`` (a fresh fp32 tensor): the output projection's backward needs
+    its inputs, not its output, and the subtraction's backward needs neither.
+    """
+    logits[..., mask_id] = float("-inf")
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    carry = (z != mask_id).unsqueeze(-1)
+    logp.masked_fill_(carry, float("-inf"))
+    observed = z.unsqueeze(-1)
+    zero_if_carried = torch.where(carry, 0.0, logp.gather(-1, observed))
+    return logp.scatter(-1, observed, zero_if_carried)
+
+
+class DenoiserOutput(nn.Module):
+    """MDLM's final layer: adaLN-modulated LayerNorm, then a zero-initialised projection to V."""
+
+    def __init__(self, hidden: int, cond_dim: int, vocab_size: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden)
+        self.linear = nn.Linear(hidden, vocab_size)
+        for layer in (self.adaLN_modulation, self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+        return float32_linear(modulate(self.norm_final(h), shift, scale), self.linear)
+
+
+class ScalarHead(nn.Module):
+    """LayerNorm then Linear(hidden, 1): per position, or mean-pooled over the sequence."""
+
+    def __init__(self, hidden: int, pooled: bool):
+        super().__init__()
+        self.pooled = pooled
+        self.norm_final = LayerNorm(hidden)
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_final(h)
+        if self.pooled:
+            h = h.float().mean(dim=1)
+        return float32_linear(h, self.linear).squeeze(-1)
+
+
+class _Network(nn.Module):
+    """Shared checks and metadata: ``vocab``, ``seq_len``, ``cfg``."""
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__()
+        if not isinstance(vocab, VocabSpec):
+            raise TypeError(f"vocab must be a VocabSpec, got {type(vocab).__name__}")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.cfg = cfg
+        self.vocab = vocab
+        self.seq_len = seq_len
+
+
+class Denoiser(_Network):
+    """p_theta(x0 | z_t) in the SUBS parameterisation (METHOD.md §2)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__(cfg, vocab, seq_len)
+        self.backbone = DiT(cfg, vocab.size, seq_len)
+        self.output = DenoiserOutput(cfg.hidden, cfg.cond_dim, vocab.size)
+
+    def logits(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw network output [B, L, V], fp32."""
+        h, c = self.backbone(z, sigma)
+        return self.output(h, c)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 log-probabilities [B, L, V]: [MASK] column -inf, unmasked rows one-hot on z."""
+        return subs_log_probs(self.logits(z, sigma), z, self.vocab.mask_id)
+
+
+class ARLM(_Network):
+    """Autoregressive LM with the Denoiser's parameter names (AR2Diff, METHOD.md §11).
+
+    Always causal and never time-conditioned; position i predicts token i + 1.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__(cfg, vocab, seq_len)
+        self.backbone = DiT(cfg, vocab.size, seq_len, attention="causal", time_conditioning=False)
+        self.output = DenoiserOutput(cfg.hidden, cfg.cond_dim, vocab.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, c = self.backbone(x)
+        return self.output(h, c)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.backbone.new_cache(batch_size, max_len)
+
+    def forward_cached(self, x_new: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, T, V] for ``x_new`` placed at positions cache.length .. cache.length + T - 1."""
+        if x_new.shape[0] != cache.batch_size:
+            raise ValueError(f"batch size {x_new.shape[0]} does not match the cache's {cache.batch_size}")
+        if cache.length + x_new.shape[1] > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} positions; {cache.length} used, "
+                             f"{x_new.shape[1]} more requested")
+        h, c = self.backbone(x_new, cache=cache)
+        return self.output(h, c)
+
+
+class SequenceClassifier(_Network):
+    """Domain classifier d_omega: one logit per sequence, source = 1 (METHOD.md §4).
+
+    ``time_dependent=True`` (d_omega(z_t, t)) switches time conditioning on and needs sigma;
+    the time-independent classifier reads clean sequences and ignores sigma.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int, time_dependent: bool):
+        super().__init__(cfg, vocab, seq_len)
+        self.time_dependent = bool(time_dependent)
+        self.backbone = DiT(cfg, vocab.size, seq_len, time_conditioning=self.time_dependent)
+        self.head = ScalarHead(cfg.hidden, pooled=True)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        if self.time_dependent and sigma is None:
+            raise ValueError("the time-dependent classifier needs sigma (the noise level of z_t)")
+        h, _ = self.backbone(z, sigma if self.time_dependent else None)
+        return self.head(h)
+
+
+class RatioNet(_Network):
+    """r_phi(z): the log density ratio log q/p, up to an additive constant (METHOD.md §5)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__(cfg, vocab, seq_len)
+        self.backbone = DiT(cfg, vocab.size, seq_len)
+        self.head = ScalarHead(cfg.hidden, pooled=True)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        h, _ = self.backbone(z, sigma)
+        return self.head(h)
+
+
+class Planner(_Network):
+    """Per-position logits: which masked position to reveal next (METHOD.md §6). Time-independent."""
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__(cfg, vocab, seq_len)
+        self.backbone = DiT(cfg, vocab.size, seq_len, time_conditioning=False)
+        self.head = ScalarHead(cfg.hidden, pooled=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h, _ = self.backbone(z)
+        return self.head(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_vocab_for_config(cfg: RunConfig, vocab: VocabSpec) -> None:
+    """The Markov task's ids are the chain states 0..S-1: [MASK] must come after them."""
+    if cfg.data.corpus == "markov":
+        states = cfg.data.markov.num_states
+        if vocab.mask_id < states or vocab.size < states + 1:
+            raise ValueError(f"data.markov.num_states={states} uses ids 0..{states - 1}, but the "
+                             f"vocabulary is size={vocab.size}, mask_id={vocab.mask_id}; the Markov "
+                             f"vocabulary must be size={states + 1}, mask_id={states}")
+
+
+def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
+    """The network of a job role, sized by cfg.models.<...> and cfg.seq_len.
+
+    The AR model uses the denoiser's size: AR2Diff turns it into the denoiser.
+    """
+    check_vocab_for_config(cfg, vocab)
+    m = cfg.models
+    builders = {
+        "denoiser": lambda: Denoiser(m.denoiser, vocab, cfg.seq_len),
+        "ar": lambda: ARLM(m.denoiser, vocab, cfg.seq_len),
+        "classifier_ti": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=False),
+        "classifier_td": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=True),
+        "ratio": lambda: RatioNet(m.ratio, vocab, cfg.seq_len),
+        "planner": lambda: Planner(m.planner, vocab, cfg.seq_len),
+    }
+    if role not in builders:
+        raise ValueError(f"unknown model role '{role}'; expected one of {', '.join(ROLES)}")
+    model = builders[role]()
+    log.info("%s: %.2fM parameters (hidden %d, %d blocks, vocab %d, seq_len %d)", role,
+             count_parameters(model) / 1e6, model.cfg.hidden, model.cfg.blocks, vocab.size, cfg.seq_len)
+    return model
+
+
+def check_compatible(denoiser: Any, ratio_net: Any = None, planner: Any = None) -> None:
+    """Fail before sampling if the networks disagree on vocabulary, [MASK] or sequence length.
+
+    Arguments may be None (not used) or plain callables without ``vocab``/``seq_len`` (skipped).
+    """
+    named = [(n, m) for n, m in (("denoiser", denoiser), ("ratio_net", ratio_net), ("planner", planner))
+             if m is not None]
+    with_vocab = [(n, m.vocab) for n, m in named if isinstance(getattr(m, "vocab", None), VocabSpec)]
+    for name, v in with_vocab[1:]:
+        ref_name, ref = with_vocab[0]
+        if (v.size, v.mask_id) != (ref.size, ref.mask_id):
+            raise ValueError(f"vocabulary mismatch: {ref_name} has size={ref.size}, mask_id={ref.mask_id} "
+                             f"but {name} has size={v.size}, mask_id={v.mask_id}; all networks must be "
+                             f"built from the same manifest (tokenizer)")
+    with_len = [(n, m.seq_len) for n, m in named if isinstance(getattr(m, "seq_len", None), int)]
+    for name, length in with_len[1:]:
+        ref_name, ref_len = with_len[0]
+        if length != ref_len:
+            raise ValueError(f"sequence length mismatch: {ref_name} has seq_len={ref_len} but {name} "
+                             f"has seq_len={length}; train them with the same shards.seq_len")
