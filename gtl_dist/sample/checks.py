@@ -68,6 +68,10 @@ def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: O
                    vocab: Any, seq_len: int, device: torch.device) -> None:
     """Probe each network once on an all-[MASK] batch of one and check shapes and the SUBS contract."""
     _check_declared_vocab(denoiser, ratio_net, planner, vocab, seq_len)
+    for name, net in (("denoiser", denoiser), ("ratio_net", ratio_net), ("planner", planner)):
+        if isinstance(net, torch.nn.Module) and net.training:
+            raise SamplerConfigError(f"{name}: is in training mode (dropout would be on while sampling); "
+                                     f"call .eval() on it first")
     z = torch.full((1, seq_len), vocab.mask_id, dtype=torch.long, device=device)
     with torch.inference_mode():
         out = denoiser(z)
