@@ -1,0 +1,305 @@
+"""The run report: results.csv, report.md, plots and TensorBoard, all from one list of rows.
+
+    runs/<run>/eval/results.csv                  every ResultRow
+    runs/<run>/eval/report.md                    per target, per metric: methods x fractions
+    runs/<run>/eval/plots/<metric>.png           score vs target-data fraction, one line per method
+    runs/<run>/eval/plots/transitions-<t>.png    Markov: true P and Q, and P̂ per method and fraction
+    runs/<run>/tb/eval/                          the same numbers as scalars, the tables as text
+
+Files are written to a temporary name and renamed (gtl_dist/io.py); the TensorBoard folder is
+written beside the old one and swapped in, so a re-run replaces rather than duplicates events.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gtl_dist.config import METHODS, RunConfig  # noqa: E402
+from gtl_dist.eval.markov import transition_error  # noqa: E402
+from gtl_dist.eval.paper import paper_rows  # noqa: E402
+from gtl_dist.eval.results import ResultRow, write_results_csv  # noqa: E402
+from gtl_dist.io import atomic_path, atomic_write_text  # noqa: E402
+from gtl_dist.paths import RunPaths  # noqa: E402
+
+
+@dataclass
+class MarkovMatrices:
+    """One target's chains and the sampled P̂ per (method, fraction), for the heatmaps."""
+    source: np.ndarray
+    target: np.ndarray
+    estimated: dict[tuple[str, float], np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    results_csv: Path
+    report_md: Path
+    plots: tuple[Path, ...]
+    tensorboard: Optional[Path]
+
+
+def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunConfig] = None, *,
+                 command: Optional[str] = None, date: Optional[str] = None,
+                 markov: Optional[Mapping[str, MarkovMatrices]] = None,
+                 tensorboard: bool = True) -> ReportFiles:
+    """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
+    reproduces the paper's set-up. ``command`` defaults to this process's command line."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
+    paper = paper_rows(cfg) if cfg is not None else []
+    command = command if command is not None else shlex.join(sys.argv)
+    date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    results_csv = write_results_csv(paths.eval / "results.csv", rows)
+    tables = {target: render_target(rows, paper, target) for target in _ordered(r.target for r in rows)}
+    report_md = paths.eval / "report.md"
+    atomic_write_text(report_md, render_header(cfg, command, date) + "\n".join(tables.values()))
+    plots = [plot_metric(rows, paper, metric, paths.eval / "plots")
+             for metric in _ordered(r.metric for r in rows)]
+    for target, mats in (markov or {}).items():
+        plots.append(plot_transitions(mats, target, paths.eval / "plots"))
+    tb_dir = write_tensorboard(rows, tables, paths.tb("eval")) if tensorboard else None
+    return ReportFiles(results_csv, report_md, tuple(plots), tb_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+def _ordered(items: Iterable[str]) -> list[str]:
+    """First-seen order without duplicates (rows arrive in the pipeline's order)."""
+    return list(dict.fromkeys(items))
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    methods = set(methods)
+    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
+
+
+def fraction_label(fraction: Optional[float]) -> str:
+    return "all fractions" if fraction is None else f"{fraction * 100:g}%"
+
+
+def format_value(value: float, std: Optional[float] = None) -> str:
+    if math.isnan(value):
+        return "nan"
+    text = f"{value:.4g}"
+    return f"{text} ± {std:.2g}" if std is not None and not math.isnan(std) else text
+
+
+def metric_family(metric: str) -> str:
+    """The metric without its featuriser tag, e.g. mauve[tfidf-svd] -> mauve.
+
+    The paper's MAUVE is shown next to ours although the featurisers differ (labelled as such).
+    """
+    return metric.split("[", 1)[0]
+
+
+def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
+    lines = [f"# Evaluation report: {cfg.name if cfg is not None else 'run'}", ""]
+    if cfg is not None:
+        lines.append(f"- config hash: `{cfg.hash()}` (data: {cfg.data.corpus}, "
+                     f"GTL sampler: {cfg.sample.sampler}, γ = {cfg.sample.gamma:g}, "
+                     f"top-K = {cfg.sample.top_k}, {cfg.sample.num_samples} samples per method)")
+    lines += [f"- command: `{command}`", f"- date: {date}",
+              "- columns are target-data fractions; cells are value ± std over seeds where a metric "
+              "is repeated; rows marked (paper) are the paper's published numbers", ""]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str,
+                 metric: str) -> str:
+    """A markdown table: rows = methods (then the paper's), columns = fractions (large first).
+
+    A row without a fraction (the source model) fills every column.
+    """
+    mine = [r for r in rows if r.target == target and r.metric == metric]
+    theirs = [r for r in paper if r.target == target and metric_family(r.metric) == metric_family(metric)]
+    fractions = sorted({r.fraction for r in mine if r.fraction is not None}, reverse=True) or [None]
+    cells: dict[tuple[str, Optional[float]], str] = {}
+    for r in sorted(mine, key=lambda r: r.fraction is not None):
+        for f in fractions if r.fraction is None else [r.fraction]:
+            cells[(r.method, f)] = format_value(r.value, r.std)
+    labels = {m: m for m in _method_order(r.method for r in mine)}
+    for r in theirs:
+        if r.fraction in fractions:
+            label = f"{r.method} (paper{', ' + r.metric if r.metric != metric else ''})"
+            labels.setdefault(label, label)
+            cells[(label, r.fraction)] = format_value(r.value, r.std)
+    lines = ["| method | " + " | ".join(fraction_label(f) for f in fractions) + " |",
+             "|---" * (len(fractions) + 1) + "|"]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(cells.get((label, f), "–") for f in fractions) + " |")
+    notes = defaultdict(list)
+    for r in mine:
+        if r.notes:
+            notes[r.notes].append(f"{r.method} @ {fraction_label(r.fraction)}")
+    for note, where in notes.items():
+        lines.append(f"\n- {', '.join(where)}: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def render_target(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str) -> str:
+    metrics = _ordered(r.metric for r in rows if r.target == target)
+    parts = [f"## Target: {target}\n"]
+    for metric in metrics:
+        parts.append(f"### {metric}\n\n{render_table(rows, paper, target, metric)}")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+def plot_file_name(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_") + ".png"
+
+
+def _save(fig: "plt.Figure", path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_metric(rows: Sequence[ResultRow], paper: Sequence[ResultRow], metric: str,
+                out_dir: Path) -> Path:
+    """Score vs target-data fraction, one line per method, one panel per target."""
+    targets = _ordered(r.target for r in rows if r.metric == metric)
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        mine = [r for r in rows if r.metric == metric and r.target == target]
+        theirs = [r for r in paper if r.target == target and metric_family(r.metric) == metric_family(metric)]
+        for i, method in enumerate(_method_order(r.method for r in mine)):
+            for r in mine:
+                if r.method == method and r.fraction is None:  # independent of the fraction
+                    ax.axhline(r.value, ls=":", color=f"C{i}", label=method)
+            pts = sorted((r.fraction, r.value, r.std or 0.0) for r in mine
+                         if r.method == method and r.fraction is not None)
+            if pts:
+                x, y, err = map(np.asarray, zip(*pts))
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=method)
+            ref = sorted((r.fraction, r.value) for r in theirs if r.method == method)
+            if ref:
+                rx, ry = zip(*ref)
+                ax.plot(rx, ry, ls="--", marker="o", mfc="none", color=f"C{i}", label=f"{method} (paper)")
+        fractions = [r.fraction for r in mine if r.fraction is not None]
+        if fractions and max(fractions) / min(fractions) >= 10:
+            ax.set_xscale("log")
+        if fractions:
+            ticks = sorted(set(fractions))
+            ax.set_xticks(ticks, [fraction_label(f) for f in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("target-data fraction")
+        ax.set_ylabel(metric)
+        ax.set_title(target)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir / plot_file_name(metric))
+
+
+def plot_transitions(mats: MarkovMatrices, target: str, out_dir: Path) -> Path:
+    """Heatmaps: true source P and target Q on top, then P̂ for each method (rows) and fraction.
+
+    A fraction-independent P̂ (key (method, None), the source model) takes the first column.
+    """
+    methods = _method_order(m for m, _ in mats.estimated)
+    fractions = sorted({f for _, f in mats.estimated if f is not None}, reverse=True) or [None]
+    cols = max(2, len(fractions))
+    fig, axes = plt.subplots(1 + len(methods), cols, figsize=(2.8 * cols, 2.8 * (1 + len(methods))),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    _heatmap(axes[0, 0], mats.source, "true P (source)")
+    _heatmap(axes[0, 1], mats.target, f"true Q ({target})")
+    for i, method in enumerate(methods, start=1):
+        for j, fraction in enumerate(fractions):
+            p_hat = mats.estimated.get((method, fraction))
+            if p_hat is None and j == 0:
+                p_hat, fraction = mats.estimated.get((method, None)), None
+            if p_hat is not None:
+                mean_err, _ = transition_error(p_hat, mats.target)
+                _heatmap(axes[i, j], p_hat,
+                         f"{method} {fraction_label(fraction)}\nmean|P̂−Q| = {mean_err:.3f}")
+    fig.tight_layout()
+    return _save(fig, out_dir / f"transitions-{plot_file_name(target)}")
+
+
+def _heatmap(ax: "plt.Axes", matrix: np.ndarray, title: str) -> None:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    ax.axis("on")
+    ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if matrix.shape[0] <= 8:
+        for (a, b), v in np.ndenumerate(matrix):
+            ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.5 else "black")
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard
+# ----------------------------------------------------------------------------------------------
+
+def tb_step(fraction: float) -> int:
+    """TensorBoard steps are integers: the fraction in basis points (100% -> 10000, 1% -> 100)."""
+    return int(round(fraction * 10_000))
+
+
+def _tb_steps(row: ResultRow, rows: Sequence[ResultRow]) -> list[int]:
+    """A fraction-independent row is drawn at every fraction of its target, so it reads as a
+    flat reference line next to the methods that depend on the fraction."""
+    if row.fraction is not None:
+        return [tb_step(row.fraction)]
+    fractions = {r.fraction for r in rows if r.target == row.target and r.fraction is not None}
+    return sorted(tb_step(f) for f in fractions) or [0]
+
+
+def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_dir: Path) -> Path:
+    """Scalars ``<target>/<metric>/<method>`` at step = fraction in basis points, and each
+    target's tables as markdown text. Written to a fresh folder that replaces ``tb_dir``."""
+    from torch.utils.tensorboard import SummaryWriter  # torch only where TensorBoard is written
+
+    tb_dir = Path(tb_dir)
+    tb_dir.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{tb_dir.name}.new-", dir=tb_dir.parent))
+    try:
+        writer = SummaryWriter(log_dir=str(fresh))
+        for r in rows:
+            if not math.isnan(r.value):
+                for step in _tb_steps(r, rows):
+                    writer.add_scalar(f"{r.target}/{r.metric}/{r.method}", r.value, step)
+        for target, table in tables.items():
+            writer.add_text(f"report/{target}", table, 0)
+        writer.close()
+        stale = None
+        if tb_dir.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{tb_dir.name}.old-", dir=tb_dir.parent))
+            os.replace(tb_dir, stale / tb_dir.name)
+        os.replace(fresh, tb_dir)
+        if stale is not None:
+            shutil.rmtree(stale)
+    finally:
+        if fresh.exists():
+            shutil.rmtree(fresh)
+    return tb_dir

@@ -1,0 +1,165 @@
+"""The report: files exist and parse, results.csv round-trips, every (method, fraction) is in the
+tables, the paper's numbers appear exactly where the set-up is the paper's, TensorBoard holds the
+scalars and is replaced (not appended to) on a re-run."""
+
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from gtl_dist.config import METHODS, load_config
+from gtl_dist.data.markov import diagonal_matrix
+from gtl_dist.eval.mauve import MauveResult
+from gtl_dist.eval.paper import paper_rows
+from gtl_dist.eval.report import MarkovMatrices, render_table, write_report
+from gtl_dist.eval.results import ResultRow, mauve_row, read_results_csv, rows_from_metrics
+from gtl_dist.paths import RunPaths
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _markov_rows(fractions):
+    rows = []
+    for i, method in enumerate(METHODS):
+        for j, f in enumerate(fractions):
+            rows += rows_from_metrics(method, "sticky", f, {
+                "transition_mean_abs_err": 0.01 * (i + 1) + 0.1 * j,
+                "nll_target_per_token": 0.5 + i / 7,
+            }, n=4096)
+    rows.append(ResultRow("target_chain", "sticky", None, "nll_target_per_token", 0.4,
+                          notes='expected NLL of exact samples, "entropy", no seeds'))
+    return rows
+
+
+def _table(md: str, target: str, metric: str) -> dict[str, list[str]]:
+    """Parse the markdown table under '## Target: target' / '### metric' into label -> cells."""
+    section = md.split(f"## Target: {target}\n", 1)[1].split(f"### {metric}\n", 1)[1]
+    lines = [ln for ln in section.strip().splitlines()]
+    out = {}
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out["_header"] = header[1:]
+    for ln in lines[2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def markov_report(tmp_path_factory):
+    cfg = load_config(CONFIGS / "markov.yaml")
+    paths = RunPaths(tmp_path_factory.mktemp("run"))
+    rows = _markov_rows(cfg.data.target_fractions)
+    q, p = diagonal_matrix(5, 0.8), diagonal_matrix(5, 0.1)
+    est = {(m, f): diagonal_matrix(5, 0.7) for m in METHODS if m != "source"
+           for f in cfg.data.target_fractions}
+    est[("source", None)] = diagonal_matrix(5, 0.2)  # sampled once, for every fraction
+    files = write_report(rows, paths, cfg, command="python launchers/submit.py --config configs/markov.yaml",
+                         date="2026-01-02T03:04:05+00:00", markov={"sticky": MarkovMatrices(p, q, est)})
+    return cfg, paths, rows, files
+
+
+def test_results_csv_round_trips(markov_report):
+    _, paths, rows, files = markov_report
+    assert files.results_csv == paths.eval / "results.csv"
+    assert read_results_csv(files.results_csv) == rows  # quotes and commas in notes survive
+
+
+def test_table_has_every_method_and_fraction(markov_report):
+    cfg, _, rows, files = markov_report
+    md = files.report_md.read_text()
+    table = _table(md, "sticky", "transition_mean_abs_err")
+    assert table["_header"] == ["100%", "10%", "2%"]
+    for i, method in enumerate(METHODS):
+        assert table[method] == [f"{0.01 * (i + 1) + 0.1 * j:.4g}" for j in range(3)]
+    # The paper's numbers sit under the run's (the markov preset is the paper's set-up).
+    assert table["gtl (paper)"] == ["0.045", "0.077", "0.124"]
+    assert table["vanilla (paper)"] == ["0.053", "0.116", "0.19"]
+    assert "source (paper)" not in table  # the paper has no unguided-source number here
+    nll = _table(md, "sticky", "nll_target_per_token")
+    # A fraction-independent row (here the chain's own entropy) fills every column.
+    assert nll["target_chain"] == ["0.4", "0.4", "0.4"] and "gtl (paper)" not in nll
+    assert f"`{cfg.hash()}`" in md and "configs/markov.yaml" in md and "2026-01-02T03:04:05" in md
+
+
+def test_plots_are_png_images(markov_report):
+    _, paths, _, files = markov_report
+    names = sorted(p.name for p in files.plots)
+    assert names == ["nll_target_per_token.png", "transition_mean_abs_err.png", "transitions-sticky.png"]
+    for p in files.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert not [p for p in paths.eval.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_and_tables(markov_report):
+    cfg, paths, rows, files = markov_report
+    assert files.tensorboard == paths.tb("eval")
+    acc, scalars = _scalars(files.tensorboard)
+    assert scalars["sticky/transition_mean_abs_err/gtl"] == [
+        (10000, pytest.approx(0.01)), (1000, pytest.approx(0.11)), (200, pytest.approx(0.21))]
+    assert len(scalars) == 2 * len(METHODS) + 1
+    assert [s for s, _ in scalars["sticky/nll_target_per_token/target_chain"]] == [200, 1000, 10000]
+    assert any("report/sticky" in t for t in acc.Tags()["tensors"])
+
+
+def test_rerun_replaces_tensorboard_events(markov_report):
+    cfg, paths, rows, _ = markov_report
+    write_report(rows[:1], paths, cfg, command="again", date="d", tensorboard=True)
+    event_files = list(paths.tb("eval").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    _, scalars = _scalars(paths.tb("eval"))
+    assert list(scalars) == ["sticky/transition_mean_abs_err/gtl"]
+    assert not [p for p in paths.tb("eval").parent.iterdir() if p.name.startswith(".")]
+    assert read_results_csv(paths.eval / "results.csv") == rows[:1]
+
+
+def test_text_report_shows_paper_mauve_with_its_featuriser(tmp_path):
+    cfg = load_config(CONFIGS / "arxiv.yaml", ["data.path=/data/arxiv.json"])
+    paper = paper_rows(cfg)
+    assert {(r.method, r.fraction) for r in paper} == {(m, f) for m in ("gtl", "vanilla", "finetune")
+                                                        for f in (1.0, 0.3, 0.05, 0.01)}
+    res = MauveResult(0.7, 0.01, (0.69, 0.71), "tfidf-svd", 102, 1024)
+    rows = [mauve_row(m, "physics", f, res) for m in METHODS for f in (1.0, 0.3, 0.05, 0.01)]
+    table = render_table(rows, paper, "physics", "mauve[tfidf-svd]")
+    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+             for ln in table.splitlines() if ln.startswith("| ") and "method" not in ln}
+    assert lines["gtl"] == ["0.7 ± 0.01"] * 4
+    assert lines["gtl (paper, mauve[gpt2-large])"] == ["0.719 ± 0.008", "0.689 ± 0.004",
+                                                        "0.695 ± 0.006", "0.657 ± 0.004"]
+    assert "2 seeds, 102 clusters" in table
+    files = write_report(rows, RunPaths(tmp_path), cfg, command="c", date="d", tensorboard=False)
+    assert files.tensorboard is None and (tmp_path / "eval" / "plots" / "mauve_tfidf-svd.png").is_file()
+
+
+def test_paper_numbers_only_for_the_papers_setup():
+    assert paper_rows(load_config(CONFIGS / "tiny.yaml")) == []
+    assert paper_rows(load_config(CONFIGS / "markov.yaml", ["data.markov.length=30"])) == []
+    overlap = load_config(CONFIGS / "arxiv.yaml", ["data.path=/x", "data.overlap=0.25"])
+    assert paper_rows(overlap) == []
+
+
+def test_bad_inputs_fail_with_the_file_named(tmp_path):
+    with pytest.raises(ValueError, match="no result rows"):
+        write_report([], RunPaths(tmp_path))
+    bad = tmp_path / "results.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=str(bad)):
+        read_results_csv(bad)
+    bad.write_text("method,target,fraction,metric,value,std,n,notes\ngtl,t,half,m,1,,,\n")
+    with pytest.raises(ValueError, match=rf"{bad}:2"):
+        read_results_csv(bad)
+    nan = tmp_path / "nan.csv"
+    from gtl_dist.eval.results import write_results_csv
+    write_results_csv(nan, [ResultRow("gtl", "t", 0.5, "distinct_1", float("nan"))])
+    assert np.isnan(read_results_csv(nan)[0].value)
