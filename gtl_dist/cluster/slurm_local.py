@@ -314,6 +314,10 @@ class LocalSlurmCluster:
     def log_tails(self, lines: int = 15) -> str:
         """The last lines of every daemon log, for error messages."""
         logs = sorted((self.state_dir / "log").glob("*")) if (self.state_dir / "log").exists() else []
+        # A daemon's captured stderr repeats its log file once logging is up; it only adds
+        # something (e.g. a config error) when there is no log file yet.
+        logs = [p for p in logs if not (p.suffix == ".out" and p.with_suffix(".log").exists()
+                                         and p.with_suffix(".log").stat().st_size > 0)]
         if not logs:
             return f"(no logs under {self.state_dir / 'log'})"
         return "\n".join(f"--- {p} ---\n{_tail(p, lines)}" for p in logs)
@@ -375,6 +379,8 @@ class LocalSlurmCluster:
                 raise ClusterError(f"{path}: owned by uid {path.stat().st_uid}, not by you "
                                    f"(uid {os.getuid()}); pick another --dir")
             path.chmod(mode)
+        for name in self.spec.node_names:  # slurmd logs an error if it must create its own
+            (d / "spool" / f"slurmd-{name}").mkdir(exist_ok=True)
         key = d / "munge" / "munge.key"
         # Our own key rather than /etc/munge/munge.key: only our daemons and clients talk to
         # this munged, and the system key is readable by root/munge only.
