@@ -210,7 +210,16 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     mauve_seeds: int = 5
-    mauve_featurizer: str = "auto"  # auto | tfidf | mauve-text
+    # auto: the mauve-text package's quantiser if installed, else ours | tfidf | mauve-text
+    mauve_featurizer: str = "auto"
+    mauve_scaling: float = 5.0  # the constant c of MAUVE's divergence frontier
+    mauve_length_bins: int = 8  # quantile bins of generated lengths for length-matched references
+    mauve_num_buckets: int = 0  # k-means clusters; 0 = one per ten samples (the reference's rule)
+    mauve_max_features: int = 8192  # TF-IDF vocabulary cap (word uni/bi-grams by document frequency)
+    mauve_explained_variance: float = 0.9  # PCA components kept before k-means
+    diversity_max_n: int = 3  # distinct-1..n
+    repetition_n: int = 4  # n-gram order of the within-sample repetition rate
+    batch_size: int = 16  # sequences per classifier / reference-LM call
     reference_steps: int = 2000  # reference LM for generative perplexity
     overlap_warn_accuracy: float = 0.99
 
@@ -619,5 +628,18 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("sample", "num_samples, batch_size, shards and steps must all be at least 1")
     if cfg.pipeline.planner_scope not in ("shared", "per_target"):
         bad("pipeline.planner_scope", f"'{cfg.pipeline.planner_scope}' is not shared or per_target")
-    if cfg.eval.mauve_featurizer not in ("auto", "tfidf", "mauve-text"):
-        bad("eval.mauve_featurizer", f"'{cfg.eval.mauve_featurizer}' is not auto, tfidf or mauve-text")
+    ev = cfg.eval
+    if ev.mauve_featurizer not in ("auto", "tfidf", "mauve-text"):
+        bad("eval.mauve_featurizer", f"'{ev.mauve_featurizer}' is not auto, tfidf or mauve-text")
+    if ev.mauve_seeds < 1:
+        bad("eval.mauve_seeds", "must be at least 1")
+    if ev.mauve_scaling <= 0:
+        bad("eval.mauve_scaling", f"{ev.mauve_scaling} must be > 0 (the paper uses 5)")
+    if ev.mauve_num_buckets < 0 or ev.mauve_num_buckets == 1:
+        bad("eval.mauve_num_buckets", f"{ev.mauve_num_buckets}: use 0 (automatic) or at least 2")
+    if not 0.0 < ev.mauve_explained_variance <= 1.0:
+        bad("eval.mauve_explained_variance", f"{ev.mauve_explained_variance} is outside (0, 1]")
+    for key in ("mauve_length_bins", "mauve_max_features", "diversity_max_n", "repetition_n",
+                "batch_size"):
+        if getattr(ev, key) < 1:
+            bad(f"eval.{key}", "must be at least 1")
