@@ -9,4 +9,6 @@ can score one sample shard at a time and merge the mergeable statistics:
   results    one result row per (method, target, fraction, metric); results.csv round trip
   paper      the paper's published numbers, shown where the run reproduces the paper's set-up
   report     report.md, plots, TensorBoard
+  samples    reading the sample shards (JSONL) of one (method, target, fraction), validated
+  evaluate   the stage: score every sample set (networks passed in as callables), write the report
 """

@@ -1,0 +1,110 @@
+"""The evaluation stage end to end on sample shards laid out as the sampling stage writes them:
+Markov (no networks) and text (hand-written classifier and reference LM callables)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gtl_dist.config import load_config
+from gtl_dist.data.markov import sample_sequences, transition_matrices
+from gtl_dist.eval.evaluate import evaluate_text, run_eval
+from gtl_dist.eval.results import read_results_csv
+from gtl_dist.eval.samples import read_samples
+from gtl_dist.paths import RunPaths
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write_shards(folder: Path, tokens, texts=None, shards=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(tokens)
+    for s, idx in enumerate(np.array_split(np.arange(n), shards)):
+        lines = [json.dumps({"tokens": [int(t) for t in tokens[i]],
+                             "text": None if texts is None else texts[i], "seed": s, "index": int(i)})
+                 for i in idx]
+        (folder / f"shard-{s:04d}.jsonl").write_text("".join(ln + "\n" for ln in lines))
+
+
+def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.num_samples=400"])
+    paths = RunPaths(tmp_path)
+    chains = transition_matrices(cfg.data.markov)
+    q, p = chains["sticky"], chains["source"]
+    rng = np.random.default_rng(0)
+    L, n = cfg.data.markov.length, cfg.sample.num_samples
+    # gtl samples from Q itself, every other method from the source chain P.
+    for f in cfg.data.target_fractions:
+        _write_shards(paths.samples("gtl", "sticky", f), sample_sequences(q, n, L, rng))
+        for m in ("vanilla", "finetune"):
+            _write_shards(paths.samples(m, "sticky", f), sample_sequences(p, n, L, rng))
+    _write_shards(paths.samples("source", None, None), sample_sequences(p, n, L, rng))
+
+    files = run_eval(cfg, paths, command="test")
+    rows = read_results_csv(files.results_csv)
+    err = {(r.method, r.fraction): r.value for r in rows if r.metric == "transition_mean_abs_err"}
+    assert set(err) == {("gtl", 1.0), ("gtl", 0.2), ("vanilla", 1.0), ("vanilla", 0.2),
+                        ("finetune", 1.0), ("finetune", 0.2), ("source", None)}
+    assert max(err[("gtl", f)] for f in (1.0, 0.2)) < 0.03
+    assert min(v for k, v in err.items() if k[0] != "gtl") > 0.25  # |0.25 - 0.85| ~ 0.3 off-diagonal
+    chain = {r.metric: r.value for r in rows if r.method == "target_chain"}
+    gtl_nll = [r.value for r in rows if r.method == "gtl" and r.metric == "nll_target_per_token"]
+    assert all(abs(v - chain["nll_target_per_token"]) < 0.05 for v in gtl_nll)
+    assert {r.n for r in rows if r.method != "target_chain"} == {400}
+    assert (paths.eval / "plots" / "transitions-sticky.png").is_file()
+    assert "| source |" in files.report_md.read_text()
+
+
+def test_missing_or_mixed_shards_are_named(tmp_path):
+    folder = tmp_path / "samples" / "gtl" / "sticky" / "1"
+    with pytest.raises(FileNotFoundError, match="no sample shards"):
+        read_samples(folder)
+    _write_shards(folder, [[0, 1]] * 4, shards=2)
+    assert [r["index"] for r in read_samples(folder, expected=4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="expected 0..5"):
+        read_samples(folder, expected=6)
+    (folder / "shard-0002.jsonl").write_text(json.dumps({"tokens": [1], "index": 0}) + "\n")
+    with pytest.raises(ValueError, match="repeat"):
+        read_samples(folder)
+    (folder / "shard-0002.jsonl").write_text('{"tokens": [1, "x"], "index": 9}\n')
+    with pytest.raises(ValueError, match=r"shard-0002.jsonl:1: 'tokens'"):
+        read_samples(folder)
+
+
+def test_text_stage_with_callable_networks(tmp_path):
+    cfg = load_config(CONFIGS / "arxiv.yaml", ["data.path=/x", "data.target_fractions=[1.0, 0.3]",
+                                                "sample.num_samples=30", "eval.mauve_seeds=2"])
+    paths = RunPaths(tmp_path)
+    rng = np.random.default_rng(0)
+    vocab = 11
+
+    def sample_set(lo):
+        toks = rng.integers(lo, lo + 5, size=(30, 12))
+        return toks, [" ".join(f"w{t}" for t in row) for row in toks]
+
+    for f in cfg.data.target_fractions:
+        for m in ("gtl", "vanilla", "finetune"):
+            _write_shards(paths.samples(m, "physics", f), *sample_set(0))
+    _write_shards(paths.samples("source", None, None), *sample_set(5))
+    refs = [" ".join(f"w{t}" for t in rng.integers(0, 5, size=12)) for _ in range(60)]
+    classifier_calls = []
+
+    def classifier(target, fraction):
+        classifier_calls.append((target, fraction))
+        return lambda tokens: (tokens.mean(axis=1) - 5.0)  # high ids look like source
+
+    rows = evaluate_text(cfg, paths, references={"physics": refs}, classifier=classifier,
+                         reference_lm=lambda target: (lambda t: np.zeros(t.shape + (vocab,))))
+    by = {(r.method, r.fraction, r.metric): r for r in rows}
+    assert by[("gtl", 1.0, "gen_ppl")].value == pytest.approx(vocab)  # uniform reference model
+    assert by[("gtl", 0.3, "mauve[tfidf-svd]")].value > 0.5
+    assert by[("source", None, "mauve[tfidf-svd]")].value < 0.01  # disjoint vocabulary
+    # Source samples get one domain-score row per fraction's classifier; they all look source-like.
+    assert by[("source", 1.0, "domain_pct_target")].value == 0.0
+    assert by[("source", 0.3, "domain_source_prob")].value > 0.5
+    assert by[("gtl", 1.0, "domain_pct_target")].value == 100.0
+    assert ("physics", 0.3) in classifier_calls
+    assert by[("vanilla", 0.3, "distinct_1")].value == pytest.approx(5 / (30 * 12))
+    with pytest.raises(ValueError, match="no reference texts for target 'physics'"):
+        evaluate_text(cfg, paths, references={})
