@@ -1,0 +1,81 @@
+"""Exports: one consolidated fp32 model per finished stage, loadable without DeepSpeed.
+
+``RunPaths.export(stage, ...)`` holds ``{"format", "meta", "state_dict"}`` (plain tensors and
+plain Python values, so ``torch.load(weights_only=True)`` reads it) and a ``.json`` sidecar with
+the same metadata, written after the weights, so that a finished stage can be recognised without
+loading the weights. The metadata records the role, the full run config (to rebuild the model
+through :func:`gtl_dist.models.build_model`), the vocabulary, sequence length, hashes, the step
+and validation loss the weights come from, and which weights they are (EMA, best, final).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gtl_dist.io import atomic_path, atomic_write_json
+
+EXPORT_FORMAT = "gtl_dist.export/1"
+
+
+class ExportError(RuntimeError):
+    """An export is missing or unusable; the message names the file and the stage to run."""
+
+
+def meta_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def write_export(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    payload = {"format": EXPORT_FORMAT, "meta": meta,
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    atomic_write_json(meta_path(path), meta)
+
+
+def read_export_meta(path: Path) -> Optional[dict[str, Any]]:
+    """The sidecar metadata of a complete export, or None if there is none."""
+    side = meta_path(path)
+    if not (Path(path).is_file() and side.is_file()):
+        return None
+    try:
+        return json.loads(side.read_text())
+    except ValueError:
+        return None
+
+
+def read_export(path: Path, stage_hint: str = "") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; run stage {stage_hint} first" if stage_hint else ""
+        raise ExportError(f"{path}: no exported model here{hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ExportError(f"{path}: not a readable export ({exc}); delete it and re-run the stage "
+                          f"that writes it") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: not a gtl_dist export (format "
+                          f"{payload.get('format') if isinstance(payload, dict) else '?'}, expected "
+                          f"{EXPORT_FORMAT})")
+    return payload
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported model on ``device`` in eval mode; needs neither DeepSpeed nor the
+    training world size. The metadata is attached as ``model.export_meta``."""
+    from gtl_dist.config import config_from_dict
+    from gtl_dist.models import VocabSpec, build_model
+
+    payload = read_export(Path(path))
+    meta = payload["meta"]
+    cfg = config_from_dict(meta["config"], source=f"{path} (export metadata)")
+    model = build_model(meta["role"], cfg, VocabSpec(**meta["vocab"]))
+    model.load_state_dict(payload["state_dict"])
+    model.export_meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,107 @@
+"""TensorBoard and the per-step JSONL log of one job, written by global rank 0 only.
+
+One ``SummaryWriter`` per job under ``RunPaths.tb(stage, target, fraction)``, x = optimiser
+step. A resumed job reopens the same directory with ``purge_step`` = first step it will log, so
+TensorBoard hides what the killed run logged after its last committed checkpoint and the curves
+carry no duplicate points (infra_anchors V11); the JSONL log is truncated the same way.
+``flush()`` runs before every checkpoint and on preemption, since the writer otherwise buffers
+up to two minutes.
+
+Tags: ``train/{loss,lr,grad_norm,tokens_per_s,samples_per_s}``, ``val/*``,
+``sys/{rss_gb,cuda_max_allocated_gb}``, the config as text, and hparams at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gtl_dist.io import atomic_write_text
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Resident memory of this process now (Linux /proc) and the CUDA allocator's peak."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        out["rss_gb"] = pages * resource.getpagesize() / 2**30
+    except OSError:  # not Linux: peak RSS instead (kB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_gb"] = peak / (2**30 if sys.platform == "darwin" else 2**20)
+    if device.type == "cuda":
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop records with ``step > after_step`` (written by a run that did not commit them)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class StageMetrics:
+    """Rank 0 writes; on other ranks every method is a no-op."""
+
+    def __init__(self, tb_dir: Path, log_path: Path, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.writer = None
+        self.log_path = log_path
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        tb_dir.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(log_path, start_step)
+        self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1)
+        self._log = open(log_path, "a")
+
+    def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag if "/" in tag else f"{kind}/{tag}", value, step)
+        record = {"step": step, "kind": kind, **values}
+        self._log.write(json.dumps(record) + "\n")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def hparams(self, hparams: dict[str, Any], results: dict[str, float]) -> None:
+        if self.enabled:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                     for k, v in hparams.items()}
+            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in results.items()
+                                            if v is not None and math.isfinite(v)},
+                                    run_name="hparams")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+            self._log.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.close()
+            self._log.close()
+            self.writer = None
