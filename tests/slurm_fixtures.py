@@ -3,7 +3,8 @@
 Tests marked ``slurm`` get the cluster started for them (the first one pays ~2 s), with
 SLURM_CONF exported so sbatch/srun/squeue and submitit's executor talk to it. Without the
 SLURM packages they are skipped, unless GTL_REQUIRE_SLURM=1 (set by .ci/run), where a missing
-SLURM or a cluster that does not come up fails them with the reason. At the end of the
+SLURM, a cluster that does not come up, or any other skip of a `slurm` test fails it with
+the reason. At the end of the
 session exactly the daemons the fixture started are stopped.
 
 Without accounting submitit cannot learn a job's state (sacct fails) and ``results()`` hangs
@@ -69,6 +70,18 @@ def slurm_cluster():
         else:
             os.environ["SLURM_CONF"] = saved
         cluster.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under GTL_REQUIRE_SLURM=1 a skipped `slurm` test is a failure, whatever skipped it."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail") and slurm_required()
+            and item.get_closest_marker("slurm") is not None):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped although {REQUIRE_ENV}=1 (CI must run every SLURM test): {reason}"
 
 
 @pytest.fixture(autouse=True)

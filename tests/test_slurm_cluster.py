@@ -134,6 +134,23 @@ def _gone(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "Z"
 
 
+def _live_processes(accept) -> list[int]:
+    """Pids of live processes for which ``accept(pid, ppid, argv)`` holds (no procps needed)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and accept(int(entry.name), int(fields[1]), argv):
+            found.append(int(entry.name))
+    return found
+
+
 def _start_ticks(pid: int) -> int:
     raw = Path(f"/proc/{pid}/stat").read_text()
     return int(raw[raw.rindex(")") + 2:].split()[19])
@@ -157,11 +174,10 @@ def test_stop_signals_only_recorded_processes_and_marked_job_steps(tmp_path):
     step_child = None
     try:
         deadline = time.monotonic() + 10
-        while not subprocess.run(["pgrep", "-P", str(step.pid)], capture_output=True).stdout:
+        while not _live_processes(lambda pid, ppid, argv: ppid == step.pid):
             assert time.monotonic() < deadline, "the fake job step never started its child"
             time.sleep(0.05)
-        step_child = int(subprocess.run(["pgrep", "-P", str(step.pid)], capture_output=True,
-                                        text=True).stdout.split()[0])
+        [step_child] = _live_processes(lambda pid, ppid, argv: ppid == step.pid)
         daemons = [
             {"name": "slurmd-n1", "pid": recorded.pid, "start_ticks": _start_ticks(recorded.pid),
              "argv": ["sleep"], "log": ""},
@@ -201,14 +217,17 @@ def test_stop_without_a_recorded_cluster_does_nothing(tmp_path):
     assert (tmp_path / "keep.txt").exists()
 
 
-def _run_slurm_marked_suite(tmp_path: Path, path: str, require: bool) -> subprocess.CompletedProcess:
+NEEDS_SLURM = "import pytest\n\n\n@pytest.mark.slurm\ndef test_needs_slurm():\n    pass\n"
+
+
+def _run_slurm_marked_suite(tmp_path: Path, path: str, require: bool,
+                            test_source: str = NEEDS_SLURM) -> subprocess.CompletedProcess:
     """Run a one-test suite marked `slurm` through tests/slurm_fixtures.py in a fresh pytest."""
     suite = tmp_path / "suite"
     suite.mkdir(exist_ok=True)
     (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    slurm: needs SLURM\n")
     (suite / "conftest.py").write_text('pytest_plugins = ["slurm_fixtures"]\n')
-    (suite / "test_needs_slurm.py").write_text(
-        "import pytest\n\n\n@pytest.mark.slurm\ndef test_needs_slurm():\n    pass\n")
+    (suite / "test_needs_slurm.py").write_text(test_source)
     env = {k: v for k, v in os.environ.items() if k not in ("GTL_REQUIRE_SLURM", "SLURM_CONF")}
     env.update(PATH=path, PYTHONPATH=str(REPO / "tests"), **({"GTL_REQUIRE_SLURM": "1"} if require else {}))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
@@ -225,6 +244,17 @@ def test_marked_tests_skip_without_slurm_but_fail_when_ci_requires_it(tmp_path):
     failed = _run_slurm_marked_suite(tmp_path, str(empty), require=True)
     assert failed.returncode == 1 and "1 error" in failed.stdout, failed.stdout
     assert "SLURM not installed" in failed.stdout and "GTL_REQUIRE_SLURM=1" in failed.stdout
+
+
+def test_ci_turns_any_skip_of_a_slurm_test_into_a_failure(tmp_path):
+    source = ("import pytest\n\n\n@pytest.mark.slurm\n@pytest.mark.skip(reason='flaky, later')\n"
+              "def test_needs_slurm():\n    pass\n\n\n@pytest.mark.skip(reason='unrelated')\n"
+              "def test_plain():\n    pass\n")
+    relaxed = _run_slurm_marked_suite(tmp_path, os.environ["PATH"], require=False, test_source=source)
+    assert relaxed.returncode == 0 and "2 skipped" in relaxed.stdout, relaxed.stdout
+    strict = _run_slurm_marked_suite(tmp_path, os.environ["PATH"], require=True, test_source=source)
+    assert strict.returncode == 1 and "1 skipped, 1 error" in strict.stdout, strict.stdout
+    assert "skipped although GTL_REQUIRE_SLURM=1" in strict.stdout and "flaky, later" in strict.stdout
 
 
 def _marked_cluster_dirs() -> set[str]:
@@ -264,6 +294,15 @@ def test_required_slurm_fails_with_daemon_logs_when_the_cluster_cannot_start(tmp
 # ----------------------------------------------------------------------------------------------
 # On the real cluster
 # ----------------------------------------------------------------------------------------------
+
+def _wait_states(expected: dict[str, str], timeout_s: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = job_states(expected)
+        if states == expected or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
 
 def square_in_array(x: int) -> dict:
     start = time.time()
@@ -307,7 +346,9 @@ def test_job_array_returns_every_result_and_respects_parallelism(tmp_path):
     events = sorted([(r["start"], 1) for r in results] + [(r["end"], -1) for r in results])
     running = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
     assert max(running) <= 2
-    assert job_states([job.job_id for job in jobs]) == {job.job_id: "COMPLETED" for job in jobs}
+    # The pickles land before the tasks' processes exit: give SLURM a moment to agree.
+    completed = {job.job_id: "COMPLETED" for job in jobs}
+    assert _wait_states(completed, timeout_s=30) == completed
 
 
 @pytest.mark.slurm
@@ -325,22 +366,13 @@ def test_two_node_job_runs_one_task_on_n1_and_one_on_n2(tmp_path):
     assert {t["nodelist"] for t in tasks} == {"n[1-2]"}
     assert {t["master_addr"] for t in tasks} == {"127.0.0.1"}
     assert node_addr("n2") == "127.0.0.1"
-    assert job_states([job.job_id]) == {job.job_id: "COMPLETED"}
+    assert _wait_states({job.job_id: "COMPLETED"}, timeout_s=30) == {job.job_id: "COMPLETED"}
 
 
 def _sbatch(*args: str, cwd: Path) -> str:
     out = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", *args], cwd=cwd,
                          capture_output=True, text=True, check=True, timeout=30).stdout
     return out.strip().split(";")[0]
-
-
-def _wait_states(expected: dict[str, str], timeout_s: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = job_states(expected)
-        if states == expected or time.monotonic() > deadline:
-            return states
-        time.sleep(0.5)
 
 
 @pytest.mark.slurm
@@ -390,9 +422,10 @@ def test_cli_second_cluster_is_idempotent_and_stop_leaves_the_first_alone(tmp_pa
                              cwd=tmp_path, env=second.env(), capture_output=True, text=True,
                              check=True).stdout.strip()
         deadline = time.monotonic() + 60
-        while job_states([job], env=second.env())[job] != "RUNNING":
+        while not _live_processes(lambda pid, ppid, argv: argv[-2:] == ["sleep", "317"]):
             assert time.monotonic() < deadline, "job on the second cluster never started"
             time.sleep(0.5)
+        assert job_states([job], env=second.env()) == {job: "RUNNING"}
         busy = LocalSlurmCluster(tmp_path / "clash", ClusterSpec(nodes=1, controller_port=port))
         with pytest.raises(ClusterError, match=f"port\\(s\\) {port}"):
             busy.start()
@@ -402,8 +435,8 @@ def test_cli_second_cluster_is_idempotent_and_stop_leaves_the_first_alone(tmp_pa
     assert "cancelled 1 job(s)" in stopped.stdout
     assert not state_dir.exists()
     assert all(_gone(pid) for pid in pids)
-    leftovers = subprocess.run(["pgrep", "-f", "sleep 317"], capture_output=True, text=True).stdout
-    assert leftovers == "", f"job processes of the stopped cluster survive: {leftovers}"
+    leftovers = _live_processes(lambda pid, ppid, argv: argv[-2:] == ["sleep", "317"])
+    assert leftovers == [], f"job processes of the stopped cluster survive: {leftovers}"
     assert _cli("status", "--dir", str(state_dir)).returncode == 3
     # The session's cluster is untouched.
     assert first.is_running()
