@@ -410,6 +410,8 @@ def test_cli_second_cluster_is_idempotent_and_stop_leaves_the_first_alone(tmp_pa
         assert "started 1 node(s) n1" in started.stdout
         again = _cli("start", "--dir", str(state_dir), "--nodes", "1", "--port", str(port))
         assert again.returncode == 0 and again.stdout.startswith("already running"), again
+        reshaped = _cli("start", "--dir", str(state_dir), "--nodes", "2", "--port", str(port))
+        assert reshaped.returncode == 1 and "another shape is already running" in reshaped.stderr
         status = _cli("status", "--dir", str(state_dir))
         assert status.returncode == 0 and "node n1: idle" in status.stdout, status
         env_line = _cli("env", "--dir", str(state_dir)).stdout.strip()

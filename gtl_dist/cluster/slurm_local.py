@@ -338,6 +338,11 @@ class LocalSlurmCluster:
             daemons = self.daemons()
             alive = [d["name"] for d in daemons if d["alive"]]
             if alive and len(alive) == len(daemons) and state.get("complete"):
+                recorded = ClusterSpec(**state["spec"])
+                if recorded != self.spec:
+                    raise ClusterError(
+                        f"a cluster with another shape is already running in {self.state_dir} "
+                        f"({recorded}); stop it first to start {self.spec}")
                 return False
             if alive:
                 raise ClusterError(
