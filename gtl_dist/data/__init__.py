@@ -1,0 +1,14 @@
+"""The data layer: corpora, tokenizer, WebDataset shards with a manifest, and a resumable reader.
+
+    prepare_data(cfg, run_dir) -> Manifest          build (or find) the run's shards
+    make_loader(manifest, "source/train", 64, ...)  stream batches of token ids
+
+See gtl_dist/data/build.py for the build, gtl_dist/data/loader.py for the reader's contract, and
+gtl_dist/data/markov.py for the synthetic chains and their exact math.
+"""
+
+from gtl_dist.data.loader import ShardLoader, make_loader
+from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
+from gtl_dist.data.prepare import prepare_data
+
+__all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "make_loader", "prepare_data"]

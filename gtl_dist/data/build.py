@@ -1,0 +1,330 @@
+"""Building a data directory: prepare -> slices (in parallel) -> finalize.
+
+    prepare   corpus -> per-domain split -> sets (corpus/) -> tokenizer -> plan.json
+    slice i   the build units u with u % n == i: tokenize, pack, write parts/<unit>-NNNN.tar and,
+              last, parts/<unit>.json (the unit's completion marker)
+    finalize  once every unit is done: rename parts to <set>-<split>-NNNNNN.tar in plan order,
+              write manifest.json LAST
+
+A build unit is a fixed range of documents of one set (about shards.unit_chars characters of text;
+one shard's worth of sequences for Markov data). Units are packed on their own, so the shards do
+not depend on how many slices ran; each unit's last partial chunk is dropped and its last shard may
+be short. Every file is written under a temporary name and renamed when complete, so a killed build
+leaves no file that looks complete, and a re-run skips finished units and finished shards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gtl_dist.config import RunConfig
+from gtl_dist.data import markov, sets
+from gtl_dist.data.corpus import read_corpus
+from gtl_dist.data.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardInfo, ShardSet,
+                                    fraction_count)
+from gtl_dist.data.shards import Chunk, pack_documents, token_dtype, write_shard
+from gtl_dist.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer, train_tokenizer
+from gtl_dist.io import atomic_write_json, read_json, sha256_file
+from gtl_dist.log import Progress, get_logger
+from gtl_dist.paths import RunPaths, fraction_name
+
+log = get_logger("data.build")
+
+PLAN_NAME = "plan.json"
+CORPUS_DIR = "corpus"
+PARTS_DIR = "parts"
+TOKENIZER_NAME = "tokenizer.model"
+
+
+class BuildError(RuntimeError):
+    """The data directory is in a state the requested build step cannot continue from."""
+
+
+def data_dir(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """``shards.dir`` (relative to the run directory) or ``<run_dir>/data``."""
+    if cfg.shards.dir:
+        path = Path(cfg.shards.dir)
+        return path if path.is_absolute() else Path(run_dir) / path
+    return RunPaths(run_dir).data
+
+
+def data_hash(cfg: RunConfig) -> str:
+    return cfg.section_hash("data", "tokenizer", "shards")
+
+
+@dataclass
+class Unit:
+    index: int  # position in the plan; slice i of n builds the units with index % n == i
+    name: str
+    set_name: str
+    start: int  # document range [start, stop) of the set
+    stop: int
+
+
+# -- prepare ----------------------------------------------------------------------------------
+
+def _check_same_build(root: Path, want: str) -> None:
+    """Refuse to mix two configurations in one folder (see ``clean``)."""
+    for marker in (root / MANIFEST_NAME, root / PLAN_NAME, root / CORPUS_DIR / "DONE.json"):
+        if marker.is_file():
+            try:
+                found = read_json(marker).get("data_hash")
+            except ValueError:
+                found = None
+            if found != want:
+                raise BuildError(
+                    f"{marker}: this folder holds data built from another data/tokenizer/shards config "
+                    f"(data hash {found} != {want}); rebuild it with `python shards/build.py ... --rebuild` "
+                    f"(or prepare_data(..., rebuild=True)), or set shards.dir to a new folder")
+
+
+def clean(root: Path) -> None:
+    """Delete what a build wrote into ``root`` (and nothing else): shards, parts, corpus, plan."""
+    root = Path(root)
+    doomed: set[Path] = set()
+    try:  # the shards a finished build lists
+        raw = read_json(root / MANIFEST_NAME)
+        doomed |= {root / s["name"] for entry in raw.get("sets", {}).values() for s in entry.get("shards", [])}
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+    try:  # shards renamed by a finalize that did not get to write the manifest
+        for name in sets.set_names(read_json(root / PLAN_NAME)["targets"]):
+            doomed |= set(root.glob(f"{sets.file_stem(name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass
+    for path in sorted(doomed):
+        path.unlink(missing_ok=True)
+    for folder in (root / PARTS_DIR, root / CORPUS_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
+    for name in (MANIFEST_NAME, PLAN_NAME, TOKENIZER_NAME):
+        (root / name).unlink(missing_ok=True)
+
+
+def prepare(cfg: RunConfig, root: Path) -> dict[str, Any]:
+    """Corpus -> sets -> tokenizer -> plan.json (idempotent: each finished step is kept)."""
+    root.mkdir(parents=True, exist_ok=True)
+    want = data_hash(cfg)
+    _check_same_build(root, want)
+    if (root / PLAN_NAME).is_file():
+        return read_json(root / PLAN_NAME)
+    corpus_dir = root / CORPUS_DIR
+    corpus_dir.mkdir(exist_ok=True)
+    names = sets.set_names(cfg.targets)
+    done = corpus_dir / "DONE.json"
+    if not done.is_file():
+        info: dict[str, Any] = {}
+        if cfg.uses_tokenizer:
+            built = sets.build_text_sets(cfg, read_corpus(cfg))
+            for name in names:
+                sets.write_text_set(corpus_dir, name, built[name])
+            if cfg.data.corpus == "demo":
+                from gtl_dist.data.demo import corpus_versions
+                info["versions"] = corpus_versions(list(cfg.data.source_domains) + list(cfg.data.target_domains))
+        else:
+            built = sets.build_markov_sets(cfg)
+            for name in names:
+                sets.write_markov_set(corpus_dir, name, built[name])
+        info["documents"] = {name: len(built[name].domains) if isinstance(built[name], sets.MarkovSet)
+                             else len(built[name]) for name in names}
+        atomic_write_json(done, {"data_hash": want, **info})
+    info = read_json(done)
+    info.pop("data_hash")
+
+    if cfg.uses_tokenizer:
+        tok_path = root / TOKENIZER_NAME
+        if not tok_path.is_file():
+            log.info("training the tokenizer (vocab %d, %s) on source/train", cfg.tokenizer.vocab_size,
+                     cfg.tokenizer.model_type)
+            n = info["documents"]["source/train"]
+            texts = (doc.text for doc in sets.read_text_range(corpus_dir, "source/train", 0, n))
+            train_tokenizer(texts, cfg.tokenizer, tok_path, seed=cfg.data.split_seed)
+        tok = Tokenizer(tok_path)
+        vocab = {"vocab_size": tok.vocab_size, "mask_id": MASK_ID, "pad_id": PAD_ID, "bos_id": BOS_ID,
+                 "eos_id": EOS_ID, "tokenizer_hash": tok.hash, "tokenizer_file": TOKENIZER_NAME}
+        seq_len = cfg.shards.seq_len
+    else:
+        s = cfg.data.markov.num_states
+        vocab = {"vocab_size": s + 1, "mask_id": s, "pad_id": None, "bos_id": None, "eos_id": None,
+                 "tokenizer_hash": markov.chain_spec_hash(cfg.data.markov), "tokenizer_file": None}
+        seq_len = cfg.data.markov.length
+
+    plan_sets = {}
+    for name in names:
+        if cfg.uses_tokenizer:
+            ranges = _text_units(sets.text_set_chars(corpus_dir, name), cfg.shards.unit_chars)
+        else:
+            n, per = info["documents"][name], cfg.shards.samples_per_shard
+            ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
+        plan_sets[name] = {"documents": info["documents"][name], "units": ranges}
+    plan = {"data_hash": want, "corpus": cfg.data.corpus, "seq_len": seq_len,
+            "dtype": token_dtype(vocab["vocab_size"]).name, "samples_per_shard": cfg.shards.samples_per_shard,
+            "split_seed": cfg.data.split_seed, "targets": cfg.targets,
+            "target_fractions": cfg.data.target_fractions, "sets": plan_sets, "info": info, **vocab}
+    if not cfg.uses_tokenizer:
+        _check_fractions(plan, {f"{t}/train": info["documents"][f"{t}/train"] for t in cfg.targets}, root)
+    atomic_write_json(root / PLAN_NAME, plan)
+    return plan
+
+
+def _text_units(chars: np.ndarray, unit_chars: int) -> list[tuple[int, int]]:
+    """Consecutive document ranges of about ``unit_chars`` characters (at least one document)."""
+    units, start, total = [], 0, 0
+    for i, n in enumerate(chars.tolist()):
+        total += n
+        if total >= unit_chars:
+            units.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(chars):
+        units.append((start, len(chars)))
+    return units
+
+
+def plan_units(plan: dict[str, Any]) -> list[Unit]:
+    units = []
+    for set_name in sets.set_names(plan["targets"]):
+        for k, (a, b) in enumerate(plan["sets"][set_name]["units"]):
+            units.append(Unit(len(units), f"{sets.file_stem(set_name)}-u{k:05d}", set_name, a, b))
+    return units
+
+
+def load_plan(root: Path) -> dict[str, Any]:
+    path = Path(root) / PLAN_NAME
+    if not path.is_file():
+        raise BuildError(f"{path}: not prepared yet; run `python shards/build.py --config <cfg> "
+                         f"--run-dir <run> --prepare` first (or the build without --slice)")
+    return read_json(path)
+
+
+# -- slices -----------------------------------------------------------------------------------
+
+def unit_chunks(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None) -> tuple[list[Chunk], int]:
+    """The unit's chunks in their final, seeded random order, and the tokens dropped."""
+    corpus_dir = root / CORPUS_DIR
+    seq_len = plan["seq_len"]
+    chunks: list[Chunk] = []
+    dropped = 0
+    if tokenizer is None:
+        data = sets.read_markov_range(corpus_dir, unit.set_name, unit.start, unit.stop)
+        chunks = [Chunk(row, dom, [str(unit.start + i)]) for i, (row, dom) in enumerate(zip(data.states, data.domains))]
+    else:
+        docs = sets.read_text_range(corpus_dir, unit.set_name, unit.start, unit.stop)
+        ids = tokenizer.encode([d.text for d in docs])
+        # Chunks never mix domains: pack each domain's documents of the unit separately.
+        for domain in sorted({d.domain for d in docs}):
+            keep = [i for i, d in enumerate(docs) if d.domain == domain]
+            packed, lost = pack_documents([ids[i] for i in keep], [docs[i].doc_id for i in keep], domain,
+                                          seq_len, plan["bos_id"], plan["eos_id"])
+            chunks += packed
+            dropped += lost
+    order = sets.seeded_rng(plan["split_seed"], "unit", unit.name).permutation(len(chunks))
+    return [chunks[i] for i in order], dropped
+
+
+def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    parts = root / PARTS_DIR
+    marker = parts / f"{unit.name}.json"
+    if marker.is_file():
+        return read_json(marker)
+    chunks, dropped = unit_chunks(plan, root, unit, tokenizer)
+    per, dtype = plan["samples_per_shard"], np.dtype(plan["dtype"])
+    shards = []
+    for j, lo in enumerate(range(0, len(chunks), per)):
+        part = parts / f"{unit.name}-{j:04d}.tar"
+        if not part.is_file():  # a shard finished before an interruption is kept as it is
+            write_shard(part, chunks[lo:lo + per], f"{unit.name}-{j:04d}", dtype)
+        shards.append({"part": part.name, "samples": len(chunks[lo:lo + per]),
+                       "bytes": part.stat().st_size, "sha256": sha256_file(part)})
+    domains: dict[str, int] = {}
+    for c in chunks:
+        domains[c.domain] = domains.get(c.domain, 0) + 1
+    result = {"unit": unit.name, "set": unit.set_name, "documents": unit.stop - unit.start,
+              "shards": shards, "domains": domains, "tokens_dropped": dropped}
+    atomic_write_json(marker, result)
+    return result
+
+
+def run_slice(root: str | Path, slice_index: int, num_slices: int) -> int:
+    """Build slice ``slice_index`` of ``num_slices`` (a job-array task); returns units built."""
+    root = Path(root)
+    if not 0 <= slice_index < num_slices:
+        raise BuildError(f"--slice {slice_index} is outside 0..{num_slices - 1} (--num-slices {num_slices})")
+    plan = load_plan(root)
+    (root / PARTS_DIR).mkdir(exist_ok=True)
+    mine = [u for u in plan_units(plan) if u.index % num_slices == slice_index]
+    tokenizer = None
+    if plan["tokenizer_file"]:
+        tokenizer = Tokenizer(root / plan["tokenizer_file"], expected_hash=plan["tokenizer_hash"])
+    bar = Progress(sum(u.stop - u.start for u in mine), f"shards slice {slice_index}/{num_slices}", unit="doc")
+    for unit in mine:
+        build_unit(plan, root, unit, tokenizer)
+        bar.update(unit.stop - unit.start)
+    bar.close()
+    return len(mine)
+
+
+# -- finalize ---------------------------------------------------------------------------------
+
+def _check_fractions(plan: dict[str, Any], totals: dict[str, int], root: Path) -> dict[str, dict[str, int]]:
+    out = {}
+    for set_name, total in totals.items():
+        counts = {}
+        for f in plan["target_fractions"]:
+            counts[fraction_name(f)] = fraction_count(f, total)
+            if counts[fraction_name(f)] == 0:
+                raise ManifestError(
+                    f"{root}: target '{set_name.split('/')[0]}' at fraction {f} keeps round({f} * {total}) = 0 "
+                    f"of its N={total} training samples; drop {f} from data.target_fractions or add target data")
+        out[set_name] = counts
+    return out
+
+
+def finalize(root: str | Path) -> Manifest:
+    """Rename the parts into place and write manifest.json (last) once every unit is done."""
+    root = Path(root)
+    plan = load_plan(root)
+    units = plan_units(plan)
+    missing = [u.name for u in units if not (root / PARTS_DIR / f"{u.name}.json").is_file()]
+    if missing:
+        raise BuildError(f"{root}: {len(missing)} build unit(s) not finished ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}); run the slices again "
+                         f"(python shards/build.py ... --slice i --num-slices n)")
+    results = [read_json(root / PARTS_DIR / f"{u.name}.json") for u in units]
+    entries: dict[str, ShardSet] = {name: ShardSet([], {}) for name in sets.set_names(plan["targets"])}
+    dropped = 0
+    for unit, res in zip(units, results):
+        entry = entries[unit.set_name]
+        for d, n in res["domains"].items():
+            entry.domains[d] = entry.domains.get(d, 0) + n
+        dropped += res["tokens_dropped"]
+        for shard in res["shards"]:
+            final = f"{sets.file_stem(unit.set_name)}-{len(entry.shards):06d}.tar"
+            entry.shards.append(ShardInfo(final, shard["samples"], shard["bytes"], shard["sha256"]))
+            part = root / PARTS_DIR / shard["part"]
+            if part.is_file():
+                os.replace(part, root / final)
+            elif not (root / final).is_file():
+                raise BuildError(f"{part}: missing (neither the part nor {final} exists); delete "
+                                 f"{part.with_suffix('.json')} and run the slices again")
+    fractions = _check_fractions(plan, {f"{t}/train": entries[f"{t}/train"].num_samples for t in plan["targets"]},
+                                 root)
+    for name, counts in fractions.items():
+        entries[name].fractions = counts
+    for name, entry in entries.items():
+        if entry.num_samples == 0:
+            raise BuildError(f"{root}: set '{name}' has no samples (its documents are shorter than one "
+                             f"chunk of {plan['seq_len']} tokens); lower shards.seq_len or add data")
+    info = dict(plan["info"], tokens_dropped=dropped)
+    manifest = Manifest(seq_len=plan["seq_len"], vocab_size=plan["vocab_size"], mask_id=plan["mask_id"],
+                        pad_id=plan["pad_id"], bos_id=plan["bos_id"], eos_id=plan["eos_id"],
+                        tokenizer_hash=plan["tokenizer_hash"], data_hash=plan["data_hash"], dtype=plan["dtype"],
+                        sets=entries, corpus=plan["corpus"], targets=list(plan["targets"]),
+                        tokenizer_file=plan["tokenizer_file"], info=info, root=root)
+    atomic_write_json(root / MANIFEST_NAME, manifest.to_dict())
+    shutil.rmtree(root / PARTS_DIR, ignore_errors=True)
+    return manifest

@@ -1,0 +1,270 @@
+"""Streaming shards to a training loop: split by rank and worker, shuffled by (seed, epoch), resumable.
+
+Who reads what. With R ranks and W DataLoader workers per rank (W' = max(1, W)) there are
+C = R * W' *consumers*; consumer c = rank * W' + w. In pass (epoch) e the shards are put in a
+permutation drawn from (seed, e) and consumer c reads shards c, c + C, c + 2C, ... of it, each
+shard's samples in a permutation drawn from (seed, e, shard). A consumer's stream is its passes
+0, 1, 2, ... back to back, and it cuts the stream into batches of ``batch_size``.
+
+Equal batch counts. An epoch is a fixed number of batches, identical on every rank:
+``batches_per_epoch = total_samples // (R * batch_size)``. Consumers with fewer samples simply run
+into their next pass earlier, so no rank ever waits in a collective for another that ran dry.
+
+Exact resume. Rank batch k comes from logical worker k mod W' (its (k // W')-th batch): the
+DataLoader hands out worker batches round-robin, and a resumed loader rotates the workers so that
+worker 0 serves batch k0. The only state is k, counted in the main process as batches are
+consumed (not as workers prefetch them), and the same on every rank. From k every worker seeks its
+stream by arithmetic on the manifest's sample counts and reads only the shard it resumes in.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import weakref
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gtl_dist.data.manifest import Manifest, ManifestError, verify_shard
+from gtl_dist.data.shards import read_shard
+
+STATE_VERSION = 1
+# Fields of the cursor that define the stream; a cursor from a loader that differs in any of them
+# would silently yield other batches, so loading it is refused.
+_STREAM_FIELDS = ("set", "fraction", "world_size", "num_workers", "seed", "batch_size", "shuffle", "data_hash")
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM signals every process of a job step (infra_anchors §2.3);
+    the training loop decides when to stop, so a worker must not die of SIGUSR2 or SIGTERM."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Workers that ignore SIGTERM outlive multiprocessing's exit hook, which terminates daemonic
+# children with SIGTERM and then joins them: an iterator still alive at exit would hang the
+# interpreter. This hook (registered after multiprocessing's, so it runs before it) stops them.
+_LIVE_WORKERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _stop_live_workers() -> None:
+    for iterator in list(_LIVE_WORKERS):
+        iterator._shutdown_workers()
+
+
+def _track_workers(iterator: Any) -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_stop_live_workers)
+        _exit_hook_registered = True
+    _LIVE_WORKERS.add(iterator)
+
+
+class ConsumerStream:
+    """The endless sample stream of one consumer (see the module docstring)."""
+
+    def __init__(self, shards: list[tuple[str, int]], consumer: int, num_consumers: int, seed: int,
+                 shuffle: bool, seq_len: int):
+        self.paths = [p for p, _ in shards]
+        self.counts = np.array([n for _, n in shards], dtype=np.int64)
+        self.consumer, self.num_consumers = consumer, num_consumers
+        self.seed, self.shuffle, self.seq_len = seed, shuffle, seq_len
+        self.epoch, self.slot, self.offset = 0, 0, 0  # position: pass, shard within the pass, sample
+        self._cached: Optional[tuple[int, np.ndarray, list[str]]] = None
+
+    def pass_shards(self, epoch: int) -> np.ndarray:
+        order = (np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths)) if self.shuffle
+                 else np.arange(len(self.paths)))
+        return order[self.consumer::self.num_consumers]
+
+    def seek(self, sample: int) -> None:
+        """Jump to the ``sample``-th sample of the stream without reading any shard."""
+        epoch = 0
+        while True:
+            mine = self.pass_shards(epoch)
+            size = int(self.counts[mine].sum())
+            if sample < size:
+                break
+            sample -= size
+            epoch += 1
+        slot = 0
+        while sample >= self.counts[mine[slot]]:
+            sample -= int(self.counts[mine[slot]])
+            slot += 1
+        self.epoch, self.slot, self.offset = epoch, slot, sample
+
+    def _shard(self, index: int) -> tuple[np.ndarray, list[str]]:
+        if self._cached is None or self._cached[0] != index:
+            tokens, domains = read_shard(self.paths[index], self.seq_len, limit=int(self.counts[index]))
+            if len(tokens) != self.counts[index]:
+                raise ManifestError(f"{self.paths[index]}: holds {len(tokens)} samples, the manifest "
+                                    f"promises at least {self.counts[index]}; rebuild the data")
+            self._cached = (index, tokens, domains)
+        return self._cached[1], self._cached[2]
+
+    def take(self, n: int) -> tuple[np.ndarray, list[str]]:
+        rows, domains = [], []
+        while n > 0:
+            mine = self.pass_shards(self.epoch)
+            index = int(mine[self.slot])
+            tokens, doms = self._shard(index)
+            order = (np.random.default_rng([self.seed, self.epoch, 1, index]).permutation(len(tokens))
+                     if self.shuffle else np.arange(len(tokens)))
+            picked = order[self.offset:self.offset + n]
+            rows.append(tokens[picked])
+            domains += [doms[i] for i in picked]
+            n -= len(picked)
+            self.offset += len(picked)
+            if self.offset == len(tokens):
+                self.offset, self.slot = 0, self.slot + 1
+                if self.slot == len(mine):
+                    self.epoch, self.slot = self.epoch + 1, 0
+        return np.concatenate(rows), domains
+
+
+class _RankBatches(IterableDataset):
+    """Batches k = start, start + 1, ... (below ``stop``) of one rank, tagged with k.
+
+    In DataLoader worker i (of W), it yields the batches k = start + i + j * W; the main process
+    receives them round-robin, i.e. in order of k.
+    """
+
+    def __init__(self, shards, seq_len, batch_size, rank, world_size, num_workers, seed, shuffle,
+                 start: int, stop: Optional[int]):
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.seed, self.shuffle, self.start, self.stop = seed, shuffle, start, stop
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        first = self.start + (info.id if info is not None else 0)
+        logical = first % self.workers
+        stream = ConsumerStream(self.shards, self.rank * self.workers + logical,
+                                self.world_size * self.workers, self.seed, self.shuffle, self.seq_len)
+        stream.seek((first // self.workers) * self.batch_size)
+        k = first
+        while self.stop is None or k < self.stop:
+            tokens, domains = stream.take(self.batch_size)
+            yield {"tokens": torch.from_numpy(tokens.astype(np.int64)), "domain": domains, "index": k}
+            k += self.workers
+
+
+class ShardLoader:
+    """Iterable of ``{"tokens": LongTensor[batch_size, seq_len], "domain": list[str]}`` batches.
+
+    ``infinite=True``: one endless stream; iterating again continues where the last iteration
+    stopped (training). ``infinite=False``: every ``iter()`` is one pass of ``batches_per_epoch``
+    batches from the start -- the same batches each time with ``shuffle=False`` (validation) -- unless
+    a cursor was loaded just before, which resumes that pass. A trailing partial batch is dropped.
+    """
+
+    def __init__(self, manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 shuffle: bool = True, infinite: bool = True, expected_tokenizer_hash: str | None = None):
+        where = f"{manifest.path} [{set_name}]"
+        manifest.check_tokenizer(expected_tokenizer_hash)
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or seed < 0:
+            raise ValueError(f"{where}: need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, "
+                             f"num_workers >= 0 and seed >= 0; got batch_size={batch_size}, rank={rank}, "
+                             f"world_size={world_size}, num_workers={num_workers}, seed={seed}")
+        files = manifest.shard_files(set_name, fraction)
+        consumers = world_size * max(1, num_workers)
+        if len(files) < consumers:
+            raise ManifestError(
+                f"{where}: {len(files)} shard(s) for world_size {world_size} x {max(1, num_workers)} "
+                f"worker(s) = {consumers} readers; every reader needs a shard. Use num_workers <= "
+                f"{max(len(files) // world_size, 0)} (0 reads in the main process), fewer ranks, or rebuild with "
+                f"a smaller shards.samples_per_shard")
+        total = sum(n for _, n in files)
+        self.batches_per_epoch = total // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ManifestError(f"{where}: {total} samples cannot fill one batch of {batch_size} on each of "
+                                f"{world_size} rank(s); lower the batch size")
+        self.manifest, self.set_name, self.fraction = manifest, set_name, fraction
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
+        self.shards = [(str(p), n) for p, n in files]
+        # With shuffle every shard reaches every rank sooner or later; without, only its own.
+        readable = (range(len(files)) if shuffle else
+                    sorted({j for w in range(max(1, num_workers))
+                            for j in range(rank * max(1, num_workers) + w, len(files), consumers)}))
+        entries = {manifest.root / s.name: s for s in manifest.get_set(set_name).shards}
+        for j in readable:
+            verify_shard(files[j][0], entries[files[j][0]])
+        self._position = 0
+        self._resumed = False
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.infinite and not self._resumed:
+            self._position = 0
+        self._resumed = False
+        stop = None if self.infinite else self.batches_per_epoch
+        dataset = _RankBatches(self.shards, self.manifest.seq_len, self.batch_size, self.rank, self.world_size,
+                               self.num_workers, self.seed, self.shuffle, self._position, stop)
+        if self.num_workers == 0:
+            batches: Any = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      worker_init_fn=ignore_preemption_signals))
+            _track_workers(batches)
+        try:
+            for batch in batches:
+                k = batch.pop("index")
+                if k != self._position:  # the round-robin contract the cursor relies on is broken
+                    raise RuntimeError(f"data loader yielded batch {k} where {self._position} was due")
+                self._position += 1
+                yield batch
+        finally:
+            if self.num_workers:
+                batches._shutdown_workers()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""
+        return {"version": STATE_VERSION, "set": self.set_name, "fraction": self.fraction,
+                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "data_hash": self.manifest.data_hash,
+                "batches_consumed": self._position, "epoch": self.epoch,
+                "batch_in_epoch": self._position % self.batches_per_epoch,
+                "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a saved cursor (call before iterating)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in _STREAM_FIELDS:
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state.get(key)!r} but this loader has "
+                    f"{key}={mine[key]!r}; an exact resume needs the same {key}. Keep it, or start the "
+                    f"data stream afresh (e.g. with a new seed) instead of loading this state")
+        position = int(state["batches_consumed"])
+        if position < 0 or (not self.infinite and position > self.batches_per_epoch):
+            raise ValueError(f"data loader state: batches_consumed={position} is outside this loader's "
+                             f"pass of {self.batches_per_epoch} batches")
+        self._position = position
+        self._resumed = True
+
+
+def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
+                rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                shuffle: bool = True, infinite: bool = True,
+                expected_tokenizer_hash: str | None = None) -> ShardLoader:
+    """A :class:`ShardLoader` over ``set_name`` ("source/train", "physics/test", ...).
+
+    ``fraction`` selects the nested prefix of a target training set; rank and world size are
+    explicit (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted
+    shard, too few shards for ``world_size x num_workers`` readers, or a fraction with no samples.
+    """
+    return ShardLoader(manifest, set_name, batch_size, fraction=fraction, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, shuffle=shuffle, infinite=infinite,
+                       expected_tokenizer_hash=expected_tokenizer_hash)
+

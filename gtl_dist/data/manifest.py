@@ -1,0 +1,208 @@
+"""``manifest.json``: what a data directory holds, written last by the build and checked by readers.
+
+It records the sequence length, the vocabulary and its special ids (null where a corpus has no
+such token), the tokenizer hash, the data hash (``cfg.section_hash("data", "tokenizer", "shards")``),
+the token dtype and, per set, every shard's sample count, size and sha256. Target training sets
+also record the sample count of each target fraction: fraction f is the PREFIX of the first
+round(f * N) samples in shard order, so smaller fractions are subsets of larger ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from gtl_dist.data.shards import ShardError
+from gtl_dist.data.tokenizer import TokenizerMismatch
+from gtl_dist.io import read_json, sha256_file
+
+FORMAT = "gtl_dist.shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, damaged, from another format version, or asked for something it lacks."""
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name relative to the manifest's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ShardSet:
+    shards: list[ShardInfo]
+    domains: dict[str, int]  # samples per domain
+    # Target training sets only: fraction name ("1", "0.3", ...) -> number of leading samples.
+    fractions: Optional[dict[str, int]] = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def fraction_count(fraction: float, total: int) -> int:
+    return round(fraction * total)
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    vocab_size: int
+    mask_id: int
+    pad_id: Optional[int]
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    tokenizer_hash: str
+    data_hash: str
+    dtype: str
+    sets: dict[str, ShardSet]
+    corpus: str = ""
+    targets: list[str] = field(default_factory=list)
+    # Tokenizer file next to the manifest (None for Markov data, whose ids are chain states).
+    tokenizer_file: Optional[str] = None
+    info: dict[str, Any] = field(default_factory=dict)  # provenance: document counts, versions
+    root: Path = field(default=Path("."), compare=False)  # the folder that holds the manifest
+
+    # -- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        """Load and validate ``manifest.json`` (or the folder that holds it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: no manifest (the data was never built, or its build did not "
+                                f"finish); build it with: python shards/build.py --config <cfg> --run-dir <run>")
+        try:
+            raw = read_json(path)
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
+        return cls.from_dict(raw, path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: Path) -> "Manifest":
+        def bad(msg: str) -> ManifestError:
+            return ManifestError(f"{path}: {msg}; rebuild the data (python shards/build.py ...)")
+
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise bad(f"not a {FORMAT} manifest")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise bad(f"format version {raw.get('format_version')!r}, this gtl_dist reads version "
+                      f"{FORMAT_VERSION}")
+        required = {"seq_len": int, "vocab_size": int, "mask_id": int, "tokenizer_hash": str,
+                    "data_hash": str, "dtype": str, "sets": dict}
+        for key, tp in required.items():
+            if not isinstance(raw.get(key), tp):
+                raise bad(f"key '{key}' is missing or not a {tp.__name__}")
+        for key in ("pad_id", "bos_id", "eos_id"):
+            if raw.get(key) is not None and not isinstance(raw[key], int):
+                raise bad(f"key '{key}' must be an integer or null")
+        sets = {}
+        for name, entry in raw["sets"].items():
+            try:
+                shards = [ShardInfo(**s) for s in entry["shards"]]
+                sets[name] = ShardSet(shards, dict(entry["domains"]), entry.get("fractions"))
+            except (KeyError, TypeError) as exc:
+                raise bad(f"set '{name}' is malformed ({exc})") from None
+        fields = {k: raw.get(k) for k in ("seq_len", "vocab_size", "mask_id", "pad_id", "bos_id", "eos_id",
+                                         "tokenizer_hash", "data_hash", "dtype", "tokenizer_file")}
+        return cls(**fields, sets=sets, corpus=raw.get("corpus", ""), targets=list(raw.get("targets", [])),
+                   info=dict(raw.get("info", {})), root=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        out.update({k: v for k, v in asdict(self).items() if k != "root"})
+        return out
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def tokenizer_path(self) -> Optional[Path]:
+        return self.root / self.tokenizer_file if self.tokenizer_file else None
+
+    def get_set(self, set_name: str) -> ShardSet:
+        if set_name not in self.sets:
+            raise ManifestError(f"{self.path}: no set '{set_name}'; it has {', '.join(self.sets)}")
+        return self.sets[set_name]
+
+    def num_samples(self, set_name: str, fraction: float | None = None) -> int:
+        """Samples in a set, or in a target-fraction prefix of a target training set."""
+        entry = self.get_set(set_name)
+        if fraction is None:
+            return entry.num_samples
+        if not set_name.endswith("/train") or set_name.startswith("source/"):
+            raise ManifestError(f"{self.path}: fraction={fraction} applies to target training sets "
+                                f"only, not '{set_name}'")
+        if not 0.0 < fraction <= 1.0:
+            raise ManifestError(f"fraction {fraction} is outside (0, 1]")
+        total = entry.num_samples
+        count = fraction_count(fraction, total)
+        if count == 0:
+            target = set_name.split("/")[0]
+            raise ManifestError(f"{self.path}: target '{target}' at fraction {fraction} keeps "
+                                f"round({fraction} * {total}) = 0 of its N={total} training samples; "
+                                f"use a larger fraction or more target data")
+        return count
+
+    def shard_files(self, set_name: str, fraction: float | None = None) -> list[tuple[Path, int]]:
+        """(path, samples to read) for each shard, the last one cut at the fraction's prefix."""
+        remaining = self.num_samples(set_name, fraction)
+        out = []
+        for shard in self.get_set(set_name).shards:
+            if remaining <= 0:
+                break
+            take = min(shard.samples, remaining)
+            out.append((self.root / shard.name, take))
+            remaining -= take
+        return out
+
+    def num_shards(self, set_name: str, fraction: float | None = None) -> int:
+        """Shards a reader of this set (and fraction) splits over ranks x workers."""
+        return len(self.shard_files(set_name, fraction))
+
+    def check_tokenizer(self, expected_hash: str | None) -> None:
+        if expected_hash is not None and expected_hash != self.tokenizer_hash:
+            raise TokenizerMismatch(
+                f"{self.path}: tokenizer hash {self.tokenizer_hash[:12]}… does not match the expected "
+                f"{expected_hash[:12]}… (these shards were built with another tokenizer than the model "
+                f"or checkpoint that reads them; rebuild the data or point to the matching run)")
+
+    def verify(self, set_names: list[str] | None = None) -> None:
+        """Check that every shard of the named sets (default all) exists with its recorded sha256."""
+        for name in set_names if set_names is not None else list(self.sets):
+            for shard in self.get_set(name).shards:
+                verify_shard(self.root / shard.name, shard)
+
+    def fraction_names(self, set_name: str) -> dict[str, int]:
+        return dict(self.get_set(set_name).fractions or {})
+
+
+_VERIFIED: dict[tuple, str] = {}
+
+
+def verify_shard(path: Path, shard: ShardInfo) -> None:
+    """Size, then sha256 (cached per process by inode, size and mtime, so ranks re-check cheaply)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard listed in the manifest is missing; rebuild the data") from None
+    if st.st_size != shard.bytes:
+        raise ShardError(f"{path}: {st.st_size} bytes, the manifest says {shard.bytes} (truncated or "
+                         f"replaced); rebuild the data")
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _VERIFIED.get(key) or sha256_file(path)
+    if digest != shard.sha256:
+        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
+                         f"{shard.sha256[:12]}… (corrupted); rebuild the data")
+    _VERIFIED[key] = digest
+

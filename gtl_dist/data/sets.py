@@ -1,0 +1,165 @@
+"""Corpus -> per-domain train/test split -> the sets the pipeline trains on, written to disk.
+
+Sets (ARCHITECTURE.md "Data contracts"):
+  source/train   the source domains' training documents, plus the overlap documents: the first
+                 round(r * N_t) of each target t's training documents (METHOD.md §8, data.overlap)
+  source/test    the source domains' test documents
+  <t>/train      target t's remaining training documents, in a seeded random order (the target
+                 fractions are prefixes of the chunks built from them, so they are nested)
+  <t>/test       target t's test documents (never touched by overlap or fractions)
+
+Every split and order is drawn from a generator seeded by data.split_seed and the name of what is
+split, so one domain's split does not change when another domain is added.
+
+Text sets are stored as ``corpus/<set>-<split>.jsonl`` (one document a line) with a byte-offset
+index ``.offsets.npy`` and character counts ``.chars.npy``, so a build slice can read any range of
+documents without scanning the file. Markov sets are ``corpus/<set>-<split>.npz`` (states and the
+domain of every sequence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gtl_dist.config import RunConfig
+from gtl_dist.data import markov
+from gtl_dist.data.corpus import CorpusError, Document
+from gtl_dist.io import atomic_path
+
+SOURCE = "source"
+SPLITS = ("train", "test")
+
+
+def set_names(targets: list[str]) -> list[str]:
+    """All set names in build order: source/train, source/test, then <t>/train, <t>/test per target."""
+    return [f"{name}/{split}" for name in [SOURCE] + list(targets) for split in SPLITS]
+
+
+def file_stem(set_name: str) -> str:
+    """"physics/train" -> "physics-train" (shard and corpus file names)."""
+    return set_name.replace("/", "-")
+
+
+def seeded_rng(seed: int, *names: str) -> np.random.Generator:
+    tag = int.from_bytes(hashlib.sha256("/".join(names).encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, tag])
+
+
+def overlap_count(overlap: float, n_train: int, target: str) -> int:
+    """How many of a target's training items move into the source set (METHOD.md §8)."""
+    moved = round(overlap * n_train)
+    if n_train - moved < 1:
+        raise CorpusError(f"data.overlap={overlap} moves {moved} of target '{target}''s {n_train} "
+                          f"training documents into the source set and leaves none for the target; "
+                          f"lower data.overlap or add target data")
+    return moved
+
+
+def split_domain(docs: list, test_fraction: float, seed: int, domain: str) -> tuple[list, list]:
+    """(train, test) in a seeded random order; each side gets at least one document."""
+    order = seeded_rng(seed, "split", domain).permutation(len(docs))
+    n_test = min(max(round(test_fraction * len(docs)), 1), len(docs) - 1)
+    return [docs[i] for i in order[n_test:]], [docs[i] for i in order[:n_test]]
+
+
+def build_text_sets(cfg: RunConfig, docs: dict[str, list[Document]]) -> dict[str, list[Document]]:
+    d = cfg.data
+    train, test = {}, {}
+    for name in list(d.source_domains) + list(d.target_domains):
+        train[name], test[name] = split_domain(docs[name], d.test_fraction, d.split_seed, name)
+    sets: dict[str, list[Document]] = {}
+    source_train = [doc for name in d.source_domains for doc in train[name]]
+    target_train = {}
+    for t in d.target_domains:
+        moved = overlap_count(d.overlap, len(train[t]), t)
+        source_train += train[t][:moved]
+        target_train[t] = train[t][moved:]
+    # Shuffle the union so chunks of every source domain (and the overlap) spread over all shards.
+    order = seeded_rng(d.split_seed, "order", "source/train").permutation(len(source_train))
+    sets["source/train"] = [source_train[i] for i in order]
+    source_test = [doc for name in d.source_domains for doc in test[name]]
+    order = seeded_rng(d.split_seed, "order", "source/test").permutation(len(source_test))
+    sets["source/test"] = [source_test[i] for i in order]
+    for t in d.target_domains:
+        sets[f"{t}/train"], sets[f"{t}/test"] = target_train[t], test[t]
+    return sets
+
+
+@dataclass
+class MarkovSet:
+    states: np.ndarray  # [n, length] int
+    domains: list[str]  # the chain each sequence was drawn from
+
+
+def build_markov_sets(cfg: RunConfig) -> dict[str, MarkovSet]:
+    m, seed = cfg.data.markov, cfg.data.split_seed
+    chains = markov.transition_matrices(m)
+
+    def draw(name: str, split: str, num: int) -> np.ndarray:
+        return markov.generate_domain(chains[name], num, m.length, seed, name, split)
+
+    source_train = [draw(SOURCE, "train", m.num_source)]
+    domains = [SOURCE] * m.num_source
+    sets = {"source/test": MarkovSet(draw(SOURCE, "test", m.num_test), [SOURCE] * m.num_test)}
+    for t in cfg.targets:
+        train = draw(t, "train", m.num_target)
+        moved = overlap_count(cfg.data.overlap, m.num_target, t)
+        source_train.append(train[:moved])
+        domains += [t] * moved
+        sets[f"{t}/train"] = MarkovSet(train[moved:], [t] * (m.num_target - moved))
+        sets[f"{t}/test"] = MarkovSet(draw(t, "test", m.num_test), [t] * m.num_test)
+    states = np.concatenate(source_train)
+    order = seeded_rng(seed, "order", "source/train").permutation(len(states))
+    sets["source/train"] = MarkovSet(states[order], [domains[i] for i in order])
+    return {name: sets[name] for name in set_names(cfg.targets)}
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+def write_text_set(folder: Path, set_name: str, docs: list[Document]) -> None:
+    stem = folder / file_stem(set_name)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    chars = np.zeros(len(docs), dtype=np.int64)
+    with atomic_path(stem.with_suffix(".jsonl")) as tmp, open(tmp, "wb") as fh:
+        for i, doc in enumerate(docs):
+            line = json.dumps({"text": doc.text, "domain": doc.domain, "id": doc.doc_id},
+                              ensure_ascii=False).encode("utf-8") + b"\n"
+            fh.write(line)
+            offsets[i + 1] = offsets[i] + len(line)
+            chars[i] = len(doc.text)
+    for suffix, array in ((".offsets.npy", offsets), (".chars.npy", chars)):
+        with atomic_path(stem.with_name(stem.name + suffix)) as tmp:
+            np.save(tmp, array, allow_pickle=False)
+
+
+def text_set_chars(folder: Path, set_name: str) -> np.ndarray:
+    return np.load(folder / f"{file_stem(set_name)}.chars.npy")
+
+
+def read_text_range(folder: Path, set_name: str, start: int, stop: int) -> list[Document]:
+    stem = folder / file_stem(set_name)
+    offsets = np.load(stem.with_name(stem.name + ".offsets.npy"), mmap_mode="r")
+    with open(stem.with_suffix(".jsonl"), "rb") as fh:
+        fh.seek(int(offsets[start]))
+        blob = fh.read(int(offsets[stop] - offsets[start]))
+    records = [json.loads(line) for line in blob.splitlines()]
+    return [Document(r["text"], r["domain"], r["id"]) for r in records]
+
+
+def write_markov_set(folder: Path, set_name: str, data: MarkovSet) -> None:
+    names = sorted(set(data.domains))
+    index = np.array([names.index(d) for d in data.domains], dtype=np.int64)
+    with atomic_path(folder / f"{file_stem(set_name)}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, states=data.states, domain_index=index, domain_names=np.array(names))
+
+
+def read_markov_range(folder: Path, set_name: str, start: int, stop: int) -> MarkovSet:
+    with np.load(folder / f"{file_stem(set_name)}.npz", allow_pickle=False) as z:
+        names = [str(x) for x in z["domain_names"]]
+        return MarkovSet(z["states"][start:stop], [names[i] for i in z["domain_index"][start:stop]])
