@@ -45,11 +45,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=128, help="ancestral steps S")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--gamma", type=float, default=5.0)
-    ap.add_argument("--n-ratio", type=int, nargs="+", default=[8, 64, 512], help="planner sampler n_ratio values")
+    ap.add_argument("--n-ratio", type=int, nargs="+", default=[8, 64, 512],
+                    help="planner sampler n_ratio values")
     ap.add_argument("--ancestral-n-ratio", type=int, default=8,
-                    help="n_ratio of the GTL ancestral sampler (its cost is ~S·L/2·n_ratio·(1-1/e) ratio rows)")
+                    help="n_ratio of the GTL ancestral sampler (ratio rows: masked positions x n_ratio "
+                         "per refreshed step)")
     ap.add_argument("--ratio-batch-size", type=int, default=256, help="edited sequences per ratio-net pass")
-    ap.add_argument("--naive-rows", type=int, default=4096, help="rows of the naive first step actually timed")
+    ap.add_argument("--naive-rows", type=int, default=4096,
+                    help="rows of the naive first step actually timed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
@@ -105,8 +108,8 @@ def main() -> None:
     command = "python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:])
     print(f"command: {command}")
     print(f"|V| = {args.vocab} (incl. [MASK]), L = {L}, {B} sequences per sampler in one batch, "
-          f"S = {args.steps}, top-K = {args.top_k}, gamma = {args.gamma}, ratio batch = {args.ratio_batch_size}, "
-          f"{torch.get_num_threads()} threads")
+          f"S = {args.steps}, top-K = {args.top_k}, gamma = {args.gamma}, "
+          f"ratio batch = {args.ratio_batch_size}, {torch.get_num_threads()} threads")
     print(f"parameters: denoiser {count_parameters(denoiser):,}, ratio net {count_parameters(ratio_net):,}, "
           f"planner {count_parameters(planner):,}\n")
 
@@ -143,8 +146,9 @@ def main() -> None:
                      f"cost model {model / B:.2f} s/seq; inside networks {inside / wall:.0%} of wall"))
 
     # (c) GTL ancestral
-    sampler = AncestralSampler(denoiser, ratio_net, schedule, gamma=args.gamma, n_ratio=args.ancestral_n_ratio,
-                               top_k=args.top_k, steps=args.steps, ratio_batch_size=args.ratio_batch_size)
+    sampler = AncestralSampler(denoiser, ratio_net, schedule, gamma=args.gamma,
+                               n_ratio=args.ancestral_n_ratio, top_k=args.top_k, steps=args.steps,
+                               ratio_batch_size=args.ratio_batch_size)
     out, wall = run(sampler, B, args.seed)
     per = out.stats.per_sequence()
     rows.append((f"(c) GTL ancestral n_ratio={args.ancestral_n_ratio}", per["denoiser"], per["ratio"],
@@ -159,11 +163,12 @@ def main() -> None:
     timed = min(args.naive_rows, first_step_rows)
     zc = torch.full((args.ratio_batch_size, L), vocab.mask_id)
     zc[:, 0] = torch.randint(0, V, (args.ratio_batch_size,))
+    passes = math.ceil(timed / args.ratio_batch_size)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        for _ in range(math.ceil(timed / args.ratio_batch_size)):
+        for _ in range(passes):
             ratio_net(zc)
-        per_row = (time.perf_counter() - t0) / (math.ceil(timed / args.ratio_batch_size) * args.ratio_batch_size)
+        per_row = (time.perf_counter() - t0) / (passes * args.ratio_batch_size)
     with torch.inference_mode():
         t_denoiser = median_time(lambda: denoiser(torch.randint(0, V, (1, L))))
     naive_step = first_step_rows * per_row + t_denoiser
@@ -172,7 +177,8 @@ def main() -> None:
                  f"EXTRAPOLATED: timed {timed} of the first step's {first_step_rows:,} rows "
                  f"(step ~ {naive_step:.0f} s)"))
 
-    header = f"{'sampler':34s} {'denoiser/seq':>12s} {'ratio/seq':>14s} {'planner/seq':>11s} {'wall s/seq':>11s}  note"
+    header = (f"{'sampler':34s} {'denoiser/seq':>12s} {'ratio/seq':>14s} {'planner/seq':>11s} "
+              f"{'wall s/seq':>11s}  note")
     print(header)
     print("-" * len(header))
     for label, d, r, p, w, note in rows:

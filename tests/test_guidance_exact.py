@@ -175,7 +175,8 @@ def test_planner_step_equals_exact_guidance_step():
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.5])
 def test_candidate_truncation_is_exact_on_the_candidates(gamma):
-    """n_ratio < |V|: only the denoiser's top-n tokens can be emitted, with weights ∝ p(v|z)·h(z[ℓ:=v])^γ."""
+    """n_ratio < |V|: only the denoiser's top-n tokens can be emitted, with weights
+    ∝ p(v|z)·h(z[ℓ:=v])^γ."""
     n = 2
     z, positions = masked_cases()
     ids, logp = planner_sampler(gamma=gamma, n_ratio=n).token_distribution(z, positions, SamplerStats())
@@ -200,7 +201,8 @@ def chi_square_pvalue(samples, probs):
     expected = probs * len(samples)
     stat = ((counts - expected) ** 2 / expected).sum()
     df = torch.tensor((V ** L - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(df, stat / 2)), float(0.5 * (counts / len(samples) - probs).abs().sum())
+    total_variation = 0.5 * (counts / len(samples) - probs).abs().sum()
+    return float(torch.special.gammaincc(df, stat / 2)), float(total_variation)
 
 
 N_SAMPLES = 20_000
@@ -229,7 +231,8 @@ def test_planner_sampler_samples_the_target(mode):
 
 
 def test_unguided_planner_sampler_samples_the_source():
-    out = planner_sampler(gamma=0.0).sample(N_SAMPLES, torch.Generator().manual_seed(12), batch_size=N_SAMPLES)
+    out = planner_sampler(gamma=0.0).sample(N_SAMPLES, torch.Generator().manual_seed(12),
+                                            batch_size=N_SAMPLES)
     p_value, _ = chi_square_pvalue(out.tokens, P_TABLE)
     assert p_value > P_MIN
 
@@ -245,7 +248,8 @@ def exact_output_distribution(sampler):
         options = {}  # (state, position) -> [(token, prob)]
         for i, (b, pos) in enumerate(k.positions.tolist()):
             probs = [(MASK, math.exp(k.stay_logprob[i]))]
-            probs += [(int(v), math.exp(lp)) for v, lp in zip(k.ids[i], k.token_logprobs[i]) if lp > -math.inf]
+            probs += [(int(v), math.exp(lp)) for v, lp in zip(k.ids[i], k.token_logprobs[i])
+                      if lp > -math.inf]
             options.setdefault(b, []).append((pos, probs))
         new = torch.zeros_like(dist)
         for b, mass in enumerate(dist.tolist()):

@@ -10,9 +10,9 @@ import torch
 from gtl_dist.config import ModelConfig, SampleConfig
 from gtl_dist.diffusion import LogLinearSchedule
 from gtl_dist.models import Denoiser, Planner, RatioNet, VocabSpec, subs_log_probs
-from gtl_dist.sample import (AncestralSampler, MethodNetworks, PlannerSampler, SamplerConfigError, SamplerStats,
-                             build_sampler, sample_sequences, sample_shard, shard_seed, shard_sizes,
-                             stabilise_mask_mass, unguided_sampler, write_sample_shard)
+from gtl_dist.sample import (AncestralSampler, MethodNetworks, PlannerSampler, SamplerConfigError,
+                             SamplerStats, build_sampler, sample_sequences, sample_shard, shard_seed,
+                             shard_sizes, stabilise_mask_mass, unguided_sampler, write_sample_shard)
 from gtl_dist.sample.guidance import draw_categorical, joint_mask_kernel
 
 V, L = 5, 5  # five data tokens, [MASK] = 5
@@ -76,7 +76,8 @@ def gen(seed=0):
     (lambda: planner_sampler(planner=None), "planner_mode='sample' needs a planner"),
     (lambda: planner_sampler(planner_mode="greedy"), "planner_mode='greedy'"),
     (lambda: planner_sampler(planner_temperature=0.0), "planner_temperature=0.0"),
-    (lambda: planner_sampler(denoiser=random_denoiser(size=V + 2, mask_id=V + 1)), "denoiser: returned shape"),
+    (lambda: planner_sampler(denoiser=random_denoiser(size=V + 2, mask_id=V + 1)),
+     "denoiser: returned shape"),
     (lambda: planner_sampler(denoiser=lambda z: torch.zeros(z.shape[0], L, V + 1)), "SUBS"),
     (lambda: planner_sampler(ratio_net=lambda z: torch.zeros(z.shape[0], 1)), "ratio_net: returned shape"),
     (lambda: planner_sampler(planner=lambda z: torch.zeros(z.shape[0], L + 1)), "planner: returned shape"),
@@ -91,7 +92,8 @@ def test_bad_settings_fail_at_construction_naming_the_parameter(build, needle):
 def tiny_models(vocab=VOCAB, length=L, planner_len=None):
     cfg = ModelConfig(hidden=16, blocks=1, heads=2, cond_dim=8, dropout=0.0)
     torch.manual_seed(0)
-    nets = (Denoiser(cfg, vocab, length), RatioNet(cfg, vocab, length), Planner(cfg, vocab, planner_len or length))
+    nets = (Denoiser(cfg, vocab, length), RatioNet(cfg, vocab, length),
+            Planner(cfg, vocab, planner_len or length))
     return [n.eval() for n in nets]
 
 
@@ -105,6 +107,9 @@ def test_mismatched_model_heads_fail_at_construction():
         PlannerSampler(denoiser, ratio_net, short_planner, gamma=1.0, n_ratio=2)
     with pytest.raises(SamplerConfigError, match=r"ratio_net: is in training mode.*\.eval\(\)"):
         PlannerSampler(denoiser, ratio_net.train(), None, gamma=1.0, n_ratio=2, planner_mode="uniform")
+    timed = Denoiser(ModelConfig(hidden=16, blocks=1, heads=2, cond_dim=8, time_conditioning=True), VOCAB, L)
+    with pytest.raises(SamplerConfigError, match="denoiser: was built with time_conditioning=true"):
+        unguided_sampler(timed.eval(), SCHEDULE)
 
 
 # -- counts, γ = 0, caching ---------------------------------------------------------------------------
@@ -231,7 +236,8 @@ def test_categorical_draws_follow_probabilities_and_never_pick_zero_mass():
     u = torch.tensor([0.0, 0.19999, 0.2001, 0.71, 0.99999, 1 - 2 ** -53], dtype=torch.float64)
     picks = draw_categorical(logp.expand(len(u), -1), u)
     assert picks.tolist() == [1, 1, 3, 4, 4, 4]
-    many = draw_categorical(logp.expand(200_000, -1), torch.rand(200_000, generator=gen(9), dtype=torch.float64))
+    u = torch.rand(200_000, generator=gen(9), dtype=torch.float64)
+    many = draw_categorical(logp.expand(200_000, -1), u)
     freq = torch.bincount(many, minlength=6).double() / 200_000
     torch.testing.assert_close(freq, logp[0].exp(), atol=4e-3, rtol=0)  # > 4 standard errors
 
@@ -275,7 +281,8 @@ def test_build_sampler_follows_the_sample_config():
         s = build_sampler(base, SampleConfig(sampler=sampler, steps=8, top_k=2), SCHEDULE)
         assert isinstance(s, AncestralSampler) and s.ratio_net is None and s.gamma == 0 and s.top_k == 2
     # γ = 0 for GTL: the ratio net is not evaluated (the samples are the same, tested above).
-    out = sample_sequences(gtl, SampleConfig(sampler="planner", gamma=0.0, n_ratio=3), SCHEDULE, num=4, seed=1)
+    cfg = SampleConfig(sampler="planner", gamma=0.0, n_ratio=3)
+    out = sample_sequences(gtl, cfg, SCHEDULE, num=4, seed=1)
     assert out.stats.ratio.rows == 0 and out.tokens.shape == (4, L)
 
 
@@ -301,7 +308,8 @@ def test_shards_are_a_function_of_seed_and_shard_only(tmp_path):
 
     for shard in one_task:
         write_sample_shard(tmp_path / f"shard-{shard.shard:04d}.jsonl", shard)
-    records = [json.loads(line) for p in sorted(tmp_path.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    records = [json.loads(line) for path in sorted(tmp_path.glob("*.jsonl"))
+               for line in path.read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(11))
     assert torch.equal(torch.tensor([r["tokens"] for r in records]), merged)
     assert {r["seed"] for r in records} == {shard_seed(77, i) for i in range(3)}

@@ -58,10 +58,10 @@ class AncestralSampler:
     to show the collapse the stabiliser prevents, not for use.
     """
 
-    def __init__(self, denoiser: Callable, ratio_net: Optional[Callable], schedule: Any, *, vocab: Any = None,
-                 seq_len: Optional[int] = None, gamma: float = 5.0, n_ratio: int = 512, top_k: int = 8, steps: int = 128,
-                 t_end: float = 1e-5, stabilise: bool = True, cache: bool = True,
-                 ratio_batch_size: int = 4096, device: Optional[torch.device] = None):
+    def __init__(self, denoiser: Callable, ratio_net: Optional[Callable], schedule: Any, *,
+                 vocab: Any = None, seq_len: Optional[int] = None, gamma: float = 5.0, n_ratio: int = 512,
+                 top_k: int = 8, steps: int = 128, t_end: float = 1e-5, stabilise: bool = True,
+                 cache: bool = True, ratio_batch_size: int = 4096, device: Optional[torch.device] = None):
         vocab, seq_len = checks.resolve_shape(denoiser, vocab, seq_len)
         checks.check_guidance(gamma, n_ratio, top_k, vocab, ratio_net, ratio_batch_size)
         if steps < 1:

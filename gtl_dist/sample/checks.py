@@ -44,7 +44,8 @@ def check_guidance(gamma: float, n_ratio: int, top_k: int, vocab: Any, ratio_net
     if top_k < 1:
         raise SamplerConfigError(f"top_k={top_k} must be at least 1 (K tokens kept per position)")
     if ratio_net is None and gamma != 0:
-        raise SamplerConfigError(f"gamma={gamma} needs a ratio_net; pass one, or gamma=0 for unguided sampling")
+        raise SamplerConfigError(f"gamma={gamma} needs a ratio_net; pass one, or gamma=0 for unguided "
+                                 f"sampling")
     if ratio_net is not None:
         tokens = emittable_tokens(vocab)
         if not 1 <= n_ratio <= tokens:
@@ -61,7 +62,8 @@ def check_planner_mode(mode: str, temperature: float, planner: Optional[Callable
     if temperature <= 0:
         raise SamplerConfigError(f"planner_temperature={temperature} must be > 0")
     if mode != "uniform" and planner is None:
-        raise SamplerConfigError(f"planner_mode='{mode}' needs a planner; pass one or use planner_mode='uniform'")
+        raise SamplerConfigError(f"planner_mode='{mode}' needs a planner; pass one or use "
+                                 f"planner_mode='uniform'")
 
 
 def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: Optional[Callable],
@@ -72,6 +74,12 @@ def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: O
         if isinstance(net, torch.nn.Module) and net.training:
             raise SamplerConfigError(f"{name}: is in training mode (dropout would be on while sampling); "
                                      f"call .eval() on it first")
+        if getattr(getattr(net, "cfg", None), "time_conditioning", False):
+            # The samplers pass z alone (and cache on it): a time-conditioned network would silently
+            # see sigma = 0 at every step.
+            raise SamplerConfigError(f"{name}: was built with time_conditioning=true, but the samplers "
+                                     f"evaluate networks on z alone (METHOD.md §2: time conditioning off); "
+                                     f"set models.*.time_conditioning=false")
     z = torch.full((1, seq_len), vocab.mask_id, dtype=torch.long, device=device)
     with torch.inference_mode():
         out = denoiser(z)
@@ -95,7 +103,8 @@ def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: O
             if tuple(logits.shape) != (1, seq_len):
                 raise SamplerConfigError(
                     f"planner: returned shape {tuple(logits.shape)} for z of shape (1, {seq_len}); "
-                    f"expected one logit per position, shape (1, {seq_len}). Was it built for seq_len={seq_len}?")
+                    f"expected one logit per position, shape (1, {seq_len}). Was it built for "
+                    f"seq_len={seq_len}?")
 
 
 def _check_declared_vocab(denoiser: Callable, ratio_net: Optional[Callable], planner: Optional[Callable],

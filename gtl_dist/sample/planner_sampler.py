@@ -35,7 +35,7 @@ class PlannerSampler:
 
     def __init__(self, denoiser: Callable, ratio_net: Optional[Callable], planner: Optional[Callable], *,
                  vocab: Any = None, seq_len: Optional[int] = None, gamma: float = 5.0, n_ratio: int = 512,
-                 top_k: int = 8,                 planner_mode: str = "sample", planner_temperature: float = 0.5,
+                 top_k: int = 8, planner_mode: str = "sample", planner_temperature: float = 0.5,
                  ratio_batch_size: int = 4096, device: Optional[torch.device] = None):
         vocab, seq_len = checks.resolve_shape(denoiser, vocab, seq_len)
         checks.check_guidance(gamma, n_ratio, top_k, vocab, ratio_net, ratio_batch_size)
