@@ -62,7 +62,7 @@ class ToyLoader:
 
     def __iter__(self):
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.mine), generator=g) if self.shuffle \
                 else torch.arange(len(self.mine))
             while self.batch < self.batches_per_epoch:
@@ -118,10 +118,11 @@ class ToyTask:
     """A job kind for the loop's own tests (see the module docstring)."""
 
     role = "toy"
-    tokenizer_hash = "toy-tokenizer"
     seq_len = TOY_LEN
 
     def __init__(self, ctx: Any):
+        # Tests change it to play "the shards were rebuilt with another tokenizer".
+        self.tokenizer_hash = os.environ.get("TOY_TOKENIZER_HASH", "toy-tokenizer")
         self.stage = ctx.stage
         self.cfg = ctx.cfg
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
@@ -142,6 +143,7 @@ class ToyTask:
                                    dist_env.world_size, seed)}
 
     def training_loss(self, model, batches, rng):
+        time.sleep(float(os.environ.get("TOY_STEP_SLEEP", "0")))
         loss = toy_masked_loss(model, batches["train"]["tokens"], rng.shared, rng.local)
         return loss, {"tokens": float(batches["train"]["tokens"].numel())}
 
@@ -170,7 +172,15 @@ def toy_main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="one rank of the toy training stage")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--chain-marker", help="play submitit: install a USR2 handler first that "
+                        "records the checkpoints it sees in this file and exits with code 42")
     args = parser.parse_args(argv)
+    if args.chain_marker:
+        def requeue(signum, frame):
+            ckpt = Path(args.run_dir) / "denoiser" / "ckpt"
+            Path(args.chain_marker).write_text(json.dumps(committed(ckpt)))
+            os._exit(42)
+        signal.signal(signal.SIGUSR2, requeue)
     cfg = load_config([REPO / "configs" / "tiny.yaml"], args.set)
     stage = "denoiser"
     result = execute(cfg, args.run_dir, stage, None, None,
@@ -304,6 +314,16 @@ def consolidated_params(step_dir: Path) -> dict[str, torch.Tensor]:
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name))
+
+
+def params_fingerprint(params: dict[str, torch.Tensor]) -> str:
+    """The fingerprint the loop logs on resume ("weights fingerprint ..."), from a checkpoint's
+    consolidated parameters (names carry the LossModule's ``model.`` prefix)."""
+    from gtl_dist.train.loop import fingerprint
+    names = {n for n, _ in ToyNet().named_parameters()}
+    plain = {k[len("model."):]: v for k, v in params.items() if k[len("model."):] in names}
+    assert set(plain) == names, sorted(params)
+    return f"{fingerprint(plain):08x}"
 
 
 def shared_state(step_dir: Path) -> dict:

@@ -274,14 +274,17 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         state.update(shared["train"])
         if ema is not None:
             ema.load_state_dict(shared["ema"])
+        # Logged so that a resume can be checked against the checkpoint it came from.
+        params = {n for n, _ in trained.named_parameters()}
+        weights_crc = fingerprint({n: v for n, v in full_fp32_state(trained).items() if n in params})
         if d.is_main:
             ckpt.drop_best_after(point.step)
-            log.info("%s: resumed from %s (step %d of %d)", ctx.label, point.step_dir,
-                     point.step, tc.steps)
+            log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
+                     point.step_dir, point.step, tc.steps, weights_crc)
     step = state["step"]
 
     if point is not None and rank_state is None:
-        data_seed = derive_seed(cfg.seed, "reshuffle", step, d.world_size)
+        data_seed = derive_seed(cfg.seed, "reshuffle", step, d.world_size) % 2**31
         if d.is_main:
             log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
                         "per-rank data cursors and RNG states do not apply: the data restarts on "
@@ -329,7 +332,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     window_time, window_steps = 0.0, 0
     last_weights: Optional[dict[str, torch.Tensor]] = None
     last_val: dict[str, float] = {}
-    preempted = False
+    preempted, signals = False, []
     while step < tc.steps:
         t0 = time.perf_counter()
         loss_sum, stats_sum, crc = 0.0, {}, 0
@@ -350,11 +353,14 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         if ema is not None:
             ema.update(trained)
         keys = sorted(stats_sum)
-        local = [float(ctx.guard.requested), loss_sum, *(stats_sum[k] for k in keys), float(crc)]
-        reduced = dist.all_reduce(local, "sum")
-        preempted = reduced[0] > 0
+        flags = ctx.guard.flags()
+        reduced = dist.all_reduce([*flags, loss_sum, *(stats_sum[k] for k in keys), float(crc)],
+                                  "sum")
+        signals = ctx.guard.agreed(reduced[:len(flags)])
+        preempted = bool(signals)
+        reduced = reduced[len(flags):]
         n = geometry.grad_accum * d.world_size
-        train_values = {"loss": reduced[1] / n, **{k: v / n for k, v in zip(keys, reduced[2:-1])}}
+        train_values = {"loss": reduced[0] / n, **{k: v / n for k, v in zip(keys, reduced[1:-1])}}
         state["step"] = step
         state["tokens_seen"] += tokens_per_step
         window_time += time.perf_counter() - t0
@@ -396,7 +402,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         # Every rank leaves the process group before rank 0 hands over: submitit's handler
         # requeues and exits, and a rank still waiting in a collective for it would hang.
         dist.shutdown()
-        ctx.guard.hand_over(d.is_main)
+        ctx.guard.hand_over(d.is_main, signals)
         return StageResult("preempted", ctx.stage, ctx.target, ctx.fraction, step, ctx.input_hash,
                            val_loss=state["last_val"], best_step=state["best_step"])
 

@@ -52,29 +52,28 @@ class PreemptionGuard:
             log.warning("received %s: will save and stop at the next step boundary",
                         signal.Signals(signum).name)
 
-    @property
-    def requested(self) -> bool:
-        return bool(self.received)
+    def flags(self) -> list[float]:
+        """One entry per watched signal (1.0 if this rank received it), for the loop to sum
+        over ranks: the stop is agreed collectively, and so is which signal caused it."""
+        return [float(sig in self.received) for sig in self.signals]
 
-    def chained_handler(self) -> Optional[tuple[int, Callable]]:
-        """The earlier handler to hand over to: USR2's if USR2 came (submitit's requeue), else
-        the first received signal's; None when it is the default action or ignored."""
-        order = sorted(self.received, key=lambda s: s != signal.SIGUSR2)
-        for sig in order:
+    def agreed(self, summed_flags: list[float]) -> list[int]:
+        """The signals any rank received, from the summed :meth:`flags`."""
+        return [sig for sig, n in zip(self.signals, summed_flags) if n > 0]
+
+    def hand_over(self, is_main: bool, signals: list[int]) -> bool:
+        """After the collective save, on rank 0: call the handler that was installed before ours
+        for the agreed signal — USR2's first (submitit's checkpoint-and-requeue, which may exit
+        the process). It runs even when only another rank was signalled. Returns True when a
+        handler was called."""
+        if not is_main:
+            return False
+        for sig in sorted(signals, key=lambda s: s != signal.SIGUSR2):
             handler = self.previous.get(sig)
             if callable(handler):
-                return sig, handler
-        return None
-
-    def hand_over(self, is_main: bool) -> bool:
-        """After the collective save: on rank 0 call the earlier handler (it may requeue and exit
-        the process). Returns True when one was called."""
-        found = self.chained_handler()
-        if found is None or not is_main:
-            return False
-        sig, handler = found
-        log.info("handing %s over to the previously installed handler %r",
-                 signal.Signals(sig).name, handler)
-        self.uninstall()
-        handler(sig, None)
-        return True
+                log.info("handing %s over to the previously installed handler %r",
+                         signal.Signals(sig).name, handler)
+                self.uninstall()
+                handler(sig, None)
+                return True
+        return False
