@@ -141,9 +141,8 @@ def prepare(cfg: RunConfig, root: Path) -> dict[str, Any]:
         if not tok_path.is_file():
             log.info("training the tokenizer (vocab %d, %s) on source/train", cfg.tokenizer.vocab_size,
                      cfg.tokenizer.model_type)
-            n = info["documents"]["source/train"]
-            texts = (doc.text for doc in sets.read_text_range(corpus_dir, "source/train", 0, n))
-            train_tokenizer(texts, cfg.tokenizer, tok_path, seed=cfg.data.split_seed)
+            train_tokenizer(sets.iter_text_set(corpus_dir, "source/train"), cfg.tokenizer, tok_path,
+                            seed=cfg.data.split_seed)
         tok = Tokenizer(tok_path)
         vocab = {"vocab_size": tok.vocab_size, "mask_id": MASK_ID, "pad_id": PAD_ID, "bos_id": BOS_ID,
                  "eos_id": EOS_ID, "tokenizer_hash": tok.hash, "tokenizer_file": TOKENIZER_NAME}

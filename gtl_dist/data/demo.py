@@ -177,6 +177,7 @@ def _drop_blocks(lines: list[str]) -> list[str]:
 
 
 def _inline(text: str) -> str:
+    text = text.replace("`~", "`")  # `~pkg.name`: Sphinx's "show the last component" marker
     text = _ROLE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)
     text = _REF.sub(r"\1", text)

@@ -105,7 +105,10 @@ class Manifest:
             if raw.get(key) is not None and not isinstance(raw[key], int):
                 raise bad(f"key '{key}' must be an integer or null")
         sets = {}
-        for name, entry in raw["sets"].items():
+        # JSON keys are stored sorted; present the sets in build order (source first, then targets).
+        order = {name: i for i, name in enumerate(
+            f"{n}/{split}" for n in ["source"] + list(raw.get("targets", [])) for split in ("train", "test"))}
+        for name, entry in sorted(raw["sets"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
             try:
                 shards = [ShardInfo(**s) for s in entry["shards"]]
                 sets[name] = ShardSet(shards, dict(entry["domains"]), entry.get("fractions"))

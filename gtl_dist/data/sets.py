@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -133,8 +134,15 @@ def write_text_set(folder: Path, set_name: str, docs: list[Document]) -> None:
             offsets[i + 1] = offsets[i] + len(line)
             chars[i] = len(doc.text)
     for suffix, array in ((".offsets.npy", offsets), (".chars.npy", chars)):
-        with atomic_path(stem.with_name(stem.name + suffix)) as tmp:
-            np.save(tmp, array, allow_pickle=False)
+        with atomic_path(stem.with_name(stem.name + suffix)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)  # a file object: np.save would add ".npy" to a name
+
+
+def iter_text_set(folder: Path, set_name: str) -> Iterator[str]:
+    """The texts of a set, streamed (the tokenizer samples from them without holding them all)."""
+    with open(folder / f"{file_stem(set_name)}.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)["text"]
 
 
 def text_set_chars(folder: Path, set_name: str) -> np.ndarray:
