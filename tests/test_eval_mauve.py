@@ -188,13 +188,17 @@ def test_mauve_text_extra_gets_our_features(corpora, monkeypatch):
     calls = []
 
     def compute_mauve(p_features, q_features, **kw):
-        calls.append((p_features.shape, q_features.shape, kw))
+        calls.append((p_features.shape, q_features.shape, kw, p_features))
         return types.SimpleNamespace(mauve=0.5)
 
     monkeypatch.setitem(sys.modules, "mauve", types.SimpleNamespace(compute_mauve=compute_mauve))
     res = mv.mauve(corpora["p"], corpora["q"], seeds=2, featurizer="mauve-text")
     assert res.metric == "mauve[tfidf-svd/mauve-text]" and res.per_seed == (0.5, 0.5)
+    # It gets the TF-IDF vectors (non-negative, unit rows; it normalises and reduces them
+    # itself), not our PCA scores.
     assert len(calls) == 2 and calls[0][0][0] == 100 and calls[0][1][0] == 100
+    p_feats = calls[0][3]
+    assert p_feats.min() >= 0 and np.allclose(np.linalg.norm(p_feats, axis=1), 1.0, atol=1e-5)
     assert calls[0][2]["mauve_scaling_factor"] == 5.0 and calls[0][2]["num_buckets"] == 10
     assert mv.resolve_featurizer("auto") == "mauve-text"
 

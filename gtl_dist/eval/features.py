@@ -92,8 +92,3 @@ def principal_components(x: np.ndarray, explained_variance: float = 0.9) -> np.n
     keep = int(np.argmax(np.cumsum(evals) / total >= explained_variance - 1e-12)) + 1
     return scores[:, :keep]
 
-
-def tfidf_svd_features(texts: Sequence[str], explained_variance: float = 0.9,
-                       max_features: int = 8192, max_n: int = 2) -> np.ndarray:
-    """Features of ``texts`` (pass the union of both sets: the PCA is fitted on what it is given)."""
-    return principal_components(tfidf_matrix(texts, max_n, max_features), explained_variance)

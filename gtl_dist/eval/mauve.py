@@ -12,8 +12,9 @@ paper. The text-level entry point (`mauve`) also draws length-matched references
 over seeds, as the GTL evaluation does (mean ± std over 5 seeds).
 
 With ``featurizer="mauve-text"`` the optional GPLv3 package ``mauve-text`` (never vendored, never
-required) quantises our features instead of the k-means here; features are still ours, so no
-model is downloaded.
+required) gets our TF-IDF vectors and does its own L2-normalisation, PCA and k-means (faiss), so
+only the embedding differs from the reference and nothing is downloaded. On the same vectors the
+two quantisers agree within the spread over seeds (benchmarks/eval_mauve.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from gtl_dist.eval.features import FEATURIZER, tfidf_svd_features, words
+from gtl_dist.eval.features import FEATURIZER, principal_components, tfidf_matrix, words
 from gtl_dist.log import get_logger
 
 log = get_logger("eval.mauve")
@@ -99,7 +100,8 @@ def _histogram(h: np.ndarray, name: str) -> np.ndarray:
 def kmeans_labels(points: np.ndarray, k: int, seed: int, restarts: int = 5,
                   max_iter: int = 500) -> np.ndarray:
     """Cluster index of every row: k-means++ starts, Lloyd iterations, best of ``restarts``."""
-    x = np.asarray(points, dtype=np.float64)
+    # float32 like the reference's faiss k-means: the distance products dominate the cost.
+    x = np.asarray(points, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"k-means needs a non-empty (n, d) array, got shape {x.shape}")
     k = min(k, len(x))
@@ -117,9 +119,10 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     chosen = [int(rng.integers(len(x)))]
     closest = np.maximum(sq - 2.0 * x @ x[chosen[0]] + sq[chosen[0]], 0.0)
     for _ in range(1, k):
-        total = closest.sum()
+        weights = closest.astype(np.float64)
+        total = weights.sum()
         # All points already coincide with a centroid: any further choice is as good as another.
-        i = int(rng.choice(len(x), p=closest / total)) if total > 0 else int(rng.integers(len(x)))
+        i = int(rng.choice(len(x), p=weights / total)) if total > 0 else int(rng.integers(len(x)))
         chosen.append(i)
         closest = np.minimum(closest, np.maximum(sq - 2.0 * x @ x[i] + sq[i], 0.0))
     return x[chosen].copy()
@@ -134,7 +137,7 @@ def _lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int) -> tuple[np.ndar
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        members = np.zeros((len(centroids), len(x)))
+        members = np.zeros((len(centroids), len(x)), dtype=x.dtype)
         members[labels, np.arange(len(x))] = 1.0
         counts = members.sum(axis=1)
         sums = members @ x
@@ -142,7 +145,7 @@ def _lloyd(x: np.ndarray, centroids: np.ndarray, max_iter: int) -> tuple[np.ndar
         centroids[filled] = sums[filled] / counts[filled, None]
     dist = sq[:, None] - 2.0 * x @ centroids.T + (centroids ** 2).sum(axis=1)[None, :]
     labels = dist.argmin(axis=1)
-    return labels, float(np.maximum(dist[np.arange(len(x)), labels], 0.0).sum())
+    return labels, float(np.maximum(dist[np.arange(len(x)), labels], 0.0).sum(dtype=np.float64))
 
 
 def default_num_buckets(n_p: int, n_q: int) -> int:
@@ -290,18 +293,17 @@ def mauve(generated: Sequence[str], references: Sequence[str], *, seeds: int = 5
     for i in range(seeds):
         rng = np.random.default_rng(seed + i)
         picked = length_matched_references(gen_len, ref_len, rng, length_bins)
-        feats = tfidf_svd_features(list(generated) + [references[j] for j in picked],
-                                   explained_variance, max_features)
-        p_feats, q_feats = feats[:n], feats[n:]
+        tfidf = tfidf_matrix(list(generated) + [references[j] for j in picked], max_features=max_features)
         if quantiser == "mauve-text":
             out = _mauve_text().compute_mauve(
-                p_features=p_feats, q_features=q_feats, num_buckets=k, mauve_scaling_factor=scaling,
+                p_features=tfidf[:n], q_features=tfidf[n:], num_buckets=k, mauve_scaling_factor=scaling,
                 divergence_curve_discretization_size=points, kmeans_explained_var=explained_variance,
                 kmeans_num_redo=kmeans_restarts, kmeans_max_iter=kmeans_max_iter, seed=seed + i,
                 device_id=-1, verbose=False)
             scores.append(float(out.mauve))
         else:
-            scores.append(mauve_from_features(p_feats, q_feats, seed + i, k, scaling, points,
+            feats = principal_components(tfidf, explained_variance)
+            scores.append(mauve_from_features(feats[:n], feats[n:], seed + i, k, scaling, points,
                                               kmeans_restarts, kmeans_max_iter))
     name = FEATURIZER if quantiser == "tfidf" else f"{FEATURIZER}/mauve-text"
     return MauveResult(float(np.mean(scores)), float(np.std(scores)), tuple(scores), name, k, n)
