@@ -33,7 +33,7 @@ def test_disjoint_histograms_area_matches_beta_integral():
     # x = (1-w)^c, y = w^c: area = ∫ y dx = c·B(c+1, c) = 1/252 for c = 5 (the grid converges to it).
     exact = 5 * math.gamma(6) * math.gamma(5) / math.gamma(11)
     assert exact == pytest.approx(1 / 252)
-    assert mv.mauve_from_histograms([1, 0], [0, 1], points=4001) == pytest.approx(exact, rel=1e-5)
+    assert mv.mauve_from_histograms([1, 0], [0, 1], points=1001) == pytest.approx(exact, rel=1e-4)
     coarse = mv.mauve_from_histograms([1, 0], [0, 1])  # 25 points, the default
     assert 0 < coarse < 0.005
 
@@ -41,10 +41,10 @@ def test_disjoint_histograms_area_matches_beta_integral():
 def test_half_vs_point_mass_area_is_a_quarter_circle_plus_half():
     # p = (1/2, 1/2), q = (1, 0), c = 1: x = 1 - w/2, y = sqrt(w (2 - w)).
     # Area = ∫_0^1 sqrt(1 - (1-w)^2) dw / 2 + 1/2 (the closing segment to (0, 1)) = π/8 + 1/2.
-    got = mv.mauve_from_histograms([0.5, 0.5], [1.0, 0.0], scaling=1.0, points=20001)
-    assert got == pytest.approx(math.pi / 8 + 0.5, abs=1e-6)
+    got = mv.mauve_from_histograms([0.5, 0.5], [1.0, 0.0], scaling=1.0, points=2001)
+    assert got == pytest.approx(math.pi / 8 + 0.5, abs=3e-6)
     # MAUVE is symmetric in its arguments.
-    assert mv.mauve_from_histograms([1.0, 0.0], [0.5, 0.5], scaling=1.0, points=20001) == pytest.approx(got)
+    assert mv.mauve_from_histograms([1.0, 0.0], [0.5, 0.5], scaling=1.0, points=2001) == pytest.approx(got)
 
 
 def test_kl_divergence_hand_value_and_infinity():
@@ -171,7 +171,7 @@ def test_disjoint_vocabularies_score_the_disjoint_value(corpora):
 
 def test_mauve_falls_as_foreign_text_is_mixed_in(corpora):
     p, other = corpora["p"], corpora["other"]
-    scores = [mv.mauve(p[:100 - m] + other[:m], corpora["q"], seeds=2).mean for m in (0, 25, 50, 75, 100)]
+    scores = [mv.mauve(p[:100 - m] + other[:m], corpora["q"], seeds=1).mean for m in (0, 25, 50, 75, 100)]
     assert all(a > b for a, b in zip(scores, scores[1:])), scores
 
 
