@@ -7,8 +7,18 @@ See gtl_dist/data/build.py for the build, gtl_dist/data/loader.py for the reader
 gtl_dist/data/markov.py for the synthetic chains and their exact math.
 """
 
-from gtl_dist.data.loader import ShardLoader, make_loader
+from typing import Any
+
 from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
 from gtl_dist.data.prepare import prepare_data
 
 __all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "make_loader", "prepare_data"]
+
+
+def __getattr__(name: str) -> Any:
+    # The reader needs torch; the build (CLI, job-array tasks, spawned workers) does not, and
+    # starts much faster without importing it.
+    if name in ("ShardLoader", "make_loader"):
+        from gtl_dist.data import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module 'gtl_dist.data' has no attribute '{name}'")

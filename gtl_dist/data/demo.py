@@ -215,6 +215,7 @@ def domain_documents(domain: str) -> Iterator[Document]:
     """Cleaned, de-duplicated docstrings of one domain, in sorted (file, position) order."""
     root = package_root(domain)
     seen: set[str] = set()
+    ids: set[str] = set()
     for path in _source_files(root):
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
@@ -225,7 +226,12 @@ def domain_documents(domain: str) -> Iterator[Document]:
             text = clean_docstring(raw)
             if text and text not in seen:  # inherited/copied docstrings would repeat verbatim
                 seen.add(text)
-                yield Document(text, domain, f"{rel}:{name}")
+                doc_id, k = f"{rel}:{name}", 1
+                while doc_id in ids:  # a function defined twice (e.g. per platform)
+                    k += 1
+                    doc_id = f"{rel}:{name}#{k}"
+                ids.add(doc_id)
+                yield Document(text, domain, doc_id)
 
 
 def demo_corpus(domains: list[str]) -> Iterator[Document]:

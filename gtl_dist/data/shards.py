@@ -3,18 +3,19 @@
 A sample is one fixed-length chunk of token ids: ``<key>.npy`` (the ids, in the smallest unsigned
 dtype that holds the vocabulary) and ``<key>.json`` (``{"domain": ..., "doc_ids": [...]}``, the
 documents the chunk overlaps). Tar headers carry a fixed mtime and owner, so the same samples
-always give the same bytes -- the build's output is comparable by sha256.
+always give the same bytes -- the build's output is comparable by sha256. Keys contain no dots
+(WebDataset splits a member name at its first dot).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from gtl_dist.io import atomic_path
 
@@ -72,21 +73,32 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uname = info.gname = "gtl_dist"
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_shard(path: str | Path, chunks: list[Chunk], key_prefix: str, dtype: np.dtype) -> None:
-    """Write ``chunks`` as one tar under a temporary name; rename it to ``path`` when complete."""
+    """Write ``chunks`` as one tar under a temporary name; rename it to ``path`` when complete.
+
+    The layout is WebDataset's (members ``<key>.npy``, ``<key>.json`` in key order, USTAR headers),
+    written with the standard library so a build does not import webdataset and with it torch.
+    """
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            writer = wds.TarWriter(fh, mtime=0.0, encoder=False)
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i, chunk in enumerate(chunks):
+                key = f"{key_prefix}-{i:06d}"
                 meta = {"domain": chunk.domain, "doc_ids": chunk.doc_ids}
-                writer.write({"__key__": f"{key_prefix}-{i:06d}",
-                              "npy": _npy_bytes(chunk.tokens.astype(dtype)),
-                              "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-            writer.close()
+                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                _add_member(tar, f"{key}.npy", _npy_bytes(chunk.tokens.astype(dtype)))
 
 
 def read_shard(path: str | Path, seq_len: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """All samples of one shard (the first ``limit`` if given): ids ``[n, seq_len]`` and domains."""
+    import webdataset as wds  # imports torch: only readers pay for it
+
     tokens, domains = [], []
     for sample in wds.tarfile_samples([{"url": str(path)}]):
         if limit is not None and len(tokens) >= limit:
@@ -106,12 +118,3 @@ def read_shard(path: str | Path, seq_len: int, limit: int | None = None) -> tupl
         return np.zeros((0, seq_len), dtype=np.int64), []
     return np.stack(tokens), domains
 
-
-def read_shard_meta(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The JSON metadata of every sample (for inspection)."""
-    out = []
-    for sample in wds.tarfile_samples([{"url": str(path)}]):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(json.loads(sample["json"]))
-    return out

@@ -1,0 +1,186 @@
+"""Corpora and splits: readers, arXiv domains, bad input, seeded splits, overlap, the demo corpus."""
+
+import json
+
+import pytest
+
+from gtl_dist.config import load_config
+from gtl_dist.data import demo, sets
+from gtl_dist.data.corpus import CorpusError, Document, arxiv_domain, read_arxiv, read_corpus
+
+
+def _cfg(configs_dir, *overrides):
+    return load_config(configs_dir / "tiny.yaml", list(overrides))
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("categories, domain", [
+    ("physics.optics hep-th", "physics"), ("hep-th", "hep-th"), ("cs.LG stat.ML", "cs"),
+    ("math.PR", "math"), ("astro-ph.CO physics.data-an", "astro-ph")])
+def test_arxiv_domain_is_the_archive_of_the_first_category(categories, domain):
+    assert arxiv_domain(categories) == domain
+
+
+def test_arxiv_reader_collapses_hard_wraps_and_keeps_ids(tmp_path):
+    path = _jsonl(tmp_path / "arxiv.json", [
+        {"id": "0704.0001", "abstract": "  A first\n  abstract.\n", "categories": "physics.optics hep-th"},
+        {"id": "0704.0002", "abstract": "Second one.", "categories": "cs.LG"}])
+    docs = list(read_arxiv(path))
+    assert docs == [Document("A first abstract.", "physics", "0704.0001"), Document("Second one.", "cs", "0704.0002")]
+
+
+def test_jsonl_and_txt_corpora_with_domain_selection(tmp_path, configs_dir):
+    records = [{"text": f"doc {i} about {d}", "domain": d} for d in ("a", "b", "zzz") for i in range(5)]
+    path = _jsonl(tmp_path / "c.jsonl", records)
+    cfg = _cfg(configs_dir, "data.corpus=jsonl", f"data.path={path}", "data.source_domains=[a]",
+               "data.target_domains=[b]", "data.max_docs_per_domain=3")
+    docs = read_corpus(cfg)
+    assert list(docs) == ["a", "b"] and [d.text for d in docs["b"]] == ["doc 0 about b", "doc 1 about b", "doc 2 about b"]
+
+    for d in ("a", "b"):
+        (tmp_path / "txt" / d).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "txt" / d / f"{i}.txt").write_text(f"text {i} of {d}\n")
+    cfg = _cfg(configs_dir, "data.corpus=txt", f"data.path={tmp_path / 'txt'}", "data.source_domains=[a]",
+               "data.target_domains=[b]")
+    docs = read_corpus(cfg)
+    assert [d.doc_id for d in docs["a"]] == ["a/0.txt", "a/1.txt", "a/2.txt"] and docs["a"][0].text == "text 0 of a"
+
+
+def test_bad_corpora_name_the_file_and_the_problem(tmp_path, configs_dir):
+    def cfg(path, corpus="jsonl", targets="[b]"):
+        return _cfg(configs_dir, f"data.corpus={corpus}", f"data.path={path}", "data.source_domains=[a]",
+                    f"data.target_domains={targets}")
+
+    with pytest.raises(CorpusError, match=r"missing\.jsonl: corpus file not found"):
+        read_corpus(cfg(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(CorpusError, match=r"empty\.jsonl: the corpus is empty"):
+        read_corpus(cfg(tmp_path / "empty.jsonl"))
+    (tmp_path / "garbled.jsonl").write_text('{"text": "x", "domain": "a"}\n{not json\n')
+    with pytest.raises(CorpusError, match=r"garbled\.jsonl:2: not a JSON object"):
+        read_corpus(cfg(tmp_path / "garbled.jsonl"))
+    _jsonl(tmp_path / "nokey.jsonl", [{"body": "x", "domain": "a"}])
+    with pytest.raises(CorpusError, match=r"nokey\.jsonl:1: key 'text' is missing"):
+        read_corpus(cfg(tmp_path / "nokey.jsonl"))
+    path = _jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "domain": d} for d in ("a", "b") for i in range(3)])
+    with pytest.raises(CorpusError, match=r"c\.jsonl: domain 'physics' has 0 document.*Domains found: a \(3\), b \(3\)"):
+        read_corpus(cfg(path, targets="[physics]"))
+    (tmp_path / "txt" / "a").mkdir(parents=True)
+    with pytest.raises(CorpusError, match=r"txt/b: no folder for domain 'b'"):
+        read_corpus(cfg(tmp_path / "txt", corpus="txt"))
+    with pytest.raises(CorpusError, match="arxiv-snapshot.json: corpus file not found"):
+        read_corpus(cfg(tmp_path / "arxiv-snapshot.json", corpus="arxiv"))
+
+
+def _docs(domain, n):
+    return [Document(f"{domain} text {i}", domain, f"{domain}{i}") for i in range(n)]
+
+
+def test_splits_are_seeded_per_domain_and_overlap_moves_round_r_n(configs_dir):
+    cfg = _cfg(configs_dir, "data.corpus=demo", "data.source_domains=[s1, s2]", "data.target_domains=[t]",
+               "data.test_fraction=0.2", "data.overlap=0.25", "data.split_seed=3")
+    docs = {"s1": _docs("s1", 30), "s2": _docs("s2", 10), "t": _docs("t", 50)}
+    built = sets.build_text_sets(cfg, docs)
+    assert list(built) == ["source/train", "source/test", "t/train", "t/test"]
+    # t: 50 docs -> 10 test, 40 train; round(0.25 * 40) = 10 move to the source.
+    assert len(built["t/test"]) == 10 and len(built["t/train"]) == 30
+    moved = [d for d in built["source/train"] if d.domain == "t"]
+    assert len(moved) == 10 and not {d.doc_id for d in moved} & {d.doc_id for d in built["t/train"]}
+    assert len(built["source/train"]) == 24 + 8 + 10 and len(built["source/test"]) == 6 + 2
+    all_ids = [d.doc_id for name in built for d in built[name]]
+    assert len(all_ids) == len(set(all_ids)) == 90  # a partition: nothing lost, nothing duplicated
+    # The same seed gives the same split; another domain's size does not change this one's.
+    again = sets.build_text_sets(cfg, {"s1": _docs("s1", 30), "s2": _docs("s2", 99), "t": _docs("t", 50)})
+    assert [d.doc_id for d in again["t/train"]] == [d.doc_id for d in built["t/train"]]
+    reseeded = sets.build_text_sets(load_config(configs_dir / "tiny.yaml", [
+        "data.corpus=demo", "data.source_domains=[s1, s2]", "data.target_domains=[t]", "data.test_fraction=0.2",
+        "data.overlap=0.25", "data.split_seed=4"]), docs)
+    assert [d.doc_id for d in reseeded["t/test"]] != [d.doc_id for d in built["t/test"]]
+
+
+def test_overlap_that_empties_a_target_is_an_error(configs_dir):
+    cfg = _cfg(configs_dir, "data.corpus=demo", "data.source_domains=[s]", "data.target_domains=[t]",
+               "data.overlap=0.9")
+    with pytest.raises(CorpusError, match="moves 2 of target 't''s 2 training documents"):
+        sets.build_text_sets(cfg, {"s": _docs("s", 10), "t": _docs("t", 3)})
+
+
+def test_markov_sets_sizes_and_overlap(configs_dir):
+    cfg = _cfg(configs_dir, "data.overlap=0.1")  # tiny: 2000 source, 200 target, 200 test
+    built = sets.build_markov_sets(cfg)
+    assert {k: len(v.domains) for k, v in built.items()} == {
+        "source/train": 2000 + 20, "source/test": 200, "sticky/train": 180, "sticky/test": 200}
+    assert built["source/train"].domains.count("sticky") == 20
+    assert built["source/train"].states.shape == (2020, 8)
+
+
+# -- the demo corpus ----------------------------------------------------------------------------
+
+def test_cleaning_keeps_prose_and_drops_code_tables_and_markup():
+    raw = """Compute the thing along an axis of the array.
+
+    Parameters
+    ----------
+    a : array_like
+        Input array.
+
+    Notes
+    -----
+    The result is computed in double precision, which is slower but :func:`numpy.sum` is exact.
+
+    ========  ======
+    column    value
+    ========  ======
+
+    For example::
+
+        x = compute(a)
+
+    >>> compute([1, 2])
+    3
+
+    Args:
+        input (Tensor): the input tensor.
+
+    .. note::
+        A directive body that is dropped entirely.
+
+    This closing paragraph explains ``compute`` in plain words for the reader.
+    """
+    text = demo.clean_docstring(demo._dedent(raw))
+    assert text.split("\n") == [
+        "Compute the thing along an axis of the array.",
+        "The result is computed in double precision, which is slower but numpy.sum is exact.",
+        "This closing paragraph explains compute in plain words for the reader."]
+
+
+@pytest.fixture(scope="session")
+def demo_docs():
+    """Two domains of the real built-in demo corpus, built once per session (torch's ~3,000 source
+    files take too long to parse for a unit test; the benchmark builds the whole corpus)."""
+    return {d: list(demo.domain_documents(d)) for d in ("numpy", "python")}
+
+
+def test_real_demo_corpus_is_prose(demo_docs):
+    sizes = {d: sum(len(doc.text) for doc in docs) for d, docs in demo_docs.items()}
+    assert sizes["numpy"] > 200_000 and sizes["python"] > 500_000 and sum(sizes.values()) < 5_000_000
+    for docs in demo_docs.values():
+        text = "\n".join(doc.text for doc in docs)
+        assert ">>>" not in text and "----------" not in text and ":func:`" not in text
+        assert len({doc.doc_id for doc in docs}) == len(docs)
+    assert sum("array" in doc.text for doc in demo_docs["numpy"]) > 300
+    assert any(doc.doc_id == "json/__init__.py:dumps" for doc in demo_docs["python"])
+
+
+def test_demo_corpus_is_deterministic(demo_docs):
+    assert list(demo.domain_documents("numpy")) == demo_docs["numpy"]
+
+
+def test_demo_domain_must_be_an_installed_package():
+    with pytest.raises(CorpusError, match="'no_such_pkg_xyz' is neither 'python'"):
+        list(demo.domain_documents("no_such_pkg_xyz"))
