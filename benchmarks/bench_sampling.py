@@ -13,8 +13,13 @@ alone at the same batch shapes, times L), i.e. the sampling loop itself wastes l
 
 Random weights do not change the cost of a forward pass, so no training is needed.
 
-    python benchmarks/bench_sampling.py                 # about 2-4 minutes on 2 CPU cores
-    python benchmarks/bench_sampling.py --sequences 1 --ancestral-n-ratio 8   # quicker
+    python benchmarks/bench_sampling.py                 # a few minutes on 2 idle CPU cores
+    python benchmarks/bench_sampling.py --threads 1 --sequences 1   # ~2 min; steadier on a busy machine
+
+Two OpenMP threads on an oversubscribed machine make every network call several times slower
+inside the sampling loop than when timed alone; the "sampler's own work outside the networks"
+line (wall time minus time spent inside network calls) is the load-independent check that the
+loop itself wastes little.
 """
 
 from __future__ import annotations
