@@ -328,3 +328,25 @@ def test_real_models_end_to_end(sampler):
     assert out.stats.sequences == 5 and out.stats.ratio.rows > 0
     again = sample_sequences(MethodNetworks(denoiser, ratio_net, planner), cfg, SCHEDULE, num=5, seed=0)
     assert torch.equal(out.tokens, again.tokens)
+
+
+def test_tiny_preset_samples_every_method_through_the_entry_point(configs_dir):
+    """The pipeline's path: networks from build_model, the schedule from NoiseConfig, SampleConfig
+    from the preset (exact sampler), GTL and a baseline, one shard each."""
+    from gtl_dist.config import load_config
+    from gtl_dist.diffusion import NoiseSchedule
+    from gtl_dist.models import build_model
+
+    cfg = load_config(configs_dir / "tiny.yaml")
+    states = cfg.data.markov.num_states
+    vocab = VocabSpec(size=states + 1, mask_id=states, data_ids=states)
+    torch.manual_seed(0)
+    denoiser, ratio_net, planner = (build_model(role, cfg, vocab).eval()
+                                    for role in ("denoiser", "ratio", "planner"))
+    schedule = NoiseSchedule.from_config(cfg.noise)
+    for nets in (MethodNetworks(denoiser, ratio_net, planner), MethodNetworks(denoiser)):
+        shard = sample_shard(nets, cfg.sample, schedule, shard=1)
+        assert shard.tokens.shape == (shard_sizes(cfg.sample.num_samples, cfg.sample.shards)[1], cfg.seq_len)
+        assert ((shard.tokens >= 0) & (shard.tokens < states)).all()
+        assert shard.stats.steps == cfg.sample.steps * -(-len(shard.tokens) // cfg.sample.batch_size)
+        assert (shard.stats.ratio.rows > 0) == (nets.ratio_net is not None)
