@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_oracles import (TableDenoiser, chain_matrix, entropy, enumerate_chain, exact_nelbo,
+from diffusion_oracles import (TableDenoiser, entropy, enumerate_chain, exact_nelbo,
                                pattern_integral, posterior_table, table_of)
 from gtl_dist.config import ModelConfig, NoiseConfig
 from gtl_dist.diffusion import (GeometricSchedule, LogLinearSchedule, NoiseSchedule, mask_tokens,

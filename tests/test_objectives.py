@@ -230,7 +230,7 @@ class TabularLogRatio(torch.nn.Module):
 def test_ratio_objective_is_minimised_by_the_exact_optimal_log_ratio():
     """Markov pair (source diag 0.1, target diag 0.8; 3 states, L = 4) with exact frozen
     classifiers: a free per-state log-ratio trained with ratio_loss reaches r*(z) above within
-    a weighted RMSE of 5% of r*'s spread (Adam, decaying step; residual = SGD noise)."""
+    a weighted RMSE of 6% of r*'s spread (Adam, decaying step; it reaches 4%: SGD noise)."""
     P, Q = chain_matrix(3, 0.1), chain_matrix(3, 0.8)
     vocab, zs, optimum, weight, ti, td = _ratio_problem(P, Q, 4)
     table = TabularLogRatio(vocab, len(zs))
@@ -246,15 +246,15 @@ def test_ratio_objective_is_minimised_by_the_exact_optimal_log_ratio():
         loss.backward()
         opt.step()
         sched.step()
-    assert _weighted_fit(table.values.detach().double().numpy(), optimum, weight) <= 0.05
+    assert _weighted_fit(table.values.detach().double().numpy(), optimum, weight) <= 0.06
 
 
 @pytest.mark.exact
 def test_ratio_net_learns_a_known_log_ratio():
     """The RatioNet head itself, trained with ratio_loss from exact classifiers on a pair of
     memoryless chains (source unigram (.6, .3, .1), target (.15, .3, .55); L = 4): after 300
-    steps its weighted RMSE to r* is <= 40% of r*'s spread and it ranks states like r*
-    (weighted-support correlation >= 0.97)."""
+    steps its weighted RMSE to r* is <= 25% of r*'s spread (it reaches 13%) and it ranks
+    states like r* (weighted-support correlation >= 0.97)."""
     pu, qu = np.array([0.6, 0.3, 0.1]), np.array([0.15, 0.3, 0.55])
     P, Q = np.tile(pu, (3, 1)), np.tile(qu, (3, 1))
     vocab, zs, optimum, weight, ti, td = _ratio_problem(P, Q, 4, pu, qu)
@@ -269,7 +269,7 @@ def test_ratio_net_learns_a_known_log_ratio():
     with torch.no_grad():
         learned = ratio(torch.as_tensor(zs)).double().numpy()
     support = weight > 1e-4
-    assert _weighted_fit(learned, optimum, weight) <= 0.4
+    assert _weighted_fit(learned, optimum, weight) <= 0.25
     assert np.corrcoef(learned[support], optimum[support])[0, 1] >= 0.97
 
 
@@ -277,7 +277,8 @@ def test_ratio_net_learns_a_known_log_ratio():
 def test_planner_learns_which_positions_the_denoiser_gets_right():
     """Oracle denoiser (exact posterior of a chain with very unequal rows). For a masked
     position l of z the label is 1 iff argmax p(x^l | z) = x^l, so the optimal planner
-    probability is max_v p(x^l = v | z). Weighted mean absolute error <= 0.05."""
+    probability is max_v p(x^l = v | z). After 300 steps the weighted mean absolute error must
+    be <= 0.06 (it reaches 0.043; the best constant predictor scores 0.133)."""
     matrix = np.array([[0.90, 0.07, 0.03], [0.10, 0.30, 0.60], [0.34, 0.33, 0.33]])
     states, length = 3, 4
     seqs, p = enumerate_chain(matrix, length, initial=np.array([0.5, 0.3, 0.2]))
@@ -300,7 +301,8 @@ def test_planner_learns_which_positions_the_denoiser_gets_right():
     with torch.no_grad():
         learned = torch.sigmoid(planner(torch.as_tensor(zs))).double().numpy()
     mae = (w * np.abs(learned - best)).sum() / w.sum()
-    assert mae <= 0.05, mae
+    constant = (w * np.abs(best - (w * best).sum() / w.sum())).sum() / w.sum()
+    assert constant > 0.12 and mae <= 0.06, (mae, constant)
     # The planner ranks the deterministic-looking position first: after a 0, a 0 follows w.p. 0.9.
     z = torch.tensor([[0, vocab.mask_id, vocab.mask_id, 2]])
     with torch.no_grad():
@@ -353,8 +355,8 @@ def test_planner_loss_counts_masked_positions_only():
     masked = z == vocab.mask_id
     assert torch.all(logits.grad[~masked] == 0) and torch.all(logits.grad[masked] != 0)
     assert loss.item() == pytest.approx(np.log(2), rel=1e-6)  # zero logits: BCE = log 2 everywhere
-    greedy = oracle(z).argmax(-1)
-    assert stats["positive_rate"] == pytest.approx(((greedy == x0) & masked).sum().item() / masked.sum().item())
+    right = (oracle(z).argmax(-1) == x0) & masked
+    assert stats["positive_rate"] == pytest.approx(right.sum().item() / masked.sum().item())
     with pytest.raises(ValueError, match="denoiser is in training mode"):
         planner_loss(lambda z: logits, oracle.train(), x0, SCHEDULE, t, g)
 
