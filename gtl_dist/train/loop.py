@@ -77,21 +77,32 @@ def derive_seed(*parts: Any) -> int:
 
 
 class StepRandom:
-    """The two generators of one micro-step (see the module docstring)."""
+    """The random streams of one micro-step (see the module docstring).
 
-    def __init__(self, device: torch.device, shared_seed: int, local_seed: int):
+    ``shared`` is seeded by the step alone, so it is identical on every rank and micro-step: one
+    stratified draw of t covers the whole global batch, and this micro-batch keeps share
+    ``slot`` of ``slots`` (rank-major over ranks x accumulation steps, as ``sample_t`` expects).
+    ``local`` is this rank's and micro-step's own.
+    """
+
+    def __init__(self, device: torch.device, shared_seed: int, local_seed: int, slot: int,
+                 slots: int):
         self.shared = torch.Generator(device=device).manual_seed(shared_seed)
         self.local = torch.Generator(device=device).manual_seed(local_seed)
+        self.slot, self.slots = slot, slots
 
     @classmethod
-    def for_step(cls, seed: int, step: int, micro: int, rank: int, device: torch.device) -> "StepRandom":
-        return cls(device, derive_seed(seed, "shared", step, micro),
-                   derive_seed(seed, "local", step, micro, rank))
+    def for_step(cls, seed: int, step: int, micro: int, grad_accum: int, dist_env: DistEnv,
+                 device: torch.device) -> "StepRandom":
+        return cls(device, derive_seed(seed, "shared", step),
+                   derive_seed(seed, "local", step, micro, dist_env.rank),
+                   dist_env.rank * grad_accum + micro, dist_env.world_size * grad_accum)
 
     @classmethod
-    def for_validation(cls, seed: int, rank: int, device: torch.device) -> "StepRandom":
+    def for_validation(cls, seed: int, dist_env: DistEnv, device: torch.device) -> "StepRandom":
         """Fixed streams: every validation pass masks the same way, so losses are comparable."""
-        return cls(device, derive_seed(seed, "val-shared"), derive_seed(seed, "val-local", rank))
+        return cls(device, derive_seed(seed, "val-shared"), derive_seed(seed, "val-local", dist_env.rank),
+                   dist_env.rank, dist_env.world_size)
 
 
 class Task(ABC):
@@ -229,6 +240,14 @@ def _grad_norm(engine: Any) -> Optional[float]:
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
+def plain_grad_norm(module: nn.Module) -> float:
+    """Gradient 2-norm where DeepSpeed keeps none: without ZeRO and without a bf16 optimiser it
+    clips through torch's clip_grad_norm_ and drops the norm. The gradients are already
+    all-reduced at the accumulation boundary, so every rank gets the same value."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +334,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
         eval_model.load_state_dict(weights)
         with torch.no_grad(), autocast(device, precision):
-            values = task.validate(eval_model, StepRandom.for_validation(cfg.seed, d.rank, device),
+            values = task.validate(eval_model, StepRandom.for_validation(cfg.seed, d, device),
                                    geometry.micro_batch, d)
         return values, weights
 
@@ -333,15 +352,19 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     last_weights: Optional[dict[str, torch.Tensor]] = None
     last_val: dict[str, float] = {}
     preempted, signals = False, []
+    untracked_norm = tc.zero_stage == 0 and precision == "fp32"
+    grad_norm: Optional[float] = None
     while step < tc.steps:
         t0 = time.perf_counter()
         loss_sum, stats_sum, crc = 0.0, {}, 0
         for micro in range(geometry.grad_accum):
             batches = {name: next(it) for name, it in iterators.items()}
             crc += fingerprint(batches)
-            rng = StepRandom.for_step(cfg.seed, step, micro, d.rank, device)
+            rng = StepRandom.for_step(cfg.seed, step, micro, geometry.grad_accum, d, device)
             loss, stats = engine(to_device(batches, device), rng)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and untracked_norm:
+                grad_norm = plain_grad_norm(trained)
             engine.step()
             loss_sum += float(loss.item())
             for k, v in stats.items():
@@ -369,7 +392,9 @@ def train(task: Task, ctx: StageContext) -> StageResult:
 
         if step % tc.log_every == 0 or step == tc.steps or preempted:
             lr = engine.get_lr()[0]
-            record = {**train_values, "lr": lr, "grad_norm": _grad_norm(engine),
+            if not untracked_norm:
+                grad_norm = _grad_norm(engine)
+            record = {**train_values, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step * window_steps / window_time,
                       "samples_per_s": samples_per_step * window_steps / window_time,
                       "tokens_seen": float(state["tokens_seen"]), "data_crc": reduced[-1]}

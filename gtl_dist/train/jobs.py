@@ -1,0 +1,408 @@
+"""The job kinds: what each stage trains, on which shards, with which loss.
+
+Every kind is a :class:`~gtl_dist.train.loop.Task` run by the one shared loop; they differ only in
+the network they build, the sets they read and the objective they call.
+
+| stage          | network (role)   | trains on                        | validates on            |
+|----------------|------------------|----------------------------------|-------------------------|
+| denoiser       | denoiser         | source/train (MDLM)              | source/test             |
+| vanilla        | denoiser         | <target>/train at the fraction   | <target>/test           |
+| finetune       | denoiser, from the source export | <target>/train   | <target>/test           |
+| classifier_ti  | classifier_ti    | source/train + <target>/train    | both test sets          |
+| classifier_td  | classifier_td    | idem, on masked sequences        | both test sets          |
+| ratio          | ratio (both classifiers frozen) | source + target   | both test sets          |
+| planner        | planner (denoiser frozen)       | source/train      | source/test             |
+| ar_pretrain    | ar (causal)      | source/train (next token)        | source/test             |
+| ar2diff        | denoiser, from the AR export    | source/train (MDLM) | source/test           |
+
+Batches: ``global_batch`` counts sequences per optimiser step. Classifiers split each
+micro-batch between source and target — half and half when ``train.<stage>.balanced`` (the
+default, METHOD.md §4), else in proportion to the two training sets' sizes; the target stream
+cycles over its (small) set. The ratio net reads paired batches: ``micro_batch`` source and
+``micro_batch`` target sequences per micro-step (METHOD.md §5).
+
+Target sets can be smaller than one shard per reader, so target loaders read in the main process
+(``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
+
+The source denoiser of ``finetune`` and ``planner`` is the ``ar2diff`` export when
+``pipeline.ar2diff`` is set, else the ``denoiser`` export. Upstream exports are checked before
+training: missing -> which stage to run; trained from other inputs -> which stage to re-run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gtl_dist.config import PER_TARGET_STAGES, STAGES, ConfigError, RunConfig
+from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
+from gtl_dist.log import get_logger
+from gtl_dist.models import VocabSpec, build_model
+from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, freeze,
+                                 overlap_report, planner_loss, ratio_loss)
+from gtl_dist.paths import RunPaths
+from gtl_dist.train import dist
+from gtl_dist.train.dist import DistEnv
+from gtl_dist.train.export import ExportError, load_exported, read_export
+from gtl_dist.train.loop import StageContext, StageResult, StepRandom, Task, execute, stage_input_hash
+
+log = get_logger("train.jobs")
+
+ROLE = {"denoiser": "denoiser", "vanilla": "denoiser", "finetune": "denoiser",
+        "classifier_ti": "classifier_ti", "classifier_td": "classifier_td", "ratio": "ratio",
+        "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser"}
+
+
+def source_stage(cfg: RunConfig) -> str:
+    """The stage whose export is the frozen source denoiser."""
+    return "ar2diff" if cfg.pipeline.ar2diff else "denoiser"
+
+
+def load_manifest(cfg: RunConfig, run_dir: Path) -> Any:
+    from gtl_dist.data import Manifest
+    from gtl_dist.data.build import data_dir, data_hash
+    root = data_dir(cfg, run_dir)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{root / 'manifest.json'}: no shard manifest; build the data first: "
+            f"python shards/build.py --config <config> --run-dir {run_dir} (or "
+            f"gtl_dist.data.prepare_data(cfg, run_dir))")
+    manifest = Manifest.load(root)
+    if manifest.data_hash != data_hash(cfg):
+        raise ConfigError(
+            f"{manifest.path}: the shards were built from data/tokenizer/shards settings with hash "
+            f"{manifest.data_hash}, the current config has {data_hash(cfg)}; rebuild the data "
+            f"(python shards/build.py ...) or use the config the run was built with")
+    return manifest
+
+
+def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
+                    fraction: Optional[float] = None) -> dict[str, Any]:
+    """The finished export of an upstream stage, checked against the current configuration."""
+    path = ctx.paths.export(stage, target, fraction)
+    where = "/".join(str(x) for x in (stage, target, fraction) if x is not None)
+    command = (f"python -m gtl_dist.train --config <config> --run-dir {ctx.paths.root} "
+               f"--stage {stage}" + (f" --target {target} --fraction {fraction}" if target else ""))
+    if not path.is_file():
+        raise ExportError(f"{path}: stage {ctx.label} needs the exported {where} model, which does "
+                          f"not exist; run stage {stage} first: {command}")
+    payload = read_export(path, stage)
+    want = stage_input_hash(ctx.cfg, stage, target, fraction)
+    if payload["meta"].get("input_hash") != want:
+        raise ExportError(f"{path}: exported {where} was trained with inputs hash "
+                          f"{payload['meta'].get('input_hash')}, the current configuration gives "
+                          f"{want}; re-run stage {stage} ({command}) before {ctx.label}")
+    return payload
+
+
+class ShardTask(Task):
+    """What the job kinds share: manifest, vocabulary, noise schedule, loaders, export info."""
+
+    train_sets: dict[str, str]  # loader name -> set name (filled by subclasses)
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.stage = ctx.stage
+        self.role = ROLE[ctx.stage]
+        self.train_config = getattr(ctx.cfg.train, ctx.stage)
+        self.manifest = load_manifest(ctx.cfg, ctx.paths.root)
+        self.vocab = VocabSpec.from_manifest(self.manifest)
+        self.seq_len = self.manifest.seq_len
+        if self.seq_len != ctx.cfg.seq_len:
+            raise ConfigError(f"{self.manifest.path}: shards hold sequences of {self.seq_len} tokens "
+                              f"but the config's sequence length is {ctx.cfg.seq_len}")
+        self.tokenizer_hash = self.manifest.tokenizer_hash
+        self.schedule = NoiseSchedule.from_config(ctx.cfg.noise)
+        self.target, self.fraction = ctx.target, ctx.fraction
+        self._report: Optional[str] = None
+
+    # -- sets and loaders ----------------------------------------------------------------------
+    def target_train(self) -> str:
+        return f"{self.target}/train"
+
+    def loader(self, set_name: str, batch_size: int, dist_env: DistEnv, seed: int, *,
+               train: bool) -> Any:
+        from gtl_dist.data import make_loader
+        is_source = set_name.startswith("source/")
+        fraction = self.fraction if (train and not is_source) else None
+        return make_loader(self.manifest, set_name, batch_size, fraction=fraction,
+                           rank=dist_env.rank, world_size=dist_env.world_size,
+                           num_workers=self.train_config.num_workers if is_source and train else 0,
+                           seed=seed, shuffle=train, infinite=train,
+                           expected_tokenizer_hash=self.tokenizer_hash)
+
+    def t(self, n: int, rng: StepRandom, device: torch.device) -> torch.Tensor:
+        """Diffusion times for this micro-batch's share of the global batch."""
+        return sample_t(n, rng.shared, t_min=self.cfg.noise.t_min, antithetic=self.cfg.noise.antithetic,
+                        rank=rng.slot, world_size=rng.slots, device=device)
+
+    def val_batches(self, loader: Any) -> int:
+        return min(self.train_config.val_batches, loader.batches_per_epoch)
+
+    # -- Task ----------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return build_model(self.role, self.cfg, self.vocab)
+
+    def export_info(self) -> dict[str, Any]:
+        return {"role": self.role, "config": self.cfg.to_dict(), "vocab": asdict(self.vocab),
+                "seq_len": self.seq_len}
+
+    def validation_report(self) -> Optional[str]:
+        return self._report
+
+
+def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
+    """Average statistics over this rank's batches, then over ranks (equal batch counts)."""
+    keys = sorted(per_batch[0])
+    local = [sum(b[k] for b in per_batch) / len(per_batch) for k in keys]
+    world = torch.distributed.get_world_size()
+    return {k: v / world for k, v in zip(keys, dist.all_reduce(local, "sum"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked diffusion: denoiser, vanilla, finetune, ar2diff
+# ----------------------------------------------------------------------------------------------
+
+class DiffusionTask(ShardTask):
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        per_target = ctx.stage in ("vanilla", "finetune")
+        self.train_set = self.target_train() if per_target else "source/train"
+        self.val_set = f"{self.target}/test" if per_target else "source/test"
+        self.init_from: Optional[dict] = None
+        if ctx.stage == "finetune":
+            self.init_from = upstream_export(ctx, source_stage(ctx.cfg))
+        elif ctx.stage == "ar2diff":
+            self.init_from = upstream_export(ctx, "ar_pretrain")
+        if self.init_from is not None:
+            meta = self.init_from["meta"]
+            if meta["config"]["models"]["denoiser"] != asdict(ctx.cfg.models.denoiser) or \
+                    meta["vocab"] != asdict(self.vocab):
+                raise ExportError(f"{meta['stage']} export: its network (models.denoiser, vocabulary) "
+                                  f"differs from this run's; re-run stage {meta['stage']}")
+
+    def initial_weights(self) -> Optional[dict[str, torch.Tensor]]:
+        # AR2Diff: the causal LM's weights, now run bidirectionally (same parameter names).
+        return None if self.init_from is None else self.init_from["state_dict"]
+
+    def train_loaders(self, micro_batch, dist_env, seed):
+        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
+
+    def training_loss(self, model, batches, rng):
+        x0 = batches["train"]["tokens"]
+        return mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device), rng.local,
+                         vocab=self.vocab)
+
+    def validate(self, model, rng, micro_batch, dist_env):
+        loader = self.loader(self.val_set, micro_batch, dist_env, 0, train=False)
+        stats = []
+        for _, batch in zip(range(self.val_batches(loader)), loader):
+            x0 = batch["tokens"].to(rng.local.device)
+            stats.append(mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device),
+                                   rng.local, vocab=self.vocab)[1])
+        return mean_over_ranks(stats)
+
+
+class ARTask(ShardTask):
+    def train_loaders(self, micro_batch, dist_env, seed):
+        return {"train": self.loader("source/train", micro_batch, dist_env, seed, train=True)}
+
+    def training_loss(self, model, batches, rng):
+        return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
+
+    def validate(self, model, rng, micro_batch, dist_env):
+        loader = self.loader("source/test", micro_batch, dist_env, 0, train=False)
+        stats = [ar_loss(model, b["tokens"].to(rng.local.device), pad_id=self.vocab.pad_id)[1]
+                 for _, b in zip(range(self.val_batches(loader)), loader)]
+        return mean_over_ranks(stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain classifiers
+# ----------------------------------------------------------------------------------------------
+
+class ClassifierTask(ShardTask):
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.time_dependent = ctx.stage == "classifier_td"
+        tc = self.train_config
+        self.smoothing = list(tc.label_smoothing) or None
+
+    def split(self, micro_batch: int) -> tuple[int, int]:
+        """Source and target rows of one micro-batch."""
+        key = f"train.{self.stage}"
+        if micro_batch < 2:
+            raise ConfigError(f"{key}.global_batch: a classifier micro-batch of {micro_batch} cannot hold "
+                              f"both a source and a target sequence; raise global_batch")
+        if self.train_config.balanced:
+            if micro_batch % 2:
+                raise ConfigError(f"{key}.global_batch: balanced batches split each micro-batch in "
+                                  f"half, and {micro_batch} is odd; use an even micro-batch")
+            return micro_batch // 2, micro_batch // 2
+        n_s = self.manifest.num_samples("source/train")
+        n_t = self.manifest.num_samples(self.target_train(), self.fraction)
+        n_source = min(micro_batch - 1, max(1, round(micro_batch * n_s / (n_s + n_t))))
+        return n_source, micro_batch - n_source
+
+    def train_loaders(self, micro_batch, dist_env, seed):
+        n_source, n_target = self.split(micro_batch)
+        return {"source": self.loader("source/train", n_source, dist_env, seed, train=True),
+                "target": self.loader(self.target_train(), n_target, dist_env, seed + 1, train=True)}
+
+    def objective(self, model, xs, xt, rng):
+        if self.time_dependent:
+            t = self.t(xs.shape[0] + xt.shape[0], rng, xs.device)
+            return classifier_td_loss(model, xs, xt, self.schedule, t, rng.local,
+                                      mask_id=self.vocab.mask_id, label_smoothing=self.smoothing)
+        return classifier_ti_loss(model, xs, xt, rng.local, label_smoothing=self.smoothing)
+
+    def clean_logits(self, model, x):
+        """Logits on clean sequences (the time-dependent one at t = t_min): what separates the
+        domains, and -logit is the ratio target."""
+        if not self.time_dependent:
+            return model(x).float()
+        t = torch.full((x.shape[0],), self.cfg.noise.t_min, device=x.device)
+        return model(x, self.schedule.sigma(t)).float()
+
+    def training_loss(self, model, batches, rng):
+        return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
+
+    def validate(self, model, rng, micro_batch, dist_env):
+        half = max(1, micro_batch // 2)
+        src = self.loader("source/test", half, dist_env, 0, train=False)
+        tgt = self.loader(f"{self.target}/test", half, dist_env, 0, train=False)
+        n = min(self.val_batches(src), self.val_batches(tgt))
+        stats, logits_s, logits_t = [], [], []
+        device = rng.local.device
+        for _, bs, bt in zip(range(n), src, tgt):
+            xs, xt = bs["tokens"].to(device), bt["tokens"].to(device)
+            stats.append(self.objective(model, xs, xt, rng)[1])
+            logits_s.append(self.clean_logits(model, xs).cpu())
+            logits_t.append(self.clean_logits(model, xt).cpu())
+        values = mean_over_ranks(stats)
+        all_s = torch.cat(dist.all_gather_object(torch.cat(logits_s)))
+        all_t = torch.cat(dist.all_gather_object(torch.cat(logits_t)))
+        if dist_env.is_main:
+            report = overlap_report(all_s, all_t, self.cfg.eval.overlap_warn_accuracy)
+            values.update({f"overlap/{k}": float(v) for k, v in report.items()})
+            self._report = "\n".join(f"- {k}: {v}" for k, v in report.items())
+        return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Ratio network and planner (frozen teachers)
+# ----------------------------------------------------------------------------------------------
+
+def frozen_export(ctx: StageContext, stage: str, target: Optional[str] = None,
+                  fraction: Optional[float] = None) -> nn.Module:
+    upstream_export(ctx, stage, target, fraction)  # existence and input hash, with the fix
+    return freeze(load_exported(ctx.paths.export(stage, target, fraction)))
+
+
+class RatioTask(ShardTask):
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.classifier_ti = frozen_export(ctx, "classifier_ti", ctx.target, ctx.fraction)
+        self.classifier_td = frozen_export(ctx, "classifier_td", ctx.target, ctx.fraction)
+
+    def prepare(self, device):
+        self.classifier_ti.to(device)
+        self.classifier_td.to(device)
+
+    def train_loaders(self, micro_batch, dist_env, seed):
+        return {"source": self.loader("source/train", micro_batch, dist_env, seed, train=True),
+                "target": self.loader(self.target_train(), micro_batch, dist_env, seed + 1,
+                                      train=True)}
+
+    def objective(self, model, xs, xt, rng):
+        t_source = self.t(xs.shape[0], rng, xs.device)
+        t_target = self.t(xt.shape[0], rng, xt.device)
+        return ratio_loss(model, self.classifier_ti, self.classifier_td, xs, xt, self.schedule,
+                          t_source, t_target, rng.local, eta_cycle=self.train_config.eta_cycle,
+                          mask_id=self.vocab.mask_id)
+
+    def training_loss(self, model, batches, rng):
+        return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
+
+    def validate(self, model, rng, micro_batch, dist_env):
+        src = self.loader("source/test", micro_batch, dist_env, 0, train=False)
+        tgt = self.loader(f"{self.target}/test", micro_batch, dist_env, 0, train=False)
+        n = min(self.val_batches(src), self.val_batches(tgt))
+        device = rng.local.device
+        return mean_over_ranks([self.objective(model, bs["tokens"].to(device), bt["tokens"].to(device),
+                                               rng)[1]
+                                for _, bs, bt in zip(range(n), src, tgt)])
+
+
+class PlannerTask(ShardTask):
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.denoiser = frozen_export(ctx, source_stage(ctx.cfg))
+        # Source-only by default (METHOD.md §6); pipeline.planner_scope=per_target trains one
+        # per (target, fraction) on target data.
+        self.train_set = self.target_train() if ctx.target else "source/train"
+        self.val_set = f"{ctx.target}/test" if ctx.target else "source/test"
+
+    def prepare(self, device):
+        self.denoiser.to(device)
+
+    def train_loaders(self, micro_batch, dist_env, seed):
+        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
+
+    def objective(self, model, x0, rng):
+        return planner_loss(model, self.denoiser, x0, self.schedule, self.t(x0.shape[0], rng, x0.device),
+                            rng.local, mask_id=self.vocab.mask_id)
+
+    def training_loss(self, model, batches, rng):
+        return self.objective(model, batches["train"]["tokens"], rng)
+
+    def validate(self, model, rng, micro_batch, dist_env):
+        loader = self.loader(self.val_set, micro_batch, dist_env, 0, train=False)
+        return mean_over_ranks([self.objective(model, b["tokens"].to(rng.local.device), rng)[1]
+                                for _, b in zip(range(self.val_batches(loader)), loader)])
+
+
+TASKS = {"denoiser": DiffusionTask, "vanilla": DiffusionTask, "finetune": DiffusionTask,
+         "ar2diff": DiffusionTask, "ar_pretrain": ARTask, "classifier_ti": ClassifierTask,
+         "classifier_td": ClassifierTask, "ratio": RatioTask, "planner": PlannerTask}
+
+
+def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
+                     fraction: Optional[float]) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"--stage {stage!r}: not a job kind; choose one of {', '.join(STAGES)}")
+    per_target = stage in PER_TARGET_STAGES or (stage == "planner" and
+                                                cfg.pipeline.planner_scope == "per_target")
+    if per_target:
+        if target is None or fraction is None:
+            raise ConfigError(f"stage {stage} is trained per target and fraction: pass --target "
+                              f"(one of {', '.join(cfg.targets)}) and --fraction (one of "
+                              f"{', '.join(map(str, cfg.data.target_fractions))})")
+        if target not in cfg.targets:
+            raise ConfigError(f"--target {target!r}: this config's targets are {', '.join(cfg.targets)}")
+        if fraction not in cfg.data.target_fractions:
+            raise ConfigError(f"--fraction {fraction}: not in data.target_fractions "
+                              f"{cfg.data.target_fractions}")
+    elif target is not None or fraction is not None:
+        raise ConfigError(f"stage {stage} is trained once per run (on source data); drop --target and "
+                          f"--fraction" + (" (or set pipeline.planner_scope=per_target)"
+                                           if stage == "planner" else ""))
+
+
+def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str] = None,
+              fraction: Optional[float] = None) -> StageResult:
+    """Train one stage (this process is one rank of the job) and export it.
+
+    Resumes from the newest committed checkpoint; returns at once when the stage already
+    finished with the same inputs; returns ``status="preempted"`` after a preemption signal
+    (unless an earlier handler, e.g. submitit's, took over and exited).
+    """
+    check_stage_args(cfg, stage, target, fraction)
+    RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
+    return execute(cfg, run_dir, stage, target, fraction,
+                   stage_input_hash(cfg, stage, target, fraction), TASKS[stage])
