@@ -18,9 +18,9 @@ Randomness, and why a resumed run repeats an uninterrupted one bit for bit:
   ``shared`` is identical on all ranks (the diffusion time t is stratified over the global
   batch), ``local`` adds the rank (masks, label smoothing). Their state is a function of the step,
   so a checkpoint needs nothing for them;
-- everything else that draws from the global RNGs (dropout, Beta label smoothing) continues
-  from the per-rank python/numpy/torch RNG states saved in every checkpoint, restored after all
-  set-up work (which may draw from them) is done;
+- everything else that draws from the global RNGs (dropout) continues from the per-rank
+  python/numpy/torch RNG states saved in every checkpoint, restored after all set-up work
+  (which may draw from them) is done; fetching batches runs outside that stream;
 - the data position is the loaders' cursors, saved per rank.
 """
 
@@ -333,7 +333,9 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     def evaluate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
         eval_model.load_state_dict(weights)
-        with torch.no_grad(), autocast(device, precision):
+        # Outside the training RNG stream: a resumed run validates at other points in it.
+        with torch.no_grad(), autocast(device, precision), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             values = task.validate(eval_model, StepRandom.for_validation(cfg.seed, d, device),
                                    geometry.micro_batch, d)
         return values, weights
@@ -358,7 +360,10 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         t0 = time.perf_counter()
         loss_sum, stats_sum, crc = 0.0, {}, 0
         for micro in range(geometry.grad_accum):
-            batches = {name: next(it) for name, it in iterators.items()}
+            # Data loading must not draw from the training RNG: a DataLoader takes its base seed
+            # from it whenever it (re)starts, which a resumed run does at another step.
+            with torch.random.fork_rng(devices=[]):
+                batches = {name: next(it) for name, it in iterators.items()}
             crc += fingerprint(batches)
             rng = StepRandom.for_step(cfg.seed, step, micro, geometry.grad_accum, d, device)
             loss, stats = engine(to_device(batches, device), rng)
