@@ -126,6 +126,9 @@ class ModelsConfig:
     classifier: ModelConfig = field(default_factory=_ratio_sized)
     ratio: ModelConfig = field(default_factory=_ratio_sized)
     planner: ModelConfig = field(default_factory=_ratio_sized)
+    # Causal LM the evaluation trains on held-out target text to score generative perplexity.
+    reference_lm: ModelConfig = field(default_factory=lambda: ModelConfig(
+        hidden=256, blocks=4, heads=4, cond_dim=64, attention="causal"))
 
 
 @dataclass
@@ -173,6 +176,7 @@ class StagesConfig:
     planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     ar_pretrain: TrainConfig = _stage(steps=50_000)
     ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
+    reference_lm: TrainConfig = _stage(steps=5_000, val_every=500, select_best=True, num_workers=0)
 
 
 @dataclass
@@ -557,7 +561,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if cfg.shards.unit_chars < 1:
         bad("shards.unit_chars", "must be at least 1")
 
-    for role in ("denoiser", "classifier", "ratio", "planner"):
+    for role in ("denoiser", "classifier", "ratio", "planner", "reference_lm"):
         mc: ModelConfig = getattr(cfg.models, role)
         key = f"models.{role}"
         if mc.hidden % mc.heads:
@@ -575,7 +579,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if not 0.0 < n.t_min < 1.0:
         bad("noise.t_min", f"{n.t_min} is outside (0, 1)")
 
-    for stage in STAGES:
+    for stage in STAGES + ("reference_lm",):
         tc: TrainConfig = getattr(cfg.train, stage)
         key = f"train.{stage}"
         if tc.steps < 1:

@@ -88,7 +88,7 @@ _SECTIONS = {
     "ratio": ("seed", "noise", "models.ratio", "train.ratio"),
     "vanilla": ("seed", "noise", "models.denoiser", "train.vanilla"),
     "finetune": ("seed", "noise", "models.denoiser", "train.finetune"),
-    "reference_lm": ("seed", "models.denoiser", "train.ar_pretrain"),
+    "reference_lm": ("seed", "models.reference_lm", "train.reference_lm"),
     "sample": ("sample", "noise"),
     "eval": ("eval", "sample.num_samples"),
 }
