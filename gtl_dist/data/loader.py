@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import signal
-import weakref
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -44,24 +43,33 @@ def ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-# Workers that ignore SIGTERM outlive multiprocessing's exit hook, which terminates daemonic
-# children with SIGTERM and then joins them: an iterator still alive at exit would hang the
-# interpreter. This hook (registered after multiprocessing's, so it runs before it) stops them.
-_LIVE_WORKERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Workers that ignore SIGTERM outlive torch's own fallback (``terminate()``) and multiprocessing's
+# exit hook (SIGTERM, then join): a worker still alive there would hang the interpreter. So every
+# worker process is tracked and, when its iterator is done or the interpreter exits, asked to stop
+# the normal way and killed if it did not.
+_worker_processes: list[Any] = []
 _exit_hook_registered = False
-
-
-def _stop_live_workers() -> None:
-    for iterator in list(_LIVE_WORKERS):
-        iterator._shutdown_workers()
 
 
 def _track_workers(iterator: Any) -> None:
     global _exit_hook_registered
     if not _exit_hook_registered:
-        atexit.register(_stop_live_workers)
+        # Registered after multiprocessing's own exit hook (imported by now), so it runs before it.
+        atexit.register(_kill_workers, _worker_processes)
         _exit_hook_registered = True
-    _LIVE_WORKERS.add(iterator)
+    _worker_processes[:] = [w for w in _worker_processes if w.is_alive()] + list(iterator._workers)
+
+
+def _kill_workers(workers: list[Any]) -> None:
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def _stop_workers(iterator: Any) -> None:
+    iterator._shutdown_workers()  # done event + sentinel; a no-op once the interpreter is exiting
+    _kill_workers(iterator._workers)
 
 
 class ConsumerStream:
@@ -224,7 +232,7 @@ class ShardLoader:
                 yield batch
         finally:
             if self.num_workers:
-                batches._shutdown_workers()
+                _stop_workers(batches)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""

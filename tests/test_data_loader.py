@@ -1,0 +1,231 @@
+"""The shard reader: coverage, equal batch counts, exact resume across ranks x workers, fractions,
+determinism, bad input, and workers that survive preemption signals."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from gtl_dist.data import Manifest, ManifestError, ShardInfo, ShardSet, make_loader
+from gtl_dist.data.loader import ConsumerStream
+from gtl_dist.data.shards import Chunk, ShardError, write_shard
+from gtl_dist.data.tokenizer import TokenizerMismatch
+from gtl_dist.io import atomic_write_json, sha256_file
+
+SEQ = 4
+
+
+def build(root, sets, fractions=None):
+    """Shards whose samples name themselves: tokens = [set#, shard, index, 7]."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for s, (name, counts) in enumerate(sets.items()):
+        shards = []
+        for j, n in enumerate(counts):
+            fname = f"{name.replace('/', '-')}-{j:06d}.tar"
+            chunks = [Chunk(np.array([s, j, i, 7]), name.split("/")[0], [f"d{i}"]) for i in range(n)]
+            write_shard(root / fname, chunks, fname[:-4], np.dtype(np.uint16))
+            shards.append(ShardInfo(fname, n, (root / fname).stat().st_size, sha256_file(root / fname)))
+        entries[name] = ShardSet(shards, {name.split("/")[0]: sum(counts)},
+                                 (fractions or {}).get(name))
+    m = Manifest(seq_len=SEQ, vocab_size=1000, mask_id=999, pad_id=None, bos_id=None, eos_id=None,
+                 tokenizer_hash="ab" * 32, data_hash="1234", dtype="uint16", sets=entries, corpus="test",
+                 targets=["tgt"], root=root)
+    atomic_write_json(root / "manifest.json", m.to_dict())
+    return Manifest.load(root)
+
+
+def ids(batch):
+    return [tuple(row[:3]) for row in batch["tokens"].tolist()]
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture
+def uneven(tmp_path):
+    return build(tmp_path / "d", {"source/train": [7, 5, 9, 3, 6, 2], "source/test": [4, 4]})
+
+
+def test_batches_are_long_tensors_of_the_manifest_shape(uneven):
+    batch = take(make_loader(uneven, "source/train", 4), 1)[0]
+    assert set(batch) == {"tokens", "domain"} and batch["tokens"].dtype.is_floating_point is False
+    assert tuple(batch["tokens"].shape) == (4, SEQ) and str(batch["tokens"].dtype) == "torch.int64"
+    assert batch["domain"] == ["source"] * 4
+
+
+def test_one_reader_sees_every_sample_once_per_epoch(uneven):
+    loader = make_loader(uneven, "source/train", 4, seed=3)  # 32 samples -> 8 batches per epoch
+    assert loader.batches_per_epoch == 8
+    batches = take(loader, 16)
+    first = [s for b in batches[:8] for s in ids(b)]
+    second = [s for b in batches[8:] for s in ids(b)]
+    everything = {(0, j, i) for j, n in enumerate([7, 5, 9, 3, 6, 2]) for i in range(n)}
+    assert len(first) == len(set(first)) == 32 and set(first) == set(second) == everything
+    assert first != second  # epoch 1 is a new permutation of shards and samples
+    assert loader.epoch == 2
+
+
+def test_consumers_partition_each_pass():
+    shards = [(f"s{j}", n) for j, n in enumerate([7, 5, 9, 3, 6, 2])]
+    for epoch in (0, 1, 5):
+        mine = [ConsumerStream(shards, c, 4, seed=1, shuffle=True, seq_len=SEQ).pass_shards(epoch) for c in range(4)]
+        flat = sorted(int(j) for m in mine for j in m)
+        assert flat == list(range(6))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_gets_the_same_number_of_batches(tmp_path, workers):
+    m = build(tmp_path / "d", {"source/train": [10, 3, 7, 1, 12, 5]})  # 38 samples, very uneven
+    counts = []
+    for rank in range(3):
+        loader = make_loader(m, "source/train", 4, rank=rank, world_size=3, num_workers=workers, infinite=False)
+        assert loader.batches_per_epoch == 38 // 12
+        counts.append(len(list(loader)))
+    assert counts == [3, 3, 3]
+    # Infinite streams never run dry, even on the rank holding the 1-sample shard.
+    for rank in range(3):
+        assert len(take(make_loader(m, "source/train", 4, rank=rank, world_size=3, num_workers=workers), 9)) == 9
+
+
+@pytest.mark.resume
+def test_exact_resume_across_two_ranks_and_two_workers(uneven):
+    n_before, n_after = 5, 8  # 32 samples / (2 ranks x 3) = 5 batches per epoch: resume crosses epochs
+    for rank in range(2):
+        def loader():
+            return make_loader(uneven, "source/train", 3, rank=rank, world_size=2, num_workers=2, seed=11)
+
+        straight = take(loader(), n_before + n_after)
+        first = loader()
+        it = iter(first)
+        for _ in range(n_before):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))
+        assert state["batches_consumed"] == n_before and state["epoch"] == 1 and state["batch_in_epoch"] == 0
+        resumed = loader()
+        resumed.load_state_dict(state)
+        after = take(resumed, n_after)
+        for a, b in zip(after, straight[n_before:]):
+            assert ids(a) == ids(b) and a["domain"] == b["domain"]
+        assert resumed.state_dict()["batches_consumed"] == n_before + n_after
+
+
+def test_resume_in_main_process_and_mid_epoch(uneven):
+    straight = take(make_loader(uneven, "source/train", 5, seed=2), 9)
+    first = make_loader(uneven, "source/train", 5, seed=2)
+    take(first, 4)
+    resumed = make_loader(uneven, "source/train", 5, seed=2)
+    resumed.load_state_dict(first.state_dict())
+    assert [ids(b) for b in take(resumed, 5)] == [ids(b) for b in straight[4:]]
+    # Iterating again continues the same endless stream (training keeps one loader).
+    again = make_loader(uneven, "source/train", 5, seed=2)
+    assert [ids(b) for b in take(again, 4) + take(again, 5)] == [ids(b) for b in straight]
+
+
+def test_shuffle_is_deterministic_per_seed(uneven):
+    def order(seed, workers=0):
+        return [ids(b) for b in take(make_loader(uneven, "source/train", 4, seed=seed, num_workers=workers), 8)]
+
+    assert order(5) == order(5)
+    assert order(5) != order(6)
+    assert sorted(sum(order(5, workers=2), [])) == sorted(sum(order(5), []))  # same epoch contents
+
+
+def test_validation_pass_is_fixed_and_in_manifest_order(uneven):
+    loader = make_loader(uneven, "source/test", 3, shuffle=False, infinite=False)
+    first, second = list(loader), list(loader)
+    assert [ids(b) for b in first] == [ids(b) for b in second]
+    assert [s for b in first for s in ids(b)] == [(1, 0, i) for i in range(4)] + [(1, 1, i) for i in range(2)]
+    # A cursor loaded into a finite loader resumes that pass once.
+    loader.load_state_dict({**loader.state_dict(), "batches_consumed": 1})
+    assert [ids(b) for b in loader] == [ids(first[1])]
+
+
+def test_fractions_read_only_their_nested_prefix(tmp_path):
+    m = build(tmp_path / "d", {"tgt/train": [10, 10, 10]}, {"tgt/train": {"1": 30, "0.5": 15, "0.1": 3}})
+    assert m.num_samples("tgt/train", 0.5) == 15 and m.num_shards("tgt/train", 0.5) == 2
+    seen = {}
+    for f in (1.0, 0.5, 0.1):
+        loader = make_loader(m, "tgt/train", 1, fraction=f, infinite=False)
+        seen[f] = {s for b in loader for s in ids(b)}
+    assert seen[0.5] == {(0, 0, i) for i in range(10)} | {(0, 1, i) for i in range(5)}
+    assert seen[0.1] < seen[0.5] < seen[1.0] and len(seen[0.1]) == 3
+    with pytest.raises(ManifestError, match=r"target 'tgt' at fraction 0\.01 keeps round\(0\.01 \* 30\) = 0 of its N=30"):
+        make_loader(m, "tgt/train", 1, fraction=0.01)
+
+
+def test_load_state_refuses_a_cursor_from_another_stream(uneven):
+    state = make_loader(uneven, "source/train", 4, world_size=2, num_workers=1, seed=1).state_dict()
+    for changes, field in (({"world_size": 3}, "world_size"), ({"num_workers": 0}, "num_workers"),
+                           ({"seed": 2}, "seed"), ({"batch_size": 2}, "batch_size")):
+        kw = {"world_size": 2, "num_workers": 1, "seed": 1, "batch_size": 4, **changes}
+        batch_size = kw.pop("batch_size")
+        other = make_loader(uneven, "source/train", batch_size, **kw)
+        with pytest.raises(ValueError, match=f"saved with {field}=.*this loader has {field}="):
+            other.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with set='source/train'.*has set='source/test'"):
+        make_loader(uneven, "source/test", 4, world_size=2, num_workers=1, seed=1).load_state_dict(state)
+
+
+def test_bad_input_fails_when_the_loader_is_made(uneven, tmp_path):
+    with pytest.raises(ManifestError, match=r"2 shard\(s\) for world_size 1 x 3 worker\(s\) = 3 readers"):
+        make_loader(uneven, "source/test", 1, num_workers=3)
+    with pytest.raises(ManifestError, match=r"6 shard\(s\) for world_size 4 x 2 worker\(s\)"):
+        make_loader(uneven, "source/train", 1, world_size=4, num_workers=2)
+    with pytest.raises(TokenizerMismatch, match="tokenizer hash abababababab… does not match the expected 0000"):
+        make_loader(uneven, "source/train", 4, expected_tokenizer_hash="0" * 64)
+    make_loader(uneven, "source/train", 4, expected_tokenizer_hash="ab" * 32)  # the right one is fine
+    with pytest.raises(ManifestError, match="no set 'physics/train'; it has source/train, source/test"):
+        make_loader(uneven, "physics/train", 4)
+    with pytest.raises(ManifestError, match="cannot fill one batch of 64"):
+        make_loader(uneven, "source/train", 64)
+
+    victim = uneven.root / uneven.sets["source/train"].shards[2].name
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{victim}: sha256 .* does not match"):
+        make_loader(uneven, "source/train", 4)
+    victim.write_bytes(bytes(data[:1000]))
+    with pytest.raises(ShardError, match=f"{victim}: 1000 bytes, the manifest says"):
+        make_loader(uneven, "source/train", 4)
+    victim.unlink()
+    with pytest.raises(ShardError, match=f"{victim}: shard listed in the manifest is missing"):
+        make_loader(uneven, "source/train", 4)
+
+
+def test_bad_manifests_are_named(uneven, tmp_path):
+    with pytest.raises(ManifestError, match="no manifest.*python shards/build.py"):
+        Manifest.load(tmp_path / "empty")
+    path = uneven.root / "manifest.json"
+    raw = json.loads(path.read_text())
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
+        Manifest.load(uneven.root)
+    path.write_text(json.dumps({**raw, "format_version": 0}))
+    with pytest.raises(ManifestError, match="format version 0, this gtl_dist reads version 1"):
+        Manifest.load(path)
+    path.write_text(json.dumps({k: v for k, v in raw.items() if k != "mask_id"}))
+    with pytest.raises(ManifestError, match="key 'mask_id' is missing"):
+        Manifest.load(path)
+
+
+def test_workers_survive_preemption_signals(uneven):
+    loader = make_loader(uneven, "source/train", 2, num_workers=1)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    it = iter(loader)
+    next(it)
+    workers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert workers
+    for p in workers:
+        os.kill(p.pid, signal.SIGUSR2)
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    assert len([next(it) for _ in range(20)]) == 20  # and keeps delivering batches
