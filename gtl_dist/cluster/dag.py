@@ -96,9 +96,27 @@ _SECTIONS = {
 
 @dataclass
 class Pipeline:
-    """The DAG for one configuration: groups in submission (topological) order."""
+    """The DAG for one configuration: groups in submission (topological) order.
+
+    ``all_groups`` is always the whole DAG (input hashes and dependencies are defined on it);
+    ``groups`` is the selection to run (``--stages``), by default all of them.
+    """
     cfg: RunConfig
-    groups: list[Group] = field(default_factory=list)
+    only: Optional[list[str]] = None
+    all_groups: list[Group] = field(init=False)
+    groups: list[Group] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_groups = _all_groups(self.cfg, self.source_stage)
+        names = [g.name for g in self.all_groups]
+        if self.only is None:
+            self.groups = list(self.all_groups)
+            return
+        unknown = [n for n in self.only if n not in names]
+        if unknown:
+            raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)}; this config's stages "
+                             f"are: {', '.join(names)}")
+        self.groups = [g for g in self.all_groups if g.name in self.only]
 
     @property
     def source_stage(self) -> str:
@@ -106,10 +124,11 @@ class Pipeline:
         return "ar2diff" if self.cfg.pipeline.ar2diff else "denoiser"
 
     def group(self, name: str) -> Group:
-        for g in self.groups:
+        for g in self.all_groups:
             if g.name == name:
                 return g
-        raise KeyError(f"no group '{name}' in this pipeline; groups: {', '.join(self.group_names)}")
+        raise KeyError(f"no group '{name}' in this pipeline; groups: "
+                       f"{', '.join(g.name for g in self.all_groups)}")
 
     @property
     def group_names(self) -> list[str]:
@@ -117,10 +136,11 @@ class Pipeline:
 
     @property
     def tasks(self) -> list[Task]:
+        """The selected groups' tasks."""
         return [t for g in self.groups for t in g.tasks]
 
     def group_of(self, task: Task) -> Group:
-        for g in self.groups:
+        for g in self.all_groups:
             if task in g.tasks:
                 return g
         raise KeyError(task.key)
@@ -156,9 +176,9 @@ class Pipeline:
                     deps.append(self.planner_task(t, f))
             return deps
         if k == "eval":
-            deps = [x for x in self.group("sample").tasks]
-            deps += [Task("classifier_ti", t, f) for t in cfg.targets for f in cfg.data.target_fractions]
-            if cfg.uses_tokenizer:
+            deps = list(self.group("sample").tasks)
+            if cfg.uses_tokenizer:  # the text metrics score with these networks
+                deps += [Task("classifier_ti", t, f) for t in cfg.targets for f in cfg.data.target_fractions]
                 deps += [Task("reference_lm", t) for t in cfg.targets]
             return deps
         raise ValueError(f"unknown task kind '{k}'")
@@ -188,17 +208,22 @@ class Pipeline:
 
 
 def build_pipeline(cfg: RunConfig, only: Optional[Iterable[str]] = None) -> Pipeline:
-    """Build the DAG for ``cfg``. ``only`` restricts it to the named groups (their deps are kept
-    as dependencies but not re-run)."""
-    p = Pipeline(cfg)
+    """The DAG for ``cfg``; ``only`` selects groups to run (the others stay in the DAG as
+    dependencies that must already be done or queued)."""
+    return Pipeline(cfg, None if only is None else list(only))
+
+
+def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
+    groups: list[Group] = []
     targets, fractions = cfg.targets, cfg.data.target_fractions
     per_tf = [(t, f) for t in targets for f in fractions]
     methods = cfg.sample.methods
-    src = p.source_stage
+    names: list[str] = []
 
     def add(name: str, tasks: list[Task], deps: list[str], size: str) -> None:
         if tasks:
-            p.groups.append(Group(name, tasks, [d for d in deps if d in p.group_names], size))
+            groups.append(Group(name, tasks, [d for d in deps if d in names], size))
+            names.append(name)
 
     add("data", [Task("data")], [], DATA)
     if cfg.pipeline.ar2diff:
@@ -237,12 +262,4 @@ def build_pipeline(cfg: RunConfig, only: Optional[Iterable[str]] = None) -> Pipe
                    "gtl": [src, "ratio", "planner"]}
     add("sample", sample_tasks, sorted({d for m in methods for d in sample_deps[m]}), SMALL)
     add("eval", [Task("eval")], ["sample", "classifier_ti", "reference_lm"], EVAL)
-
-    if only is not None:
-        only = list(only)
-        unknown = [n for n in only if n not in p.group_names]
-        if unknown:
-            raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)}; this config's stages "
-                             f"are: {', '.join(p.group_names)}")
-        p.groups = [g for g in p.groups if g.name in only]
-    return p
+    return groups

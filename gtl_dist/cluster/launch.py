@@ -1,0 +1,395 @@
+"""Turn the pipeline DAG into jobs: SLURM through submitit, submitit's local executor, or in-process.
+
+SLURM (``--cluster slurm``): every group is submitted at once, single jobs with ``submit`` and
+per-(target, fraction) groups as job arrays with ``map_array``, chained with ``afterok``
+dependencies on the upstream groups' job ids; ``--kill-on-invalid-dep=yes`` makes SLURM cancel
+the dependants of a failed job instead of leaving them pending forever. The launcher returns
+after submitting (``--wait`` follows the run).
+
+Local (``--cluster local``) runs the same DAG with submitit's local executor on this machine;
+there is no scheduler to hold dependencies, so the launcher drives it group by group, at most
+``--local-parallelism`` tasks at a time. Debug (``--cluster debug``) calls the tasks in this
+process, one after another, for stepping through with a debugger.
+
+Re-running the launcher on the same run directory is safe: tasks with a valid completion marker
+are skipped, tasks whose recorded job is still queued or running are not submitted again (their
+job ids become dependencies), and everything else is (re)submitted; training stages resume from
+their last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gtl_dist.cluster.dag import BIG, DATA, Group, Pipeline, Task
+from gtl_dist.cluster.tasks import TaskRunner, marker_valid
+from gtl_dist.config import RunConfig
+from gtl_dist.io import atomic_write_json, read_json
+from gtl_dist.log import get_logger
+from gtl_dist.paths import RunPaths
+
+log = get_logger("cluster.launch")
+
+# SLURM states in which a job may still produce its output (requeue included).
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED",
+                           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT",
+                           "SIGNALING", "RESV_DEL_HOLD", "STOPPED"})
+
+
+class LaunchError(RuntimeError):
+    """Something about the submission is wrong; the message says what and how to fix it."""
+
+
+@dataclass
+class LaunchOptions:
+    cluster: str = "slurm"  # slurm | local | debug
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # None: cfg.cluster.gpus_per_node
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    time_min: Optional[int] = None
+    local_parallelism: int = 1
+    command: str = ""
+
+    def gpus(self, cfg: RunConfig) -> int:
+        return cfg.cluster.gpus_per_node if self.gpus_per_node is None else self.gpus_per_node
+
+    def cpus(self, cfg: RunConfig) -> int:
+        return cfg.cluster.cpus_per_task if self.cpus_per_task is None else self.cpus_per_task
+
+
+# -- executor parameters ------------------------------------------------------------------------------
+
+def slurm_parameters(group: Group, cfg: RunConfig, opts: LaunchOptions, run_name: str,
+                     dependency: Optional[str] = None) -> dict[str, Any]:
+    """sbatch parameters (submitit ``SlurmExecutor`` names) for one group's job or array."""
+    c = cfg.cluster
+    gpus, cpus = opts.gpus(cfg), opts.cpus(cfg)
+    big = group.size == BIG
+    params: dict[str, Any] = {
+        "job_name": f"gtl-{run_name}-{group.name}",
+        "nodes": opts.nodes if big else 1,
+        # One rank per GPU on GPU nodes, one per node on CPU nodes.
+        "ntasks_per_node": max(1, gpus) if big else 1,
+        "cpus_per_task": max(cpus, cfg.shards.build_workers) if group.size == DATA else cpus,
+        "time": (opts.time_min or c.timeout_min) if big else c.small_timeout_min,
+        "signal_delay_s": c.signal_delay_s,
+        "array_parallelism": c.array_parallelism,
+        # --requeue lets submitit requeue after preemption; --kill-on-invalid-dep cancels the
+        # dependants of a failed job rather than leaving them pending (DependencyNeverSatisfied).
+        "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes"},
+        "setup": _job_setup(cfg),
+    }
+    if gpus and group.size != DATA:
+        params["gpus_per_node"] = gpus if big else 1
+    partition = opts.partition or c.partition
+    if partition:
+        params["partition"] = partition
+    if c.mem_gb:
+        params["mem"] = f"{c.mem_gb}GB"
+    if dependency:
+        params["dependency"] = dependency
+    return params
+
+
+def _job_setup(cfg: RunConfig) -> list[str]:
+    from gtl_dist.train.dist import extensions_dir
+    # Jobs must find the DeepSpeed op the launcher prebuilt (never build inside a preemptible job).
+    lines = [f"export GTL_TORCH_EXTENSIONS_DIR={extensions_dir()}"]
+    return lines + list(cfg.cluster.setup)
+
+
+def render_sbatch(group: Group, cfg: RunConfig, opts: LaunchOptions, run_dir: str | Path,
+                  dependency: Optional[str] = None) -> str:
+    """The sbatch script submitit would submit for ``group``, without submitting it."""
+    from submitit.slurm.slurm import _make_sbatch_string
+    params = slurm_parameters(group, cfg, opts, RunPaths(run_dir).root.name, dependency)
+    if group.is_array:
+        params["map_count"] = len(group.tasks)
+    folder = RunPaths(run_dir).jobs / group.name / "%j"
+    return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}",
+                               folder=folder, **params)
+
+
+# -- submission records -------------------------------------------------------------------------------
+
+@dataclass
+class Submission:
+    job_id: str
+    group: str
+    input_hash: str
+    cluster: str
+    folder: str
+    submitted: float = field(default_factory=time.time)
+
+    def log_paths(self) -> tuple[Path, Path]:
+        from submitit.core.utils import JobPaths
+        jp = JobPaths(self.folder, job_id=self.job_id, task_id=0)
+        return jp.stdout, jp.stderr
+
+    def result(self) -> Optional[tuple[str, Any]]:
+        """submitit's result pickle of task 0: ("success", value) or ("error", traceback)."""
+        import pickle
+
+        from submitit.core.utils import JobPaths
+        path = JobPaths(self.folder, job_id=self.job_id, task_id=0).result_pickle
+        if not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
+        except Exception:  # a pickle being written right now
+            return None
+
+
+class SubmissionLog:
+    """``jobs/submissions.json``: the job that last ran each task (task key -> Submission)."""
+
+    def __init__(self, paths: RunPaths):
+        self.path = paths.jobs / "submissions.json"
+        raw = read_json(self.path) if self.path.is_file() else {}
+        self.records = {k: Submission(**v) for k, v in raw.items()}
+
+    def get(self, task: Task) -> Optional[Submission]:
+        return self.records.get(task.key)
+
+    def record(self, task: Task, sub: Submission) -> None:
+        self.records[task.key] = sub
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {k: vars(v) for k, v in sorted(self.records.items())})
+
+
+# -- task states --------------------------------------------------------------------------------------
+
+def slurm_job_states(subs: list[Submission]) -> dict[str, str]:
+    from gtl_dist.cluster.slurm_query import job_states
+    ids = sorted({s.job_id for s in subs if s.cluster == "slurm"})
+    return job_states(ids) if ids else {}
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Submission],
+               slurm_states: dict[str, str]) -> str:
+    """done | running | pending | failed | cancelled | stale | not submitted."""
+    if marker_valid(pipeline, paths, task):
+        return "done"
+    if sub is None:
+        return "not submitted"
+    if sub.input_hash != pipeline.input_hash(task):
+        return "stale"  # ran with other inputs; will be resubmitted
+    result = sub.result()
+    if result is not None and result[0] == "error":
+        return "failed"
+    if sub.cluster == "slurm":
+        state = slurm_states.get(sub.job_id, "UNKNOWN")
+        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
+            return "pending"
+        if state in ACTIVE_STATES:
+            return "running"
+        if state == "CANCELLED":
+            return "cancelled"
+        if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+            return "failed"
+        return "failed" if result is None and state == "COMPLETED" else "not submitted"
+    if sub.cluster == "local" and _pid_alive(sub.job_id):
+        return "running"
+    return "failed" if result is not None else "not submitted"
+
+
+# -- the launcher ---------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Per task: done (skip), in flight (depend on it), or to run."""
+    done: list[Task] = field(default_factory=list)
+    in_flight: dict[Task, Submission] = field(default_factory=dict)
+    to_run: list[Task] = field(default_factory=list)
+
+
+class Launcher:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, opts: LaunchOptions,
+                 pipeline: Pipeline):
+        self.cfg = cfg
+        self.paths = RunPaths(Path(run_dir).resolve())
+        self.opts = opts
+        self.pipeline = pipeline
+        self.subs = SubmissionLog(self.paths)
+        self.runner = TaskRunner(cfg.to_dict(), str(self.paths.root))
+
+    # planning ----------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        plan = Plan()
+        tasks = self.pipeline.tasks
+        subs = [s for t in tasks if (s := self.subs.get(t)) is not None]
+        states = slurm_job_states(subs) if self.opts.cluster == "slurm" else {}
+        for task in tasks:
+            state = task_state(self.pipeline, self.paths, task, self.subs.get(task), states)
+            if state == "done":
+                plan.done.append(task)
+            elif state in ("running", "pending") and self.opts.cluster != "debug":
+                plan.in_flight[task] = self.subs.get(task)
+            else:
+                plan.to_run.append(task)
+        return plan
+
+    def check_prerequisites(self, plan: Plan) -> None:
+        """Every task to run must have its inputs done, in flight, or about to run."""
+        available = set(plan.done) | set(plan.in_flight) | set(plan.to_run)
+        for task in plan.to_run:
+            for dep in self.pipeline.task_deps(task):
+                if dep not in available:
+                    path = dep.marker(self.paths)
+                    raise LaunchError(
+                        f"{task.key} needs {dep.key}, which has not finished ({path} missing or "
+                        f"made with other inputs) and is not queued: run it first (add "
+                        f"'{self.pipeline.group_of(dep).name}' to --stages, or drop --stages)")
+
+    # submission ------------------------------------------------------------------------------
+    def submit(self, plan: Plan) -> dict[str, list[str]]:
+        """SLURM: submit every group's remaining tasks with afterok dependencies."""
+        import submitit
+        submitted: dict[Task, str] = {}
+        out: dict[str, list[str]] = {}
+        for group in self.pipeline.groups:
+            todo = [t for t in group.tasks if t in plan.to_run]
+            if not todo:
+                continue
+            dep_ids = sorted({self._job_of(d, plan, submitted) for t in todo
+                              for d in self.pipeline.task_deps(t)} - {None})
+            # Array elements are named "<array>_<index>": afterok waits for exactly those tasks.
+            dependency = "afterok:" + ":".join(dep_ids) if dep_ids else None
+            folder = self.paths.jobs / group.name / "%j"
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=self.cfg.cluster.max_requeue)
+            executor.update_parameters(**slurm_parameters(group, self.cfg, self.opts,
+                                                          self.paths.root.name, dependency))
+            try:
+                if group.is_array:
+                    jobs = executor.map_array(self.runner, todo)
+                else:
+                    jobs = [executor.submit(self.runner, todo[0])]
+            except Exception as exc:  # sbatch's own error, in one line
+                raise LaunchError(f"submitting {group.name} failed: {_sbatch_error(exc)}") from None
+            for task, job in zip(todo, jobs):
+                submitted[task] = job.job_id
+                self.subs.record(task, Submission(job.job_id, group.name, self.pipeline.input_hash(task),
+                                                  "slurm", str(folder)))
+            self.subs.save()
+            out[group.name] = [j.job_id for j in jobs]
+        return out
+
+    def _job_of(self, dep: Task, plan: Plan, submitted: dict[Task, str]) -> Optional[str]:
+        if dep in submitted:
+            return submitted[dep]
+        if dep in plan.in_flight:
+            return plan.in_flight[dep].job_id
+        return None
+
+    # local / debug ---------------------------------------------------------------------------------
+    def run_here(self, plan: Plan, on_event: Callable[[str], None] = print) -> list[Task]:
+        """Run the remaining tasks on this machine in dependency order. Returns the failed tasks;
+        their dependants are cancelled (not run) and reported."""
+        failed: list[Task] = []
+        cancelled: set[Task] = set()
+        for group in self.pipeline.groups:
+            todo = []
+            for task in (t for t in group.tasks if t in plan.to_run):
+                bad = [d for d in self.pipeline.task_deps(task) if d in failed or d in cancelled]
+                if bad:
+                    cancelled.add(task)
+                    on_event(f"  cancelled {task.key} (its input {bad[0].key} did not finish)")
+                else:
+                    todo.append(task)
+            if not todo:
+                continue
+            on_event(f"[{group.name}] {len(todo)} task(s)")
+            for task, error in self._run_group(group, todo):
+                if error is not None:
+                    failed.append(task)
+                    on_event(f"  FAILED {task.key}: {error}")
+        return failed
+
+    def _run_group(self, group: Group, todo: list[Task]):
+        if self.opts.cluster == "debug":
+            for task in todo:
+                try:
+                    self.runner(task)
+                    yield task, None
+                except Exception as exc:  # report and go on with independent work
+                    log.exception("%s failed", task.key)
+                    yield task, f"{type(exc).__name__}: {exc}"
+            return
+        import submitit
+        folder = self.paths.jobs / group.name / "%j"
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=self.cfg.cluster.max_requeue)
+        big = group.size == BIG
+        executor.update_parameters(
+            timeout_min=(self.opts.time_min or self.cfg.cluster.timeout_min) if big
+            else self.cfg.cluster.small_timeout_min,
+            tasks_per_node=self.opts.nodes if big else 1,  # one machine: --nodes ranks on it
+            gpus_per_node=min(self.opts.gpus(self.cfg), 1) if not big else self.opts.gpus(self.cfg),
+            signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))
+        pending = list(todo)
+        running: dict[Task, Any] = {}
+        while pending or running:
+            while pending and len(running) < max(1, self.opts.local_parallelism):
+                task = pending.pop(0)
+                job = executor.submit(self.runner, task)
+                running[task] = job
+                self.subs.record(task, Submission(str(job.job_id), group.name,
+                                                  self.pipeline.input_hash(task), "local",
+                                                  str(folder)))
+                self.subs.save()
+                print(f"  started {task.key} (local job {job.job_id}, log {job.paths.stderr})",
+                      flush=True)
+            time.sleep(0.5)
+            for task, job in list(running.items()):
+                if not job.done():
+                    continue
+                del running[task]
+                try:
+                    job.results()
+                    print(f"  finished {task.key}", flush=True)
+                    yield task, None
+                except Exception as exc:
+                    yield task, f"{_first_line(exc)} (log: {job.paths.stderr})"
+
+
+_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt|Exit)\w*: ")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line that says what went wrong: submitit's FailedJobError embeds the remote traceback
+    (and log paths after it), so take its last ``SomethingError: message`` line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line):
+            return line.strip()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _sbatch_error(exc: BaseException) -> str:
+    text = str(exc)
+    output = getattr(exc, "output", None) or getattr(exc, "stderr", None)
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    for source in (output or "", text):
+        for line in source.splitlines():
+            if "error" in line.lower():
+                return line.strip()
+    return _first_line(exc)

@@ -1,0 +1,92 @@
+"""The run directory's identity, and checks made before anything is submitted.
+
+A run directory belongs to one configuration: ``config.yaml`` (the resolved config) and
+``config.json`` (its hash) are written the first time, and a later submission with a different
+configuration is refused, naming the keys that differ. Only the ``cluster`` section may change
+between submissions (partition, time limits, ...): it says where jobs run, not what they compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gtl_dist.config import RunConfig, config_from_dict
+from gtl_dist.io import atomic_write_json, atomic_write_text
+from gtl_dist.paths import RunPaths
+
+# Sections a re-submission may change.
+MUTABLE_SECTIONS = ("cluster",)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every differing key outside the mutable sections."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in MUTABLE_SECTIONS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: str | Path) -> RunPaths:
+    """Create the run directory for ``cfg``, or check that it was made by the same config."""
+    paths = RunPaths(run_dir)
+    if paths.config_yaml.is_file():
+        saved = yaml.safe_load(paths.config_yaml.read_text())
+        diffs = config_differences(saved, cfg.to_dict())
+        if diffs:
+            shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+            raise ValueError(
+                f"{paths.config_yaml}: this run directory was made by a different config; "
+                f"differing keys (run dir -> now):\n  {shown}\n"
+                f"Use a new --run-dir for the new config, or resubmit with the run's own config "
+                f"(--config {paths.config_yaml}).")
+        saved_cfg = config_from_dict(saved, str(paths.config_yaml))
+        if saved_cfg.cluster == cfg.cluster:
+            return paths
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config_yaml, cfg.to_yaml())
+    atomic_write_json(paths.config_json, {"hash": cfg.hash(), "name": cfg.name})
+    return paths
+
+
+def check_preflight(cfg: RunConfig, opts: Any, run_dir: str | Path) -> None:
+    """Problems that would otherwise surface as failed jobs, reported before submitting."""
+    if cfg.data.corpus == "markov":
+        from gtl_dist.data.manifest import fraction_count
+        train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
+        for target in cfg.targets:
+            for f in cfg.data.target_fractions:
+                if fraction_count(f, train) < 1:
+                    raise ValueError(
+                        f"data.target_fractions: fraction {f} of target '{target}' leaves no "
+                        f"training sequences ({train} available after data.overlap="
+                        f"{cfg.data.overlap}); raise data.markov.num_target or the fraction")
+    if opts.cluster == "slurm":
+        from gtl_dist.cluster.slurm_query import SlurmCommandError, run_slurm
+        partition = opts.partition or cfg.cluster.partition
+        if partition:
+            proc = run_slurm(["scontrol", "show", "partition", partition], check=False)
+            if proc.returncode != 0:
+                known = run_slurm(["sinfo", "-h", "-o", "%P"], check=False).stdout.split()
+                raise ValueError(f"--partition {partition}: SLURM has no such partition "
+                                 f"({(proc.stderr or proc.stdout).strip()}); partitions: "
+                                 f"{', '.join(p.rstrip('*') for p in known) or 'none'}")
+        try:
+            run_slurm(["sinfo", "-h", "-o", "%P"])
+        except SlurmCommandError as exc:
+            raise ValueError(f"--cluster slurm: cannot reach the SLURM controller: {exc}") from None

@@ -1,0 +1,101 @@
+"""A run's state at a glance: one row per task (stage × target × fraction).
+
+State comes from the completion markers, the launcher's submission log and SLURM (``squeue``,
+which works without accounting); progress comes from each training stage's ``train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from gtl_dist.cluster.dag import Pipeline, Task, build_pipeline
+from gtl_dist.cluster.launch import SubmissionLog, slurm_job_states, task_state
+from gtl_dist.cluster.tasks import TRAIN_KINDS
+from gtl_dist.config import config_from_dict
+from gtl_dist.paths import RunPaths, fraction_name
+
+
+@dataclass
+class StatusRow:
+    stage: str
+    target: str
+    fraction: str
+    detail: str  # method/shard for sample tasks
+    state: str
+    step: Optional[int]
+    total: Optional[int]
+    loss: Optional[float]
+    job: str
+    log: str
+
+
+def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
+    """Last logged training step and loss (tolerates a line being written right now)."""
+    path = paths.stage(task.kind, task.target, task.fraction) / "train_log.jsonl"
+    if not path.is_file():
+        return None, None
+    step, loss = None, None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "train":
+            step, loss = rec.get("step"), rec.get("loss")
+    return step, loss
+
+
+def load_run(run_dir: str | Path) -> tuple[Pipeline, RunPaths]:
+    paths = RunPaths(run_dir)
+    if not paths.config_yaml.is_file():
+        raise FileNotFoundError(f"{paths.config_yaml}: not found; is {paths.root} a run directory made "
+                                f"by launchers/submit.py?")
+    cfg = config_from_dict(yaml.safe_load(paths.config_yaml.read_text()), str(paths.config_yaml))
+    return build_pipeline(cfg), paths
+
+
+def status_rows(run_dir: str | Path) -> list[StatusRow]:
+    pipeline, paths = load_run(run_dir)
+    subs = SubmissionLog(paths)
+    records = [s for t in pipeline.tasks if (s := subs.get(t)) is not None]
+    try:
+        states = slurm_job_states(records)
+    except Exception as exc:  # no controller reachable: show what the files say
+        states = {}
+        print(f"(SLURM not reachable: {exc})")
+    rows = []
+    for task in pipeline.tasks:
+        sub = subs.get(task)
+        state = task_state(pipeline, paths, task, sub, states)
+        step = loss = total = None
+        if task.kind in TRAIN_KINDS:
+            total = getattr(pipeline.cfg.train, task.kind).steps if task.kind != "reference_lm" \
+                else pipeline.cfg.train.reference_lm.steps
+            step, loss = _progress(paths, task)
+            if state == "done":
+                step = total
+        detail = "" if task.kind != "sample" else f"{task.method}#{task.shard}"
+        log = str(sub.log_paths()[1]) if sub is not None and state in ("failed", "cancelled") else ""
+        rows.append(StatusRow(task.kind, task.target or "-",
+                              fraction_name(task.fraction) if task.fraction is not None else "-",
+                              detail, state, step, total, loss, sub.job_id if sub else "", log))
+    return rows
+
+
+def format_table(rows: list[StatusRow]) -> str:
+    head = ["stage", "target", "fraction", "detail", "state", "step", "last loss", "job", "log"]
+    body = [[r.stage, r.target, r.fraction, r.detail, r.state,
+             "" if r.total is None else f"{r.step if r.step is not None else 0}/{r.total}",
+             "" if r.loss is None else f"{r.loss:.4f}", r.job, r.log] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return "\n".join(lines + ["", f"{len(rows)} tasks: {summary}"])

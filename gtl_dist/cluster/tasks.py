@@ -1,0 +1,232 @@
+"""What one pipeline task does when its job runs: the single entry point behind every job.
+
+``run_task(cfg, run_dir, task)`` dispatches on the task kind (data, a training stage, a sample
+shard, evaluation), and on success rank 0 writes the task's completion marker
+(``DONE.json``-style, atomically) with the task's input hash. The launcher decides what to
+(re)submit from these markers alone; see ``gtl_dist.cluster.dag``.
+
+``TaskRunner`` wraps ``run_task`` for submitit: it is ``Checkpointable``, so a preemption or
+time-limit signal requeues the job (the training loop first saves a checkpoint collectively,
+then hands over to submitit's handler on rank 0; see ``gtl_dist.train.preempt``), and a
+requeued job resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from gtl_dist.cluster.dag import Pipeline, Task
+from gtl_dist.config import RunConfig, config_from_dict
+from gtl_dist.io import atomic_write_json, read_json
+from gtl_dist.log import get_logger
+from gtl_dist.paths import RunPaths
+
+log = get_logger("cluster.tasks")
+
+# Training kinds run through gtl_dist.train.run_stage.
+TRAIN_KINDS = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
+               "planner", "ar_pretrain", "ar2diff", "reference_lm")
+
+
+class TaskFailed(RuntimeError):
+    """A task could not run; the message names what is missing and which stage produces it."""
+
+
+def marker_valid(pipeline: Pipeline, paths: RunPaths, task: Task) -> bool:
+    """Whether ``task`` finished with the inputs the current configuration gives it."""
+    path = task.marker(paths)
+    if not path.is_file():
+        return False
+    try:
+        marker = read_json(path)
+    except ValueError:
+        return False
+    return marker.get("input_hash") == pipeline.input_hash(task)
+
+
+def write_marker(pipeline: Pipeline, paths: RunPaths, task: Task, **info: Any) -> Path:
+    path = task.marker(paths)
+    atomic_write_json(path, {"task": task.key, "input_hash": pipeline.input_hash(task),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+    return path
+
+
+def _is_rank0() -> bool:
+    from gtl_dist.train.dist import resolve_dist_env
+    return resolve_dist_env(os.environ, node_addr=lambda name: name, free_port=lambda: 0).is_main
+
+
+def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
+    """Run ``task`` in this process (one rank of its job). Returns "done", "skipped" (already
+    complete with the same inputs) or "preempted" (saved; the job should be requeued)."""
+    paths = RunPaths(run_dir)
+    pipeline = Pipeline(cfg)
+    if marker_valid(pipeline, paths, task):
+        log.info("%s: already done with the same inputs (%s); nothing to do", task.key, task.marker(paths))
+        return "skipped"
+    info: dict[str, Any] = {}
+    if task.kind == "data":
+        from gtl_dist.data import prepare_data
+        manifest = prepare_data(cfg, run_dir)
+        info["data_hash"] = manifest.data_hash
+    elif task.kind in TRAIN_KINDS:
+        from gtl_dist.train import run_stage
+        result = run_stage(cfg, run_dir, task.kind, task.target, task.fraction)
+        if result.status != "finished":
+            return "preempted"
+        info.update(step=result.step, val_loss=result.val_loss, export=str(result.export))
+    elif task.kind == "sample":
+        info.update(_sample(cfg, paths, pipeline, task))
+    elif task.kind == "eval":
+        info.update(_evaluate(cfg, paths))
+    else:
+        raise TaskFailed(f"unknown task kind '{task.kind}'")
+    if _is_rank0():
+        write_marker(pipeline, paths, task, **info)
+    return "done"
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+def _device():
+    import torch
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def load_export(paths: RunPaths, stage: str, target: Optional[str] = None,
+                fraction: Optional[float] = None, device: Any = "cpu"):
+    """An exported model, or a clear error naming the stage that produces it."""
+    from gtl_dist.train import load_exported
+    path = paths.export(stage, target, fraction)
+    if not path.is_file():
+        where = stage if target is None else f"{stage} for target '{target}', fraction {fraction}"
+        raise TaskFailed(f"{path}: missing; the {where} stage has not finished. Run it first "
+                         f"(python launchers/submit.py ... --stages {stage}).")
+    return load_exported(path, device)
+
+
+def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, method: str,
+                    target: Optional[str], fraction: Optional[float], device: Any):
+    """The networks one method samples with (METHOD.md §7 and §9)."""
+    from gtl_dist.sample import MethodNetworks
+    if method == "source":
+        return MethodNetworks(load_export(paths, pipeline.source_stage, device=device))
+    if method in ("vanilla", "finetune"):
+        return MethodNetworks(load_export(paths, method, target, fraction, device))
+    planner = None
+    if cfg.sample.sampler == "planner" and cfg.sample.planner_mode != "uniform":
+        pt = pipeline.planner_task(target, fraction)
+        planner = load_export(paths, "planner", pt.target, pt.fraction, device)
+    return MethodNetworks(load_export(paths, pipeline.source_stage, device=device),
+                          ratio_net=load_export(paths, "ratio", target, fraction, device), planner=planner)
+
+
+def _tokenizer(cfg: RunConfig, paths: RunPaths):
+    if not cfg.uses_tokenizer:
+        return None
+    from gtl_dist.data import Manifest
+    from gtl_dist.data.tokenizer import Tokenizer
+    manifest = Manifest.load(paths.manifest)
+    return Tokenizer(manifest.tokenizer_path, expected_hash=manifest.tokenizer_hash)
+
+
+def _sample(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task) -> dict[str, Any]:
+    import torch
+
+    from gtl_dist.diffusion import NoiseSchedule
+    from gtl_dist.sample import sample_shard, write_sample_shard
+
+    device = _device()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    nets = method_networks(cfg, paths, pipeline, task.method, task.target, task.fraction, device)
+    t0 = time.monotonic()
+    shard = sample_shard(nets, cfg.sample, NoiseSchedule.from_config(cfg.noise), task.shard, device)
+    seconds = time.monotonic() - t0
+    tok = _tokenizer(cfg, paths)
+    texts = [tok.decode(row) for row in shard.tokens.tolist()] if tok is not None else None
+    out = paths.samples(task.method, task.target, task.fraction) / f"shard-{task.shard:04d}.jsonl"
+    write_sample_shard(out, shard, texts)
+    per_seq = shard.stats.per_sequence()
+    log.info("%s: %d samples in %.1fs -> %s (network evaluations per sequence: %s)", task.key,
+             len(shard.tokens), seconds, out, per_seq)
+    return {"samples": len(shard.tokens), "seconds": round(seconds, 3), "seed": shard.seed,
+            "evaluations_per_sequence": per_seq}
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+def _evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
+    from gtl_dist.eval.evaluate import run_eval
+    command = os.environ.get("GTL_SUBMIT_COMMAND")
+    if cfg.data.corpus == "markov":
+        files = run_eval(cfg, paths, command=command)
+    else:
+        files = run_eval(cfg, paths, command=command, **_text_eval_inputs(cfg, paths))
+    return {"report": str(files.report_md)}
+
+
+def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
+    """Reference texts and the networks the text metrics need, as plain callables."""
+    import torch
+
+    from gtl_dist.data import Manifest, make_loader
+
+    device = _device()
+    manifest = Manifest.load(paths.manifest)
+    tok = _tokenizer(cfg, paths)
+    references = {}
+    for target in cfg.targets:
+        set_name = f"{target}/test"
+        n = manifest.num_samples(set_name)
+        loader = make_loader(manifest, set_name, min(64, n), shuffle=False, infinite=False,
+                             expected_tokenizer_hash=manifest.tokenizer_hash)
+        references[target] = [tok.decode(row) for batch in loader for row in batch["tokens"].tolist()]
+
+    def as_callable(model):
+        @torch.no_grad()
+        def call(tokens):
+            return model(torch.as_tensor(tokens, dtype=torch.long, device=device)).float().cpu()
+        return call
+
+    return dict(references=references,
+                classifier=lambda t, f: as_callable(load_export(paths, "classifier_ti", t, f, device)),
+                reference_lm=lambda t: as_callable(load_export(paths, "reference_lm", t, None, device)),
+                eos_id=manifest.eos_id, bos_id=manifest.bos_id)
+
+
+# -- submitit ---------------------------------------------------------------------------------------
+
+class TaskRunner:
+    """The callable submitit pickles: one pipeline task per job (or array element).
+
+    Checkpointable: on preemption or time-out submitit calls ``checkpoint`` (rank 0, inside its
+    signal handler, after our collective save) and requeues the same task, which resumes.
+    """
+
+    def __init__(self, cfg_dict: dict[str, Any], run_dir: str):
+        self.cfg_dict = cfg_dict
+        self.run_dir = run_dir
+
+    def __call__(self, task: Task) -> str:
+        _export_local_distributed_env()
+        cfg = config_from_dict(self.cfg_dict, source=f"{self.run_dir}/config.yaml")
+        log.info("task %s (run %s)", task.key, self.run_dir)
+        return run_task(cfg, self.run_dir, task)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+        # No I/O here: the training loop already saved before submitit's handler ran.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _export_local_distributed_env() -> None:
+    """Under submitit's local executor, expose the ranks as RANK/WORLD_SIZE/... (on SLURM the
+    resolver reads SLURM_* itself and finds rank 0's address through NodeAddr)."""
+    if "SUBMITIT_LOCAL_JOB_ID" not in os.environ or "RANK" in os.environ:
+        return
+    import submitit
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

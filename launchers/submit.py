@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Submit the whole GTL pipeline for one config: data, the source denoiser, per-(target, fraction)
+classifiers / ratio nets / baselines, sampling and evaluation.
+
+    python launchers/submit.py --config configs/arxiv.yaml --nodes 8 --gpus-per-node 8 \\
+        --set data.path=/data/arxiv-metadata-oai-snapshot.json
+    tensorboard --logdir runs/arxiv/tb
+    python launchers/submit.py --config configs/arxiv.yaml --nodes 8 ...   # again after a
+        # preemption or a crash: finished tasks are skipped, queued ones are not submitted twice,
+        # the rest resume from their last committed checkpoint
+    python launchers/submit.py --config configs/markov.yaml --cluster local --wait   # no SLURM
+
+On SLURM the command submits every job (arrays with afterok dependencies), prints the job ids,
+the run directory and the TensorBoard command, and returns; --wait follows the run to the end.
+--cluster local and --cluster debug always run to the end on this machine.
+Exit codes: 0 success (or submitted), 1 a task failed, 2 bad configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from gtl_dist.cluster.dag import build_pipeline
+from gtl_dist.cluster.launch import LaunchError, LaunchOptions, Launcher, render_sbatch, task_state
+from gtl_dist.cluster.run_dir import check_preflight, prepare_run_dir
+from gtl_dist.config import ConfigError, load_config
+from gtl_dist.log import get_logger
+
+log = get_logger("submit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launchers/submit.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", required=True, metavar="YAML",
+                   help="experiment config (configs/*.yaml); repeat to layer overlays, later wins")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config key, e.g. --set train.denoiser.steps=1000 (repeatable)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes for the source denoiser (and AR/AR2Diff) job; the small "
+                        "per-target jobs use one task each (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node; the denoiser runs one rank per GPU (default: cluster.gpus_per_node)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per task (default: cluster.cpus_per_task)")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: cluster.partition "
+                                                     "or the cluster's default partition)")
+    p.add_argument("--time", type=int, default=None, metavar="MIN",
+                   help="time limit of the denoiser job in minutes (default: cluster.timeout_min)")
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], default=None,
+                   help="slurm: submit with sbatch; local: submitit's local executor on this "
+                        "machine; debug: in this process (default: slurm if sbatch is on PATH, "
+                        "else local)")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory (default: runs/<config name>); it holds data, checkpoints, "
+                        "samples, TensorBoard events and the report")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="run only these stages (data denoiser planner classifier_ti classifier_td "
+                        "ratio vanilla finetune reference_lm ar_pretrain ar2diff sample eval)")
+    p.add_argument("--wait", action="store_true",
+                   help="SLURM: follow the run until every task finished or one failed")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="MIN",
+                   help="give up following after this many minutes (jobs keep running)")
+    p.add_argument("--local-parallelism", type=int, default=1,
+                   help="--cluster local: tasks run at once (default 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the sbatch scripts; submit nothing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in ["python", "launchers/submit.py", *(argv or sys.argv[1:])])
+    os.environ.setdefault("GTL_SUBMIT_COMMAND", command)  # jobs inherit it; the report cites it
+    cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
+        pipeline = build_pipeline(cfg, only=args.stages)
+        opts = LaunchOptions(cluster=cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                             cpus_per_task=args.cpus_per_task, partition=args.partition,
+                             time_min=args.time, local_parallelism=args.local_parallelism,
+                             command=command)
+        check_preflight(cfg, opts, run_dir)
+        if not args.dry_run:
+            prepare_run_dir(cfg, run_dir)
+        launcher = Launcher(cfg, run_dir, opts, pipeline)
+        plan = launcher.plan()
+        launcher.check_prerequisites(plan)
+    except (ConfigError, LaunchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"run directory: {run_dir}")
+    for group in pipeline.groups:
+        n_done = sum(t in plan.done for t in group.tasks)
+        n_flight = sum(t in plan.in_flight for t in group.tasks)
+        n_run = sum(t in plan.to_run for t in group.tasks)
+        print(f"  {group.name:<14} {len(group.tasks):>3} task(s): {n_done} done, {n_flight} queued/running, "
+              f"{n_run} to run")
+    if not plan.to_run:
+        print("nothing to submit" + (" (jobs still queued/running)" if plan.in_flight else
+                                     ": every task is done"))
+        return _finish(run_dir, cfg, launcher, args, cluster, follow=bool(plan.in_flight))
+
+    if args.dry_run:
+        if cluster == "slurm":
+            for group in pipeline.groups:
+                if any(t in plan.to_run for t in group.tasks):
+                    print(f"\n# ---- {group.name} ----")
+                    print(render_sbatch(group, cfg, opts, run_dir, dependency="afterok:<upstream>"))
+        return 0
+
+    if cluster != "debug":
+        from gtl_dist.train.dist import prebuild_ops
+        prebuild_ops()  # jobs must never JIT-build it inside a preemptible step
+
+    if cluster == "slurm":
+        try:
+            submitted = launcher.submit(plan)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for name, ids in submitted.items():
+            shown = ", ".join(ids[:4]) + (f", ... ({len(ids)} tasks)" if len(ids) > 4 else "")
+            print(f"  submitted {name:<14} {shown}")
+        return _finish(run_dir, cfg, launcher, args, cluster, follow=args.wait)
+
+    print(f"tensorboard --logdir {run_dir / 'tb'}")
+    failed = launcher.run_here(plan)
+    return _report_end(run_dir, failed)
+
+
+def _finish(run_dir: Path, cfg, launcher: Launcher, args, cluster: str, follow: bool) -> int:
+    print(f"tensorboard --logdir {run_dir / 'tb'}")
+    print(f"status:     python launchers/status.py --run-dir {run_dir}")
+    if not follow or cluster != "slurm":
+        return 0
+    return _follow(run_dir, launcher, args.wait_timeout)
+
+
+def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None) -> int:
+    """Poll task states until everything is done or nothing is left running."""
+    from gtl_dist.cluster.launch import slurm_job_states
+    deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min
+    last: dict[str, str] = {}
+    tasks = launcher.pipeline.tasks
+    while True:
+        subs = [s for t in tasks if (s := launcher.subs.get(t)) is not None]
+        states = slurm_job_states(subs)
+        now = {t.key: task_state(launcher.pipeline, launcher.paths, t, launcher.subs.get(t), states)
+               for t in tasks}
+        for key, state in now.items():
+            if last.get(key) != state:
+                print(f"  {time.strftime('%H:%M:%S')} {key:<32} {state}", flush=True)
+        last = now
+        failed = [t for t in tasks if now[t.key] in ("failed", "cancelled")]
+        active = [t for t in tasks if now[t.key] in ("running", "pending")]
+        if not active:
+            return _report_end(run_dir, failed, launcher)
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"stopped following after {timeout_min} min; jobs keep running "
+                  f"(python launchers/status.py --run-dir {run_dir})")
+            return 0
+        time.sleep(10)
+
+
+def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None) -> int:
+    if failed:
+        print(f"{len(failed)} task(s) failed:", file=sys.stderr)
+        for task in failed:
+            sub = launcher.subs.get(task) if launcher else None
+            where = f" (log: {sub.log_paths()[1]})" if sub else ""
+            print(f"  {task.key}{where}", file=sys.stderr)
+        print(f"see: python launchers/status.py --run-dir {run_dir}", file=sys.stderr)
+        return 1
+    report = run_dir / "eval" / "report.md"
+    print(f"done. report: {report}" if report.is_file() else "done.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
