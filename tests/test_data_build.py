@@ -258,3 +258,18 @@ def test_bad_corpus_path_fails_before_anything_is_built(tmp_path, configs_dir):
     with pytest.raises(ValueError, match="none.jsonl: corpus file not found"):
         prepare_data(cfg, tmp_path)
     assert not (tmp_path / "data" / "plan.json").exists()
+
+
+def test_build_steps_out_of_order_are_clear_errors(tmp_path, configs_dir):
+    from gtl_dist.data.build import finalize, prepare, run_slice
+    root = tmp_path / "data"
+    with pytest.raises(BuildError, match="plan.json: not prepared yet; run .*--prepare"):
+        run_slice(root, 0, 2)
+    prepare(_markov_cfg(configs_dir), root)
+    with pytest.raises(BuildError, match=r"--slice 2 is outside 0\.\.1"):
+        run_slice(root, 2, 2)
+    run_slice(root, 1, 2)
+    with pytest.raises(BuildError, match=r"build unit\(s\) not finished \(source-train-u00000"):
+        finalize(root)
+    run_slice(root, 0, 2)
+    assert finalize(root).num_samples("sticky/train") == 200

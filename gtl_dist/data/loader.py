@@ -82,12 +82,16 @@ class ConsumerStream:
         self.consumer, self.num_consumers = consumer, num_consumers
         self.seed, self.shuffle, self.seq_len = seed, shuffle, seq_len
         self.epoch, self.slot, self.offset = 0, 0, 0  # position: pass, shard within the pass, sample
-        self._cached: Optional[tuple[int, np.ndarray, list[str]]] = None
+        self._raw: Optional[tuple[int, np.ndarray, list[str]]] = None  # shard, rows, domains as stored
+        self._view: Optional[tuple[int, int, np.ndarray, list[str]]] = None  # epoch, shard, in pass order
+        self._pass: Optional[tuple[int, np.ndarray]] = None
 
     def pass_shards(self, epoch: int) -> np.ndarray:
-        order = (np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths)) if self.shuffle
-                 else np.arange(len(self.paths)))
-        return order[self.consumer::self.num_consumers]
+        if self._pass is None or self._pass[0] != epoch:
+            order = (np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths)) if self.shuffle
+                     else np.arange(len(self.paths)))
+            self._pass = (epoch, order[self.consumer::self.num_consumers])
+        return self._pass[1]
 
     def seek(self, sample: int) -> None:
         """Jump to the ``sample``-th sample of the stream without reading any shard."""
@@ -105,26 +109,29 @@ class ConsumerStream:
             slot += 1
         self.epoch, self.slot, self.offset = epoch, slot, sample
 
-    def _shard(self, index: int) -> tuple[np.ndarray, list[str]]:
-        if self._cached is None or self._cached[0] != index:
+    def _shard(self, epoch: int, index: int) -> tuple[np.ndarray, list[str]]:
+        """The shard's samples in this pass's order (one shard is held at a time)."""
+        if self._raw is None or self._raw[0] != index:
             tokens, domains = read_shard(self.paths[index], self.seq_len, limit=int(self.counts[index]))
             if len(tokens) != self.counts[index]:
                 raise ManifestError(f"{self.paths[index]}: holds {len(tokens)} samples, the manifest "
                                     f"promises at least {self.counts[index]}; rebuild the data")
-            self._cached = (index, tokens, domains)
-        return self._cached[1], self._cached[2]
+            self._raw = (index, tokens, domains)
+        if self._view is None or self._view[:2] != (epoch, index):
+            _, tokens, domains = self._raw
+            order = (np.random.default_rng([self.seed, epoch, 1, index]).permutation(len(tokens))
+                     if self.shuffle else np.arange(len(tokens)))
+            self._view = (epoch, index, tokens[order], [domains[i] for i in order])
+        return self._view[2], self._view[3]
 
     def take(self, n: int) -> tuple[np.ndarray, list[str]]:
         rows, domains = [], []
         while n > 0:
             mine = self.pass_shards(self.epoch)
-            index = int(mine[self.slot])
-            tokens, doms = self._shard(index)
-            order = (np.random.default_rng([self.seed, self.epoch, 1, index]).permutation(len(tokens))
-                     if self.shuffle else np.arange(len(tokens)))
-            picked = order[self.offset:self.offset + n]
-            rows.append(tokens[picked])
-            domains += [doms[i] for i in picked]
+            tokens, doms = self._shard(self.epoch, int(mine[self.slot]))
+            rows.append(tokens[self.offset:self.offset + n])
+            domains += doms[self.offset:self.offset + n]
+            picked = rows[-1]
             n -= len(picked)
             self.offset += len(picked)
             if self.offset == len(tokens):
@@ -157,7 +164,9 @@ class _RankBatches(IterableDataset):
         k = first
         while self.stop is None or k < self.stop:
             tokens, domains = stream.take(self.batch_size)
-            yield {"tokens": torch.from_numpy(tokens.astype(np.int64)), "domain": domains, "index": k}
+            # Ids travel in their compact stored dtype (less to copy between processes) and are
+            # widened to int64 in the main process.
+            yield {"tokens": torch.from_numpy(tokens), "domain": domains, "index": k}
             k += self.workers
 
 
@@ -229,6 +238,7 @@ class ShardLoader:
                 if k != self._position:  # the round-robin contract the cursor relies on is broken
                     raise RuntimeError(f"data loader yielded batch {k} where {self._position} was due")
                 self._position += 1
+                batch["tokens"] = batch["tokens"].long()
                 yield batch
         finally:
             if self.num_workers:

@@ -186,9 +186,6 @@ class Manifest:
             for shard in self.get_set(name).shards:
                 verify_shard(self.root / shard.name, shard)
 
-    def fraction_names(self, set_name: str) -> dict[str, int]:
-        return dict(self.get_set(set_name).fractions or {})
-
 
 _VERIFIED: dict[tuple, str] = {}
 
