@@ -61,6 +61,8 @@ class ToyLoader:
         self.epoch, self.batch = 0, 0
 
     def __iter__(self):
+        if not self.infinite:  # one pass from the start each time, like ShardLoader
+            self.epoch, self.batch = 0, 0
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.mine), generator=g) if self.shuffle \
@@ -147,10 +149,13 @@ class ToyTask:
         loss = toy_masked_loss(model, batches["train"]["tokens"], rng.shared, rng.local)
         return loss, {"tokens": float(batches["train"]["tokens"].numel())}
 
-    def validate(self, model, rng, micro_batch, dist_env):
+    def validation_loaders(self, micro_batch, dist_env):
+        return {"val": ToyLoader(self.val_data, micro_batch, dist_env.rank, dist_env.world_size, 0,
+                                 infinite=False, shuffle=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
         from gtl_dist.train import dist
-        loader = ToyLoader(self.val_data, micro_batch, dist_env.rank, dist_env.world_size, 0,
-                           infinite=False, shuffle=False)
+        loader = loaders["val"]
         losses = [toy_masked_loss(model, b["tokens"], rng.shared, rng.local).item()
                   for _, b in zip(range(self.train_config.val_batches), loader)]
         total, count = dist.all_reduce([sum(losses), len(losses)], "sum")

@@ -198,8 +198,11 @@ class DiffusionTask(ShardTask):
         return mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device), rng.local,
                          vocab=self.vocab)
 
-    def validate(self, model, rng, micro_batch, dist_env):
-        loader = self.loader(self.val_set, micro_batch, dist_env, 0, train=False)
+    def validation_loaders(self, micro_batch, dist_env):
+        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
+        loader = loaders["val"]
         stats = []
         for _, batch in zip(range(self.val_batches(loader)), loader):
             x0 = batch["tokens"].to(rng.local.device)
@@ -215,8 +218,11 @@ class ARTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
 
-    def validate(self, model, rng, micro_batch, dist_env):
-        loader = self.loader("source/test", micro_batch, dist_env, 0, train=False)
+    def validation_loaders(self, micro_batch, dist_env):
+        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
+        loader = loaders["val"]
         stats = [ar_loss(model, b["tokens"].to(rng.local.device), pad_id=self.vocab.pad_id)[1]
                  for _, b in zip(range(self.val_batches(loader)), loader)]
         return mean_over_ranks(stats)
@@ -272,10 +278,13 @@ class ClassifierTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
 
-    def validate(self, model, rng, micro_batch, dist_env):
+    def validation_loaders(self, micro_batch, dist_env):
         half = max(1, micro_batch // 2)
-        src = self.loader("source/test", half, dist_env, 0, train=False)
-        tgt = self.loader(f"{self.target}/test", half, dist_env, 0, train=False)
+        return {"source": self.loader("source/test", half, dist_env, 0, train=False),
+                "target": self.loader(f"{self.target}/test", half, dist_env, 0, train=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
+        src, tgt = loaders["source"], loaders["target"]
         n = min(self.val_batches(src), self.val_batches(tgt))
         stats, logits_s, logits_t = [], [], []
         device = rng.local.device
@@ -329,9 +338,12 @@ class RatioTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
 
-    def validate(self, model, rng, micro_batch, dist_env):
-        src = self.loader("source/test", micro_batch, dist_env, 0, train=False)
-        tgt = self.loader(f"{self.target}/test", micro_batch, dist_env, 0, train=False)
+    def validation_loaders(self, micro_batch, dist_env):
+        return {"source": self.loader("source/test", micro_batch, dist_env, 0, train=False),
+                "target": self.loader(f"{self.target}/test", micro_batch, dist_env, 0, train=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
+        src, tgt = loaders["source"], loaders["target"]
         n = min(self.val_batches(src), self.val_batches(tgt))
         device = rng.local.device
         return mean_over_ranks([self.objective(model, bs["tokens"].to(device), bt["tokens"].to(device),
@@ -361,8 +373,11 @@ class PlannerTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["train"]["tokens"], rng)
 
-    def validate(self, model, rng, micro_batch, dist_env):
-        loader = self.loader(self.val_set, micro_batch, dist_env, 0, train=False)
+    def validation_loaders(self, micro_batch, dist_env):
+        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
+
+    def validate(self, model, rng, loaders, dist_env):
+        loader = loaders["val"]
         return mean_over_ranks([self.objective(model, b["tokens"].to(rng.local.device), rng)[1]
                                 for _, b in zip(range(self.val_batches(loader)), loader)])
 

@@ -135,7 +135,13 @@ class Task(ABC):
         """Loss of one micro-batch (and float statistics, the same keys on every rank)."""
 
     @abstractmethod
-    def validate(self, model: nn.Module, rng: StepRandom, micro_batch: int,
+    def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> dict[str, Any]:
+        """Single-pass, unshuffled loaders; built before training so that a validation set
+        that cannot be read (too few shards for the ranks, ...) fails at once, not at the
+        first validation hours later."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, rng: StepRandom, loaders: dict[str, Any],
                  dist_env: DistEnv) -> dict[str, float]:
         """One deterministic pass on this rank's share; returns metrics averaged over ALL ranks
         (collective), including ``"loss"``."""
@@ -312,6 +318,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     else:
         data_seed = cfg.seed
     loaders = task.train_loaders(geometry.micro_batch, d, data_seed)
+    val_loaders = task.validation_loaders(geometry.micro_batch, d)
     if rank_state is not None:
         for name, loader in loaders.items():
             loader.load_state_dict(rank_state["loaders"][name])
@@ -337,7 +344,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         with torch.no_grad(), autocast(device, precision), \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             values = task.validate(eval_model, StepRandom.for_validation(cfg.seed, d, device),
-                                   geometry.micro_batch, d)
+                                   val_loaders, d)
         return values, weights
 
     def save(at: int) -> None:

@@ -8,7 +8,7 @@ carry no duplicate points (infra_anchors V11); the JSONL log is truncated the sa
 up to two minutes.
 
 Tags: ``train/{loss,lr,grad_norm,tokens_per_s,samples_per_s}``, ``val/*``,
-``sys/{rss_gb,cuda_max_allocated_gb}``, the config as text, and hparams at the end.
+``sys/{rss_gb,peak_rss_gb,cuda_max_allocated_gb}``, the config as text, and hparams at the end.
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ from gtl_dist.io import atomic_write_text
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """Resident memory of this process now (Linux /proc) and the CUDA allocator's peak."""
-    out = {}
+    """Resident memory of this process now (Linux /proc) and at its peak, and the CUDA
+    allocator's peak."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    out = {"peak_rss_gb": peak / (2**30 if sys.platform == "darwin" else 2**20)}
     try:
         with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        out["rss_gb"] = pages * resource.getpagesize() / 2**30
-    except OSError:  # not Linux: peak RSS instead (kB on Linux, bytes on macOS)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["rss_gb"] = peak / (2**30 if sys.platform == "darwin" else 2**20)
+            out["rss_gb"] = int(fh.read().split()[1]) * resource.getpagesize() / 2**30
+        # the kernel's high-water mark is updated lazily and can trail the current reading
+        out["peak_rss_gb"] = max(out["peak_rss_gb"], out["rss_gb"])
+    except OSError:
+        pass
     if device.type == "cuda":
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
