@@ -1,8 +1,10 @@
 """Building shards: manifest, packing round trip, fractions, overlap, worker-count independence,
 resumption after SIGKILL, config changes, and the two CLIs."""
 
+import io
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from gtl_dist.config import load_config
 from gtl_dist.data import Manifest, ManifestError, markov, prepare_data, sets
@@ -74,7 +77,7 @@ def test_markov_manifest_roundtrip_fractions_and_overlap(tmp_path, configs_dir):
     assert m.tokenizer_hash == markov.chain_spec_hash(cfg.data.markov) and m.data_hash == data_hash(cfg)
     assert list(m.sets) == ["source/train", "source/test", "sticky/train", "sticky/test"]
     names = [s.name for e in m.sets.values() for s in e.shards]
-    assert all(__import__("re").match(SHARD_NAME, n) for n in names) and sorted(os.listdir(m.root)) == sorted(
+    assert all(re.match(SHARD_NAME, n) for n in names) and sorted(os.listdir(m.root)) == sorted(
         names + ["corpus", "manifest.json", "plan.json"])
     # Every sequence of every set comes back exactly (as a multiset) from the shards.
     expected = sets.build_markov_sets(cfg)
@@ -117,9 +120,9 @@ def test_text_build_packs_documents_exactly(tmp_path, configs_dir, corpus_file):
         total_tokens += sum(len(t) + 2 for t in tok.encode([corpus[i][0] for i in ids]))
         whole_docs = 0
         for shard in m.sets[name].shards:
-            for sample in __import__("webdataset").tarfile_samples([{"url": str(m.root / shard.name)}]):
+            for sample in wds.tarfile_samples([{"url": str(m.root / shard.name)}]):
                 meta = json.loads(sample["json"])
-                row = np.load(__import__("io").BytesIO(sample["npy"]))
+                row = np.load(io.BytesIO(sample["npy"]))
                 assert row.shape == (32,) and row.dtype == np.uint8
                 # Chunks never mix domains or sets.
                 assert meta["doc_ids"] and all(corpus[i][1] == meta["domain"] for i in meta["doc_ids"])

@@ -1,7 +1,9 @@
 """The data layer: corpora, tokenizer, WebDataset shards with a manifest, and a resumable reader.
 
     prepare_data(cfg, run_dir) -> Manifest          build (or find) the run's shards
+    Manifest.load(data_dir(cfg, run_dir))           the manifest of a built run (shards.dir aware)
     make_loader(manifest, "source/train", 64, ...)  stream batches of token ids
+    data_hash(cfg)                                  what manifest.data_hash must equal for cfg
 
 See gtl_dist/data/build.py for the build, gtl_dist/data/loader.py for the reader's contract, and
 gtl_dist/data/markov.py for the synthetic chains and their exact math.
@@ -9,10 +11,12 @@ gtl_dist/data/markov.py for the synthetic chains and their exact math.
 
 from typing import Any
 
+from gtl_dist.data.build import data_dir, data_hash
 from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
 from gtl_dist.data.prepare import prepare_data
 
-__all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "make_loader", "prepare_data"]
+__all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "data_dir", "data_hash",
+           "make_loader", "prepare_data"]
 
 
 def __getattr__(name: str) -> Any:
