@@ -106,16 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {group.name:<14} {len(group.tasks):>3} task(s): {n_done} done, {n_flight} queued/running, "
               f"{n_run} to run")
     if not plan.to_run:
-        print("nothing to submit" + (" (jobs still queued/running)" if plan.in_flight else
+        busy = [t for t in pipeline.tasks if t in plan.in_flight]
+        print("nothing to submit" + (" (jobs still queued/running)" if busy else
                                      ": every task is done"))
-        return _finish(run_dir, cfg, launcher, args, cluster, follow=bool(plan.in_flight))
+        return _finish(run_dir, cfg, launcher, args, cluster, follow=bool(busy) and args.wait)
 
     if args.dry_run:
         if cluster == "slurm":
             for group in pipeline.groups:
                 if any(t in plan.to_run for t in group.tasks):
                     print(f"\n# ---- {group.name} ----")
-                    print(render_sbatch(group, cfg, opts, run_dir, dependency="afterok:<upstream>"))
+                    upstream = "afterok:<job ids of " + ", ".join(group.deps) + ">" if group.deps else None
+                    print(render_sbatch(group, cfg, opts, run_dir, dependency=upstream))
         return 0
 
     if cluster != "debug":

@@ -234,8 +234,11 @@ class Launcher:
 
     # planning ----------------------------------------------------------------------------
     def plan(self) -> Plan:
+        """States of every task in the DAG; only the selected groups' tasks are scheduled (the
+        others count as inputs when they are done or queued)."""
         plan = Plan()
-        tasks = self.pipeline.tasks
+        selected = set(self.pipeline.tasks)
+        tasks = [t for g in self.pipeline.all_groups for t in g.tasks]
         subs = [s for t in tasks if (s := self.subs.get(t)) is not None]
         states = slurm_job_states(subs) if self.opts.cluster == "slurm" else {}
         for task in tasks:
@@ -244,7 +247,7 @@ class Launcher:
                 plan.done.append(task)
             elif state in ("running", "pending") and self.opts.cluster != "debug":
                 plan.in_flight[task] = self.subs.get(task)
-            else:
+            elif task in selected:
                 plan.to_run.append(task)
         return plan
 

@@ -1,0 +1,170 @@
+"""launchers/submit.py on one machine: the whole tiny pipeline with submitit's local executor,
+idempotent re-submission, the rendered sbatch scripts, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gtl_dist.cluster.dag import build_pipeline
+from gtl_dist.cluster.launch import LaunchOptions, render_sbatch
+from gtl_dist.cluster.tasks import marker_valid
+from gtl_dist.config import load_config
+from gtl_dist.paths import RunPaths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "GTL_NO_PROGRESS_BAR": "1"})
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "tiny"
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                  "--local-parallelism", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_local_pipeline_runs_to_a_report(local_run):
+    run_dir, proc = local_run
+    report = run_dir / "eval" / "report.md"
+    assert f"done. report: {report}" in proc.stdout
+    text = report.read_text()
+    assert "transition_mean_abs_err" in text
+    with open(run_dir / "eval" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    got = {(r["method"], r["fraction"]) for r in rows if r["metric"] == "transition_mean_abs_err"}
+    for method in ("gtl", "vanilla", "finetune"):
+        for f in cfg.data.target_fractions:
+            assert any(m == method and float(fr) == f for m, fr in got if fr), (method, f, got)
+    assert ("source", "") in got
+    # Every task left a marker valid for the current inputs; exports and samples are complete.
+    pipeline = build_pipeline(cfg)
+    assert [t.key for t in pipeline.tasks if not marker_valid(pipeline, RunPaths(run_dir), t)] == []
+    assert (run_dir / "denoiser" / "export" / "model.pt").is_file()
+    assert (run_dir / "ratio" / "sticky" / "0.2" / "DONE.json").is_file()
+    shards = sorted((run_dir / "samples" / "gtl" / "sticky" / "1").glob("shard-*.jsonl"))
+    assert len(shards) == cfg.sample.shards
+    assert sum(len(p.read_text().splitlines()) for p in shards) == cfg.sample.num_samples
+
+
+def test_resubmitting_a_finished_run_submits_nothing(local_run):
+    run_dir, _ = local_run
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to submit: every task is done" in proc.stdout
+    assert "started" not in proc.stdout
+
+
+def test_status_table_shows_every_task_done(local_run):
+    run_dir, _ = local_run
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "status.py"), "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n = len(build_pipeline(load_config(REPO / "configs" / "tiny.yaml")).tasks)
+    assert f"{n} tasks: {n} done" in proc.stdout
+    assert "denoiser" in proc.stdout and "40/40" in proc.stdout
+
+
+def test_run_dir_of_another_config_is_refused_naming_the_keys(local_run):
+    run_dir, _ = local_run
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                  "--set", "models.denoiser.hidden=64", "--set", "sample.gamma=3")
+    assert proc.returncode == 2
+    assert "made by a different config" in proc.stderr
+    assert "models.denoiser.hidden: 32 -> 64" in proc.stderr and "sample.gamma: 2.0 -> 3.0" in proc.stderr
+
+
+def test_a_crashing_stage_is_reported_and_its_dependants_cancelled(tmp_path, local_run):
+    """A corrupted source export makes fine-tuning crash: the failure names the log, and the
+    fine-tuned samples that depend on it are cancelled, not left waiting."""
+    src, _ = local_run
+    run_dir = tmp_path / "run"
+    # Reuse the finished run's data and denoiser; re-run fine-tuning and its samples only.
+    subprocess.run(["cp", "-r", str(src), str(run_dir)], check=True)
+    for stale in ("finetune", "samples/finetune", "eval"):
+        subprocess.run(["rm", "-rf", str(run_dir / stale)], check=True)
+    (run_dir / "jobs" / "submissions.json").unlink()
+    (run_dir / "denoiser" / "export" / "model.pt").write_bytes(b"not a checkpoint")
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                  "--stages", "finetune", "sample", "eval")
+    assert proc.returncode == 1
+    assert "FAILED finetune/sticky/1" in proc.stdout and "log: " in proc.stdout
+    assert "cancelled sample/finetune/sticky/1/shard0" in proc.stdout
+    assert "cancelled eval" in proc.stdout
+    log_path = Path(proc.stdout.split("FAILED finetune/sticky/1")[1].split("log: ")[1].split(")")[0])
+    assert log_path.is_file() and "Traceback" in log_path.read_text()
+
+
+def test_stages_whose_inputs_are_missing_are_refused(tmp_path):
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(tmp_path / "r"),
+                  "--stages", "finetune")
+    assert proc.returncode == 2
+    assert "finetune/sticky/1 needs denoiser" in proc.stderr and "add 'denoiser' to --stages" in proc.stderr
+
+
+def test_fraction_without_target_data_is_refused(tmp_path):
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(tmp_path / "r"),
+                  "--set", "data.target_fractions=[1.0, 0.001]")
+    assert proc.returncode == 2
+    assert "fraction 0.001 of target 'sticky' leaves no training sequences" in proc.stderr
+
+
+def test_unknown_stage_and_config_key_are_clear_errors(tmp_path):
+    proc = submit("--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"), "--stages", "denoisr")
+    assert proc.returncode == 2 and "unknown stage(s) denoisr" in proc.stderr
+    proc = submit("--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"), "--set", "sample.gama=1")
+    assert proc.returncode == 2 and "did you mean 'gamma'" in proc.stderr
+
+
+def test_help_explains_the_command():
+    proc = submit("--help")
+    assert proc.returncode == 0
+    for flag in ("--nodes", "--gpus-per-node", "--cluster", "--run-dir", "--stages", "--set", "--wait"):
+        assert flag in proc.stdout
+
+
+def _flags(script: str) -> dict[str, str]:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key] = value.strip("'")
+    return out
+
+
+def test_rendered_sbatch_for_8_nodes_of_8_gpus(tmp_path):
+    cfg = load_config(REPO / "configs" / "arxiv.yaml", ["data.path=/data/arxiv.json"])
+    pipeline = build_pipeline(cfg)
+    opts = LaunchOptions(cluster="slurm", nodes=8, gpus_per_node=8, cpus_per_task=8, partition="gpu",
+                         time_min=2880)
+    run_dir = tmp_path / "arxiv"
+
+    big = _flags(render_sbatch(pipeline.group("denoiser"), cfg, opts, run_dir, "afterok:100"))
+    assert big["nodes"] == "8" and big["ntasks-per-node"] == "8" and big["gpus-per-node"] == "8"
+    assert big["cpus-per-task"] == "8" and big["partition"] == "gpu" and big["time"] == "2880"
+    assert big["dependency"] == "afterok:100" and big["kill-on-invalid-dep"] == "yes"
+    assert big["signal"] == f"USR2@{cfg.cluster.signal_delay_s}" and "requeue" in big
+    assert "array" not in big
+
+    ratio = _flags(render_sbatch(pipeline.group("ratio"), cfg, opts, run_dir))
+    n = len(cfg.targets) * len(cfg.data.target_fractions)
+    assert ratio["array"] == f"0-{n - 1}%{min(n, cfg.cluster.array_parallelism)}"
+    assert ratio["nodes"] == "1" and ratio["ntasks-per-node"] == "1" and ratio["gpus-per-node"] == "1"
+    assert ratio["time"] == str(cfg.cluster.small_timeout_min)
+
+    data = _flags(render_sbatch(pipeline.group("data"), cfg, opts, run_dir))
+    assert "gpus-per-node" not in data and data["cpus-per-task"] == str(cfg.shards.build_workers)
+    samples = _flags(render_sbatch(pipeline.group("sample"), cfg, opts, run_dir))
+    assert samples["array"].startswith(f"0-{len(pipeline.group('sample').tasks) - 1}%")
