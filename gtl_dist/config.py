@@ -37,6 +37,11 @@ METHODS = ("gtl", "source", "vanilla", "finetune")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+# Settings that change how shards are built or where they go, but not a byte of what they hold
+# (the build is independent of its worker count): excluded from every hash.
+BUILD_ONLY_KEYS = ("shards.build_workers", "shards.dir")
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the file and key it comes from."""
 
@@ -293,10 +298,18 @@ class RunConfig:
         """Hash of the named sections only (e.g. ``"data", "models.denoiser"``).
 
         Checkpoints and stage markers record the hash of what the stage depends on, so that
-        changing, say, the sampler's γ does not invalidate a trained denoiser.
+        changing, say, the sampler's γ does not invalidate a trained denoiser. Keys that only
+        say how the data is built, not what it holds (BUILD_ONLY_KEYS), never count.
         """
         d = self.to_dict()
+        for key in BUILD_ONLY_KEYS:
+            section, name = key.split(".")
+            d[section].pop(name)
         return dict_hash({p: _get_path(d, p.split(".")) for p in paths})
+
+    def data_hash(self) -> str:
+        """What the shards hold: the hash every manifest, loader cursor and checkpoint checks."""
+        return self.section_hash("data", "tokenizer", "shards")
 
 
 def dict_hash(obj: Any) -> str:

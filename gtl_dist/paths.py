@@ -2,7 +2,8 @@
 
     runs/<run>/
       config.yaml, config.json        the resolved configuration and its hash
-      data/                           corpus splits, tokenizer, shards + manifest.json
+      data/                           tokenizer, shards + manifest.json (shards.dir may move them:
+                                      find them with gtl_dist.data.build.data_dir)
       <stage>/                        shared stages (denoiser, planner, ar_pretrain, ar2diff)
       <stage>/<target>/<fraction>/    per-(target, fraction) stages
           ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
@@ -44,14 +45,6 @@ class RunPaths:
     @property
     def data(self) -> Path:
         return self.root / "data"
-
-    @property
-    def tokenizer_model(self) -> Path:
-        return self.data / "tokenizer.model"
-
-    @property
-    def manifest(self) -> Path:
-        return self.data / "manifest.json"
 
     def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
         path = self.root / stage

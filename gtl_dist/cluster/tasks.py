@@ -129,8 +129,9 @@ def _tokenizer(cfg: RunConfig, paths: RunPaths):
     if not cfg.uses_tokenizer:
         return None
     from gtl_dist.data import Manifest
+    from gtl_dist.data.build import data_dir
     from gtl_dist.data.tokenizer import Tokenizer
-    manifest = Manifest.load(paths.manifest)
+    manifest = Manifest.load(data_dir(cfg, paths.root))
     return Tokenizer(manifest.tokenizer_path, expected_hash=manifest.tokenizer_hash)
 
 
@@ -174,9 +175,10 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     import torch
 
     from gtl_dist.data import Manifest, make_loader
+    from gtl_dist.data.build import data_dir
 
     device = _device()
-    manifest = Manifest.load(paths.manifest)
+    manifest = Manifest.load(data_dir(cfg, paths.root))
     tok = _tokenizer(cfg, paths)
     references = {}
     for target in cfg.targets:

@@ -55,7 +55,7 @@ def data_dir(cfg: RunConfig, run_dir: str | Path) -> Path:
 
 
 def data_hash(cfg: RunConfig) -> str:
-    return cfg.section_hash("data", "tokenizer", "shards")
+    return cfg.data_hash()
 
 
 @dataclass

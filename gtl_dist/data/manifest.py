@@ -1,7 +1,7 @@
 """``manifest.json``: what a data directory holds, written last by the build and checked by readers.
 
 It records the sequence length, the vocabulary and its special ids (null where a corpus has no
-such token), the tokenizer hash, the data hash (``cfg.section_hash("data", "tokenizer", "shards")``),
+such token), the tokenizer hash, the data hash (``cfg.data_hash()``),
 the token dtype and, per set, every shard's sample count, size and sha256. Target training sets
 also record the sample count of each target fraction: fraction f is the PREFIX of the first
 round(f * N) samples in shard order, so smaller fractions are subsets of larger ones.
