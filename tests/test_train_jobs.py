@@ -138,6 +138,11 @@ def test_exports_load_without_deepspeed(run_dir):
     curve = val_curve(run_dir, "vanilla")
     assert meta["weights"] == "best"
     assert meta["val_loss"] == min(c["loss"] for c in curve)
+    best = torch.load(stage_dir(run_dir, "vanilla") / "ckpt" / "best" / f"step-{meta['step']:08d}.pt",
+                      weights_only=False)
+    exported = torch.load(stage_dir(run_dir, "vanilla") / "export" / "model.pt", weights_only=True)
+    assert best["step"] == meta["step"]
+    assert all(torch.equal(v, best["state_dict"][k]) for k, v in exported["state_dict"].items())
     assert json.loads((run_dir / "denoiser" / "export" / "model.json").read_text())["weights"] == "ema"
 
 

@@ -364,3 +364,43 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(tmp_path):
                           "--stage", "vanilla"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "stage vanilla is trained per target and fraction: pass --target" in out.stderr
+
+
+# -- checkpoint bookkeeping (rank-0 logic, no process group) -------------------------------------
+
+def fake_commit(root: Path, step: int, best_step=None, committed=True) -> None:
+    import json
+    from gtl_dist.train.checkpoint import COMMIT, step_dir_name
+    folder = root / step_dir_name(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if committed:
+        (folder / COMMIT).write_text(json.dumps({
+            "step": step, "world_size": 1, "zero_stage": 0, "config_hash": "c",
+            "tokenizer_hash": "t", "files": {}, "rank_files": [], "summary": {"best_step": best_step}}))
+
+
+def test_pruning_keeps_the_last_checkpoints_and_the_best_weights_they_refer_to(tmp_path):
+    from gtl_dist.train.checkpoint import Checkpointer
+    from gtl_dist.train.dist import DistEnv
+    ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, "127.0.0.1", 1, "single"), zero_stage=0,
+                        config_hash="c", tokenizer_hash="t", keep_last=2, label="vanilla")
+    # best at step 20 (referenced by every later commit), an older best at 10, a newer
+    # not-yet-committed best at 50, a half-written save at 45
+    for step in (10, 20):
+        ckpt.save_best(step, {"step": step})
+    ckpt.save_best(50, {"step": 50})
+    fake_commit(tmp_path, 10, best_step=10)
+    fake_commit(tmp_path, 20, best_step=20)
+    fake_commit(tmp_path, 30, best_step=20)
+    fake_commit(tmp_path, 40, best_step=20)
+    fake_commit(tmp_path, 45, committed=False)
+    assert ckpt.committed_steps() == [40, 30, 20, 10]
+    ckpt._prune()
+    assert ckpt.committed_steps() == [40, 30]
+    assert [p.name for p in ckpt._best_files()] == ["step-00000020.pt", "step-00000050.pt"]
+    assert ckpt.load_best(20) == {"step": 20}
+    ckpt._clean_uncommitted()
+    assert not (tmp_path / "step-00000045").exists()
+    ckpt.drop_best_after(40)  # resuming at 40: the best from step 50 belongs to a lost future
+    assert [p.name for p in ckpt._best_files()] == ["step-00000020.pt"]

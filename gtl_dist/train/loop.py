@@ -432,7 +432,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             break
     progress.close()
 
-    if preempted:
+    if preempted and step < tc.steps:  # a signal during the last step: just finish
         log.warning("%s: preempted; saved step %d, exiting so the job can be requeued",
                     ctx.label, step)
         metrics.close()
@@ -445,9 +445,8 @@ def train(task: Task, ctx: StageContext) -> StageResult:
 
     # Export: the best-validation weights, else the EMA, else the final weights.
     if tc.select_best and state["best_step"] is not None:
-        best = ckpt.load_best(state["best_step"])
-        weights, which = best["state_dict"], "best"
-        exp_step, exp_val = state["best_step"], state["best_val"]
+        weights = ckpt.load_best(state["best_step"])["state_dict"] if d.is_main else {}
+        which, exp_step, exp_val = "best", state["best_step"], state["best_val"]
     else:
         if last_weights is None:  # resumed at the very end: nothing computed in this process
             last_weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
