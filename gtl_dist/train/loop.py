@@ -276,6 +276,22 @@ def train(task: Task, ctx: StageContext) -> StageResult:
                         tokenizer_hash=task.tokenizer_hash, keep_last=tc.keep_last,
                         label=ctx.label)
     point = ckpt.find_resume_point()
+    step = point.step if point is not None else 0
+
+    # Loaders first: an unreadable data set fails before the engine is built. Cursors and RNG
+    # states are per rank, so they carry over only at the same world size.
+    same_world = point is not None and point.commit.world_size == d.world_size
+    if point is not None and not same_world:
+        data_seed = derive_seed(cfg.seed, "reshuffle", step, d.world_size) % 2**31
+        if d.is_main:
+            log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
+                        "per-rank data cursors and RNG states do not apply: the data restarts on "
+                        "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
+                        point.commit.world_size, d.world_size, data_seed)
+    else:
+        data_seed = cfg.seed
+    loaders = task.train_loaders(geometry.micro_batch, d, data_seed)
+    val_loaders = task.validation_loaders(geometry.micro_batch, d)
 
     seed_rngs(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()
@@ -306,19 +322,9 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             ckpt.drop_best_after(point.step)
             log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
                      point.step_dir, point.step, tc.steps, weights_crc)
-    step = state["step"]
-
-    if point is not None and rank_state is None:
-        data_seed = derive_seed(cfg.seed, "reshuffle", step, d.world_size) % 2**31
-        if d.is_main:
-            log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
-                        "per-rank data cursors and RNG states do not apply: the data restarts on "
-                        "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
-                        point.commit.world_size, d.world_size, data_seed)
-    else:
-        data_seed = cfg.seed
-    loaders = task.train_loaders(geometry.micro_batch, d, data_seed)
-    val_loaders = task.validation_loaders(geometry.micro_batch, d)
+    if state["step"] != step:
+        raise RuntimeError(f"{point.step_dir}: its shared state is at step {state['step']}, its "
+                           f"commit marker at {step}")
     if rank_state is not None:
         for name, loader in loaders.items():
             loader.load_state_dict(rank_state["loaders"][name])
