@@ -216,7 +216,13 @@ class TaskRunner:
     def __call__(self, task: Task) -> str:
         _export_local_distributed_env()
         cfg = config_from_dict(self.cfg_dict, source=f"{self.run_dir}/config.yaml")
-        log.info("task %s (run %s)", task.key, self.run_dir)
+        where = ""
+        if "SLURM_JOB_ID" in os.environ:  # which rank runs where: the first thing to check in a log
+            env = os.environ
+            where = (f" [slurm job {env['SLURM_JOB_ID']}, rank {env.get('SLURM_PROCID', '?')}/"
+                     f"{env.get('SLURM_NTASKS', '?')} on node {env.get('SLURMD_NODENAME', '?')}, "
+                     f"restart {env.get('SLURM_RESTART_COUNT', '0')}]")
+        log.info("task %s (run %s)%s", task.key, self.run_dir, where)
         return run_task(cfg, self.run_dir, task)
 
     def checkpoint(self, *args: Any, **kwargs: Any):

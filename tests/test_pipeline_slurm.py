@@ -1,0 +1,131 @@
+"""The whole pipeline on the real two-node SLURM cluster the test session starts on localhost:
+``submit.py --nodes 2`` on tiny.yaml runs to a report, the denoiser spans both nodes with one rank
+each, per-(target, fraction) stages run as job arrays, an explicit preemption of the denoiser is
+followed by requeue and completion from its saved step, and re-submitting submits nothing.
+
+Every wait has its own deadline (subprocess timeouts, polling with a clock), so nothing can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gtl_dist.cluster.slurm_query import job_states, parse_record, run_slurm
+
+REPO = Path(__file__).resolve().parents[1]
+# Long enough for the preemption to land mid-run with a checkpoint to resume from.
+DENOISER = ["--set", "train.denoiser.steps=120", "--set", "train.denoiser.save_every=10"]
+
+pytestmark = pytest.mark.slurm
+
+
+def submit(run_dir: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launchers" / "submit.py"), "--config", "configs/tiny.yaml",
+         "--cluster", "slurm", "--nodes", "2", "--cpus-per-task", "1", "--run-dir", str(run_dir),
+         *DENOISER, *extra],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "GTL_NO_PROGRESS_BAR": "1"})
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def last_train_step(run_dir: Path) -> int:
+    path = run_dir / "denoiser" / "train_log.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
+             if line.strip().startswith("{") and '"kind": "train"' in line]
+    return max(steps, default=0)
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    ckpt = run_dir / "denoiser" / "ckpt"
+    return sorted(int(p.parent.name.split("-")[1]) for p in ckpt.glob("step-*/COMMIT.json"))
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("slurm-pipeline") / "tiny"
+    proc = submit(run_dir, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    subs = json.loads((run_dir / "jobs" / "submissions.json").read_text())
+    denoiser_job = subs["denoiser"]["job_id"]
+
+    # Preempt the denoiser once it has committed a checkpoint and trained past it.
+    wait_until(lambda: committed_steps(run_dir) and last_train_step(run_dir) >= 25, 420,
+               "the denoiser to commit a checkpoint and pass step 25")
+    preempted_at = last_train_step(run_dir)
+    run_slurm(["scancel", "--signal=USR2", denoiser_job])
+
+    # The same command with --wait finds the jobs queued/running, submits nothing new, and
+    # follows the run to the end.
+    follow = submit(run_dir, "--wait", "--wait-timeout", "20", timeout=1500)
+    return run_dir, proc, follow, denoiser_job, preempted_at
+
+
+def test_pipeline_completes_with_a_report(slurm_run):
+    run_dir, proc, follow, _, _ = slurm_run
+    assert "submitted denoiser" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    assert follow.returncode == 0, follow.stdout[-3000:] + follow.stderr[-3000:]
+    assert "nothing to submit (jobs still queued/running)" in follow.stdout
+    assert (run_dir / "eval" / "report.md").is_file()
+    assert "done. report:" in follow.stdout
+
+
+def test_denoiser_spans_two_nodes_with_one_rank_each(slurm_run):
+    run_dir, _, _, job, _ = slurm_run
+    folder = run_dir / "jobs" / "denoiser" / job
+    ranks = {}
+    for log in folder.glob(f"{job}_*_log.err"):
+        for m in re.finditer(r"rank (\d)/2 on node (\w+)", log.read_text()):
+            ranks[int(m.group(1))] = m.group(2)
+    assert ranks == {0: "n1", 1: "n2"}, ranks
+
+
+def test_per_target_stages_ran_as_arrays(slurm_run):
+    run_dir = slurm_run[0]
+    subs = json.loads((run_dir / "jobs" / "submissions.json").read_text())
+    for group in ("classifier_ti", "ratio", "vanilla", "finetune", "sample"):
+        ids = [v["job_id"] for k, v in subs.items() if v["group"] == group]
+        assert ids and all("_" in i for i in ids), (group, ids)
+        assert len({i.split("_")[0] for i in ids}) == 1, f"{group} was not one array: {ids}"
+        assert sorted(int(i.split("_")[1]) for i in ids) == list(range(len(ids)))
+
+
+def test_preempted_denoiser_was_requeued_and_resumed(slurm_run):
+    run_dir, _, _, job, preempted_at = slurm_run
+    record = parse_record(run_slurm(["scontrol", "show", "job", "-o", job]).stdout)
+    assert int(record.get("Restarts", "0")) >= 1, record
+    log = (run_dir / "jobs" / "denoiser" / job / f"{job}_0_log.err").read_text()
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ \(step (\d+) of", log)]
+    assert resumed, "no resume in the denoiser's log"
+    # It resumed from the checkpoint the preemption saved, not from scratch or an older one.
+    assert resumed[-1] >= preempted_at - 10 and resumed[-1] > 0
+    assert committed_steps(run_dir)[-1] == 120
+    assert job_states([job])[job] == "COMPLETED"
+
+
+def test_resubmitting_the_finished_run_submits_nothing(slurm_run):
+    run_dir = slurm_run[0]
+    before = (run_dir / "jobs" / "submissions.json").read_text()
+    proc = submit(run_dir, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to submit: every task is done" in proc.stdout
+    assert (run_dir / "jobs" / "submissions.json").read_text() == before
