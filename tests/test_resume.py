@@ -162,7 +162,7 @@ def test_world_size_2_to_1_continues_training(case, tmp_path):
         assert torch.isfinite(torch.tensor(one_rec[step]["loss"]))
 
 
-PREEMPT_STEPS = 60
+PREEMPT_STEPS = 30
 
 
 def _start_and_signal(run: Path, logs: Path, tag: str, extra: list[str] = ()) -> tuple[Ranks, int]:

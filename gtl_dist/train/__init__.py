@@ -10,15 +10,18 @@ Modules: dist (rank/world from env or SLURM, DeepSpeed's process group and JIT o
 job kinds).
 """
 
+from typing import Any
+
 from gtl_dist.train.export import load_exported
 from gtl_dist.train.loop import StageResult
 
-
-def run_stage(*args, **kwargs):  # noqa: D103 - documented in gtl_dist.train.jobs.run_stage
-    from gtl_dist.train.jobs import run_stage as _run_stage
-    return _run_stage(*args, **kwargs)
-
-
-run_stage.__doc__ = "See gtl_dist.train.jobs.run_stage (imported lazily: it pulls in the models)."
-
 __all__ = ["StageResult", "load_exported", "run_stage"]
+
+
+def __getattr__(name: str) -> Any:
+    # jobs imports the models, the data layer and this package's modules: load it on first use
+    # so that `import gtl_dist.train.dist` stays light and free of import cycles.
+    if name == "run_stage":
+        from gtl_dist.train.jobs import run_stage
+        return run_stage
+    raise AttributeError(f"module 'gtl_dist.train' has no attribute '{name}'")
