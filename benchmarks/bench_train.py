@@ -1,6 +1,6 @@
 """Throughput of the DeepSpeed training loop against a plain PyTorch loop, measured in one run.
 
-    python benchmarks/bench_train.py [--steps 60] [--seq-len 128] [--hidden 64] [--batch 32]
+    python benchmarks/bench_train.py [--steps 40] [--seq-len 256] [--hidden 128] [--batch 32]
                                      [--threads 2] [--worlds 1 2] [--zero 0 2 3]
 
 What it measures, on one small denoiser config (the Markov task at a longer sequence length):
@@ -142,10 +142,10 @@ def deepspeed_run(sets: list[str], run_dir: Path, world: int, zero: int,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total (split over ranks)")
