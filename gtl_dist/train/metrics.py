@@ -18,7 +18,7 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -16,7 +16,7 @@ stops everyone), saves at that step on every rank, flushes its logs, and then:
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Optional
+from typing import Any
 
 from gtl_dist.log import get_logger
 
