@@ -404,3 +404,17 @@ def test_pruning_keeps_the_last_checkpoints_and_the_best_weights_they_refer_to(t
     assert not (tmp_path / "step-00000045").exists()
     ckpt.drop_best_after(40)  # resuming at 40: the best from step 50 belongs to a lost future
     assert [p.name for p in ckpt._best_files()] == ["step-00000020.pt"]
+
+
+def test_missing_jit_op_inside_slurm_fails_fast_with_the_fix(tmp_path):
+    """Inside a SLURM job the op is never built (a preemption signal would kill the compiler)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"SLURM_JOB_ID": "42", "GTL_TORCH_EXTENSIONS_DIR": str(tmp_path / "empty")})
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    code = "import os; from gtl_dist.train.dist import require_ops; require_ops(os.environ)"
+    out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "DeepSpeed's JIT op is not built in" in out.stderr
+    assert "python -m gtl_dist.train.dist prebuild" in out.stderr
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
