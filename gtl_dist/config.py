@@ -393,7 +393,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -401,6 +402,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             prefix = f"{where}." if where else ""
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys here: {', '.join(names)}")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            # A section overlays its own defaults: `train.vanilla: {steps: 20}` keeps vanilla's
+            # EMA and best-checkpoint selection, `models.ratio: {blocks: 2}` keeps hidden 96.
+            if dataclasses.is_dataclass(default):
+                value = _merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
 

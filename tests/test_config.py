@@ -97,3 +97,14 @@ def test_build_only_keys_do_not_change_what_the_data_hash_covers():
     c = load_config(CONFIGS / "demo.yaml", ["shards.seq_len=64"])
     assert a.data_hash() == b.data_hash() != c.data_hash()
     assert a.section_hash("shards") == b.section_hash("shards")
+
+
+def test_a_section_overlays_its_own_stage_and_role_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  vanilla: {steps: 20}\n  ar2diff: {lr: 1e-4}\nmodels:\n  ratio: {blocks: 2}\n")
+    cfg = load_config(path)
+    assert cfg.train.vanilla.steps == 20
+    assert cfg.train.vanilla.ema == 0.9999 and cfg.train.vanilla.select_best  # vanilla's defaults
+    assert cfg.train.ar2diff.ema == 0.9999 and cfg.train.ar2diff.lr == pytest.approx(1e-4)
+    assert (cfg.models.ratio.blocks, cfg.models.ratio.hidden, cfg.models.ratio.cond_dim) == (2, 96, 48)
+    assert cfg.models.denoiser.hidden == 512
