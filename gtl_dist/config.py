@@ -24,11 +24,15 @@ from typing import Any, Optional
 
 import yaml
 
-# Every job kind the training loop knows (METHOD.md / ARCHITECTURE.md).
+# Every job kind the training loop knows (METHOD.md / ARCHITECTURE.md); each has its
+# train.<stage> section. reference_lm is the evaluation's causal LM (generative perplexity).
 STAGES = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
-          "planner", "ar_pretrain", "ar2diff")
-# Stages trained once per (target, fraction); the others are trained once per run.
+          "planner", "ar_pretrain", "ar2diff", "reference_lm")
+# Stages trained once per (target, fraction).
 PER_TARGET_STAGES = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio")
+# Stages trained once per target, on no fraction of its training data. The rest (and the planner
+# unless pipeline.planner_scope=per_target) are trained once per run.
+TARGET_ONLY_STAGES = ("reference_lm",)
 CORPORA = ("markov", "demo", "arxiv", "jsonl", "txt")
 SAMPLERS = ("planner", "ancestral", "exact")
 METHODS = ("gtl", "source", "vanilla", "finetune")
@@ -600,7 +604,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if not 0.0 < n.t_min < 1.0:
         bad("noise.t_min", f"{n.t_min} is outside (0, 1)")
 
-    for stage in STAGES + ("reference_lm",):
+    for stage in STAGES:
         tc: TrainConfig = getattr(cfg.train, stage)
         key = f"train.{stage}"
         if tc.steps < 1:

@@ -6,7 +6,7 @@ once with prepare_data. The small heads (classifiers, ratio, planner) get more s
 time-dependent classifier in particular learns slowly on masked sequences.
 Stages run as `python -m gtl_dist.train` processes, independent ones side by side, in the order
 the pipeline needs their exports: denoiser/vanilla/classifiers/ar_pretrain, then
-finetune/planner/ratio/ar2diff.
+finetune/planner/ratio/ar2diff/reference_lm.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ pytestmark = pytest.mark.distributed
 
 TARGET, FRACTION = "sticky", 0.2
 DATA = ["data.markov.source_diagonal=0.6", "data.markov.target_diagonals={sticky: 0.95}"]
+# The reference LM's default size is for text; tiny like the other networks.
+MODELS = ["models.reference_lm={hidden: 48, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}"]
 STEPS = {"denoiser": 80, "vanilla": 80, "finetune": 80, "ar_pretrain": 80, "ar2diff": 80,
-         "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "planner": 160}
+         "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "planner": 160,
+         "reference_lm": 80}
 PER_TARGET = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio")
+TARGET_ONLY = ("reference_lm",)
 
 
 def train_settings() -> list[str]:
@@ -48,16 +52,20 @@ def train_settings() -> list[str]:
 def cli(run_dir: Path, stage: str, *extra: str) -> list[str]:
     cmd = [PYTHON, "-m", "gtl_dist.train", "--config", str(REPO / "configs" / "tiny.yaml"),
            "--run-dir", str(run_dir), "--stage", stage]
-    for s in DATA + train_settings() + list(extra):
+    for s in DATA + MODELS + train_settings() + list(extra):
         cmd += ["--set", s]
     if stage in PER_TARGET:
         cmd += ["--target", TARGET, "--fraction", str(FRACTION)]
+    elif stage in TARGET_ONLY:
+        cmd += ["--target", TARGET]
     return cmd
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
     if stage in PER_TARGET:
         return run_dir / stage / TARGET / f"{FRACTION:g}"
+    if stage in TARGET_ONLY:
+        return run_dir / stage / TARGET
     return run_dir / stage
 
 
@@ -69,7 +77,7 @@ def run_dir(tmp_path_factory, deepspeed_ops) -> Path:  # noqa: F811
     prepare_data(load_config(REPO / "configs" / "tiny.yaml", DATA), root)
     logs = root.parent / "logs"
     for wave in (("denoiser", "vanilla", "classifier_ti", "classifier_td", "ar_pretrain"),
-                 ("finetune", "planner", "ratio", "ar2diff")):
+                 ("finetune", "planner", "ratio", "ar2diff", "reference_lm")):
         ranks = [Ranks(cli(root, s), 1, logs, tag=s) for s in wave]
         for s, r in zip(wave, ranks):
             r.expect(0, timeout=400)
@@ -84,7 +92,8 @@ def val_curve(run_dir: Path, stage: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", ["denoiser", "vanilla", "finetune", "ar2diff", "ar_pretrain",
-                                   "classifier_ti", "classifier_td", "ratio", "planner"])
+                                   "classifier_ti", "classifier_td", "ratio", "planner",
+                                   "reference_lm"])
 def test_validation_loss_goes_down(run_dir, stage):
     curve = val_curve(run_dir, stage)
     first, last = curve[0]["loss"], curve[-1]["loss"]
@@ -100,6 +109,9 @@ def test_diffusion_stages_beat_the_uniform_predictor(run_dir):
     for stage in ("vanilla", "finetune"):  # target chain: p(repeat) = 0.95
         assert val_curve(run_dir, stage)[-1]["nll"] < math.log(4) - 0.3, stage
     assert val_curve(run_dir, "ar_pretrain")[-1]["loss"] < math.log(4) - 0.1
+    # The reference LM models the target chain (repeat with p = 0.95): next-token entropy is
+    # H(0.95, 0.05/3 x 3) = 0.25 nats, against log 4 = 1.39 for a network that learned nothing.
+    assert val_curve(run_dir, "reference_lm")[-1]["loss"] < 0.6
 
 
 def test_classifiers_separate_the_domains_and_report_overlap(run_dir):
@@ -128,7 +140,8 @@ def test_exports_load_without_deepspeed(run_dir):
     from gtl_dist.train import load_exported
     kinds = {"denoiser": Denoiser, "ar_pretrain": ARLM, "ar2diff": Denoiser,
              "classifier_ti": SequenceClassifier, "classifier_td": SequenceClassifier,
-             "ratio": RatioNet, "planner": Planner, "vanilla": Denoiser, "finetune": Denoiser}
+             "ratio": RatioNet, "planner": Planner, "vanilla": Denoiser, "finetune": Denoiser,
+             "reference_lm": ARLM}
     for stage, cls in kinds.items():
         model = load_exported(stage_dir(run_dir, stage) / "export" / "model.pt")
         assert isinstance(model, cls) and not model.training
@@ -164,3 +177,23 @@ def test_finished_stage_is_not_retrained(run_dir, tmp_path):
     again.expect(0)
     assert "already finished" in again.log_text(0)
     assert (run_dir / "denoiser" / "export" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_reference_lm_is_a_causal_lm_of_the_target_held_out_text(run_dir):
+    """The evaluation's reference LM: sized by models.reference_lm, trained on <target>/test
+    only, giving next-token logits [B, L, V] that do not look ahead."""
+    from gtl_dist.config import load_config
+    from gtl_dist.train import load_exported
+    model = load_exported(stage_dir(run_dir, "reference_lm") / "export" / "model.pt")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", DATA + MODELS)
+    assert model.cfg == cfg.models.reference_lm and model.cfg.hidden != cfg.models.denoiser.hidden
+    assert model.export_meta["target"] == TARGET and model.export_meta["fraction"] is None
+    x = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3, 3, 3]])
+    with torch.no_grad():
+        logits = model(x)
+        changed = x.clone()
+        changed[:, 5:] = (changed[:, 5:] + 1) % 4
+        assert torch.equal(model(changed)[:, :5], logits[:, :5])  # causal
+    assert logits.shape == (2, cfg.seq_len, cfg.data.markov.num_states + 1)
+    # It learned the sticky chain: after a run of 3s, 3 again is by far the likeliest next token.
+    assert logits[1, -1].softmax(-1)[3] > 0.8

@@ -290,6 +290,9 @@ def tiny():
     ("classifier_ti", "sticky", 0.5, r"--fraction 0.5: not in data.target_fractions"),
     ("denoiser", "sticky", 1.0, "trained once per run"),
     ("sampler", None, None, "not a job kind"),
+    ("reference_lm", None, None, "trained once per target.*pass --target \\(one of sticky\\) and no --fraction"),
+    ("reference_lm", "sticky", 1.0, "trained once per target, on its held-out text and no fraction"),
+    ("reference_lm", "nowhere", None, "this config's targets are sticky"),
 ])
 def test_stage_arguments_are_checked(tiny, stage, target, fraction, message):
     from gtl_dist.train.jobs import check_stage_args
@@ -298,10 +301,27 @@ def test_stage_arguments_are_checked(tiny, stage, target, fraction, message):
 
 
 def test_missing_manifest_says_to_build_the_data(tiny, tmp_path):
-    from gtl_dist.train.jobs import load_manifest
-    with pytest.raises(FileNotFoundError, match=r"no shard manifest; build the data first: "
-                                                r"python shards/build.py"):
-        load_manifest(tiny, tmp_path)
+    from gtl_dist.data import ManifestError, load_run_manifest
+    with pytest.raises(ManifestError, match=r"manifest.json: no shard manifest; build the data "
+                                            r"first: python shards/build.py"):
+        load_run_manifest(tiny, tmp_path)
+
+
+def test_manifest_of_other_data_settings_names_both_hashes(tiny, tmp_path):
+    """A stage and the evaluation refuse shards built from other data/tokenizer/shards settings;
+    build-only keys (where the shards live, how many workers built them) do not count."""
+    from gtl_dist.data import ManifestError, load_run_manifest, prepare_data
+    built = prepare_data(tiny, tmp_path)
+    assert load_run_manifest(tiny, tmp_path).data_hash == built.data_hash == tiny.data_hash()
+    workers = load_config(REPO / "configs" / "tiny.yaml", ["shards.build_workers=1"])
+    assert load_run_manifest(workers, tmp_path).data_hash == built.data_hash
+    other = load_config(REPO / "configs" / "tiny.yaml", ["data.markov.source_diagonal=0.5"])
+    with pytest.raises(ManifestError) as err:
+        load_run_manifest(other, tmp_path)
+    text = str(err.value)
+    assert str(tmp_path / "data" / "manifest.json") in text
+    assert f"hash {built.data_hash}, the current config has {other.data_hash()}" in text
+    assert "rebuild the data" in text
 
 
 def fake_ctx(cfg, run_dir: Path, stage="finetune", target="sticky", fraction=1.0):
@@ -312,15 +332,16 @@ def fake_ctx(cfg, run_dir: Path, stage="finetune", target="sticky", fraction=1.0
 
 def test_finetune_without_a_source_export_names_the_path_and_the_stage(tiny, tmp_path):
     from gtl_dist.train.export import ExportError
-    from gtl_dist.train.jobs import source_stage, upstream_export
+    from gtl_dist.cluster.dag import Pipeline
+    from gtl_dist.train.jobs import upstream_export
     ctx = fake_ctx(tiny, tmp_path)
     with pytest.raises(ExportError) as err:
-        upstream_export(ctx, source_stage(tiny))
+        upstream_export(ctx, Pipeline(tiny).source_stage)
     text = str(err.value)
     assert str(tmp_path / "denoiser" / "export" / "model.pt") in text
     assert "run stage denoiser first" in text and "--stage denoiser" in text
     ar = load_config(REPO / "configs" / "tiny.yaml", ["pipeline.ar2diff=true"])
-    assert source_stage(ar) == "ar2diff"
+    assert Pipeline(ar).source_stage == "ar2diff"
 
 
 def test_stale_upstream_export_asks_to_rerun_it(tiny, tmp_path):

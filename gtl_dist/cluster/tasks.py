@@ -128,10 +128,9 @@ def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, method:
 def _tokenizer(cfg: RunConfig, paths: RunPaths):
     if not cfg.uses_tokenizer:
         return None
-    from gtl_dist.data import Manifest
-    from gtl_dist.data.build import data_dir
+    from gtl_dist.data import load_run_manifest
     from gtl_dist.data.tokenizer import Tokenizer
-    manifest = Manifest.load(data_dir(cfg, paths.root))
+    manifest = load_run_manifest(cfg, paths.root)
     return Tokenizer(manifest.tokenizer_path, expected_hash=manifest.tokenizer_hash)
 
 
@@ -174,11 +173,10 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     """Reference texts and the networks the text metrics need, as plain callables."""
     import torch
 
-    from gtl_dist.data import Manifest, make_loader
-    from gtl_dist.data.build import data_dir
+    from gtl_dist.data import load_run_manifest, make_loader
 
     device = _device()
-    manifest = Manifest.load(data_dir(cfg, paths.root))
+    manifest = load_run_manifest(cfg, paths.root)
     tok = _tokenizer(cfg, paths)
     references = {}
     for target in cfg.targets:

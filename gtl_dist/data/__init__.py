@@ -1,7 +1,8 @@
 """The data layer: corpora, tokenizer, WebDataset shards with a manifest, and a resumable reader.
 
     prepare_data(cfg, run_dir) -> Manifest          build (or find) the run's shards
-    Manifest.load(data_dir(cfg, run_dir))           the manifest of a built run (shards.dir aware)
+    load_run_manifest(cfg, run_dir) -> Manifest     a built run's manifest, checked against cfg
+    Manifest.load(data_dir(cfg, run_dir))           the manifest alone (shards.dir aware), unchecked
     make_loader(manifest, "source/train", 64, ...)  stream batches of token ids
     data_hash(cfg)                                  what manifest.data_hash must equal for cfg
 
@@ -13,10 +14,10 @@ from typing import Any
 
 from gtl_dist.data.build import data_dir, data_hash
 from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
-from gtl_dist.data.prepare import prepare_data
+from gtl_dist.data.prepare import load_run_manifest, prepare_data
 
 __all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "data_dir", "data_hash",
-           "make_loader", "prepare_data"]
+           "load_run_manifest", "make_loader", "prepare_data"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""``prepare_data``: the one entry point from a config to a checked data directory."""
+"""From a config to a checked data directory: ``prepare_data`` builds it, ``load_run_manifest``
+finds a built one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from gtl_dist.config import RunConfig
 from gtl_dist.data.build import clean, data_dir, data_hash, finalize, prepare, run_slice
-from gtl_dist.data.manifest import MANIFEST_NAME, Manifest
+from gtl_dist.data.manifest import MANIFEST_NAME, Manifest, ManifestError
 from gtl_dist.log import get_logger
 
 log = get_logger("data")
@@ -56,4 +57,27 @@ def prepare_data(cfg: RunConfig, run_dir: str | Path, *, rebuild: bool = False) 
     run_slices(root, cfg.shards.build_workers)
     manifest = finalize(root)
     log.info("built %s", describe(manifest))
+    return manifest
+
+
+def load_run_manifest(cfg: RunConfig, run_dir: str | Path) -> Manifest:
+    """The manifest of the run's built data, checked against ``cfg``: what every stage that reads
+    shards or the tokenizer starts from.
+
+    Missing -> says to build the data first; built from other data/tokenizer/shards settings
+    (``cfg.data_hash()`` differs) -> names both hashes and the fix. Both are ManifestError.
+    """
+    root = data_dir(cfg, run_dir)
+    if not (root / MANIFEST_NAME).is_file():
+        raise ManifestError(
+            f"{root / MANIFEST_NAME}: no shard manifest; build the data first: python shards/build.py "
+            f"--config <config> --run-dir {run_dir} (or gtl_dist.data.prepare_data(cfg, run_dir))")
+    manifest = Manifest.load(root)
+    want = data_hash(cfg)
+    if manifest.data_hash != want:
+        raise ManifestError(
+            f"{manifest.path}: the shards were built from data/tokenizer/shards settings with hash "
+            f"{manifest.data_hash}, the current config has {want}; rebuild the data (python "
+            f"shards/build.py --config <config> --run-dir {run_dir} --rebuild) or use the config "
+            f"the run was built with")
     return manifest

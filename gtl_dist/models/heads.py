@@ -24,7 +24,7 @@ from gtl_dist.models.dit import DiT, KVCache, LayerNorm, float32_linear, modulat
 
 log = get_logger("models")
 
-ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "planner")
+ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "planner", "reference_lm")
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,9 @@ def check_vocab_for_config(cfg: RunConfig, vocab: VocabSpec) -> None:
 def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
     """The network of a job role, sized by cfg.models.<...> and cfg.seq_len.
 
-    The AR model uses the denoiser's size: AR2Diff turns it into the denoiser.
+    The AR model uses the denoiser's size: AR2Diff turns it into the denoiser. The reference LM
+    (the evaluation's causal LM for generative perplexity) is an ARLM sized by
+    cfg.models.reference_lm.
     """
     check_vocab_for_config(cfg, vocab)
     m = cfg.models
@@ -260,6 +262,7 @@ def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
         "classifier_td": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=True),
         "ratio": lambda: RatioNet(m.ratio, vocab, cfg.seq_len),
         "planner": lambda: Planner(m.planner, vocab, cfg.seq_len),
+        "reference_lm": lambda: ARLM(m.reference_lm, vocab, cfg.seq_len),
     }
     if role not in builders:
         raise ValueError(f"unknown model role '{role}'; expected one of {', '.join(ROLES)}")

@@ -11,7 +11,9 @@ from gtl_dist.train.preempt import EXIT_PREEMPTED
 EPILOG = f"""\
 stages: {', '.join(STAGES)}
   vanilla, finetune, classifier_ti, classifier_td and ratio are trained per target and fraction
-  (--target/--fraction); planner too when pipeline.planner_scope=per_target.
+  (--target/--fraction); planner too when pipeline.planner_scope=per_target. reference_lm, the
+  causal LM the evaluation scores generated text with, is trained once per target on its held-out
+  text (--target, no --fraction). The others are trained once per run.
 
 ranks: one process per rank. The rank comes from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
   MASTER_PORT (torchrun, submitit) or from SLURM (srun: SLURM_PROCID, ...); without either it
@@ -47,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stage folders and tb/)")
     parser.add_argument("--stage", required=True, choices=STAGES, metavar="STAGE",
                         help="the job kind to train (see below)")
-    parser.add_argument("--target", help="target domain, for per-target stages")
-    parser.add_argument("--fraction", type=float, help="target-data fraction, for per-target stages")
+    parser.add_argument("--target", help="target domain, for per-target stages and reference_lm")
+    parser.add_argument("--fraction", type=float, help="target-data fraction, for per-target "
+                        "stages (not reference_lm)")
     return parser.parse_args(argv)
 
 

@@ -263,11 +263,23 @@ def require_ops(env: Mapping[str, str]) -> None:
     prebuild_ops()
 
 
+# The values the torch.distributed variables had before init_distributed exported its own;
+# shutdown puts them back, so a later stage in the same process resolves its environment afresh
+# (a single process gets a new free port instead of inheriting the last stage's).
+_saved_env: dict[str, Optional[str]] = {}
+
+
 def init_distributed(env: Optional[Mapping[str, str]] = None, timeout_s: float = 1800.0) -> DistEnv:
-    """Resolve the environment, export it, and start DeepSpeed's process group (idempotent)."""
+    """Resolve the environment, export it, and start DeepSpeed's process group (idempotent).
+
+    Pair it with :func:`shutdown`: one process may run several stages one after another (the
+    launcher's ``--cluster debug``), each between one init and one shutdown."""
     env = os.environ if env is None else env
     dist_env = resolve_dist_env(env)
-    os.environ.update(dist_env.variables())
+    exported = dist_env.variables()
+    if not _saved_env:
+        _saved_env.update({k: os.environ.get(k) for k in exported})
+    os.environ.update(exported)
     deepspeed = import_deepspeed()
     import torch
     require_ops(env)
@@ -347,8 +359,20 @@ def barrier() -> None:
 
 def shutdown() -> None:
     """Tear the process group down after a final barrier, so no rank leaves while another is
-    still inside a collective (a rank exiting first aborts the others' gloo calls)."""
+    still inside a collective (a rank exiting first aborts the others' gloo calls).
+
+    Through DeepSpeed's ``destroy_process_group``, not torch's: DeepSpeed caches the groups it
+    built (world, data parallel, ...) in module globals, and only its own teardown drops them.
+    Destroyed behind its back, the next stage in this process (the launcher's ``--cluster
+    debug`` runs every task in one process) would be handed the dead group ("Group ... is not
+    registered") by ``deepspeed.initialize``."""
     import torch
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        import_deepspeed().comm.destroy_process_group()
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()

@@ -14,6 +14,13 @@ the network they build, the sets they read and the objective they call.
 | planner        | planner (denoiser frozen)       | source/train      | source/test             |
 | ar_pretrain    | ar (causal)      | source/train (next token)        | source/test             |
 | ar2diff        | denoiser, from the AR export    | source/train (MDLM) | source/test           |
+| reference_lm   | reference_lm (causal) | <target>/test (next token)  | <target>/test           |
+
+``reference_lm`` (one per target, no fraction) is not part of the method: it is the evaluator
+whose perplexity on generated text the report calls generative perplexity. It is fitted to the
+target's held-out text, which no method trains on, so it judges every method's samples by the
+same outside standard; it validates on that same set (its validation loss is a training-set
+loss, a check that it fits, not an estimate of generalisation).
 
 Batches: ``global_batch`` counts sequences per optimiser step. Classifiers split each
 micro-batch between source and target — half and half when ``train.<stage>.balanced`` (the
@@ -24,8 +31,8 @@ cycles over its (small) set. The ratio net reads paired batches: ``micro_batch``
 Target sets can be smaller than one shard per reader, so target loaders read in the main process
 (``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
 
-The source denoiser of ``finetune`` and ``planner`` is the ``ar2diff`` export when
-``pipeline.ar2diff`` is set, else the ``denoiser`` export. Upstream exports are checked before
+The source denoiser of ``finetune`` and ``planner`` is the export of the pipeline's source stage
+(``Pipeline.source_stage``: ``ar2diff`` when ``pipeline.ar2diff`` is set, else ``denoiser``). Upstream exports are checked before
 training: missing -> which stage to run; trained from other inputs -> which stage to re-run.
 """
 
@@ -38,7 +45,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gtl_dist.config import PER_TARGET_STAGES, STAGES, ConfigError, RunConfig
+from gtl_dist.cluster.dag import Pipeline
+from gtl_dist.config import PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
 from gtl_dist.log import get_logger
 from gtl_dist.models import VocabSpec, build_model
@@ -54,30 +62,8 @@ log = get_logger("train.jobs")
 
 ROLE = {"denoiser": "denoiser", "vanilla": "denoiser", "finetune": "denoiser",
         "classifier_ti": "classifier_ti", "classifier_td": "classifier_td", "ratio": "ratio",
-        "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser"}
-
-
-def source_stage(cfg: RunConfig) -> str:
-    """The stage whose export is the frozen source denoiser."""
-    return "ar2diff" if cfg.pipeline.ar2diff else "denoiser"
-
-
-def load_manifest(cfg: RunConfig, run_dir: Path) -> Any:
-    from gtl_dist.data import Manifest
-    from gtl_dist.data.build import data_dir, data_hash
-    root = data_dir(cfg, run_dir)
-    if not (root / "manifest.json").is_file():
-        raise FileNotFoundError(
-            f"{root / 'manifest.json'}: no shard manifest; build the data first: "
-            f"python shards/build.py --config <config> --run-dir {run_dir} (or "
-            f"gtl_dist.data.prepare_data(cfg, run_dir))")
-    manifest = Manifest.load(root)
-    if manifest.data_hash != data_hash(cfg):
-        raise ConfigError(
-            f"{manifest.path}: the shards were built from data/tokenizer/shards settings with hash "
-            f"{manifest.data_hash}, the current config has {data_hash(cfg)}; rebuild the data "
-            f"(python shards/build.py ...) or use the config the run was built with")
-    return manifest
+        "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser",
+        "reference_lm": "reference_lm"}
 
 
 def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
@@ -86,7 +72,8 @@ def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
     path = ctx.paths.export(stage, target, fraction)
     where = "/".join(str(x) for x in (stage, target, fraction) if x is not None)
     command = (f"python -m gtl_dist.train --config <config> --run-dir {ctx.paths.root} "
-               f"--stage {stage}" + (f" --target {target} --fraction {fraction}" if target else ""))
+               f"--stage {stage}" + (f" --target {target}" if target is not None else "")
+               + (f" --fraction {fraction}" if fraction is not None else ""))
     if not path.is_file():
         raise ExportError(f"{path}: stage {ctx.label} needs the exported {where} model, which does "
                           f"not exist; run stage {stage} first: {command}")
@@ -110,7 +97,8 @@ class ShardTask(Task):
         self.stage = ctx.stage
         self.role = ROLE[ctx.stage]
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
-        self.manifest = load_manifest(ctx.cfg, ctx.paths.root)
+        from gtl_dist.data import load_run_manifest
+        self.manifest = load_run_manifest(ctx.cfg, ctx.paths.root)
         self.vocab = VocabSpec.from_manifest(self.manifest)
         self.seq_len = self.manifest.seq_len
         if self.seq_len != ctx.cfg.seq_len:
@@ -176,7 +164,7 @@ class DiffusionTask(ShardTask):
         self.val_set = f"{self.target}/test" if per_target else "source/test"
         self.init_from: Optional[dict] = None
         if ctx.stage == "finetune":
-            self.init_from = upstream_export(ctx, source_stage(ctx.cfg))
+            self.init_from = upstream_export(ctx, Pipeline(ctx.cfg).source_stage)
         elif ctx.stage == "ar2diff":
             self.init_from = upstream_export(ctx, "ar_pretrain")
         if self.init_from is not None:
@@ -212,14 +200,24 @@ class DiffusionTask(ShardTask):
 
 
 class ARTask(ShardTask):
+    """Next-token prediction: ``ar_pretrain`` on the source, ``reference_lm`` on the target's
+    held-out text (training and validation alike; see the module docstring)."""
+
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        if ctx.stage == "reference_lm":
+            self.train_set = self.val_set = f"{self.target}/test"
+        else:
+            self.train_set, self.val_set = "source/train", "source/test"
+
     def train_loaders(self, micro_batch, dist_env, seed):
-        return {"train": self.loader("source/train", micro_batch, dist_env, seed, train=True)}
+        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
 
     def training_loss(self, model, batches, rng):
         return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
 
     def validation_loaders(self, micro_batch, dist_env):
-        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
+        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
 
     def validate(self, model, rng, loaders, dist_env):
         loader = loaders["val"]
@@ -354,7 +352,7 @@ class RatioTask(ShardTask):
 class PlannerTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.denoiser = frozen_export(ctx, source_stage(ctx.cfg))
+        self.denoiser = frozen_export(ctx, Pipeline(ctx.cfg).source_stage)
         # Source-only by default (METHOD.md §6); pipeline.planner_scope=per_target trains one
         # per (target, fraction) on target data.
         self.train_set = self.target_train() if ctx.target else "source/train"
@@ -383,30 +381,38 @@ class PlannerTask(ShardTask):
 
 
 TASKS = {"denoiser": DiffusionTask, "vanilla": DiffusionTask, "finetune": DiffusionTask,
-         "ar2diff": DiffusionTask, "ar_pretrain": ARTask, "classifier_ti": ClassifierTask,
-         "classifier_td": ClassifierTask, "ratio": RatioTask, "planner": PlannerTask}
+         "ar2diff": DiffusionTask, "ar_pretrain": ARTask, "reference_lm": ARTask,
+         "classifier_ti": ClassifierTask, "classifier_td": ClassifierTask, "ratio": RatioTask,
+         "planner": PlannerTask}
 
 
 def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
                      fraction: Optional[float]) -> None:
+    """Refuse a stage/target/fraction combination the stage is not trained for, saying which
+    arguments it takes."""
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: not a job kind; choose one of {', '.join(STAGES)}")
-    per_target = stage in PER_TARGET_STAGES or (stage == "planner" and
-                                                cfg.pipeline.planner_scope == "per_target")
-    if per_target:
+    targets = f"one of {', '.join(cfg.targets)}"
+    fractions = f"one of {', '.join(map(str, cfg.data.target_fractions))}"
+    if stage in PER_TARGET_STAGES or (stage == "planner" and
+                                      cfg.pipeline.planner_scope == "per_target"):
         if target is None or fraction is None:
             raise ConfigError(f"stage {stage} is trained per target and fraction: pass --target "
-                              f"(one of {', '.join(cfg.targets)}) and --fraction (one of "
-                              f"{', '.join(map(str, cfg.data.target_fractions))})")
-        if target not in cfg.targets:
-            raise ConfigError(f"--target {target!r}: this config's targets are {', '.join(cfg.targets)}")
-        if fraction not in cfg.data.target_fractions:
-            raise ConfigError(f"--fraction {fraction}: not in data.target_fractions "
-                              f"{cfg.data.target_fractions}")
+                              f"({targets}) and --fraction ({fractions})")
+    elif stage in TARGET_ONLY_STAGES:
+        if target is None or fraction is not None:
+            raise ConfigError(f"stage {stage} is trained once per target, on its held-out text "
+                              f"and no fraction of its training data: pass --target ({targets}) "
+                              f"and no --fraction")
     elif target is not None or fraction is not None:
         raise ConfigError(f"stage {stage} is trained once per run (on source data); drop --target and "
                           f"--fraction" + (" (or set pipeline.planner_scope=per_target)"
                                            if stage == "planner" else ""))
+    if target is not None and target not in cfg.targets:
+        raise ConfigError(f"--target {target!r}: this config's targets are {', '.join(cfg.targets)}")
+    if fraction is not None and fraction not in cfg.data.target_fractions:
+        raise ConfigError(f"--fraction {fraction}: not in data.target_fractions "
+                          f"{cfg.data.target_fractions}")
 
 
 def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str] = None,

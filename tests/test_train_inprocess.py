@@ -1,0 +1,64 @@
+"""Several stages in ONE process, as the launcher's ``--cluster debug`` runs them.
+
+DeepSpeed keeps the process groups it built in module globals; a stage that tore the group down
+behind its back left the next ``deepspeed.initialize`` in the same process holding a dead group
+("Group ... is not registered"). The driver below runs two different stages back to back (ZeRO-3,
+then ZeRO-2 on another network) and then the first again, in one Python process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from train_helpers import PYTHON, REPO, deepspeed_ops, rank_env  # noqa: F401
+
+pytestmark = pytest.mark.distributed
+
+SETTINGS = [
+    "data.markov.target_diagonals={sticky: 0.95}",
+    "models.reference_lm={hidden: 32, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}",
+    "train.denoiser.steps=6", "train.denoiser.zero_stage=3", "train.denoiser.val_every=3",
+    "train.denoiser.save_every=3",
+    "train.reference_lm.steps=6", "train.reference_lm.zero_stage=2",
+    "train.reference_lm.val_every=3", "train.reference_lm.save_every=3",
+    "train.reference_lm.global_batch=16", "train.reference_lm.val_batches=2",
+]
+
+DRIVER = """
+import json, os, sys
+from gtl_dist.config import load_config
+from gtl_dist.train import load_exported, run_stage
+cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
+out = []
+for stage, target in (("denoiser", None), ("reference_lm", "sticky"), ("denoiser", None)):
+    r = run_stage(cfg, sys.argv[2], stage, target=target)
+    model = load_exported(r.export)
+    out.append({"stage": stage, "status": r.status, "step": r.step, "class": type(model).__name__,
+                "left_env": sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k in os.environ)})
+print("RESULTS " + json.dumps(out), flush=True)
+"""
+
+
+def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noqa: F811
+    from gtl_dist.config import load_config
+    from gtl_dist.data import prepare_data
+    config = REPO / "configs" / "tiny.yaml"
+    run_dir = tmp_path / "run"
+    prepare_data(load_config(config, SETTINGS), run_dir)
+    env = {k: v for k, v in rank_env(0, 1, 0).items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([PYTHON, "-c", DRIVER, str(config), str(run_dir), json.dumps(SETTINGS)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads(lines[0][len("RESULTS "):])
+    assert [(r["stage"], r["status"], r["step"], r["class"]) for r in results] == [
+        ("denoiser", "finished", 6, "Denoiser"), ("reference_lm", "finished", 6, "ARLM"),
+        ("denoiser", "finished", 6, "Denoiser")]
+    # Each stage's process group came and went; its rendezvous variables went with it.
+    assert all(r["left_env"] == [] for r in results)
+    assert "denoiser: already finished" in proc.stderr + proc.stdout
+    assert (run_dir / "reference_lm" / "sticky" / "export" / "model.pt").is_file()
