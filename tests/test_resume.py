@@ -85,6 +85,9 @@ def test_kill_before_commit_resumes_from_previous_commit(case):
     assert case.killed_commits == [HALF]
     assert case.killed_left_step_dir, "the fault should strike after step K's shards were written"
     assert f"step-{HALF:08d} (step {HALF} of {K}" in case.resume_log
+    # The pattern tests/test_pipeline_slurm.py reads from a requeued job's log.
+    resumed = re.findall(r"resumed from \S+ \(step (\d+) of", case.resume_log)
+    assert [int(s) for s in resumed] == [HALF]
     assert f"step-{K:08d}: no COMMIT.json" in case.resume_log  # the half-done save is discarded
     assert committed(case.resumed / "denoiser" / "ckpt") == [HALF, K]
 

@@ -315,7 +315,9 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         state.update(shared["train"])
         if ema is not None:
             ema.load_state_dict(shared["ema"])
-        # Logged so that a resume can be checked against the checkpoint it came from.
+        # Logged so that a resume can be checked against the checkpoint it came from. Keep the
+        # format: tests/test_resume.py and tests/test_pipeline_slurm.py (the requeued SLURM job)
+        # parse "resumed from <step dir> (step N of M, weights fingerprint XXXXXXXX)".
         params = {n for n, _ in trained.named_parameters()}
         weights_crc = fingerprint({n: v for n, v in full_fp32_state(trained).items() if n in params})
         if d.is_main:
