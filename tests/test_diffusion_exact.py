@@ -20,14 +20,6 @@ from gtl_dist.models import Denoiser, VocabSpec
 pytestmark = pytest.mark.exact
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: extra intra-op threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 STATES, L = 4, 3
 VOCAB = VocabSpec(STATES + 1, mask_id=STATES, data_ids=STATES)
 SCHEDULES = {

@@ -16,15 +16,6 @@ from gtl_dist.models import ARLM, Planner, RatioNet, SequenceClassifier, VocabSp
 from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, freeze,
                                  overlap_report, planner_loss, ratio_loss, smoothed_labels)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: extra intra-op threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def seeded():
     """Model initialisation draws from the global RNG: make each test independent of the order."""
