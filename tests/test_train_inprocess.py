@@ -3,7 +3,8 @@
 DeepSpeed keeps the process groups it built in module globals; a stage that tore the group down
 behind its back left the next ``deepspeed.initialize`` in the same process holding a dead group
 ("Group ... is not registered"). The driver below runs two different stages back to back (ZeRO-3,
-then ZeRO-2 on another network) and then the first again, in one Python process.
+then ZeRO-2 on another network) and then the first again, in one Python process, after a stage
+that failed (its upstream export is missing), as a crashing task does in the debug launcher.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ DRIVER = """
 import json, os, sys
 from gtl_dist.config import load_config
 from gtl_dist.train import load_exported, run_stage
+from gtl_dist.train.export import ExportError
 cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
 out = []
+try:  # fails after the process group is up, as a crashing task does in the debug launcher
+    run_stage(cfg, sys.argv[2], "finetune", target="sticky", fraction=1.0)
+except ExportError as exc:
+    out.append({"stage": "finetune", "status": "failed", "step": 0, "class": type(exc).__name__,
+                "left_env": []})
 for stage, target in (("denoiser", None), ("reference_lm", "sticky"), ("denoiser", None)):
     r = run_stage(cfg, sys.argv[2], stage, target=target)
     model = load_exported(r.export)
@@ -56,7 +63,7 @@ def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noq
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(lines[0][len("RESULTS "):])
     assert [(r["stage"], r["status"], r["step"], r["class"]) for r in results] == [
-        ("denoiser", "finished", 6, "Denoiser"), ("reference_lm", "finished", 6, "ARLM"),
+        ("finetune", "failed", 0, "ExportError"), ("denoiser", "finished", 6, "Denoiser"), ("reference_lm", "finished", 6, "ARLM"),
         ("denoiser", "finished", 6, "Denoiser")]
     # Each stage's process group came and went; its rendezvous variables went with it.
     assert all(r["left_env"] == [] for r in results)
