@@ -328,6 +328,7 @@ class Launcher:
         return failed
 
     def _run_group(self, group: Group, todo: list[Task]):
+        big = group.size == BIG
         if self.opts.cluster == "debug":
             for task in todo:
                 try:
@@ -340,13 +341,16 @@ class Launcher:
         import submitit
         folder = self.paths.jobs / group.name / "%j"
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=self.cfg.cluster.max_requeue)
-        big = group.size == BIG
         executor.update_parameters(
             timeout_min=(self.opts.time_min or self.cfg.cluster.timeout_min) if big
             else self.cfg.cluster.small_timeout_min,
             tasks_per_node=self.opts.nodes if big else 1,  # one machine: --nodes ranks on it
             gpus_per_node=min(self.opts.gpus(self.cfg), 1) if not big else self.opts.gpus(self.cfg),
             signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))
+        # Local jobs inherit this: each uses its share of the machine's cores (tasks.py).
+        ranks = self.opts.nodes if big else 1
+        os.environ["GTL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1)
+                                                // (max(1, self.opts.local_parallelism) * ranks)))
         pending = list(todo)
         running: dict[Task, Any] = {}
         while pending or running:

@@ -135,13 +135,10 @@ def _tokenizer(cfg: RunConfig, paths: RunPaths):
 
 
 def _sample(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task) -> dict[str, Any]:
-    import torch
-
     from gtl_dist.diffusion import NoiseSchedule
     from gtl_dist.sample import sample_shard, write_sample_shard
 
     device = _device()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     nets = method_networks(cfg, paths, pipeline, task.method, task.target, task.fraction, device)
     t0 = time.monotonic()
     shard = sample_shard(nets, cfg.sample, NoiseSchedule.from_config(cfg.noise), task.shard, device)
@@ -213,6 +210,7 @@ class TaskRunner:
 
     def __call__(self, task: Task) -> str:
         _export_local_distributed_env()
+        _limit_threads()
         cfg = config_from_dict(self.cfg_dict, source=f"{self.run_dir}/config.yaml")
         where = ""
         if "SLURM_JOB_ID" in os.environ:  # which rank runs where: the first thing to check in a log
@@ -227,6 +225,15 @@ class TaskRunner:
         import submitit
         # No I/O here: the training loop already saved before submitit's handler ran.
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _limit_threads() -> None:
+    """Use the CPUs this task was given, no more: torch's default (every core) makes tasks that
+    share a node thrash; with small models that costs several times the compute itself."""
+    cpus = os.environ.get("GTL_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:
+        import torch
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 def _export_local_distributed_env() -> None:
