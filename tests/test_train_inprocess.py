@@ -43,8 +43,9 @@ except ExportError as exc:
 for stage, target in (("denoiser", None), ("reference_lm", "sticky"), ("denoiser", None)):
     r = run_stage(cfg, sys.argv[2], stage, target=target)
     model = load_exported(r.export)
+    left = sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k in os.environ)
     out.append({"stage": stage, "status": r.status, "step": r.step, "class": type(model).__name__,
-                "left_env": sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k in os.environ)})
+                "left_env": left})
 print("RESULTS " + json.dumps(out), flush=True)
 """
 
@@ -63,8 +64,8 @@ def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noq
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(lines[0][len("RESULTS "):])
     assert [(r["stage"], r["status"], r["step"], r["class"]) for r in results] == [
-        ("finetune", "failed", 0, "ExportError"), ("denoiser", "finished", 6, "Denoiser"), ("reference_lm", "finished", 6, "ARLM"),
-        ("denoiser", "finished", 6, "Denoiser")]
+        ("finetune", "failed", 0, "ExportError"), ("denoiser", "finished", 6, "Denoiser"),
+        ("reference_lm", "finished", 6, "ARLM"), ("denoiser", "finished", 6, "Denoiser")]
     # Each stage's process group came and went; its rendezvous variables went with it.
     assert all(r["left_env"] == [] for r in results)
     assert "denoiser: already finished" in proc.stderr + proc.stdout

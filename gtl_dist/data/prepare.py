@@ -70,8 +70,9 @@ def load_run_manifest(cfg: RunConfig, run_dir: str | Path) -> Manifest:
     root = data_dir(cfg, run_dir)
     if not (root / MANIFEST_NAME).is_file():
         raise ManifestError(
-            f"{root / MANIFEST_NAME}: no shard manifest; build the data first: python shards/build.py "
-            f"--config <config> --run-dir {run_dir} (or gtl_dist.data.prepare_data(cfg, run_dir))")
+            f"{root / MANIFEST_NAME}: no shard manifest; build the data first: python "
+            f"shards/build.py --config <config> --run-dir {run_dir} (or "
+            f"gtl_dist.data.prepare_data(cfg, run_dir))")
     manifest = Manifest.load(root)
     want = data_hash(cfg)
     if manifest.data_hash != want:

@@ -32,8 +32,9 @@ Target sets can be smaller than one shard per reader, so target loaders read in 
 (``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
 
 The source denoiser of ``finetune`` and ``planner`` is the export of the pipeline's source stage
-(``Pipeline.source_stage``: ``ar2diff`` when ``pipeline.ar2diff`` is set, else ``denoiser``). Upstream exports are checked before
-training: missing -> which stage to run; trained from other inputs -> which stage to re-run.
+(``Pipeline.source_stage``: ``ar2diff`` when ``pipeline.ar2diff`` is set, else ``denoiser``).
+Upstream exports are checked before training: missing -> which stage to run; trained from other
+inputs -> which stage to re-run.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torch import nn
 
 from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig
+from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
 from gtl_dist.log import get_logger
 from gtl_dist.models import VocabSpec, build_model
@@ -97,7 +99,6 @@ class ShardTask(Task):
         self.stage = ctx.stage
         self.role = ROLE[ctx.stage]
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
-        from gtl_dist.data import load_run_manifest
         self.manifest = load_run_manifest(ctx.cfg, ctx.paths.root)
         self.vocab = VocabSpec.from_manifest(self.manifest)
         self.seq_len = self.manifest.seq_len
