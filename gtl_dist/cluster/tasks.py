@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gtl_dist.cluster.dag import Pipeline, Task
-from gtl_dist.config import RunConfig, config_from_dict
+from gtl_dist.config import STAGES, RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
 
 log = get_logger("cluster.tasks")
 
-# Training kinds run through gtl_dist.train.run_stage.
-TRAIN_KINDS = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
-               "planner", "ar_pretrain", "ar2diff", "reference_lm")
+# Training kinds run through gtl_dist.train.run_stage: every job kind the training loop knows.
+TRAIN_KINDS = STAGES
 
 
 class TaskFailed(RuntimeError):
