@@ -74,8 +74,7 @@ def status_rows(run_dir: str | Path) -> list[StatusRow]:
         state = task_state(pipeline, paths, task, sub, states)
         step = loss = total = None
         if task.kind in TRAIN_KINDS:
-            total = getattr(pipeline.cfg.train, task.kind).steps if task.kind != "reference_lm" \
-                else pipeline.cfg.train.reference_lm.steps
+            total = getattr(pipeline.cfg.train, task.kind).steps
             step, loss = _progress(paths, task)
             if state == "done":
                 step = total
