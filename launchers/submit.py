@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SLURM: follow the run until every task finished or one failed")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="MIN",
                    help="give up following after this many minutes (jobs keep running)")
-    p.add_argument("--local-parallelism", type=int, default=1,
-                   help="--cluster local: tasks run at once (default 1)")
+    p.add_argument("--local-parallelism", type=int, default=os.cpu_count() or 1,
+                   help="--cluster local: tasks run at once, each with its share of the cores "
+                        "(default: the number of cores, %(default)s here)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch scripts; submit nothing")
     return p.parse_args(argv)

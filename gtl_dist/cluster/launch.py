@@ -349,8 +349,8 @@ class Launcher:
             signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))
         # Local jobs inherit this: each uses its share of the machine's cores (tasks.py).
         ranks = self.opts.nodes if big else 1
-        os.environ["GTL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1)
-                                                // (max(1, self.opts.local_parallelism) * ranks)))
+        at_once = min(max(1, self.opts.local_parallelism), len(todo)) * ranks
+        os.environ["GTL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // at_once))
         pending = list(todo)
         running: dict[Task, Any] = {}
         while pending or running:
