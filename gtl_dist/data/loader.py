@@ -8,7 +8,9 @@ shard's samples in a permutation drawn from (seed, e, shard). A consumer's strea
 
 Equal batch counts. An epoch is a fixed number of batches, identical on every rank:
 ``batches_per_epoch = total_samples // (R * batch_size)``. Consumers with fewer samples simply run
-into their next pass earlier, so no rank ever waits in a collective for another that ran dry.
+into their next pass earlier, so no rank ever waits in a collective for another that ran dry. An
+endless (training) stream over a set smaller than one batch per rank cycles it: its batches span
+several passes.
 
 Exact resume. Rank batch k comes from logical worker k mod W' (its (k // W')-th batch): the
 DataLoader hands out worker batches round-robin, and a resumed loader rotates the workers so that
@@ -199,8 +201,13 @@ class ShardLoader:
         total = sum(n for _, n in files)
         self.batches_per_epoch = total // (world_size * batch_size)
         if self.batches_per_epoch == 0:
-            raise ManifestError(f"{where}: {total} samples cannot fill one batch of {batch_size} on each of "
-                                f"{world_size} rank(s); lower the batch size")
+            if not infinite:
+                raise ManifestError(f"{where}: {total} samples cannot fill one batch of {batch_size} on each "
+                                    f"of {world_size} rank(s); lower the batch size")
+            # A training stream cycles a set smaller than one batch (e.g. 20 target sequences in
+            # a half-batch of 128): the stream runs through its passes back to back, so a batch
+            # holds every sample about batch_size / total times, each pass freshly shuffled.
+            self.batches_per_epoch = 1
         self.manifest, self.set_name, self.fraction = manifest, set_name, fraction
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
