@@ -312,6 +312,9 @@ class Launcher:
         for group in self.pipeline.groups:
             todo = []
             for task in (t for t in group.tasks if t in plan.to_run):
+                for dep in self.pipeline.task_deps(task):
+                    if dep in plan.in_flight:  # a local job of an earlier, interrupted launch
+                        self._await_local(dep, plan.in_flight.pop(dep), failed, on_event)
                 bad = [d for d in self.pipeline.task_deps(task) if d in failed or d in cancelled]
                 if bad:
                     cancelled.add(task)
@@ -326,6 +329,16 @@ class Launcher:
                     failed.append(task)
                     on_event(f"  FAILED {task.key}: {error}")
         return failed
+
+    def _await_local(self, task: Task, sub: Submission, failed: list[Task],
+                     on_event: Callable[[str], None]) -> None:
+        on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
+        while _pid_alive(sub.job_id):
+            time.sleep(2)
+        if not marker_valid(self.pipeline, self.paths, task):
+            failed.append(task)
+            on_event(f"  FAILED {task.key}: its earlier job ended without finishing "
+                     f"(log: {sub.log_paths()[1]})")
 
     def _run_group(self, group: Group, todo: list[Task]):
         big = group.size == BIG
