@@ -14,7 +14,7 @@ over seeds, as the GTL evaluation does (mean ± std over 5 seeds).
 With ``featurizer="mauve-text"`` the optional GPLv3 package ``mauve-text`` (never vendored, never
 required) gets our TF-IDF vectors and does its own L2-normalisation, PCA and k-means (faiss), so
 only the embedding differs from the reference and nothing is downloaded. On the same vectors the
-two quantisers agree within the spread over seeds (benchmarks/eval_mauve.py).
+two quantisers agree within the spread over seeds (benchmarks/bench_mauve.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MAUVE cost at the paper's size, and agreement with the reference quantiser when installed.
 
-    python benchmarks/eval_mauve.py [--n 1024] [--words 350] [--seeds 3]
+    python benchmarks/bench_mauve.py [--n 1024] [--words 350] [--seeds 3]
 
 Texts are synthetic (Zipf-distributed words) so the script needs no corpus. It prints
 1. seconds per MAUVE seed for n generated texts, split into TF-IDF, PCA and k-means, and the
