@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-parallelism", type=int, default=os.cpu_count() or 1,
                    help="--cluster local: tasks run at once, each with its share of the cores "
                         "(default: the number of cores, %(default)s here)")
+    p.add_argument("--update-config", action="store_true",
+                   help="let an existing run directory adopt a changed config (default: refuse, "
+                        "naming the changed keys); only tasks whose inputs changed run again, "
+                        "e.g. only GTL sampling and the report after --set sample.gamma=3")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch scripts; submit nothing")
     return p.parse_args(argv)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                              command=command)
         check_preflight(cfg, opts, run_dir)
         if not args.dry_run:
-            prepare_run_dir(cfg, run_dir)
+            prepare_run_dir(cfg, run_dir, update=args.update_config)
         launcher = Launcher(cfg, run_dir, opts, pipeline)
         plan = launcher.plan()
         launcher.check_prerequisites(plan)

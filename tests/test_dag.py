@@ -61,6 +61,11 @@ def test_input_hash_invalidates_exactly_the_downstream(configs_dir):
     assert h(base, Task("denoiser")) == h(guided, Task("denoiser"))
     assert h(base, gtl) != h(guided, gtl)          # γ changes GTL samples...
     assert h(base, Task("ratio", "sticky", 1.0)) == h(guided, Task("ratio", "sticky", 1.0))
+    src = Task("sample", None, None, "source", 0)  # ...but not the baselines' samples
+    assert h(base, src) == h(guided, src)
+    assert h(base, Task("eval")) != h(guided, Task("eval"))
+    fewer = build_pipeline(_cfg(configs_dir, "tiny", "sample.methods=[gtl, source]"))
+    assert h(base, src) == h(fewer, src) and h(base, gtl) == h(fewer, gtl)
 
 
 def test_unknown_stage_is_a_clear_error(configs_dir):

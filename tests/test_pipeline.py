@@ -168,3 +168,22 @@ def test_rendered_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     assert "gpus-per-node" not in data and data["cpus-per-task"] == str(cfg.shards.build_workers)
     samples = _flags(render_sbatch(pipeline.group("sample"), cfg, opts, run_dir))
     assert samples["array"].startswith(f"0-{len(pipeline.group('sample').tasks) - 1}%")
+
+
+def test_update_config_reruns_only_what_the_change_affects(tmp_path, local_run):
+    src, _ = local_run
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(src), str(run_dir)], check=True)
+    before = (run_dir / "samples" / "source" / "shard-0000.jsonl").read_text()
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                  "--set", "sample.gamma=4.0", "--update-config")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sample.gamma: 2.0 -> 4.0" in proc.stdout
+    plan = {line.split()[0]: line for line in proc.stdout.splitlines() if "task(s):" in line}
+    n_gtl = len(load_config(REPO / "configs" / "tiny.yaml").data.target_fractions) * 2  # x 2 shards
+    assert f"{n_gtl} to run" in plan["sample"] and "1 to run" in plan["eval"]
+    for stage in ("data", "denoiser", "classifier_ti", "ratio", "vanilla", "finetune"):
+        assert " 0 to run" in plan[stage], plan[stage]
+    assert "started sample/gtl" in proc.stdout and "started sample/source" not in proc.stdout
+    assert (run_dir / "samples" / "source" / "shard-0000.jsonl").read_text() == before
+    assert "gamma: 4.0" in (run_dir / "config.yaml").read_text()

@@ -89,7 +89,14 @@ _SECTIONS = {
     "vanilla": ("seed", "noise", "models.denoiser", "train.vanilla"),
     "finetune": ("seed", "noise", "models.denoiser", "train.finetune"),
     "reference_lm": ("seed", "models.reference_lm", "train.reference_lm"),
-    "sample": ("sample", "noise"),
+    # Baselines draw with the unguided sampler; only GTL reads the guidance settings. The list
+    # of methods is never an input: adding a method must not redraw the others.
+    "sample": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
+               "sample.t_end", "sample.seed"),
+    "sample_gtl": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
+                   "sample.t_end", "sample.seed", "sample.sampler", "sample.gamma", "sample.n_ratio",
+                   "sample.ratio_batch_size", "sample.planner_temperature", "sample.planner_mode",
+                   "sample.stabilise"),
     "eval": ("eval", "sample.num_samples"),
 }
 
@@ -196,7 +203,7 @@ class Pipeline:
         """Hash of everything the task's output depends on (config sections + upstream hashes)."""
         cache = self._hash_cache
         if task not in cache:
-            sections = _SECTIONS[task.kind]
+            sections = _SECTIONS["sample_gtl" if task.method == "gtl" else task.kind]
             own = self.cfg.section_hash(*sections)
             ups = sorted((d.key, self.input_hash(d)) for d in self.task_deps(task))
             ident = {"task": task.key, "own": own, "deps": ups}

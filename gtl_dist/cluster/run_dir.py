@@ -42,22 +42,31 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: str | Path) -> RunPaths:
-    """Create the run directory for ``cfg``, or check that it was made by the same config."""
+def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False) -> RunPaths:
+    """Create the run directory for ``cfg``, or check that it was made by the same config.
+
+    ``update=True`` lets the run directory adopt a changed config instead (e.g. another γ): the
+    completion markers' input hashes then decide what is stale, so only the tasks whose inputs
+    changed run again.
+    """
     paths = RunPaths(run_dir)
     if paths.config_yaml.is_file():
         saved = yaml.safe_load(paths.config_yaml.read_text())
         diffs = config_differences(saved, cfg.to_dict())
-        if diffs:
+        if diffs and update:
+            print("updating the run's config; changed keys (run dir -> now):\n  " + "\n  ".join(diffs))
+        elif diffs:
             shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
             raise ValueError(
                 f"{paths.config_yaml}: this run directory was made by a different config; "
                 f"differing keys (run dir -> now):\n  {shown}\n"
-                f"Use a new --run-dir for the new config, or resubmit with the run's own config "
-                f"(--config {paths.config_yaml}).")
-        saved_cfg = config_from_dict(saved, str(paths.config_yaml))
-        if saved_cfg.cluster == cfg.cluster:
-            return paths
+                f"Use a new --run-dir for the new config, resubmit with the run's own config "
+                f"(--config {paths.config_yaml}), or pass --update-config to rerun only what the "
+                f"changes affect.")
+        else:
+            saved_cfg = config_from_dict(saved, str(paths.config_yaml))
+            if saved_cfg.cluster == cfg.cluster:
+                return paths
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config_yaml, cfg.to_yaml())
     atomic_write_json(paths.config_json, {"hash": cfg.hash(), "name": cfg.name})
