@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(render_sbatch(group, cfg, opts, run_dir, dependency=upstream))
         return 0
 
+    launcher.retire_stale_checkpoints(plan)
     if cluster != "debug":
         from gtl_dist.train.dist import prebuild_ops
         prebuild_ops()  # jobs must never JIT-build it inside a preemptible step

@@ -187,3 +187,22 @@ def test_update_config_reruns_only_what_the_change_affects(tmp_path, local_run):
     assert "started sample/gtl" in proc.stdout and "started sample/source" not in proc.stdout
     assert (run_dir / "samples" / "source" / "shard-0000.jsonl").read_text() == before
     assert "gamma: 4.0" in (run_dir / "config.yaml").read_text()
+
+
+def test_update_config_restarts_a_changed_training_stage_keeping_its_old_checkpoints(tmp_path, local_run):
+    src, _ = local_run
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(src), str(run_dir)], check=True)
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                  "--set", "train.ratio.lr=0.0005", "--update-config", "--stages", "ratio")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides=["train.ratio.lr=0.0005"])
+    paths, pipeline = RunPaths(run_dir), build_pipeline(cfg)
+    ratio_tasks = pipeline.group("ratio").tasks
+    assert proc.stdout.count("the stage starts afresh") == len(ratio_tasks)
+    for task in ratio_tasks:
+        assert marker_valid(pipeline, paths, task), task.key
+        ckpt = paths.checkpoints("ratio", task.target, task.fraction)
+        stale = list(ckpt.parent.glob("ckpt.stale-*"))
+        assert len(stale) == 1 and any(stale[0].glob("step-*/COMMIT.json")), stale
+        assert any(ckpt.glob("step-*/COMMIT.json"))

@@ -263,6 +263,21 @@ class Launcher:
                         f"made with other inputs) and is not queued: run it first (add "
                         f"'{self.pipeline.group_of(dep).name}' to --stages, or drop --stages)")
 
+    def retire_stale_checkpoints(self, plan: Plan, on_event: Callable[[str], None] = print) -> None:
+        """Training tasks about to run whose checkpoints were written with other inputs (after
+        --update-config) start afresh; their old checkpoint folders are kept, renamed."""
+        from gtl_dist.cluster.tasks import TRAIN_KINDS
+        from gtl_dist.train.checkpoint import retire_stale
+        from gtl_dist.train.loop import stage_input_hash
+        for task in plan.to_run:
+            if task.kind not in TRAIN_KINDS:
+                continue
+            want = stage_input_hash(self.cfg, task.kind, task.target, task.fraction)
+            moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction), want)
+            if moved is not None:
+                on_event(f"  {task.key}: its checkpoints were made with other inputs; kept as "
+                         f"{moved}, the stage starts afresh")
+
     # submission ------------------------------------------------------------------------------
     def submit(self, plan: Plan) -> dict[str, list[str]]:
         """SLURM: submit every group's remaining tasks with afterok dependencies."""

@@ -116,6 +116,30 @@ class ResumePoint:
         return self.commit.step
 
 
+def retire_stale(root: Path, config_hash: str) -> Optional[Path]:
+    """Move ``root`` aside when its newest committed checkpoint was written under another config
+    hash (a run directory that adopted a changed config): the stage then starts afresh and the
+    old checkpoints stay readable at the returned path. Launcher-side only, before the stage's
+    job starts; a training process that meets such a checkpoint refuses it instead."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = sorted((s for p in root.iterdir() if p.is_dir() and (p / COMMIT).is_file()
+                    and (s := parse_step(p.name)) is not None), reverse=True)
+    if not steps:
+        return None
+    old = Commit.read(root / step_dir_name(steps[0]) / COMMIT).config_hash
+    if old == config_hash:
+        return None
+    dest = root.with_name(f"{root.name}.stale-{old}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = root.with_name(f"{root.name}.stale-{old}.{n}")
+    root.rename(dest)
+    return dest
+
+
 def _load(path: Path) -> Any:
     # Our own files: they hold numpy RNG states and tuples, which weights_only rejects.
     return torch.load(path, map_location="cpu", weights_only=False)
