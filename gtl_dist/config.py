@@ -233,7 +233,6 @@ class EvalConfig:
     diversity_max_n: int = 3  # distinct-1..n
     repetition_n: int = 4  # n-gram order of the within-sample repetition rate
     batch_size: int = 16  # sequences per classifier / reference-LM call
-    reference_steps: int = 2000  # reference LM for generative perplexity
     overlap_warn_accuracy: float = 0.99
 
 
