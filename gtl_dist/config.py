@@ -24,6 +24,10 @@ from typing import Any, Optional
 
 import yaml
 
+from gtl_dist.log import get_logger
+
+log = get_logger(__name__)
+
 # Every job kind the training loop knows (METHOD.md / ARCHITECTURE.md); each has its
 # train.<stage> section. reference_lm is the evaluation's causal LM (generative perplexity).
 STAGES = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
@@ -462,7 +466,33 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+def _known_only(cls: type, data: dict[str, Any], where: str, dropped: list[str]) -> dict[str, Any]:
+    """``data`` without the keys ``cls`` does not have (recursively); their paths go to ``dropped``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            dropped.append(path)
+            continue
+        kind = hints[key]
+        if isinstance(value, dict) and dataclasses.is_dataclass(kind):
+            value = _known_only(kind, value, path, dropped)
+        out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", strict: bool = True) -> RunConfig:
+    """Build and validate a config from a mapping. ``strict=False`` is for configs this package
+    wrote earlier (export metadata, a run directory's config.yaml): keys a later version removed
+    are dropped with a warning instead of refused, so old models and runs stay readable."""
+    if not strict:
+        dropped: list[str] = []
+        data = _known_only(RunConfig, data, "", dropped)
+        if dropped:
+            log.warning("%s: ignoring key(s) this version of gtl_dist no longer has: %s",
+                        source, ", ".join(dropped))
     try:
         cfg = _build(RunConfig, data, "")
     except ConfigError as exc:

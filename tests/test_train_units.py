@@ -439,3 +439,27 @@ def test_missing_jit_op_inside_slurm_fails_fast_with_the_fix(tmp_path):
     assert "DeepSpeed's JIT op is not built in" in out.stderr
     assert "python -m gtl_dist.train.dist prebuild" in out.stderr
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+
+
+def test_export_of_an_older_version_with_a_removed_config_key_still_loads(tmp_path, caplog):
+    """Exports carry their config; a key a later version dropped must not make the model unloadable."""
+    from dataclasses import asdict
+
+    from gtl_dist.models import VocabSpec, build_model
+    from gtl_dist.train.export import load_exported, write_export
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    vocab = VocabSpec(size=6, mask_id=5)
+    model = build_model("ratio", cfg, vocab)
+    old_config = cfg.to_dict()
+    old_config["eval"]["reference_steps"] = 2000          # a key this version no longer has
+    old_config["models"]["ratio"]["old_knob"] = True
+    path = tmp_path / "export" / "model.pt"
+    write_export(path, model.state_dict(), {"role": "ratio", "config": old_config, "vocab": asdict(vocab)})
+    with caplog.at_level("WARNING"):
+        loaded = load_exported(path)
+    assert "eval.reference_steps" in caplog.text and "models.ratio.old_knob" in caplog.text
+    z = torch.randint(0, 6, (3, cfg.data.markov.length))
+    torch.testing.assert_close(loaded(z), model.eval()(z))
+    with pytest.raises(ConfigError, match="run/config.yaml: unknown key"):
+        from gtl_dist.config import config_from_dict
+        config_from_dict(old_config, "run/config.yaml")

@@ -64,7 +64,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False) -
                 f"(--config {paths.config_yaml}), or pass --update-config to rerun only what the "
                 f"changes affect.")
         else:
-            saved_cfg = config_from_dict(saved, str(paths.config_yaml))
+            saved_cfg = config_from_dict(saved, str(paths.config_yaml), strict=False)
             if saved_cfg.cluster == cfg.cluster:
                 return paths
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def load_run(run_dir: str | Path) -> tuple[Pipeline, RunPaths]:
     if not paths.config_yaml.is_file():
         raise FileNotFoundError(f"{paths.config_yaml}: not found; is {paths.root} a run directory made "
                                 f"by launchers/submit.py?")
-    cfg = config_from_dict(yaml.safe_load(paths.config_yaml.read_text()), str(paths.config_yaml))
+    cfg = config_from_dict(yaml.safe_load(paths.config_yaml.read_text()), str(paths.config_yaml), strict=False)
     return build_pipeline(cfg), paths
 
 

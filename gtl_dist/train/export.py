@@ -74,7 +74,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
 
     payload = read_export(Path(path))
     meta = payload["meta"]
-    cfg = config_from_dict(meta["config"], source=f"{path} (export metadata)")
+    cfg = config_from_dict(meta["config"], source=f"{path} (export metadata)", strict=False)
     model = build_model(meta["role"], cfg, VocabSpec(**meta["vocab"]))
     model.load_state_dict(payload["state_dict"])
     model.export_meta = meta
