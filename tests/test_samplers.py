@@ -350,3 +350,17 @@ def test_tiny_preset_samples_every_method_through_the_entry_point(configs_dir):
         assert ((shard.tokens >= 0) & (shard.tokens < states)).all()
         assert shard.stats.steps == cfg.sample.steps * -(-len(shard.tokens) // cfg.sample.batch_size)
         assert (shard.stats.ratio.rows > 0) == (nets.ratio_net is not None)
+
+
+def test_long_sampling_reports_progress_in_the_job_log(caplog):
+    from gtl_dist.sample.stats import SampleResult, SamplerStats, sample_in_batches
+
+    def batch(n, generator):
+        return SampleResult(torch.zeros(n, 4, dtype=torch.long), SamplerStats())
+
+    with caplog.at_level("INFO", logger="gtl_dist.progress"):
+        out = sample_in_batches(batch, 10, torch.Generator().manual_seed(0), batch_size=4)
+    assert out.tokens.shape == (10, 4)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gtl_dist.progress"]
+    assert lines and lines[0].startswith("sampling [") and "4/10" in lines[0]
+    assert "10/10" in lines[-1]

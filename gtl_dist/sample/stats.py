@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from gtl_dist.log import Progress
+
 
 @dataclass
 class NetworkCount:
@@ -69,8 +71,11 @@ def sample_in_batches(sample_batch: Callable[[int, torch.Generator], SampleResul
         raise ValueError(f"num={num} and batch_size={batch_size} must both be at least 1")
     stats = SamplerStats()
     parts = []
+    bar = Progress(num, "sampling", unit="seq")  # a log line every 10 s off a terminal
     for start in range(0, num, batch_size):
         result = sample_batch(min(batch_size, num - start), generator)
         parts.append(result.tokens)
         stats.add(result.stats)
+        bar.update(len(result.tokens))
+    bar.close()
     return SampleResult(torch.cat(parts), stats)
