@@ -268,12 +268,12 @@ class Launcher:
         --update-config) start afresh; their old checkpoint folders are kept, renamed."""
         from gtl_dist.cluster.tasks import TRAIN_KINDS
         from gtl_dist.train.checkpoint import retire_stale
-        from gtl_dist.train.loop import stage_input_hash
         for task in plan.to_run:
             if task.kind not in TRAIN_KINDS:
                 continue
-            want = stage_input_hash(self.cfg, task.kind, task.target, task.fraction)
-            moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction), want)
+            # The pipeline's input hash is the one the stage's checkpoints carry (stage_input_hash).
+            moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction),
+                                 self.pipeline.input_hash(task))
             if moved is not None:
                 on_event(f"  {task.key}: its checkpoints were made with other inputs; kept as "
                          f"{moved}, the stage starts afresh")

@@ -116,16 +116,21 @@ class ResumePoint:
         return self.commit.step
 
 
+def committed_steps(root: Path) -> list[int]:
+    """Steps under ``root`` with a commit marker, newest first."""
+    if not root.is_dir():
+        return []
+    steps = [parse_step(p.name) for p in root.iterdir() if p.is_dir() and (p / COMMIT).is_file()]
+    return sorted((s for s in steps if s is not None), reverse=True)
+
+
 def retire_stale(root: Path, config_hash: str) -> Optional[Path]:
     """Move ``root`` aside when its newest committed checkpoint was written under another config
     hash (a run directory that adopted a changed config): the stage then starts afresh and the
     old checkpoints stay readable at the returned path. Launcher-side only, before the stage's
     job starts; a training process that meets such a checkpoint refuses it instead."""
     root = Path(root)
-    if not root.is_dir():
-        return None
-    steps = sorted((s for p in root.iterdir() if p.is_dir() and (p / COMMIT).is_file()
-                    and (s := parse_step(p.name)) is not None), reverse=True)
+    steps = committed_steps(root)
     if not steps:
         return None
     old = Commit.read(root / step_dir_name(steps[0]) / COMMIT).config_hash
@@ -159,11 +164,7 @@ class Checkpointer:
     # -- finding what to resume from ---------------------------------------------------------
     def committed_steps(self) -> list[int]:
         """Steps with a commit marker, newest first."""
-        if not self.root.is_dir():
-            return []
-        steps = [parse_step(p.name) for p in self.root.iterdir()
-                 if p.is_dir() and (p / COMMIT).is_file()]
-        return sorted((s for s in steps if s is not None), reverse=True)
+        return committed_steps(self.root)
 
     def _clean_uncommitted(self) -> None:
         """Rank 0: remove step folders a killed save left without a commit marker."""
