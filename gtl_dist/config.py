@@ -31,15 +31,20 @@ log = get_logger(__name__)
 # Every job kind the training loop knows (METHOD.md / ARCHITECTURE.md); each has its
 # train.<stage> section. reference_lm is the evaluation's causal LM (generative perplexity).
 STAGES = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
-          "planner", "ar_pretrain", "ar2diff", "reference_lm")
-# Stages trained once per (target, fraction).
-PER_TARGET_STAGES = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio")
+          "edit_ratio", "planner", "ar_pretrain", "ar2diff", "reference_lm")
+# Stages trained once per (target, fraction) and per seed of pipeline.seeds.
+PER_TARGET_STAGES = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio", "edit_ratio")
 # Stages trained once per target, on no fraction of its training data. The rest (and the planner
 # unless pipeline.planner_scope=per_target) are trained once per run.
 TARGET_ONLY_STAGES = ("reference_lm",)
 CORPORA = ("markov", "demo", "arxiv", "jsonl", "txt")
 SAMPLERS = ("planner", "ancestral", "exact")
-METHODS = ("gtl", "source", "vanilla", "finetune")
+# gtl: the default recipe (edit-ratio network, docs/method.md §5); gtl_paper: the paper's
+# (domain classifiers -> sequence-level ratio network); then the unguided models.
+METHODS = ("gtl", "gtl_paper", "source", "vanilla", "finetune")
+# Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
+# n_T target sequences, or a fixed budget with no selection.
+SELECTIONS = ("holdout", "budget")
 
 
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -69,6 +74,12 @@ class MarkovConfig:
     # Full matrices override the diagonals when given (rows must sum to 1).
     source_matrix: Optional[list[list[float]]] = None
     target_matrices: Optional[dict[str, list[list[float]]]] = None
+    # Random chains: every row drawn from a symmetric Dirichlet with this concentration (small:
+    # peaked rows, large: near-uniform rows), from dirichlet_seed and the chain's name. A full
+    # matrix wins over Dirichlet rows, which win over a diagonal.
+    source_dirichlet: Optional[float] = None
+    target_dirichlet: Optional[dict[str, float]] = None
+    dirichlet_seed: int = 0
     num_source: int = 10_000
     num_target: int = 1_000
     num_test: int = 5_000  # held-out sequences per domain
@@ -138,6 +149,7 @@ class ModelsConfig:
     denoiser: ModelConfig = field(default_factory=ModelConfig)
     classifier: ModelConfig = field(default_factory=_ratio_sized)
     ratio: ModelConfig = field(default_factory=_ratio_sized)
+    edit_ratio: ModelConfig = field(default_factory=_ratio_sized)
     planner: ModelConfig = field(default_factory=_ratio_sized)
     # Causal LM the evaluation trains on held-out target text to score generative perplexity.
     reference_lm: ModelConfig = field(default_factory=lambda: ModelConfig(
@@ -186,6 +198,7 @@ class StagesConfig:
     classifier_ti: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     classifier_td: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     ratio: TrainConfig = _stage(steps=30_000, val_every=1000, select_best=True)
+    edit_ratio: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     ar_pretrain: TrainConfig = _stage(steps=50_000)
     ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
@@ -204,12 +217,17 @@ class NoiseConfig:
 
 @dataclass
 class SampleConfig:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: ["gtl", "source", "vanilla", "finetune"])
     sampler: str = "planner"  # GTL sampler: planner | ancestral | exact
     num_samples: int = 1024
     batch_size: int = 32
     shards: int = 4  # sample shards per (method, target, fraction): array tasks
-    gamma: float = 5.0
+    # Guidance strength of gtl: its edit-ratio network is fitted to the target's own likelihood,
+    # so 1 is the exact guided kernel (docs/method.md §3, §5).
+    gamma: float = 1.0
+    # Guidance strength of gtl_paper: its regressed ratio is shrunk, so the paper uses 2
+    # (synthetic) to 5 (text).
+    paper_gamma: float = 5.0
     n_ratio: int = 512
     top_k: int = 8
     steps: int = 128  # ancestral samplers (unguided too)
@@ -241,10 +259,31 @@ class EvalConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """Where the per-target stages' validation data come from (docs/method.md §12).
+
+    A method given n_T target sequences uses no other target data: with ``holdout`` its early
+    stopping and checkpoint selection see only a held-out part of those n_T (the last
+    max(holdout_min, round(holdout_fraction * n_T)) of them; it trains on the rest); with
+    ``budget`` it trains on all n_T for a fixed number of steps and keeps the final (or EMA)
+    weights, as the paper's baselines do. The targets' test sets serve the final evaluation only.
+    """
+    selection: str = "holdout"  # holdout | budget
+    holdout_fraction: float = 0.2
+    holdout_min: int = 2
+    # Each validation pass scores every held-out sequence this many times, masked afresh each
+    # time: a few sequences give a usable signal only over many masked views.
+    holdout_views: int = 16
+
+
+@dataclass
 class PipelineConfig:
     planner_scope: str = "shared"  # shared (source-only, METHOD.md §6) | per_target
     # Build the source denoiser through AR pretraining + AR2Diff instead of training it directly.
     ar2diff: bool = False
+    # Replicates of every per-target stage and every sample set (mean ± std in the report). The
+    # data and the source stages are shared; seed 0 keeps the plain paths, seed s > 0 adds seed-s/.
+    seeds: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -274,6 +313,7 @@ class RunConfig:
     train: StagesConfig = field(default_factory=StagesConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -289,7 +329,8 @@ class RunConfig:
     @property
     def targets(self) -> list[str]:
         if self.data.corpus == "markov":
-            return list(self.data.markov.target_matrices or self.data.markov.target_diagonals)
+            m = self.data.markov
+            return list(m.target_matrices or m.target_dirichlet or m.target_diagonals)
         return list(self.data.target_domains)
 
     def to_dict(self) -> dict[str, Any]:
@@ -567,8 +608,16 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("data.markov.num_states", "needs at least 2 states")
     if m.length < 2:
         bad("data.markov.length", "needs at least 2 tokens")
-    if d.corpus == "markov" and not (m.target_matrices or m.target_diagonals):
+    if d.corpus == "markov" and not (m.target_matrices or m.target_dirichlet or m.target_diagonals):
         bad("data.markov.target_diagonals", "needs at least one target chain")
+    if m.target_matrices and m.target_dirichlet:
+        bad("data.markov.target_dirichlet", "the targets are given twice (also by "
+                                            "data.markov.target_matrices); keep one of the two")
+    for name, conc in [("source_dirichlet", m.source_dirichlet)] + [
+            (f"target_dirichlet.{k}", v) for k, v in (m.target_dirichlet or {}).items()]:
+        if conc is not None and not conc > 0:
+            bad(f"data.markov.{name}", f"{conc}: a Dirichlet concentration must be > 0 (e.g. 1.0 "
+                                       f"for rows drawn uniformly from the simplex)")
     for key in ("num_source", "num_target", "num_test"):
         if getattr(m, key) < 1:
             bad(f"data.markov.{key}", "must be at least 1")
@@ -589,8 +638,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
                 bad(f"data.markov.{name}", f"row {i} = {row} must be non-negative and sum to 1")
     # Set and domain names become file names and WebDataset keys (where a '.' would split the key).
     if d.corpus == "markov":
-        named = {"data.markov.target_matrices" if m.target_matrices else "data.markov.target_diagonals":
-                 cfg.targets}
+        target_key = ("data.markov.target_matrices" if m.target_matrices else
+                      "data.markov.target_dirichlet" if m.target_dirichlet else "data.markov.target_diagonals")
+        named = {target_key: cfg.targets}
     else:
         named = {"data.source_domains": d.source_domains, "data.target_domains": d.target_domains}
     for key, names in named.items():
@@ -615,7 +665,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if cfg.shards.unit_chars < 1:
         bad("shards.unit_chars", "must be at least 1")
 
-    for role in ("denoiser", "classifier", "ratio", "planner", "reference_lm"):
+    for role in ("denoiser", "classifier", "ratio", "edit_ratio", "planner", "reference_lm"):
         mc: ModelConfig = getattr(cfg.models, role)
         key = f"models.{role}"
         if mc.hidden % mc.heads:
@@ -668,8 +718,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
             bad("sample.methods", f"'{mth}' is not one of {', '.join(METHODS)}")
     if s.sampler not in SAMPLERS:
         bad("sample.sampler", f"'{s.sampler}' is not one of {', '.join(SAMPLERS)}")
-    if s.gamma < 0:
-        bad("sample.gamma", f"{s.gamma} < 0; guidance strength must be >= 0 (0 = unguided)")
+    for key in ("gamma", "paper_gamma"):
+        if getattr(s, key) < 0:
+            bad(f"sample.{key}", f"{getattr(s, key)} < 0; guidance strength must be >= 0 (0 = unguided)")
     if s.n_ratio < 1:
         bad("sample.n_ratio", "must be at least 1")
     if s.top_k < 1:
@@ -684,6 +735,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         bad("sample.t_end", f"{s.t_end} is outside (0, 1)")
     if s.num_samples < 1 or s.batch_size < 1 or s.shards < 1 or s.steps < 1:
         bad("sample", "num_samples, batch_size, shards and steps must all be at least 1")
+    validate_protocol(cfg, bad)
+    seeds = cfg.pipeline.seeds
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        bad("pipeline.seeds", f"{seeds}: need distinct non-negative integers, e.g. [0] or [0, 1, 2]")
     if cfg.pipeline.planner_scope not in ("shared", "per_target"):
         bad("pipeline.planner_scope", f"'{cfg.pipeline.planner_scope}' is not shared or per_target")
     ev = cfg.eval
@@ -701,3 +756,49 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
                 "batch_size"):
         if getattr(ev, key) < 1:
             bad(f"eval.{key}", "must be at least 1")
+
+
+def holdout_count(n_target: int, protocol: ProtocolConfig) -> int:
+    """How many of a method's n_T target sequences it holds out for selection (0 under budget)."""
+    if protocol.selection != "holdout":
+        return 0
+    return max(protocol.holdout_min, round(protocol.holdout_fraction * n_target))
+
+
+def check_holdout(n_target: int, protocol: ProtocolConfig, where: str) -> tuple[int, int]:
+    """(training, held-out) sequence counts of one target fraction, or a ConfigError that says
+    why the protocol cannot work there and what to change."""
+    held = holdout_count(n_target, protocol)
+    if protocol.selection == "holdout" and n_target - held < 1:
+        raise ConfigError(
+            f"protocol.holdout_fraction={protocol.holdout_fraction} with protocol.holdout_min="
+            f"{protocol.holdout_min} holds out {held} of the {n_target} target sequences of {where} "
+            f"and leaves none to train on; lower protocol.holdout_min, use a larger fraction, or "
+            f"set protocol.selection=budget (fixed training budget, no selection)")
+    return n_target - held, held
+
+
+def validate_protocol(cfg: RunConfig, bad: Any) -> None:
+    p = cfg.protocol
+    if p.selection in ("test", "eval", "evaluation"):
+        bad("protocol.selection", f"'{p.selection}' would select checkpoints on the targets' test "
+                                  f"sets, which serve the final evaluation only (a method given n_T "
+                                  f"sequences may use no other target data); use holdout or budget")
+    if p.selection not in SELECTIONS:
+        bad("protocol.selection", f"'{p.selection}' is not one of {', '.join(SELECTIONS)}")
+    if not 0.0 < p.holdout_fraction < 1.0:
+        bad("protocol.holdout_fraction", f"{p.holdout_fraction} is outside (0, 1)")
+    if p.holdout_min < 1:
+        bad("protocol.holdout_min", f"{p.holdout_min}: holdout selection needs at least one "
+                                    f"held-out sequence")
+    if p.holdout_views < 1:
+        bad("protocol.holdout_views", "must be at least 1")
+    if cfg.data.corpus != "markov":
+        return  # text: n_T is known once the data stage has run (checked there and at submit time)
+    n_train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
+    for f in cfg.data.target_fractions:
+        n = round(f * n_train)
+        try:
+            check_holdout(n, p, f"fraction {f} (n_T = {n})")
+        except ConfigError as exc:
+            bad("protocol", str(exc))

@@ -48,6 +48,17 @@ class NoiseSchedule(abc.ABC):
         """-log alpha_t: the noise level a time-conditioned network sees."""
         return -torch.log1p(-self.move_chance(t))
 
+    def time_at(self, move_chance: torch.Tensor) -> torch.Tensor:
+        """The t whose move chance is ``move_chance`` (float64 bisection: every schedule's move
+        chance increases in t), e.g. to give a time-conditioned network the t of a mask rate."""
+        target = torch.as_tensor(move_chance, dtype=torch.float64)
+        lo, hi = torch.zeros_like(target), torch.ones_like(target)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            below = self.move_chance(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
     @staticmethod
     def from_config(cfg: NoiseConfig) -> "NoiseSchedule":
         if cfg.schedule == "loglinear":

@@ -156,6 +156,50 @@ def ratio_loss(ratio_net: Any, classifier_ti: Any, classifier_td: Any, x_source:
 
 
 # ----------------------------------------------------------------------------------------------
+# Edit-ratio network: the default GTL recipe (docs/method.md §5)
+# ----------------------------------------------------------------------------------------------
+
+def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_rate: torch.Tensor,
+                    generator: torch.Generator | None, *, mask_id: int | None = None,
+                    pad_id: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the target's masked tokens under the guided conditional
+
+        q_phi(x0^l = v | z)  ∝  p_theta(x0^l = v | z) · exp(e_phi(z)[l, v])
+
+    with the source denoiser p_theta frozen. Where the exact h is in reach, e_phi = log h(z[l:=v])
+    − log h(z) is the minimiser (q(v | z) = p(v | z) h(z[l:=v]) / h(z)), so the fit is calibrated by
+    construction: its scale comes from the target data, not from a classifier's confidence.
+
+    ``mask_rate`` has one entry per sequence: the networks see z alone, so the mask rate is drawn
+    uniformly rather than through the noise schedule. Pad tokens are never scored. Stats: loss,
+    source_nll (the same positions under p_theta alone; loss < source_nll is what the network
+    adds), accuracy (greedy, guided), masked_fraction.
+    """
+    _require_frozen(denoiser, "denoiser")
+    mask_id = edit_net.vocab.mask_id if mask_id is None else mask_id
+    if pad_id is None and hasattr(edit_net, "vocab"):
+        pad_id = edit_net.vocab.pad_id
+    z = mask_tokens(x_target, mask_rate.to(x_target.device, torch.float32), mask_id, generator)
+    scored = z == mask_id
+    if pad_id is not None:
+        scored &= x_target != pad_id
+    with torch.no_grad():
+        source_logp = denoiser(z).float()
+    guided = torch.log_softmax(source_logp + edit_net(z).float(), dim=-1)
+    truth = x_target.unsqueeze(-1)
+    num_scored = scored.sum().clamp_min(1)
+    nll = torch.where(scored, -guided.gather(-1, truth).squeeze(-1), torch.zeros((), device=z.device))
+    loss = nll.sum() / num_scored
+    with torch.no_grad():
+        source_nll = torch.where(scored, -source_logp.gather(-1, truth).squeeze(-1),
+                                 torch.zeros((), device=z.device)).sum() / num_scored
+        correct = (guided.argmax(-1) == x_target) & scored
+        stats = _as_floats(("loss", "source_nll", "accuracy", "masked_fraction"),
+                           (loss, source_nll, correct.sum() / num_scored, scored.float().mean()))
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
 # Planner (METHOD.md §6)
 # ----------------------------------------------------------------------------------------------
 

@@ -5,11 +5,12 @@
       data/                           tokenizer, shards + manifest.json (shards.dir may move them:
                                       find them with gtl_dist.data.build.data_dir)
       <stage>/                        shared stages (denoiser, planner, ar_pretrain, ar2diff)
-      <stage>/<target>/<fraction>/    per-(target, fraction) stages
+      <stage>/<target>/<fraction>/    per-(target, fraction) stages (seed s > 0 of pipeline.seeds:
+                                      <stage>/<target>/<fraction>/seed-s/)
           ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
           export/model.pt             consolidated fp32 weights, loadable without DeepSpeed
           DONE.json                   completion marker with the hashes of the stage's inputs
-      samples/<method>/<target>/<fraction>/shard-0000.jsonl
+      samples/<method>/<target>/<fraction>[/seed-s]/shard-0000.jsonl
       tb/<stage>[/<target>/<fraction>]  TensorBoard event files, one directory per job
       eval/                           report.md, results.csv, plots
       jobs/                           submitit folders and logs
@@ -25,6 +26,12 @@ from typing import Optional
 def fraction_name(fraction: float) -> str:
     """1.0 -> "1", 0.3 -> "0.3", 0.05 -> "0.05": stable directory names for fractions."""
     return f"{fraction:g}"
+
+
+def seed_folder(path: Path, seed: Optional[int]) -> Path:
+    """Replicate ``seed`` of a per-target stage or sample set: seed 0 (and None) keep the plain
+    path, so a run that adds seeds to pipeline.seeds keeps everything it already has."""
+    return path if not seed else path / f"seed-{seed}"
 
 
 @dataclass(frozen=True)
@@ -46,38 +53,30 @@ class RunPaths:
     def data(self) -> Path:
         return self.root / "data"
 
-    def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
-        path = self.root / stage
-        if target is not None:
-            path = path / target
-        if fraction is not None:
-            path = path / fraction_name(fraction)
-        return path
+    def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+              seed: Optional[int] = None) -> Path:
+        return seed_folder(_cell(self.root / stage, target, fraction), seed)
 
     def checkpoints(self, stage: str, target: Optional[str] = None,
-                    fraction: Optional[float] = None) -> Path:
-        return self.stage(stage, target, fraction) / "ckpt"
+                    fraction: Optional[float] = None, seed: Optional[int] = None) -> Path:
+        return self.stage(stage, target, fraction, seed) / "ckpt"
 
-    def export(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
-        return self.stage(stage, target, fraction) / "export" / "model.pt"
+    def export(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+               seed: Optional[int] = None) -> Path:
+        return self.stage(stage, target, fraction, seed) / "export" / "model.pt"
 
-    def marker(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
-        return self.stage(stage, target, fraction) / "DONE.json"
+    def marker(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+               seed: Optional[int] = None) -> Path:
+        return self.stage(stage, target, fraction, seed) / "DONE.json"
 
-    def tb(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None) -> Path:
-        path = self.root / "tb" / stage
-        if target is not None:
-            path = path / target
-        if fraction is not None:
-            path = path / fraction_name(fraction)
-        return path
+    def tb(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+           seed: Optional[int] = None) -> Path:
+        return seed_folder(_cell(self.root / "tb" / stage, target, fraction), seed)
 
-    def samples(self, method: str, target: Optional[str], fraction: Optional[float]) -> Path:
+    def samples(self, method: str, target: Optional[str], fraction: Optional[float],
+                seed: Optional[int] = None) -> Path:
         """Sample shards of one method; the source model's samples are shared by all targets."""
-        path = self.root / "samples" / method
-        if target is not None:
-            path = path / target
-        return path / fraction_name(fraction) if fraction is not None else path
+        return seed_folder(_cell(self.root / "samples" / method, target, fraction), seed)
 
     @property
     def eval(self) -> Path:
@@ -86,3 +85,9 @@ class RunPaths:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+
+def _cell(path: Path, target: Optional[str], fraction: Optional[float]) -> Path:
+    if target is not None:
+        path = path / target
+    return path / fraction_name(fraction) if fraction is not None else path

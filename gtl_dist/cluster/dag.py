@@ -21,6 +21,9 @@ from typing import Iterable, Optional
 from gtl_dist.config import RunConfig, dict_hash
 from gtl_dist.paths import RunPaths, fraction_name
 
+# The network that guides each GTL method (docs/method.md §5).
+GUIDE_STAGE = {"gtl": "edit_ratio", "gtl_paper": "ratio"}
+
 # How a group is sized on the cluster.
 BIG = "big"        # spans --nodes nodes, one rank per GPU (or per node on CPU)
 SMALL = "small"    # one task, at most one GPU: packed many to a node
@@ -35,6 +38,8 @@ class Task:
     fraction: Optional[float] = None
     method: Optional[str] = None
     shard: Optional[int] = None
+    # Replicate of a per-target stage or sample set (pipeline.seeds); 0 for the shared stages.
+    seed: int = 0
 
     @property
     def key(self) -> str:
@@ -45,6 +50,8 @@ class Task:
             parts.append(self.target)
         if self.fraction is not None:
             parts.append(fraction_name(self.fraction))
+        if self.seed:
+            parts.append(f"seed{self.seed}")
         if self.shard is not None:
             parts.append(f"shard{self.shard}")
         return "/".join(parts)
@@ -52,12 +59,13 @@ class Task:
     def marker(self, paths: RunPaths):
         """Where this task's completion marker lives."""
         if self.kind == "sample":
-            return paths.samples(self.method, self.target, self.fraction) / f"DONE-{self.shard:04d}.json"
+            folder = paths.samples(self.method, self.target, self.fraction, self.seed)
+            return folder / f"DONE-{self.shard:04d}.json"
         if self.kind == "data":
             return paths.data / "DONE.json"
         if self.kind == "eval":
             return paths.eval / "DONE.json"
-        return paths.marker(self.kind, self.target, self.fraction)
+        return paths.marker(self.kind, self.target, self.fraction, self.seed)
 
 
 @dataclass
@@ -73,7 +81,7 @@ class Group:
 
 
 # Groups that are arrays by nature, even when the config leaves them a single task.
-PER_TASK_ARRAYS = {"classifier_ti", "classifier_td", "ratio", "vanilla", "finetune",
+PER_TASK_ARRAYS = {"classifier_ti", "classifier_td", "ratio", "edit_ratio", "vanilla", "finetune",
                    "reference_lm", "sample"}
 
 # Configuration sections each task kind reads (besides its dependencies).
@@ -82,12 +90,14 @@ _SECTIONS = {
     "denoiser": ("seed", "noise", "models.denoiser", "train.denoiser"),
     "ar_pretrain": ("seed", "models.denoiser", "train.ar_pretrain"),
     "ar2diff": ("seed", "noise", "models.denoiser", "train.ar2diff"),
-    "planner": ("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope"),
-    "classifier_ti": ("seed", "noise", "models.classifier", "train.classifier_ti"),
-    "classifier_td": ("seed", "noise", "models.classifier", "train.classifier_td"),
-    "ratio": ("seed", "noise", "models.ratio", "train.ratio"),
-    "vanilla": ("seed", "noise", "models.denoiser", "train.vanilla"),
-    "finetune": ("seed", "noise", "models.denoiser", "train.finetune"),
+    "planner": ("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope",
+                "protocol"),
+    "classifier_ti": ("seed", "noise", "models.classifier", "train.classifier_ti", "protocol"),
+    "classifier_td": ("seed", "noise", "models.classifier", "train.classifier_td", "protocol"),
+    "ratio": ("seed", "noise", "models.ratio", "train.ratio", "protocol"),
+    "edit_ratio": ("seed", "noise", "models.edit_ratio", "train.edit_ratio", "protocol"),
+    "vanilla": ("seed", "noise", "models.denoiser", "train.vanilla", "protocol"),
+    "finetune": ("seed", "noise", "models.denoiser", "train.finetune", "protocol"),
     "reference_lm": ("seed", "models.reference_lm", "train.reference_lm"),
     # Baselines draw with the unguided sampler; only GTL reads the guidance settings. The list
     # of methods is never an input: adding a method must not redraw the others.
@@ -97,6 +107,10 @@ _SECTIONS = {
                    "sample.t_end", "sample.seed", "sample.sampler", "sample.gamma", "sample.n_ratio",
                    "sample.ratio_batch_size", "sample.planner_temperature", "sample.planner_mode",
                    "sample.stabilise"),
+    "sample_gtl_paper": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k",
+                         "sample.steps", "sample.t_end", "sample.seed", "sample.sampler",
+                         "sample.paper_gamma", "sample.n_ratio", "sample.ratio_batch_size",
+                         "sample.planner_temperature", "sample.planner_mode", "sample.stabilise"),
     "eval": ("eval", "sample.num_samples"),
 }
 
@@ -155,7 +169,7 @@ class Pipeline:
     def task_deps(self, task: Task) -> list[Task]:
         """The tasks whose outputs ``task`` reads (finer than the group dependencies)."""
         cfg = self.cfg
-        k, t, f = task.kind, task.target, task.fraction
+        k, t, f, s = task.kind, task.target, task.fraction, task.seed
         source = Task(self.source_stage)
         if k == "data":
             return []
@@ -168,19 +182,19 @@ class Pipeline:
         if k in ("classifier_ti", "classifier_td", "vanilla", "reference_lm"):
             return [Task("data")]
         if k == "ratio":
-            return [Task("classifier_ti", t, f), Task("classifier_td", t, f)]
-        if k == "finetune":
+            return [Task("classifier_ti", t, f, seed=s), Task("classifier_td", t, f, seed=s)]
+        if k in ("finetune", "edit_ratio"):
             return [source]
         if k == "sample":
             m = task.method
             if m == "source":
                 deps = [source]
             elif m in ("vanilla", "finetune"):
-                deps = [Task(m, t, f)]
-            else:  # gtl
-                deps = [source, Task("ratio", t, f)]
+                deps = [Task(m, t, f, seed=s)]
+            else:  # gtl (edit-ratio network) or gtl_paper (sequence-level ratio network)
+                deps = [source, Task(GUIDE_STAGE[m], t, f, seed=s)]
                 if cfg.sample.sampler == "planner":
-                    deps.append(self.planner_task(t, f))
+                    deps.append(self.planner_task(t, f, s))
             return deps
         if k == "eval":
             deps = list(self.group("sample").tasks)
@@ -190,10 +204,10 @@ class Pipeline:
             return deps
         raise ValueError(f"unknown task kind '{k}'")
 
-    def planner_task(self, target: Optional[str], fraction: Optional[float]) -> Task:
+    def planner_task(self, target: Optional[str], fraction: Optional[float], seed: int = 0) -> Task:
         if self.cfg.pipeline.planner_scope == "shared":
             return Task("planner")
-        return Task("planner", target, fraction)
+        return Task("planner", target, fraction, seed=seed)
 
     @cached_property
     def _hash_cache(self) -> dict[Task, str]:
@@ -203,7 +217,7 @@ class Pipeline:
         """Hash of everything the task's output depends on (config sections + upstream hashes)."""
         cache = self._hash_cache
         if task not in cache:
-            sections = _SECTIONS["sample_gtl" if task.method == "gtl" else task.kind]
+            sections = _SECTIONS[f"sample_{task.method}" if task.method in GUIDE_STAGE else task.kind]
             own = self.cfg.section_hash(*sections)
             ups = sorted((d.key, self.input_hash(d)) for d in self.task_deps(task))
             ident = {"task": task.key, "own": own, "deps": ups}
@@ -222,8 +236,9 @@ def build_pipeline(cfg: RunConfig, only: Optional[Iterable[str]] = None) -> Pipe
 
 def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
     groups: list[Group] = []
-    targets, fractions = cfg.targets, cfg.data.target_fractions
+    targets, fractions, seeds = cfg.targets, cfg.data.target_fractions, cfg.pipeline.seeds
     per_tf = [(t, f) for t in targets for f in fractions]
+    replicas = [(t, f, s) for t, f in per_tf for s in seeds]
     methods = cfg.sample.methods
     names: list[str] = []
 
@@ -238,23 +253,26 @@ def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
         add("ar2diff", [Task("ar2diff")], ["ar_pretrain"], BIG)
     else:
         add("denoiser", [Task("denoiser")], ["data"], BIG)
-    need_gtl = "gtl" in methods
-    if need_gtl and cfg.sample.sampler == "planner":
+    guided = [m for m in methods if m in GUIDE_STAGE]
+    if guided and cfg.sample.sampler == "planner":
         if cfg.pipeline.planner_scope == "shared":
             add("planner", [Task("planner")], [src], SMALL)
         else:
-            add("planner", [Task("planner", t, f) for t, f in per_tf], [src], SMALL)
-    if need_gtl:
-        add("classifier_ti", [Task("classifier_ti", t, f) for t, f in per_tf], ["data"], SMALL)
-        add("classifier_td", [Task("classifier_td", t, f) for t, f in per_tf], ["data"], SMALL)
-        add("ratio", [Task("ratio", t, f) for t, f in per_tf], ["classifier_ti", "classifier_td"], SMALL)
+            add("planner", [Task("planner", t, f, seed=s) for t, f, s in replicas], [src], SMALL)
+    if "gtl" in methods:
+        add("edit_ratio", [Task("edit_ratio", t, f, seed=s) for t, f, s in replicas], [src], SMALL)
+    if "gtl_paper" in methods:
+        add("classifier_ti", [Task("classifier_ti", t, f, seed=s) for t, f, s in replicas], ["data"], SMALL)
+        add("classifier_td", [Task("classifier_td", t, f, seed=s) for t, f, s in replicas], ["data"], SMALL)
+        add("ratio", [Task("ratio", t, f, seed=s) for t, f, s in replicas],
+            ["classifier_ti", "classifier_td"], SMALL)
     elif cfg.uses_tokenizer:
-        # The report's domain score needs the time-independent classifier even without GTL.
+        # The report's domain score needs the time-independent classifier even without gtl_paper.
         add("classifier_ti", [Task("classifier_ti", t, f) for t, f in per_tf], ["data"], SMALL)
     if "vanilla" in methods:
-        add("vanilla", [Task("vanilla", t, f) for t, f in per_tf], ["data"], SMALL)
+        add("vanilla", [Task("vanilla", t, f, seed=s) for t, f, s in replicas], ["data"], SMALL)
     if "finetune" in methods:
-        add("finetune", [Task("finetune", t, f) for t, f in per_tf], [src], SMALL)
+        add("finetune", [Task("finetune", t, f, seed=s) for t, f, s in replicas], [src], SMALL)
     if cfg.uses_tokenizer:
         add("reference_lm", [Task("reference_lm", t) for t in targets], ["data"], SMALL)
 
@@ -262,11 +280,11 @@ def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
     shards = range(cfg.sample.shards)
     for m in methods:
         if m == "source":
-            sample_tasks += [Task("sample", None, None, m, s) for s in shards]
+            sample_tasks += [Task("sample", None, None, m, i, s) for s in seeds for i in shards]
         else:
-            sample_tasks += [Task("sample", t, f, m, s) for t, f in per_tf for s in shards]
+            sample_tasks += [Task("sample", t, f, m, i, s) for t, f, s in replicas for i in shards]
     sample_deps = {"source": [src], "vanilla": ["vanilla"], "finetune": ["finetune"],
-                   "gtl": [src, "ratio", "planner"]}
+                   "gtl": [src, "edit_ratio", "planner"], "gtl_paper": [src, "ratio", "planner"]}
     add("sample", sample_tasks, sorted({d for m in methods for d in sample_deps[m]}), SMALL)
     add("eval", [Task("eval")], ["sample", "classifier_ti", "reference_lm"], EVAL)
     return groups

@@ -272,8 +272,8 @@ class Launcher:
             if task.kind not in TRAIN_KINDS:
                 continue
             # The pipeline's input hash is the one the stage's checkpoints carry (stage_input_hash).
-            moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction),
-                                 self.pipeline.input_hash(task))
+            moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction,
+                                                        task.seed), self.pipeline.input_hash(task))
             if moved is not None:
                 on_event(f"  {task.key}: its checkpoints were made with other inputs; kept as "
                          f"{moved}, the stage starts afresh")

@@ -36,7 +36,7 @@ class StatusRow:
 
 def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
     """Last logged training step and loss (tolerates a line being written right now)."""
-    path = paths.stage(task.kind, task.target, task.fraction) / "train_log.jsonl"
+    path = paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
     if not path.is_file():
         return None, None
     step, loss = None, None
@@ -78,7 +78,8 @@ def status_rows(run_dir: str | Path) -> list[StatusRow]:
             step, loss = _progress(paths, task)
             if state == "done":
                 step = total
-        detail = "" if task.kind != "sample" else f"{task.method}#{task.shard}"
+        detail = " ".join(x for x in ("" if task.kind != "sample" else f"{task.method}#{task.shard}",
+                                      f"seed{task.seed}" if task.seed else "") if x)
         log = str(sub.log_paths()[1]) if sub is not None and state in ("failed", "cancelled") else ""
         rows.append(StatusRow(task.kind, task.target or "-",
                               fraction_name(task.fraction) if task.fraction is not None else "-",

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from gtl_dist.cluster.dag import Pipeline, Task
+from gtl_dist.cluster.dag import GUIDE_STAGE, Pipeline, Task
 from gtl_dist.config import STAGES, RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger
@@ -73,7 +73,7 @@ def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
         info["data_hash"] = manifest.data_hash
     elif task.kind in TRAIN_KINDS:
         from gtl_dist.train import run_stage
-        result = run_stage(cfg, run_dir, task.kind, task.target, task.fraction)
+        result = run_stage(cfg, run_dir, task.kind, task.target, task.fraction, task.seed)
         if result.status != "finished":
             return "preempted"
         info.update(step=result.step, val_loss=result.val_loss, export=str(result.export))
@@ -97,10 +97,10 @@ def _device():
 
 
 def load_export(paths: RunPaths, stage: str, target: Optional[str] = None,
-                fraction: Optional[float] = None, device: Any = "cpu"):
+                fraction: Optional[float] = None, device: Any = "cpu", seed: int = 0):
     """An exported model, or a clear error naming the stage that produces it."""
     from gtl_dist.train import load_exported
-    path = paths.export(stage, target, fraction)
+    path = paths.export(stage, target, fraction, seed)
     if not path.is_file():
         where = stage if target is None else f"{stage} for target '{target}', fraction {fraction}"
         raise TaskFailed(f"{path}: missing; the {where} stage has not finished. Run it first "
@@ -108,20 +108,23 @@ def load_export(paths: RunPaths, stage: str, target: Optional[str] = None,
     return load_exported(path, device)
 
 
-def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, method: str,
-                    target: Optional[str], fraction: Optional[float], device: Any):
-    """The networks one method samples with (METHOD.md §7 and §9)."""
+def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task, device: Any):
+    """The networks one sample task's method samples with (docs/method.md §7 and §9), and its
+    guidance strength."""
     from gtl_dist.sample import MethodNetworks
+    method, target, fraction, seed = task.method, task.target, task.fraction, task.seed
     if method == "source":
         return MethodNetworks(load_export(paths, pipeline.source_stage, device=device))
     if method in ("vanilla", "finetune"):
-        return MethodNetworks(load_export(paths, method, target, fraction, device))
+        return MethodNetworks(load_export(paths, method, target, fraction, device, seed))
     planner = None
     if cfg.sample.sampler == "planner" and cfg.sample.planner_mode != "uniform":
-        pt = pipeline.planner_task(target, fraction)
-        planner = load_export(paths, "planner", pt.target, pt.fraction, device)
+        pt = pipeline.planner_task(target, fraction, seed)
+        planner = load_export(paths, "planner", pt.target, pt.fraction, device, pt.seed)
     return MethodNetworks(load_export(paths, pipeline.source_stage, device=device),
-                          ratio_net=load_export(paths, "ratio", target, fraction, device), planner=planner)
+                          ratio_net=load_export(paths, GUIDE_STAGE[method], target, fraction, device, seed),
+                          planner=planner,
+                          gamma=cfg.sample.gamma if method == "gtl" else cfg.sample.paper_gamma)
 
 
 def _tokenizer(cfg: RunConfig, paths: RunPaths):
@@ -138,13 +141,14 @@ def _sample(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task) -> 
     from gtl_dist.sample import sample_shard, write_sample_shard
 
     device = _device()
-    nets = method_networks(cfg, paths, pipeline, task.method, task.target, task.fraction, device)
+    nets = method_networks(cfg, paths, pipeline, task, device)
     t0 = time.monotonic()
-    shard = sample_shard(nets, cfg.sample, NoiseSchedule.from_config(cfg.noise), task.shard, device)
+    shard = sample_shard(nets, cfg.sample, NoiseSchedule.from_config(cfg.noise), task.shard, device,
+                         replicate=task.seed)
     seconds = time.monotonic() - t0
     tok = _tokenizer(cfg, paths)
     texts = [tok.decode(row) for row in shard.tokens.tolist()] if tok is not None else None
-    out = paths.samples(task.method, task.target, task.fraction) / f"shard-{task.shard:04d}.jsonl"
+    out = paths.samples(task.method, task.target, task.fraction, task.seed) / f"shard-{task.shard:04d}.jsonl"
     write_sample_shard(out, shard, texts)
     per_seq = shard.stats.per_sequence()
     log.info("%s: %d samples in %.1fs -> %s (network evaluations per sequence: %s)", task.key,

@@ -17,13 +17,13 @@ from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
 from gtl_dist.data.prepare import load_run_manifest, prepare_data
 
 __all__ = ["Manifest", "ManifestError", "ShardInfo", "ShardSet", "ShardLoader", "data_dir", "data_hash",
-           "load_run_manifest", "make_loader", "prepare_data"]
+           "load_run_manifest", "make_loader", "prepare_data", "read_samples"]
 
 
 def __getattr__(name: str) -> Any:
     # The reader needs torch; the build (CLI, job-array tasks, spawned workers) does not, and
     # starts much faster without importing it.
-    if name in ("ShardLoader", "make_loader"):
+    if name in ("ShardLoader", "make_loader", "read_samples"):
         from gtl_dist.data import loader
         return getattr(loader, name)
     raise AttributeError(f"module 'gtl_dist.data' has no attribute '{name}'")

@@ -35,7 +35,8 @@ from gtl_dist.data.shards import read_shard
 STATE_VERSION = 1
 # Fields of the cursor that define the stream; a cursor from a loader that differs in any of them
 # would silently yield other batches, so loading it is refused.
-_STREAM_FIELDS = ("set", "fraction", "world_size", "num_workers", "seed", "batch_size", "shuffle", "data_hash")
+_STREAM_FIELDS = ("set", "fraction", "drop_last", "world_size", "num_workers", "seed", "batch_size", "shuffle",
+                  "data_hash")
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
@@ -182,7 +183,7 @@ class ShardLoader:
     """
 
     def __init__(self, manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 drop_last: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, infinite: bool = True, expected_tokenizer_hash: str | None = None):
         where = f"{manifest.path} [{set_name}]"
         manifest.check_tokenizer(expected_tokenizer_hash)
@@ -190,7 +191,7 @@ class ShardLoader:
             raise ValueError(f"{where}: need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, "
                              f"num_workers >= 0 and seed >= 0; got batch_size={batch_size}, rank={rank}, "
                              f"world_size={world_size}, num_workers={num_workers}, seed={seed}")
-        files = manifest.shard_files(set_name, fraction)
+        files = manifest.shard_files(set_name, fraction, drop_last)
         consumers = world_size * max(1, num_workers)
         if len(files) < consumers:
             raise ManifestError(
@@ -208,7 +209,7 @@ class ShardLoader:
             # a half-batch of 128): the stream runs through its passes back to back, so a batch
             # holds every sample about batch_size / total times, each pass freshly shuffled.
             self.batches_per_epoch = 1
-        self.manifest, self.set_name, self.fraction = manifest, set_name, fraction
+        self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
         self.shards = [(str(p), n) for p, n in files]
@@ -254,7 +255,7 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""
         return {"version": STATE_VERSION, "set": self.set_name, "fraction": self.fraction,
-                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
+                "drop_last": self.drop_last, "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "data_hash": self.manifest.data_hash,
                 "batches_consumed": self._position, "epoch": self.epoch,
                 "batch_in_epoch": self._position % self.batches_per_epoch,
@@ -280,16 +281,39 @@ class ShardLoader:
 
 
 def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                drop_last: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                 shuffle: bool = True, infinite: bool = True,
                 expected_tokenizer_hash: str | None = None) -> ShardLoader:
     """A :class:`ShardLoader` over ``set_name`` ("source/train", "physics/test", ...).
 
-    ``fraction`` selects the nested prefix of a target training set; rank and world size are
-    explicit (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted
-    shard, too few shards for ``world_size x num_workers`` readers, or a fraction with no samples.
+    ``fraction`` selects the nested prefix of a target training set and ``drop_last`` leaves out
+    its last samples (the held-out part, :func:`read_samples`); rank and world size are explicit
+    (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted shard, too
+    few shards for ``world_size x num_workers`` readers, or a fraction with no samples.
     """
-    return ShardLoader(manifest, set_name, batch_size, fraction=fraction, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=seed, shuffle=shuffle, infinite=infinite,
-                       expected_tokenizer_hash=expected_tokenizer_hash)
+    return ShardLoader(manifest, set_name, batch_size, fraction=fraction, drop_last=drop_last, rank=rank,
+                       world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
+                       infinite=infinite, expected_tokenizer_hash=expected_tokenizer_hash)
+
+
+def read_samples(manifest: Manifest, set_name: str, start: int, stop: int,
+                 expected_tokenizer_hash: str | None = None) -> torch.Tensor:
+    """Samples ``start`` .. ``stop - 1`` of a set, in shard order, as LongTensor [stop - start, L]:
+    a small held-out part read whole (every rank reads all of it and takes its own rows)."""
+    manifest.check_tokenizer(expected_tokenizer_hash)
+    total = manifest.num_samples(set_name)
+    if not 0 <= start < stop <= total:
+        raise ManifestError(f"{manifest.path} [{set_name}]: samples {start}..{stop - 1} are outside "
+                            f"its {total} samples")
+    entries = manifest.get_set(set_name).shards
+    rows, first = [], 0
+    for shard in entries:
+        last = first + shard.samples
+        if last > start and first < stop:
+            path = manifest.root / shard.name
+            verify_shard(path, shard)
+            tokens, _ = read_shard(path, manifest.seq_len, limit=min(stop, last) - first)
+            rows.append(tokens[max(start - first, 0):])
+        first = last
+    return torch.from_numpy(np.concatenate(rows)).long()
 

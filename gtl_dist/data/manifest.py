@@ -157,9 +157,14 @@ class Manifest:
                                 f"use a larger fraction or more target data")
         return count
 
-    def shard_files(self, set_name: str, fraction: float | None = None) -> list[tuple[Path, int]]:
-        """(path, samples to read) for each shard, the last one cut at the fraction's prefix."""
-        remaining = self.num_samples(set_name, fraction)
+    def shard_files(self, set_name: str, fraction: float | None = None,
+                    drop_last: int = 0) -> list[tuple[Path, int]]:
+        """(path, samples to read) for each shard, the last one cut at the fraction's prefix
+        less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
+        remaining = self.num_samples(set_name, fraction) - drop_last
+        if remaining < 1:
+            raise ManifestError(f"{self.path} [{set_name}]: holding out {drop_last} of "
+                                f"{remaining + drop_last} samples leaves none to read")
         out = []
         for shard in self.get_set(set_name).shards:
             if remaining <= 0:
@@ -169,9 +174,9 @@ class Manifest:
             remaining -= take
         return out
 
-    def num_shards(self, set_name: str, fraction: float | None = None) -> int:
+    def num_shards(self, set_name: str, fraction: float | None = None, drop_last: int = 0) -> int:
         """Shards a reader of this set (and fraction) splits over ranks x workers."""
-        return len(self.shard_files(set_name, fraction))
+        return len(self.shard_files(set_name, fraction, drop_last))
 
     def check_tokenizer(self, expected_hash: str | None) -> None:
         if expected_hash is not None and expected_hash != self.tokenizer_hash:

@@ -26,14 +26,31 @@ def diagonal_matrix(num_states: int, diagonal: float) -> np.ndarray:
     return matrix
 
 
+def dirichlet_matrix(num_states: int, concentration: float, seed: int, name: str) -> np.ndarray:
+    """Rows drawn from a symmetric Dirichlet, from a seed and the chain's name alone (adding a
+    chain leaves the others unchanged)."""
+    tag = int.from_bytes(hashlib.sha256(f"dirichlet/{name}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, tag])
+    return rng.dirichlet(np.full(num_states, float(concentration)), size=num_states)
+
+
 def transition_matrices(mcfg: MarkovConfig) -> dict[str, np.ndarray]:
-    """``{"source": P, <target>: Q, ...}`` from the config; full matrices win over diagonals."""
+    """``{"source": P, <target>: Q, ...}`` from the config: per chain a full matrix wins over
+    Dirichlet rows, which win over a diagonal."""
     s = mcfg.num_states
-    out = {SOURCE: (np.asarray(mcfg.source_matrix, dtype=np.float64) if mcfg.source_matrix is not None
-                    else diagonal_matrix(s, mcfg.source_diagonal))}
+    if mcfg.source_matrix is not None:
+        source = np.asarray(mcfg.source_matrix, dtype=np.float64)
+    elif mcfg.source_dirichlet is not None:
+        source = dirichlet_matrix(s, mcfg.source_dirichlet, mcfg.dirichlet_seed, SOURCE)
+    else:
+        source = diagonal_matrix(s, mcfg.source_diagonal)
+    out = {SOURCE: source}
     if mcfg.target_matrices:
         for name, mat in mcfg.target_matrices.items():
             out[name] = np.asarray(mat, dtype=np.float64)
+    elif mcfg.target_dirichlet:
+        for name, conc in mcfg.target_dirichlet.items():
+            out[name] = dirichlet_matrix(s, conc, mcfg.dirichlet_seed, name)
     else:
         for name, diag in mcfg.target_diagonals.items():
             out[name] = diagonal_matrix(s, diag)

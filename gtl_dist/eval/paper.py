@@ -42,6 +42,7 @@ def paper_rows(cfg: RunConfig) -> list[ResultRow]:
 def _markov_rows(cfg: RunConfig) -> list[ResultRow]:
     m = cfg.data.markov
     same_chains = (m.num_states == 5 and m.length == 20 and m.source_matrix is None
+                   and m.source_dirichlet is None and m.target_dirichlet is None
                    and m.source_diagonal == 0.10 and m.target_matrices is None
                    and m.num_source == 10_000 and cfg.data.overlap == 0.0)
     if not same_chains:

@@ -91,8 +91,9 @@ def _ordered(items: Iterable[str]) -> list[str]:
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
-    methods = set(methods)
-    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
+    """The pipeline's methods first, then any other rows (references, ladder steps) as they came."""
+    methods = _ordered(methods)
+    return [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
 
 
 def fraction_label(fraction: Optional[float]) -> str:
@@ -117,13 +118,37 @@ def metric_family(metric: str) -> str:
 def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
     lines = [f"# Evaluation report: {cfg.name if cfg is not None else 'run'}", ""]
     if cfg is not None:
-        lines.append(f"- config hash: `{cfg.hash()}` (data: {cfg.data.corpus}, "
-                     f"GTL sampler: {cfg.sample.sampler}, γ = {cfg.sample.gamma:g}, "
-                     f"top-K = {cfg.sample.top_k}, {cfg.sample.num_samples} samples per method)")
+        s = cfg.sample
+        gammas = ", ".join(f"{m}: γ = {g:g}" for m, g in (("gtl", s.gamma), ("gtl_paper", s.paper_gamma))
+                           if m in s.methods)
+        lines.append(f"- config hash: `{cfg.hash()}` (data: {cfg.data.corpus}, GTL sampler: {s.sampler}"
+                     f"{', ' + gammas if gammas else ''}, top-K = {s.top_k}, {s.steps} steps "
+                     f"({cfg.noise.schedule} schedule) for the ancestral samplers, {s.num_samples} "
+                     f"samples per method and seed)")
+        lines.append(f"- protocol: {protocol_text(cfg)}")
+        seeds = cfg.pipeline.seeds
+        lines.append(f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); every per-target network "
+                     f"and every sample set is drawn once per seed; the data and the source "
+                     f"denoiser{' and planner' if 'planner' in s.sampler else ''} are shared by all seeds")
     lines += [f"- command: `{command}`", f"- date: {date}",
-              "- columns are target-data fractions; cells are value ± std over seeds where a metric "
+              "- columns are target-data fractions; cells are the mean ± std over seeds where a metric "
               "is repeated; rows marked (paper) are the paper's published numbers", ""]
     return "\n".join(lines) + "\n"
+
+
+def protocol_text(cfg: RunConfig) -> str:
+    """The low-data protocol in words (docs/method.md §12)."""
+    p = cfg.protocol
+    if p.selection == "holdout":
+        rule = (f"every per-target network trains on its own n_T target sequences less a held-out part "
+                f"(max({p.holdout_min}, round({p.holdout_fraction:g} · n_T)) of them), which alone decides "
+                f"its early stopping and checkpoint (scored over {p.holdout_views} masked views per "
+                f"sequence)")
+    else:
+        rule = ("every per-target network trains on all of its n_T target sequences for its fixed number "
+                "of steps and keeps its final (or EMA) weights: no validation, no selection")
+    return (f"{rule}; γ is fixed in the config, not tuned; the targets' held-out test sets serve this "
+            f"evaluation only")
 
 
 def render_table(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str,
@@ -151,8 +176,10 @@ def render_table(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: 
         lines.append(f"| {label} | " + " | ".join(cells.get((label, f), "–") for f in fractions) + " |")
     notes = defaultdict(list)
     for r in mine:
-        if r.notes:
-            notes[r.notes].append(f"{r.method} @ {fraction_label(r.fraction)}")
+        # Per-seed values stay in results.csv; the table shows their mean ± std.
+        note = "; ".join(part for part in r.notes.split("; ") if part and not part.startswith("seeds "))
+        if note:
+            notes[note].append(f"{r.method} @ {fraction_label(r.fraction)}")
     for note, where in notes.items():
         lines.append(f"\n- {', '.join(where)}: {note}")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,26 @@ def rows_from_metrics(method: str, target: str, fraction: Optional[float],
             for name, value in metrics.items()]
 
 
+def seed_rows(method: str, target: str, fraction: Optional[float],
+              per_seed: Mapping[int, Mapping[str, float]], n: Optional[int] = None,
+              notes: str = "") -> list[ResultRow]:
+    """One row per metric over replicates (pipeline.seeds): the mean, the sample std (None for a
+    single seed) and, in the notes, every seed's value."""
+    seeds = sorted(per_seed)
+    rows = []
+    for metric in per_seed[seeds[0]]:
+        values = [float(per_seed[s][metric]) for s in seeds]
+        mean = sum(values) / len(values)
+        std = None
+        if len(values) > 1:
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        detail = "" if len(seeds) == 1 else (f"seeds {','.join(map(str, seeds))}: "
+                                             + ", ".join(f"{v:.4g}" for v in values))
+        rows.append(ResultRow(method, target, _fraction(fraction), metric, mean, std, n,
+                              "; ".join(x for x in (detail, notes) if x)))
+    return rows
+
+
 def mauve_row(method: str, target: str, fraction: Optional[float], result: MauveResult,
               notes: str = "") -> ResultRow:
     detail = (f"{len(result.per_seed)} seeds, {result.num_buckets} clusters, length-matched "

@@ -3,7 +3,8 @@
     Denoiser            SUBS log-probabilities p_theta(x0 | z_t) per position
     ARLM                next-token logits, causal; same parameter names as Denoiser (AR2Diff)
     SequenceClassifier  one domain logit per sequence (source = 1), clean or masked input
-    RatioNet            one log-ratio r_phi(z) per sequence (mean-pooled)
+    RatioNet            one log-ratio r_phi(z) per sequence (mean-pooled; the paper's recipe)
+    EditRatioNet        log h(z[l := v]) - log h(z) for every position l and token v at once
     Planner             one logit per position ("decoding this position now would be right")
 
 Bad input fails at construction: vocabularies, mask ids and sequence lengths are checked when
@@ -24,7 +25,8 @@ from gtl_dist.models.dit import DiT, KVCache, LayerNorm, float32_linear, modulat
 
 log = get_logger("models")
 
-ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "planner", "reference_lm")
+ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "edit_ratio", "planner",
+         "reference_lm")
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,40 @@ class RatioNet(_Network):
         return self.head(h)
 
 
+class EditRatioNet(_Network):
+    """The edit-ratio network e_phi(z) of the default GTL recipe (docs/method.md §5).
+
+    For a masked position l and a token v it estimates the change of the log density ratio that
+    revealing v there causes:
+
+        e_phi(z)[l, v]  ~  log h(z[l := v]) - log h(z)  =  log q(x0^l = v | z) - log p(x0^l = v | z)
+
+    which is all a guided step needs (q(z_s | z_t) = p(z_s | z_t) h(z_s) / h(z_t) for one revealed
+    token). One pass scores every edit of every position, where a sequence-level ratio net needs
+    one pass per edit. Same backbone and output layer as the denoiser (zero-initialised, so an
+    untrained network is no guidance at all); raw fp32 scores [B, L, V], meaningful at masked
+    positions and non-[MASK] ids only.
+    """
+
+    # Samplers score edits with ``edit_scores`` (one pass) instead of calling it per edit.
+    edit_form = True
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
+        super().__init__(cfg, vocab, seq_len)
+        self.backbone = DiT(cfg, vocab.size, seq_len, time_conditioning=False)
+        self.output = DenoiserOutput(cfg.hidden, cfg.cond_dim, vocab.size)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        h, c = self.backbone(z)
+        return self.output(h, c)
+
+    def edit_scores(self, z: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, V]: the scores of position positions[p] of sequence rows[p]; the output layer runs
+        at those positions only (with |V| in the tens of thousands it is most of the cost)."""
+        h, c = self.backbone(z)
+        return self.output(h[rows, positions].unsqueeze(1), c[rows]).squeeze(1)
+
+
 class Planner(_Network):
     """Per-position logits: which masked position to reveal next (METHOD.md §6). Time-independent."""
 
@@ -261,6 +297,7 @@ def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
         "classifier_ti": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=False),
         "classifier_td": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=True),
         "ratio": lambda: RatioNet(m.ratio, vocab, cfg.seq_len),
+        "edit_ratio": lambda: EditRatioNet(m.edit_ratio, vocab, cfg.seq_len),
         "planner": lambda: Planner(m.planner, vocab, cfg.seq_len),
         "reference_lm": lambda: ARLM(m.reference_lm, vocab, cfg.seq_len),
     }

@@ -92,7 +92,15 @@ def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: O
             raise SamplerConfigError(
                 f"denoiser: the [MASK] column (id {vocab.mask_id}) must be -inf (SUBS log-probabilities); "
                 f"got {out[0, 0, vocab.mask_id].item()}. Pass the denoiser's log-probabilities, not logits")
-        if ratio_net is not None:
+        if ratio_net is not None and getattr(ratio_net, "edit_form", False):
+            scores = ratio_net.edit_scores(z, torch.zeros(1, dtype=torch.long, device=device),
+                                           torch.zeros(1, dtype=torch.long, device=device))
+            if tuple(scores.shape) != (1, vocab.size):
+                raise SamplerConfigError(
+                    f"ratio_net: an edit-ratio network returned edit scores of shape "
+                    f"{tuple(scores.shape)} for one position; expected one score per token, "
+                    f"(1, {vocab.size})")
+        elif ratio_net is not None:
             r = ratio_net(z)
             if tuple(r.shape) != (1,):
                 raise SamplerConfigError(

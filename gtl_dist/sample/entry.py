@@ -1,12 +1,13 @@
 """Sampling as the pipeline calls it: pick the sampler from SampleConfig, and sample by shard.
 
-Baselines (source, vanilla, fine-tuned; METHOD.md §9) pass no ratio net and get the unguided
-ancestral sampler with the same top-K. GTL passes its ratio net and gets ``cfg.sampler``:
-``planner`` (the main algorithm), ``ancestral`` or ``exact`` (full vocabulary, small |V| only).
+Baselines (source, vanilla, fine-tuned; docs/method.md §9) pass no ratio net and get the unguided
+ancestral sampler with the same top-K. GTL passes its ratio net (the edit-ratio network of gtl or
+the sequence-level ratio network of gtl_paper) and its γ, and gets ``cfg.sampler``: ``planner``
+(the main algorithm), ``ancestral`` or ``exact`` (full vocabulary, small |V| only).
 
 Shard i of a sampling job holds a fixed slice of the sample indices and draws from a generator
-seeded by (seed, i) alone, so the merged output is the same however many array tasks ran the
-shards, in whatever order.
+seeded by (seed, replicate, i) alone, so the merged output is the same however many array tasks
+ran the shards, in whatever order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class MethodNetworks:
     denoiser: Callable
     ratio_net: Optional[Callable] = None  # GTL only; None gives the unguided baseline sampler
     planner: Optional[Callable] = None  # GTL planner sampler, unless planner_mode is uniform
+    gamma: float = 1.0  # guidance strength (SampleConfig.gamma or .paper_gamma)
     vocab: Any = None  # default: denoiser.vocab
     seq_len: Optional[int] = None  # default: denoiser.seq_len
 
@@ -42,18 +44,18 @@ def build_sampler(nets: MethodNetworks, cfg: SampleConfig, schedule: Any,
     ancestral = dict(top_k=cfg.top_k, steps=cfg.steps, t_end=cfg.t_end, stabilise=cfg.stabilise,
                      ratio_batch_size=cfg.ratio_batch_size, **shape)
     # γ = 0 draws the same tokens with or without the ratio net (tested bit for bit), so skip its cost.
-    guide = nets.ratio_net if cfg.gamma > 0 else None
+    guide = nets.ratio_net if nets.gamma > 0 else None
     if nets.ratio_net is not None and cfg.sampler == "planner":
-        return PlannerSampler(nets.denoiser, guide, nets.planner, gamma=cfg.gamma, n_ratio=cfg.n_ratio,
+        return PlannerSampler(nets.denoiser, guide, nets.planner, gamma=nets.gamma, n_ratio=cfg.n_ratio,
                               top_k=cfg.top_k, planner_mode=cfg.planner_mode,
                               planner_temperature=cfg.planner_temperature,
                               ratio_batch_size=cfg.ratio_batch_size, **shape)
     if guide is None:
         return unguided_sampler(nets.denoiser, schedule, **ancestral)
     if cfg.sampler == "exact":
-        return exact_guided_sampler(nets.denoiser, guide, schedule, gamma=cfg.gamma, **ancestral)
+        return exact_guided_sampler(nets.denoiser, guide, schedule, gamma=nets.gamma, **ancestral)
     if cfg.sampler == "ancestral":
-        return AncestralSampler(nets.denoiser, guide, schedule, gamma=cfg.gamma, n_ratio=cfg.n_ratio,
+        return AncestralSampler(nets.denoiser, guide, schedule, gamma=nets.gamma, n_ratio=cfg.n_ratio,
                                 **ancestral)
     raise ValueError(f"sample.sampler='{cfg.sampler}' is not planner, ancestral or exact")
 
@@ -76,9 +78,11 @@ def shard_sizes(num_samples: int, shards: int) -> list[int]:
     return [base + (i < extra) for i in range(shards)]
 
 
-def shard_seed(seed: int, shard: int) -> int:
-    """The generator seed of one shard: a hash of (seed, shard), so shards draw unrelated streams."""
-    digest = hashlib.sha256(f"gtl_dist.sample:{seed}:{shard}".encode()).digest()
+def shard_seed(seed: int, shard: int, replicate: int = 0) -> int:
+    """The generator seed of one shard: a hash of (seed, shard[, replicate]), so shards and
+    replicates draw unrelated streams (replicate 0 keeps the single-seed streams)."""
+    tag = f"gtl_dist.sample:{seed}:{shard}" + (f":{replicate}" if replicate else "")
+    digest = hashlib.sha256(tag.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -92,12 +96,13 @@ class SampleShard:
 
 
 def sample_shard(nets: MethodNetworks, cfg: SampleConfig, schedule: Any, shard: int,
-                 device: Optional[torch.device] = None) -> SampleShard:
-    """Shard ``shard`` of ``cfg.num_samples`` split into ``cfg.shards``: a function of (cfg, shard) only."""
+                 device: Optional[torch.device] = None, replicate: int = 0) -> SampleShard:
+    """Shard ``shard`` of ``cfg.num_samples`` split into ``cfg.shards``: a function of (cfg, shard,
+    replicate) only."""
     if not 0 <= shard < cfg.shards:
         raise ValueError(f"shard={shard} is outside [0, sample.shards={cfg.shards})")
     sizes = shard_sizes(cfg.num_samples, cfg.shards)
-    seed = shard_seed(cfg.seed, shard)
+    seed = shard_seed(cfg.seed, shard, replicate)
     result = sample_sequences(nets, cfg, schedule, sizes[shard], seed, device)
     return SampleShard(shard, sum(sizes[:shard]), seed, result.tokens, result.stats)
 

@@ -1,6 +1,7 @@
 """The pieces every GTL sampler shares (METHOD.md §7, gtl_paper.md §3 Alg. E/E′).
 
-- ``score_edits``: r_φ of single-token edits z[ℓ := v], batched into few ratio-net passes.
+- ``score_edits``: r_φ of single-token edits z[ℓ := v], batched into few ratio-net passes, or
+  read from one pass of an edit-ratio network (``edit_form``: it scores every edit at once).
 - ``guided_logits``: g = a + γ·ρ with ρ = log_softmax of the edit scores over the candidates.
 - ``keep_top_k``: the top-K truncation used by guided and unguided samplers alike.
 - ``stabilise_mask_mass``: the stabiliser of the ancestral sampler.
@@ -23,9 +24,18 @@ def score_edits(ratio_net: Callable[[torch.Tensor], torch.Tensor], z: torch.Tens
 
     Each edit is scored with every other position of its sequence as it is in ``z`` (other
     masked positions stay [MASK]: the ratio net was trained on exactly such partially masked
-    inputs, gtl_paper.md §6 item 4). The P·n edited sequences are built chunk by chunk, so at
-    most ``batch_rows`` of them exist at a time, and each chunk is one ratio-net pass.
+    inputs). The P·n edited sequences are built chunk by chunk, so at most ``batch_rows`` of them
+    exist at a time, and each chunk is one ratio-net pass.
+
+    An edit-ratio network (``ratio_net.edit_form``, gtl_dist.models.EditRatioNet) returns
+    log h(z[ℓ := v]) − log h(z) for every v in one pass over z: its scores differ from r_φ's by a
+    per-position constant, which ``guided_logits`` removes either way.
     """
+    if getattr(ratio_net, "edit_form", False):
+        count.calls += 1
+        count.rows += int(z.shape[0])
+        per_token = ratio_net.edit_scores(z, rows, positions)  # [P, V]
+        return per_token.gather(-1, candidates).double()
     num_edits, num_candidates = candidates.shape
     total = num_edits * num_candidates
     scores = torch.empty(total, dtype=torch.float64, device=z.device)

@@ -10,8 +10,9 @@ from gtl_dist.train.preempt import EXIT_PREEMPTED
 
 EPILOG = f"""\
 stages: {', '.join(STAGES)}
-  vanilla, finetune, classifier_ti, classifier_td and ratio are trained per target and fraction
-  (--target/--fraction); planner too when pipeline.planner_scope=per_target. reference_lm, the
+  vanilla, finetune, classifier_ti, classifier_td, ratio and edit_ratio are trained per target and
+  fraction (--target/--fraction), once per seed of pipeline.seeds (--seed; default 0); planner too
+  when pipeline.planner_scope=per_target. reference_lm, the
   causal LM the evaluation scores generated text with, is trained once per target on its held-out
   text (--target, no --fraction). The others are trained once per run.
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", help="target domain, for per-target stages and reference_lm")
     parser.add_argument("--fraction", type=float, help="target-data fraction, for per-target "
                         "stages (not reference_lm)")
+    parser.add_argument("--seed", type=int, default=0, help="replicate of a per-target stage, one of "
+                        "pipeline.seeds (default 0)")
     return parser.parse_args(argv)
 
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     KNOWN_ERRORS = (CheckpointError, DistError, ExportError, ManifestError, FileNotFoundError)
     try:
         cfg = load_config(args.config, args.set)
-        result = run_stage(cfg, args.run_dir, args.stage, args.target, args.fraction)
+        result = run_stage(cfg, args.run_dir, args.stage, args.target, args.fraction, args.seed)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,18 +3,26 @@
 Every kind is a :class:`~gtl_dist.train.loop.Task` run by the one shared loop; they differ only in
 the network they build, the sets they read and the objective they call.
 
-| stage          | network (role)   | trains on                        | validates on            |
-|----------------|------------------|----------------------------------|-------------------------|
-| denoiser       | denoiser         | source/train (MDLM)              | source/test             |
-| vanilla        | denoiser         | <target>/train at the fraction   | <target>/test           |
-| finetune       | denoiser, from the source export | <target>/train   | <target>/test           |
-| classifier_ti  | classifier_ti    | source/train + <target>/train    | both test sets          |
-| classifier_td  | classifier_td    | idem, on masked sequences        | both test sets          |
-| ratio          | ratio (both classifiers frozen) | source + target   | both test sets          |
-| planner        | planner (denoiser frozen)       | source/train      | source/test             |
-| ar_pretrain    | ar (causal)      | source/train (next token)        | source/test             |
-| ar2diff        | denoiser, from the AR export    | source/train (MDLM) | source/test           |
-| reference_lm   | reference_lm (causal) | <target>/test (next token)  | <target>/test           |
+| stage          | network (role)   | trains on                        | validates on                |
+|----------------|------------------|----------------------------------|-----------------------------|
+| denoiser       | denoiser         | source/train (MDLM)              | source/test                 |
+| vanilla        | denoiser         | <target>/train at the fraction   | the held-out part           |
+| finetune       | denoiser, from the source export | <target>/train   | the held-out part           |
+| edit_ratio     | edit_ratio (source denoiser frozen) | <target>/train | the held-out part          |
+| classifier_ti  | classifier_ti    | source/train + <target>/train    | source/test + held-out part |
+| classifier_td  | classifier_td    | idem, on masked sequences        | source/test + held-out part |
+| ratio          | ratio (both classifiers frozen) | source + target   | source/test + held-out part |
+| planner        | planner (denoiser frozen)       | source/train      | source/test                 |
+| ar_pretrain    | ar (causal)      | source/train (next token)        | source/test                 |
+| ar2diff        | denoiser, from the AR export    | source/train (MDLM) | source/test               |
+| reference_lm   | reference_lm (causal) | <target>/test (next token)  | <target>/test               |
+
+The low-data protocol (``protocol``, docs/method.md §12). A per-target stage given the n_T target
+sequences of its fraction uses no other target data. Under ``selection: holdout`` it trains on the
+first n_T − k of them and early-stops / selects its checkpoint on the last k (each scored over
+``holdout_views`` masked views per pass); under ``selection: budget`` it trains on all n_T for its
+fixed number of steps and validates on nothing. The targets' test sets are read by the evaluation
+only (and by reference_lm, the evaluator's own model).
 
 ``reference_lm`` (one per target, no fraction) is not part of the method: it is the evaluator
 whose perplexity on generated text the report calls generative perplexity. It is fitted to the
@@ -47,12 +55,13 @@ import torch
 from torch import nn
 
 from gtl_dist.cluster.dag import Pipeline
-from gtl_dist.config import PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig
+from gtl_dist.config import (PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig,
+                             check_holdout)
 from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
 from gtl_dist.log import get_logger
 from gtl_dist.models import VocabSpec, build_model
-from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, freeze,
+from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, edit_ratio_loss, freeze,
                                  overlap_report, planner_loss, ratio_loss)
 from gtl_dist.paths import RunPaths
 from gtl_dist.train import dist
@@ -64,23 +73,24 @@ log = get_logger("train.jobs")
 
 ROLE = {"denoiser": "denoiser", "vanilla": "denoiser", "finetune": "denoiser",
         "classifier_ti": "classifier_ti", "classifier_td": "classifier_td", "ratio": "ratio",
-        "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser",
+        "edit_ratio": "edit_ratio", "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser",
         "reference_lm": "reference_lm"}
 
 
 def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
-                    fraction: Optional[float] = None) -> dict[str, Any]:
+                    fraction: Optional[float] = None, seed: int = 0) -> dict[str, Any]:
     """The finished export of an upstream stage, checked against the current configuration."""
-    path = ctx.paths.export(stage, target, fraction)
+    path = ctx.paths.export(stage, target, fraction, seed)
     where = "/".join(str(x) for x in (stage, target, fraction) if x is not None)
     command = (f"python -m gtl_dist.train --config <config> --run-dir {ctx.paths.root} "
                f"--stage {stage}" + (f" --target {target}" if target is not None else "")
-               + (f" --fraction {fraction}" if fraction is not None else ""))
+               + (f" --fraction {fraction}" if fraction is not None else "")
+               + (f" --seed {seed}" if seed else ""))
     if not path.is_file():
         raise ExportError(f"{path}: stage {ctx.label} needs the exported {where} model, which does "
                           f"not exist; run stage {stage} first: {command}")
     payload = read_export(path, stage)
-    want = stage_input_hash(ctx.cfg, stage, target, fraction)
+    want = stage_input_hash(ctx.cfg, stage, target, fraction, seed)
     if payload["meta"].get("input_hash") != want:
         raise ExportError(f"{path}: exported {where} was trained with inputs hash "
                           f"{payload['meta'].get('input_hash')}, the current configuration gives "
@@ -109,6 +119,14 @@ class ShardTask(Task):
         self.schedule = NoiseSchedule.from_config(ctx.cfg.noise)
         self.target, self.fraction = ctx.target, ctx.fraction
         self._report: Optional[str] = None
+        # The fraction's n_T target sequences: the first n_train are trained on, the last
+        # `held_out` are the stage's only validation data (docs/method.md §12).
+        self.n_train, self.held_out = 0, 0
+        if self.target is not None and self.fraction is not None:
+            n = self.manifest.num_samples(self.target_train(), self.fraction)
+            self.n_train, self.held_out = check_holdout(
+                n, ctx.cfg.protocol, f"target '{self.target}' at fraction {self.fraction} "
+                                     f"(n_T = {n}, {self.manifest.path})")
 
     # -- sets and loaders ----------------------------------------------------------------------
     def target_train(self) -> str:
@@ -118,12 +136,32 @@ class ShardTask(Task):
                train: bool) -> Any:
         from gtl_dist.data import make_loader
         is_source = set_name.startswith("source/")
-        fraction = self.fraction if (train and not is_source) else None
-        return make_loader(self.manifest, set_name, batch_size, fraction=fraction,
+        per_fraction = train and not is_source
+        return make_loader(self.manifest, set_name, batch_size,
+                           fraction=self.fraction if per_fraction else None,
+                           drop_last=self.held_out if per_fraction else 0,
                            rank=dist_env.rank, world_size=dist_env.world_size,
                            num_workers=self.train_config.num_workers if is_source and train else 0,
                            seed=seed, shuffle=train, infinite=train,
                            expected_tokenizer_hash=self.tokenizer_hash)
+
+    def holdout(self, micro_batch: int, dist_env: DistEnv) -> Optional[list[torch.Tensor]]:
+        """This rank's validation batches of the held-out target sequences, every sequence
+        ``protocol.holdout_views`` times (masked afresh in each view); None under budget."""
+        if not self.held_out:
+            return None
+        from gtl_dist.data import read_samples
+        start = self.n_train
+        held = read_samples(self.manifest, self.target_train(), start, start + self.held_out,
+                            self.tokenizer_hash)
+        views = held.repeat(self.cfg.protocol.holdout_views, 1)
+        per_rank = len(views) // dist_env.world_size
+        if per_rank < 1:
+            raise ConfigError(f"protocol.holdout_views: {len(views)} held-out views of target "
+                              f"'{self.target}' at fraction {self.fraction} cannot be shared by "
+                              f"{dist_env.world_size} ranks; raise protocol.holdout_views")
+        mine = views[dist_env.rank::dist_env.world_size][:per_rank]
+        return list(torch.split(mine, micro_batch))
 
     def t(self, n: int, rng: StepRandom, device: torch.device) -> torch.Tensor:
         """Diffusion times for this micro-batch's share of the global batch."""
@@ -145,6 +183,16 @@ class ShardTask(Task):
         return self._report
 
 
+def validation_batches(source: Any, limit: int, rng: StepRandom) -> list[torch.Tensor]:
+    """Token batches of one validation pass on the device: every held-out batch (a list), or at
+    most ``limit`` batches of a shard loader."""
+    device = rng.local.device
+    if isinstance(source, list):
+        return [x.to(device) for x in source[:limit]]
+    count = min(limit, source.batches_per_epoch)
+    return [b["tokens"].to(device) for _, b in zip(range(count), source)]
+
+
 def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
     """Average statistics over this rank's batches, then over ranks (equal batch counts)."""
     keys = sorted(per_batch[0])
@@ -160,9 +208,8 @@ def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
 class DiffusionTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        per_target = ctx.stage in ("vanilla", "finetune")
-        self.train_set = self.target_train() if per_target else "source/train"
-        self.val_set = f"{self.target}/test" if per_target else "source/test"
+        self.per_target = ctx.stage in ("vanilla", "finetune")
+        self.train_set = self.target_train() if self.per_target else "source/train"
         self.init_from: Optional[dict] = None
         if ctx.stage == "finetune":
             self.init_from = upstream_export(ctx, Pipeline(ctx.cfg).source_stage)
@@ -188,13 +235,14 @@ class DiffusionTask(ShardTask):
                          vocab=self.vocab)
 
     def validation_loaders(self, micro_batch, dist_env):
-        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
+        if self.per_target:
+            held = self.holdout(micro_batch, dist_env)
+            return None if held is None else {"val": held}
+        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
 
     def validate(self, model, rng, loaders, dist_env):
-        loader = loaders["val"]
         stats = []
-        for _, batch in zip(range(self.val_batches(loader)), loader):
-            x0 = batch["tokens"].to(rng.local.device)
+        for x0 in validation_batches(loaders["val"], self.train_config.val_batches, rng):
             stats.append(mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device),
                                    rng.local, vocab=self.vocab)[1])
         return mean_over_ranks(stats)
@@ -279,16 +327,14 @@ class ClassifierTask(ShardTask):
 
     def validation_loaders(self, micro_batch, dist_env):
         half = max(1, micro_batch // 2)
-        return {"source": self.loader("source/test", half, dist_env, 0, train=False),
-                "target": self.loader(f"{self.target}/test", half, dist_env, 0, train=False)}
+        held = self.holdout(half, dist_env)
+        if held is None:
+            return None
+        return {"source": self.loader("source/test", half, dist_env, 0, train=False), "target": held}
 
     def validate(self, model, rng, loaders, dist_env):
-        src, tgt = loaders["source"], loaders["target"]
-        n = min(self.val_batches(src), self.val_batches(tgt))
         stats, logits_s, logits_t = [], [], []
-        device = rng.local.device
-        for _, bs, bt in zip(range(n), src, tgt):
-            xs, xt = bs["tokens"].to(device), bt["tokens"].to(device)
+        for xs, xt in paired_validation_batches(loaders, self.train_config.val_batches, rng):
             stats.append(self.objective(model, xs, xt, rng)[1])
             logits_s.append(self.clean_logits(model, xs).cpu())
             logits_t.append(self.clean_logits(model, xt).cpu())
@@ -307,16 +353,25 @@ class ClassifierTask(ShardTask):
 # ----------------------------------------------------------------------------------------------
 
 def frozen_export(ctx: StageContext, stage: str, target: Optional[str] = None,
-                  fraction: Optional[float] = None) -> nn.Module:
-    upstream_export(ctx, stage, target, fraction)  # existence and input hash, with the fix
-    return freeze(load_exported(ctx.paths.export(stage, target, fraction)))
+                  fraction: Optional[float] = None, seed: int = 0) -> nn.Module:
+    upstream_export(ctx, stage, target, fraction, seed)  # existence and input hash, with the fix
+    return freeze(load_exported(ctx.paths.export(stage, target, fraction, seed)))
+
+
+def paired_validation_batches(loaders: dict[str, Any], limit: int,
+                              rng: StepRandom) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(source, target) batch pairs of one validation pass: source/test against the held-out
+    target views, as many pairs as the shorter side has."""
+    targets = validation_batches(loaders["target"], limit, rng)
+    sources = validation_batches(loaders["source"], max(len(targets), 1), rng)
+    return list(zip(sources, targets))
 
 
 class RatioTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.classifier_ti = frozen_export(ctx, "classifier_ti", ctx.target, ctx.fraction)
-        self.classifier_td = frozen_export(ctx, "classifier_td", ctx.target, ctx.fraction)
+        self.classifier_ti = frozen_export(ctx, "classifier_ti", ctx.target, ctx.fraction, ctx.seed)
+        self.classifier_td = frozen_export(ctx, "classifier_td", ctx.target, ctx.fraction, ctx.seed)
 
     def prepare(self, device):
         self.classifier_ti.to(device)
@@ -338,16 +393,44 @@ class RatioTask(ShardTask):
         return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
 
     def validation_loaders(self, micro_batch, dist_env):
-        return {"source": self.loader("source/test", micro_batch, dist_env, 0, train=False),
-                "target": self.loader(f"{self.target}/test", micro_batch, dist_env, 0, train=False)}
+        held = self.holdout(micro_batch, dist_env)
+        if held is None:
+            return None
+        return {"source": self.loader("source/test", micro_batch, dist_env, 0, train=False), "target": held}
 
     def validate(self, model, rng, loaders, dist_env):
-        src, tgt = loaders["source"], loaders["target"]
-        n = min(self.val_batches(src), self.val_batches(tgt))
-        device = rng.local.device
-        return mean_over_ranks([self.objective(model, bs["tokens"].to(device), bt["tokens"].to(device),
-                                               rng)[1]
-                                for _, bs, bt in zip(range(n), src, tgt)])
+        return mean_over_ranks([self.objective(model, xs, xt, rng)[1] for xs, xt in
+                                paired_validation_batches(loaders, self.train_config.val_batches, rng)])
+
+
+class EditRatioTask(ShardTask):
+    """gtl's edit-ratio network (docs/method.md §5): fitted so that the frozen source denoiser,
+    reweighted by it, predicts the target's masked tokens."""
+
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.denoiser = frozen_export(ctx, Pipeline(ctx.cfg).source_stage)
+
+    def prepare(self, device):
+        self.denoiser.to(device)
+
+    def train_loaders(self, micro_batch, dist_env, seed):
+        return {"target": self.loader(self.target_train(), micro_batch, dist_env, seed, train=True)}
+
+    def objective(self, model, x0, rng):
+        return edit_ratio_loss(model, self.denoiser, x0, self.t(x0.shape[0], rng, x0.device), rng.local,
+                               mask_id=self.vocab.mask_id, pad_id=self.vocab.pad_id)
+
+    def training_loss(self, model, batches, rng):
+        return self.objective(model, batches["target"]["tokens"], rng)
+
+    def validation_loaders(self, micro_batch, dist_env):
+        held = self.holdout(micro_batch, dist_env)
+        return None if held is None else {"target": held}
+
+    def validate(self, model, rng, loaders, dist_env):
+        return mean_over_ranks([self.objective(model, x0, rng)[1] for x0 in
+                                validation_batches(loaders["target"], self.train_config.val_batches, rng)])
 
 
 class PlannerTask(ShardTask):
@@ -357,7 +440,6 @@ class PlannerTask(ShardTask):
         # Source-only by default (METHOD.md §6); pipeline.planner_scope=per_target trains one
         # per (target, fraction) on target data.
         self.train_set = self.target_train() if ctx.target else "source/train"
-        self.val_set = f"{ctx.target}/test" if ctx.target else "source/test"
 
     def prepare(self, device):
         self.denoiser.to(device)
@@ -373,22 +455,24 @@ class PlannerTask(ShardTask):
         return self.objective(model, batches["train"]["tokens"], rng)
 
     def validation_loaders(self, micro_batch, dist_env):
-        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
+        if self.target is not None:
+            held = self.holdout(micro_batch, dist_env)
+            return None if held is None else {"val": held}
+        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
 
     def validate(self, model, rng, loaders, dist_env):
-        loader = loaders["val"]
-        return mean_over_ranks([self.objective(model, b["tokens"].to(rng.local.device), rng)[1]
-                                for _, b in zip(range(self.val_batches(loader)), loader)])
+        return mean_over_ranks([self.objective(model, x0, rng)[1] for x0 in
+                                validation_batches(loaders["val"], self.train_config.val_batches, rng)])
 
 
 TASKS = {"denoiser": DiffusionTask, "vanilla": DiffusionTask, "finetune": DiffusionTask,
          "ar2diff": DiffusionTask, "ar_pretrain": ARTask, "reference_lm": ARTask,
          "classifier_ti": ClassifierTask, "classifier_td": ClassifierTask, "ratio": RatioTask,
-         "planner": PlannerTask}
+         "edit_ratio": EditRatioTask, "planner": PlannerTask}
 
 
 def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
-                     fraction: Optional[float]) -> None:
+                     fraction: Optional[float], seed: int = 0) -> None:
     """Refuse a stage/target/fraction combination the stage is not trained for, saying which
     arguments it takes."""
     if stage not in STAGES:
@@ -414,17 +498,22 @@ def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
     if fraction is not None and fraction not in cfg.data.target_fractions:
         raise ConfigError(f"--fraction {fraction}: not in data.target_fractions "
                           f"{cfg.data.target_fractions}")
+    if seed and fraction is None:
+        raise ConfigError(f"--seed {seed}: only per-target stages are replicated over pipeline.seeds; "
+                          f"drop --seed for stage {stage}")
+    if seed not in cfg.pipeline.seeds and fraction is not None:
+        raise ConfigError(f"--seed {seed}: not in pipeline.seeds {cfg.pipeline.seeds}")
 
 
 def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str] = None,
-              fraction: Optional[float] = None) -> StageResult:
+              fraction: Optional[float] = None, seed: int = 0) -> StageResult:
     """Train one stage (this process is one rank of the job) and export it.
 
     Resumes from the newest committed checkpoint; returns at once when the stage already
     finished with the same inputs; returns ``status="preempted"`` after a preemption signal
     (unless an earlier handler, e.g. submitit's, took over and exited).
     """
-    check_stage_args(cfg, stage, target, fraction)
+    check_stage_args(cfg, stage, target, fraction, seed)
     RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
     return execute(cfg, run_dir, stage, target, fraction,
-                   stage_input_hash(cfg, stage, target, fraction), TASKS[stage])
+                   stage_input_hash(cfg, stage, target, fraction, seed), TASKS[stage], seed)

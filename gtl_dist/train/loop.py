@@ -12,7 +12,8 @@ statistics. Validation every ``val_every`` steps and at the last step, on EMA we
 ``ema > 0``; a checkpoint every ``save_every`` steps, at the last step and on preemption.
 
 Randomness, and why a resumed run repeats an uninterrupted one bit for bit:
-- the initial weights come from ``cfg.seed`` on every rank (ZeRO-3 partitions each rank's own
+- the initial weights come from the stage's seed (``StageContext.run_seed``: ``cfg.seed``, or a
+  seed derived from it for replicate s > 0 of pipeline.seeds) on every rank (ZeRO-3 partitions each rank's own
   copy, so they must agree);
 - the noise of each micro-step comes from two generators re-seeded from (seed, step, micro-step):
   ``shared`` is identical on all ranks (the diffusion time t is stratified over the global
@@ -135,10 +136,11 @@ class Task(ABC):
         """Loss of one micro-batch (and float statistics, the same keys on every rank)."""
 
     @abstractmethod
-    def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> dict[str, Any]:
+    def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> Optional[dict[str, Any]]:
         """Single-pass, unshuffled loaders; built before training so that a validation set
         that cannot be read (too few shards for the ranks, ...) fails at once, not at the
-        first validation hours later."""
+        first validation hours later. None: the stage has no validation data (a per-target
+        stage under protocol.selection=budget) and trains for its fixed budget."""
 
     @abstractmethod
     def validate(self, model: nn.Module, rng: StepRandom, loaders: dict[str, Any],
@@ -179,10 +181,21 @@ class StageContext:
     dist_env: DistEnv
     hardware: Hardware
     guard: PreemptionGuard
+    seed: int = 0  # replicate (pipeline.seeds) of a per-target stage
 
     @property
     def label(self) -> str:
-        return "/".join(str(x) for x in (self.stage, self.target, self.fraction) if x is not None)
+        parts = [self.stage, self.target, self.fraction] + ([f"seed{self.seed}"] if self.seed else [])
+        return "/".join(str(x) for x in parts if x is not None)
+
+    @property
+    def run_seed(self) -> int:
+        """The seed of this stage's randomness (weights, data order, masks): cfg.seed for
+        replicate 0, an independent seed derived from it for every other replicate."""
+        return self.cfg.seed if not self.seed else derive_seed(self.cfg.seed, "replicate", self.seed) % 2**31
+
+    def export_path(self) -> Path:
+        return self.paths.export(self.stage, self.target, self.fraction, self.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +273,7 @@ def plain_grad_norm(module: nn.Module) -> float:
 
 def finished_export(ctx: StageContext) -> Optional[dict[str, Any]]:
     """The export's metadata if this stage already finished with the current inputs."""
-    meta = read_export_meta(ctx.paths.export(ctx.stage, ctx.target, ctx.fraction))
+    meta = read_export_meta(ctx.export_path())
     if meta and meta.get("input_hash") == ctx.input_hash and meta.get("finished"):
         return meta
     return None
@@ -271,7 +284,8 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     device = ctx.hardware.device
     geometry = batch_geometry(tc, d.world_size, ctx.stage)
     precision = resolve_precision(tc, ctx.hardware, ctx.stage)
-    ckpt = Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction), d,
+    seed = ctx.run_seed
+    ckpt = Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed), d,
                         zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
                         tokenizer_hash=task.tokenizer_hash, keep_last=tc.keep_last,
                         label=ctx.label)
@@ -282,18 +296,19 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     # states are per rank, so they carry over only at the same world size.
     same_world = point is not None and point.commit.world_size == d.world_size
     if point is not None and not same_world:
-        data_seed = derive_seed(cfg.seed, "reshuffle", step, d.world_size) % 2**31
+        data_seed = derive_seed(seed, "reshuffle", step, d.world_size) % 2**31
         if d.is_main:
             log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
                         "per-rank data cursors and RNG states do not apply: the data restarts on "
                         "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
                         point.commit.world_size, d.world_size, data_seed)
     else:
-        data_seed = cfg.seed
+        data_seed = seed
     loaders = task.train_loaders(geometry.micro_batch, d, data_seed)
     val_loaders = task.validation_loaders(geometry.micro_batch, d)
+    validates = val_loaders is not None
 
-    seed_rngs(cfg.seed)  # identical initial weights on every rank
+    seed_rngs(seed)  # identical initial weights on every rank
     model = task.build_model()
     if point is None:
         init = task.initial_weights()
@@ -335,10 +350,10 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     if rank_state is not None:
         set_rng_state(rank_state["rng"], device)
     else:
-        seed_rngs(derive_seed(cfg.seed, "rank", d.rank, step))
+        seed_rngs(derive_seed(seed, "rank", d.rank, step))
 
-    metrics = StageMetrics(ctx.paths.tb(ctx.stage, ctx.target, ctx.fraction),
-                           ctx.paths.stage(ctx.stage, ctx.target, ctx.fraction) / "train_log.jsonl",
+    metrics = StageMetrics(ctx.paths.tb(ctx.stage, ctx.target, ctx.fraction, ctx.seed),
+                           ctx.paths.stage(ctx.stage, ctx.target, ctx.fraction, ctx.seed) / "train_log.jsonl",
                            enabled=d.is_main, start_step=step)
     if step == 0:
         metrics.text("config", "```\n" + cfg.to_yaml() + "\n```", 0)
@@ -351,7 +366,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
         # Outside the training RNG stream: a resumed run validates at other points in it.
         with torch.no_grad(), autocast(device, precision), \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            values = task.validate(eval_model, StepRandom.for_validation(cfg.seed, d, device),
+            values = task.validate(eval_model, StepRandom.for_validation(seed, d, device),
                                    val_loaders, d)
         return values, weights
 
@@ -380,7 +395,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             with torch.random.fork_rng(devices=[]):
                 batches = {name: next(it) for name, it in iterators.items()}
             crc += fingerprint(batches)
-            rng = StepRandom.for_step(cfg.seed, step, micro, geometry.grad_accum, d, device)
+            rng = StepRandom.for_step(seed, step, micro, geometry.grad_accum, d, device)
             loss, stats = engine(to_device(batches, device), rng)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and untracked_norm:
@@ -422,7 +437,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             metrics.scalars(step, record, "train")
             window_time, window_steps = 0.0, 0
 
-        if step % tc.val_every == 0 or step == tc.steps:
+        if validates and (step % tc.val_every == 0 or step == tc.steps):
             last_val, last_weights = evaluate()
             state["last_val"] = last_val["loss"]
             metrics.scalars(step, last_val, "val")
@@ -460,10 +475,10 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             last_weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
         weights, which = last_weights, ("ema" if ema is not None else "final")
         exp_step, exp_val = step, state["last_val"]
-    export_path = ctx.paths.export(ctx.stage, ctx.target, ctx.fraction)
+    export_path = ctx.export_path()
     if d.is_main:
         meta = {**task.export_info(), "stage": ctx.stage, "target": ctx.target,
-                "fraction": ctx.fraction, "input_hash": ctx.input_hash,
+                "fraction": ctx.fraction, "seed": ctx.seed, "input_hash": ctx.input_hash,
                 "tokenizer_hash": task.tokenizer_hash, "step": exp_step, "val_loss": exp_val,
                 "weights": which, "trained_steps": step, "world_size": d.world_size,
                 "zero_stage": tc.zero_stage, "precision": precision, "finished": True}
@@ -481,18 +496,18 @@ def train(task: Task, ctx: StageContext) -> StageResult:
 
 
 def stage_input_hash(cfg: RunConfig, stage: str, target: Optional[str],
-                     fraction: Optional[float]) -> str:
+                     fraction: Optional[float], seed: int = 0) -> str:
     """The hash a stage's checkpoints and export carry: the config sections it reads plus,
     recursively, those of its upstream stages (the pipeline DAG's definition, so the launcher's
     completion markers and the checkpoints agree)."""
     from gtl_dist.cluster.dag import Pipeline
     from gtl_dist.cluster.dag import Task as DagTask
-    return Pipeline(cfg).input_hash(DagTask(stage, target, fraction))
+    return Pipeline(cfg).input_hash(DagTask(stage, target, fraction, seed=seed))
 
 
 def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
             fraction: Optional[float], input_hash: str,
-            make_task: Callable[[StageContext], Task]) -> StageResult:
+            make_task: Callable[[StageContext], Task], seed: int = 0) -> StageResult:
     """Run one stage end to end in this process (one rank of the job)."""
     from gtl_dist.train.dist import init_distributed
 
@@ -500,14 +515,14 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
     try:
         d = init_distributed()
         ctx = StageContext(cfg, RunPaths(run_dir), stage, target, fraction, input_hash, d,
-                           detect_hardware(), guard)
+                           detect_hardware(), guard, seed)
         done = finished_export(ctx)
         if done is not None:
             if d.is_main:
                 log.info("%s: already finished (export %s, same inputs); nothing to do",
-                         ctx.label, ctx.paths.export(stage, target, fraction))
+                         ctx.label, ctx.export_path())
             result = StageResult("finished", stage, target, fraction, done["trained_steps"],
-                                 input_hash, export=ctx.paths.export(stage, target, fraction),
+                                 input_hash, export=ctx.export_path(),
                                  val_loss=done.get("val_loss"),
                                  best_step=done["step"] if done.get("weights") == "best" else None)
         else:
