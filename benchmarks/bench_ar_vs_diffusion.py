@@ -1,4 +1,4 @@
-"""AR2Diff's speed question on our models and hardware (METHOD.md §11): when does S-step diffusion
+"""AR2Diff's speed question on our models and hardware (docs/method.md §11): when does S-step diffusion
 decoding beat autoregressive decoding with a KV cache?
 
 The same DiT weights run both ways (AR2Diff switches only the attention mask): an ARLM decodes L

@@ -1,4 +1,4 @@
-"""Sampling cost: network evaluations and wall time per generated sequence (METHOD.md §3, §7).
+"""Sampling cost: network evaluations and wall time per generated sequence (docs/method.md §3, §7).
 
 At |V| = 8,000 and L = 128, with small randomly initialised gtl_dist.models networks on the CPU,
 in one run:

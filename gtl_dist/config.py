@@ -5,7 +5,7 @@ files override earlier ones) and ``key.path=value`` overrides, and validated as 
 unknown keys are rejected naming the key and the file, values are type-checked, and cross-field
 rules (fractions in (0, 1], ZeRO stage in 0..3, ...) are checked in one place.
 
-Defaults are the paper's text settings (METHOD.md); the presets in ``configs/`` shrink them.
+Defaults are the paper's text settings (docs/method.md); the presets in ``configs/`` shrink them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gtl_dist.log import get_logger
 
 log = get_logger(__name__)
 
-# Every job kind the training loop knows (METHOD.md / ARCHITECTURE.md); each has its
+# Every job kind the training loop knows (docs/method.md / docs/architecture.md); each has its
 # train.<stage> section. reference_lm is the evaluation's causal LM (generative perplexity).
 STAGES = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
           "edit_ratio", "planner", "ar_pretrain", "ar2diff", "reference_lm")
@@ -65,7 +65,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MarkovConfig:
-    """Synthetic Markov chains (METHOD.md §10): token ids are the chain states, [MASK] = num_states."""
+    """Synthetic Markov chains (docs/method.md §10): token ids are the chain states, [MASK] = num_states."""
     num_states: int = 5
     length: int = 20
     source_diagonal: float = 0.10
@@ -96,7 +96,7 @@ class DataConfig:
     split_seed: int = 42
     # Fractions of each target's training set; nested subsets (1% ⊂ 5% ⊂ 30% ⊂ 100%).
     target_fractions: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.05, 0.01])
-    # Overlap knob r (METHOD.md §8): this fraction of each target's training data moves to the source.
+    # Overlap knob r (docs/method.md §8): this fraction of each target's training data moves to the source.
     overlap: float = 0.0
     # Cap on documents read per domain (None: all). Useful for quick looks at big corpora.
     max_docs_per_domain: Optional[int] = None
@@ -129,7 +129,7 @@ class ShardConfig:
 
 @dataclass
 class ModelConfig:
-    """A DiT backbone (METHOD.md §2): adaLN-zero blocks, rotary positions, SDPA attention."""
+    """A DiT backbone (docs/method.md §2): adaLN-zero blocks, rotary positions, SDPA attention."""
     hidden: int = 512
     blocks: int = 8
     heads: int = 8
@@ -158,7 +158,7 @@ class ModelsConfig:
 
 @dataclass
 class TrainConfig:
-    """One stage's optimisation and bookkeeping (AdamW, cosine with warm-up, METHOD.md)."""
+    """One stage's optimisation and bookkeeping (AdamW, cosine with warm-up, docs/method.md)."""
     steps: int = 1000
     global_batch: int = 128
     # Per-rank micro-batch; None = global_batch / world_size (no accumulation).
@@ -237,7 +237,7 @@ class SampleConfig:
     seed: int = 1234
     # Edited sequences scored per ratio-net pass (n_ratio candidates × positions, chunked).
     ratio_batch_size: int = 4096
-    # Ancestral samplers: reset P(stay masked) to the unguided value after guidance (METHOD.md §7).
+    # Ancestral samplers: reset P(stay masked) to the unguided value after guidance (docs/method.md §7).
     # Off only to show the all-mask collapse it prevents.
     stabilise: bool = True
 
@@ -256,6 +256,9 @@ class EvalConfig:
     repetition_n: int = 4  # n-gram order of the within-sample repetition rate
     batch_size: int = 16  # sequences per classifier / reference-LM call
     overlap_warn_accuracy: float = 0.99
+    # Markov runs with a GTL method: add the oracle ladder and the calibration diagnostics
+    # (docs/method.md §12) to the report; they sample with exact networks (minutes on a CPU).
+    ladder: bool = True
 
 
 @dataclass
@@ -278,7 +281,7 @@ class ProtocolConfig:
 
 @dataclass
 class PipelineConfig:
-    planner_scope: str = "shared"  # shared (source-only, METHOD.md §6) | per_target
+    planner_scope: str = "shared"  # shared (source-only, docs/method.md §6) | per_target
     # Build the source denoiser through AR pretraining + AR2Diff instead of training it directly.
     ar2diff: bool = False
     # Replicates of every per-target stage and every sample set (mean ± std in the report). The
@@ -798,6 +801,8 @@ def validate_protocol(cfg: RunConfig, bad: Any) -> None:
     n_train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
     for f in cfg.data.target_fractions:
         n = round(f * n_train)
+        if n < 1:
+            continue  # a fraction with no target data at all: refused at submit time, with its fix
         try:
             check_holdout(n, p, f"fraction {f} (n_T = {n})")
         except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""The masking (absorbing-state) diffusion process of MDLM and its training loss (METHOD.md §2).
+"""The masking (absorbing-state) diffusion process of MDLM and its training loss (docs/method.md §2).
 
 Forward process: every token independently becomes [MASK] with probability 1 - alpha_t (the
 "move chance"). The continuous-time NELBO of a SUBS denoiser is

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``path``; if the block succeeds it replaces
+    ``path`` as a whole (the old folder is moved aside, then deleted), so ``path`` never holds a
+    half-written set of files. On any exception the temporary folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    try:
+        yield fresh
+        stale = None
+        if path.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, stale / path.name)
+        os.replace(fresh, path)
+        fsync_dir(path.parent)
+        if stale is not None:
+            shutil.rmtree(stale)
+    finally:
+        if fresh.exists():
+            shutil.rmtree(fresh)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

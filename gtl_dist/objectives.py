@@ -1,4 +1,4 @@
-"""Training objectives of the small GTL networks and of the AR model (METHOD.md §4-§6, §8, §11).
+"""Training objectives of the small GTL networks and of the AR model (docs/method.md §4-§6, §8, §11).
 
 Each loss returns ``(loss, stats)``: a scalar fp32 tensor to back-propagate and a dict of floats
 for logging. The MDLM denoiser loss lives with the process in ``gtl_dist.diffusion``.
@@ -23,7 +23,7 @@ from gtl_dist.log import get_logger
 
 log = get_logger("objectives")
 
-# Beta(a, b) with mean 0.1 and variance 0.005 (METHOD.md §4); TrainConfig.label_smoothing.
+# Beta(a, b) with mean 0.1 and variance 0.005 (docs/method.md §4); TrainConfig.label_smoothing.
 DEFAULT_LABEL_SMOOTHING = (1.7, 15.3)
 SOURCE_LABEL, TARGET_LABEL = 1.0, 0.0
 
@@ -47,7 +47,7 @@ def _as_floats(names: Sequence[str], values: Sequence[torch.Tensor]) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------
-# Domain classifiers (METHOD.md §4)
+# Domain classifiers (docs/method.md §4)
 # ----------------------------------------------------------------------------------------------
 
 def smoothed_labels(labels: torch.Tensor, beta: Sequence[float] | None,
@@ -120,7 +120,7 @@ def classifier_td_loss(classifier: Any, x_source: torch.Tensor, x_target: torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# Ratio network (METHOD.md §5)
+# Ratio network (docs/method.md §5)
 # ----------------------------------------------------------------------------------------------
 
 def ratio_loss(ratio_net: Any, classifier_ti: Any, classifier_td: Any, x_source: torch.Tensor,
@@ -200,7 +200,7 @@ def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_r
 
 
 # ----------------------------------------------------------------------------------------------
-# Planner (METHOD.md §6)
+# Planner (docs/method.md §6)
 # ----------------------------------------------------------------------------------------------
 
 def planner_loss(planner: Any, denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule,
@@ -232,7 +232,7 @@ def planner_loss(planner: Any, denoiser: Any, x0: torch.Tensor, schedule: NoiseS
 
 
 # ----------------------------------------------------------------------------------------------
-# Autoregressive LM (METHOD.md §11)
+# Autoregressive LM (docs/method.md §11)
 # ----------------------------------------------------------------------------------------------
 
 def ar_loss(model: Any, x: torch.Tensor, *, pad_id: int | None = None
@@ -259,7 +259,7 @@ def ar_loss(model: Any, x: torch.Tensor, *, pad_id: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
-# Poor-overlap guard (METHOD.md §8)
+# Poor-overlap guard (docs/method.md §8)
 # ----------------------------------------------------------------------------------------------
 
 def overlap_report(logits_source: torch.Tensor, logits_target: torch.Tensor,
@@ -299,7 +299,7 @@ def overlap_report(logits_source: torch.Tensor, logits_target: torch.Tensor,
             "poor source/target overlap: the domain classifier reaches %.4f validation accuracy "
             "(>= %.2f) and its ratio targets -logit span [%.1f, %.1f] (std %.1f). The density ratio "
             "q/p is nearly unbounded, so the ratio net will extrapolate and strong guidance drives "
-            "samples off the data manifold (METHOD.md §8). Reduce sample.gamma, or raise data.overlap "
+            "samples off the data manifold (docs/method.md §8). Reduce sample.gamma, or raise data.overlap "
             "so the source sees some target-like data.", report["accuracy"], warn_accuracy,
             report["ratio_target_min"], report["ratio_target_max"], report["ratio_target_std"])
     return report

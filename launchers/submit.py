@@ -29,7 +29,7 @@ from pathlib import Path
 from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import LaunchError, LaunchOptions, Launcher, render_sbatch, task_state
 from gtl_dist.cluster.run_dir import check_preflight, prepare_run_dir
-from gtl_dist.config import ConfigError, load_config
+from gtl_dist.config import STAGES, ConfigError, load_config
 from gtl_dist.log import get_logger
 
 log = get_logger("submit")
@@ -62,8 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run directory (default: runs/<config name>); it holds data, checkpoints, "
                         "samples, TensorBoard events and the report")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                   help="run only these stages (data denoiser planner classifier_ti classifier_td "
-                        "ratio vanilla finetune reference_lm ar_pretrain ar2diff sample eval)")
+                   help=f"run only these stages ({' '.join(('data',) + STAGES + ('sample', 'eval'))})")
     p.add_argument("--wait", action="store_true",
                    help="SLURM: follow the run until every task finished or one failed")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="MIN",
@@ -77,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "e.g. only GTL sampling and the report after --set sample.gamma=3")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch scripts; submit nothing")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="when the run ends with its report (--wait, --cluster local or debug), copy "
+                        "report.md, results.csv and plots/ into DIR (e.g. results/markov), replacing "
+                        "what DIR held")
     return p.parse_args(argv)
 
 
@@ -143,18 +146,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     failed = launcher.run_here(plan)
-    return _report_end(run_dir, failed)
+    return _report_end(run_dir, failed, publish=args.publish)
 
 
 def _finish(run_dir: Path, cfg, launcher: Launcher, args, cluster: str, follow: bool) -> int:
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     print(f"status:     python launchers/status.py --run-dir {run_dir}")
     if not follow or cluster != "slurm":
-        return 0
-    return _follow(run_dir, launcher, args.wait_timeout)
+        return _report_end(run_dir, [], publish=args.publish) if args.publish else 0
+    return _follow(run_dir, launcher, args.wait_timeout, args.publish)
 
 
-def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None) -> int:
+def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None, publish: str | None) -> int:
     """Poll task states until everything is done or nothing is left running."""
     from gtl_dist.cluster.launch import slurm_job_states
     deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min
@@ -172,7 +175,7 @@ def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None) -> int
         failed = [t for t in tasks if now[t.key] in ("failed", "cancelled")]
         active = [t for t in tasks if now[t.key] in ("running", "pending")]
         if not active:
-            return _report_end(run_dir, failed, launcher)
+            return _report_end(run_dir, failed, launcher, publish)
         if deadline is not None and time.monotonic() > deadline:
             print(f"stopped following after {timeout_min} min; jobs keep running "
                   f"(python launchers/status.py --run-dir {run_dir})")
@@ -180,7 +183,8 @@ def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None) -> int
         time.sleep(10)
 
 
-def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None) -> int:
+def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None,
+                publish: str | None = None) -> int:
     if failed:
         print(f"{len(failed)} task(s) failed:", file=sys.stderr)
         for task in failed:
@@ -191,6 +195,9 @@ def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None) -
         return 1
     report = run_dir / "eval" / "report.md"
     print(f"done. report: {report}" if report.is_file() else "done.")
+    if publish and report.is_file():
+        from gtl_dist.eval.report import publish_report
+        print(f"published: {publish_report(run_dir / 'eval', Path(publish))}")
     return 0
 
 

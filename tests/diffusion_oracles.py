@@ -17,7 +17,7 @@ from gtl_dist.models import VocabSpec
 
 
 def chain_matrix(states: int, diagonal: float) -> np.ndarray:
-    """A transition matrix with the given diagonal and the rest spread uniformly (METHOD.md §10)."""
+    """A transition matrix with the given diagonal and the rest spread uniformly (docs/method.md §10)."""
     off = (1.0 - diagonal) / (states - 1)
     return np.full((states, states), off) + np.eye(states) * (diagonal - off)
 

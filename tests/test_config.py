@@ -108,3 +108,48 @@ def test_a_section_overlays_its_own_stage_and_role_defaults(tmp_path):
     assert cfg.train.ar2diff.ema == 0.9999 and cfg.train.ar2diff.lr == pytest.approx(1e-4)
     assert (cfg.models.ratio.blocks, cfg.models.ratio.hidden, cfg.models.ratio.cond_dim) == (2, 96, 48)
     assert cfg.models.denoiser.hidden == 512
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.markov.source_matrix=[[0.5, 0.4, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25], "
+      "[0.25, 0.25, 0.25, 0.25]]"], r"data\.markov\.source_matrix: row 0 .* sum to 1"),
+    (["data.markov.target_matrices={sticky: [[1.2, -0.2, 0, 0], [0.25, 0.25, 0.25, 0.25], "
+      "[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]}"],
+     r"data\.markov\.target_matrices\.sticky: row 0 .* non-negative"),
+    (["data.markov.target_matrices={sticky: [[0.5, 0.5], [0.5, 0.5]]}"],
+     r"data\.markov\.target_matrices\.sticky: expected a 4x4 matrix \(data\.markov\.num_states=4\)"),
+    (["data.markov.source_dirichlet=0"], r"data\.markov\.source_dirichlet: 0.*must be > 0"),
+    (["data.markov.target_dirichlet={a: 1.0}", "data.markov.target_matrices={b: [[1, 0, 0, 0], "
+      "[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]}"], r"data\.markov\.target_dirichlet: the targets are given twice"),
+])
+def test_bad_transition_matrices_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", overrides)
+
+
+def test_random_chains_from_a_seed(tmp_path):
+    from gtl_dist.data.markov import transition_matrices
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=6", "data.markov.source_dirichlet=0.5",
+                                              "data.markov.target_dirichlet={a: 2.0, b: 0.3}",
+                                              "data.markov.dirichlet_seed=4"])
+    chains = transition_matrices(cfg.data.markov)
+    assert cfg.targets == ["a", "b"] and all(m.shape == (6, 6) for m in chains.values())
+    again = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=6", "data.markov.source_dirichlet=0.5",
+                                                "data.markov.target_dirichlet={b: 0.3}", "data.markov.dirichlet_seed=4"])
+    assert (transition_matrices(again.data.markov)["b"] == chains["b"]).all()  # seeded by name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["protocol.selection=test"], r"protocol\.selection: 'test' would select checkpoints on the targets' test sets"),
+    (["protocol.selection=eval"], r"evaluation only"),
+    (["protocol.holdout_min=0"], r"protocol\.holdout_min: 0: holdout selection needs at least one"),
+    (["protocol.holdout_min=40"], r"protocol: protocol\.holdout_fraction=0\.2 with protocol\.holdout_min=40 "
+                                  r"holds out 40 of the 40 target sequences of fraction 0\.2 .* leaves none"),
+    (["data.target_fractions=[1.0, 0.005]"], r"holds out 2 of the 1 target sequences"),
+])
+def test_a_protocol_that_leaves_no_data_or_reads_the_test_set_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    budget = overrides + ["protocol.selection=budget"] if "protocol.selection" not in overrides[0] else None
+    if budget and "holdout_min=0" not in overrides[0]:
+        load_config(CONFIGS / "tiny.yaml", budget)  # a fixed budget needs no held-out sequence

@@ -13,8 +13,8 @@ def _cfg(configs_dir, name="tiny", *overrides):
 def test_markov_pipeline_groups_and_order(configs_dir):
     p = build_pipeline(_cfg(configs_dir))
     names = p.group_names
-    assert names == ["data", "denoiser", "classifier_ti", "classifier_td", "ratio", "vanilla",
-                     "finetune", "sample", "eval"]
+    assert names == ["data", "denoiser", "edit_ratio", "classifier_ti", "classifier_td", "ratio",
+                     "vanilla", "finetune", "sample", "eval"]
     # Topological: every dependency comes earlier.
     for i, g in enumerate(p.groups):
         assert all(names.index(d) < i for d in g.deps), g.name
@@ -30,7 +30,7 @@ def test_text_pipeline_has_planner_and_reference_lm(configs_dir):
     p = build_pipeline(_cfg(configs_dir, "demo"))
     assert "planner" in p.group_names and "reference_lm" in p.group_names
     gtl = next(t for t in p.group("sample").tasks if t.method == "gtl")
-    assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "ratio", "planner"}
+    assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "edit_ratio", "planner"}
 
 
 def test_ar2diff_route_replaces_the_denoiser(configs_dir):
@@ -71,3 +71,34 @@ def test_input_hash_invalidates_exactly_the_downstream(configs_dir):
 def test_unknown_stage_is_a_clear_error(configs_dir):
     with pytest.raises(ValueError, match="unknown stage.*denoisr.*are: data, denoiser"):
         build_pipeline(_cfg(configs_dir), only=["denoisr"])
+
+
+def test_seeds_replicate_every_per_target_task_and_sample_set(configs_dir):
+    p = build_pipeline(_cfg(configs_dir, "tiny", "pipeline.seeds=[0, 1, 2]"))
+    assert [t.key for t in p.group("edit_ratio").tasks][:3] == [
+        "edit_ratio/sticky/1", "edit_ratio/sticky/1/seed1", "edit_ratio/sticky/1/seed2"]
+    assert len(p.group("vanilla").tasks) == 3 * len(p.cfg.data.target_fractions)
+    assert len(p.group("denoiser").tasks) == 1  # the source is shared by all seeds
+    gtl = Task("sample", "sticky", 0.2, "gtl", 1, seed=2)
+    assert set(p.task_deps(gtl)) == {Task("denoiser"), Task("edit_ratio", "sticky", 0.2, seed=2)}
+    paper = Task("sample", "sticky", 0.2, "gtl_paper", 0, seed=1)
+    assert Task("ratio", "sticky", 0.2, seed=1) in p.task_deps(paper)
+    assert p.input_hash(Task("vanilla", "sticky", 1.0)) != p.input_hash(Task("vanilla", "sticky", 1.0, seed=1))
+    # Seed 0 keeps the single-seed paths (and hashes): adding seeds reuses what a run has.
+    one = build_pipeline(_cfg(configs_dir, "tiny"))
+    assert one.input_hash(Task("vanilla", "sticky", 1.0)) == p.input_hash(Task("vanilla", "sticky", 1.0))
+    assert Task("vanilla", "sticky", 1.0, seed=2).marker(_paths()) == _paths().root / "vanilla/sticky/1/seed-2/DONE.json"
+    assert Task("vanilla", "sticky", 1.0).marker(_paths()) == _paths().root / "vanilla/sticky/1/DONE.json"
+
+
+def test_the_protocol_is_an_input_of_every_per_target_stage_only(configs_dir):
+    base = build_pipeline(_cfg(configs_dir))
+    budget = build_pipeline(_cfg(configs_dir, "tiny", "protocol.selection=budget"))
+    for task in (Task("vanilla", "sticky", 1.0), Task("edit_ratio", "sticky", 0.2), Task("ratio", "sticky", 1.0)):
+        assert base.input_hash(task) != budget.input_hash(task)
+    assert base.input_hash(Task("denoiser")) == budget.input_hash(Task("denoiser"))
+
+
+def _paths():
+    from gtl_dist.paths import RunPaths
+    return RunPaths("/runs/r")

@@ -161,6 +161,24 @@ def test_fractions_read_only_their_nested_prefix(tmp_path):
         make_loader(m, "tgt/train", 1, fraction=0.01)
 
 
+def test_a_held_out_part_is_disjoint_from_training_and_completes_the_fraction(tmp_path):
+    """docs/method.md §12: a method at fraction f trains on the first n_T - k of its n_T target
+    sequences and validates on the last k; together they are exactly the fraction's prefix."""
+    from gtl_dist.data import read_samples
+    m = build(tmp_path / "d", {"tgt/train": [10, 10, 10]}, {"tgt/train": {"1": 30, "0.5": 15}})
+    train = {s for b in make_loader(m, "tgt/train", 1, fraction=0.5, drop_last=4, infinite=False)
+             for s in ids(b)}
+    held = {tuple(row[:3]) for row in read_samples(m, "tgt/train", 11, 15).tolist()}
+    prefix = {s for b in make_loader(m, "tgt/train", 1, fraction=0.5, infinite=False) for s in ids(b)}
+    assert len(train) == 11 and len(held) == 4 and not train & held and train | held == prefix
+    assert held == {(0, 1, i) for i in range(1, 5)}  # across the shard boundary at sample 10
+    assert read_samples(m, "tgt/train", 8, 12).shape == (4, SEQ)
+    with pytest.raises(ManifestError, match="holding out 15 of 15 samples leaves none"):
+        make_loader(m, "tgt/train", 1, fraction=0.5, drop_last=15)
+    with pytest.raises(ManifestError, match="outside its 30 samples"):
+        read_samples(m, "tgt/train", 25, 31)
+
+
 def test_load_state_refuses_a_cursor_from_another_stream(uneven):
     state = make_loader(uneven, "source/train", 4, world_size=2, num_workers=1, seed=1).state_dict()
     for changes, field in (({"world_size": 3}, "world_size"), ({"num_workers": 0}, "num_workers"),
@@ -233,7 +251,7 @@ def test_workers_survive_preemption_signals(uneven):
 
 
 def test_a_training_stream_cycles_a_set_smaller_than_one_batch(uneven):
-    """20 target sequences in a half-batch of 128 (METHOD.md: the target is cycled): each batch
+    """20 target sequences in a half-batch of 128 (docs/method.md: the target is cycled): each batch
     runs through whole shuffled passes, every sample appears ~B/N times, and resume stays exact."""
     n = uneven.num_samples("source/test")
     batch = 2 * n + 3

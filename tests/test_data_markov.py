@@ -13,7 +13,7 @@ def test_paper_chains_from_the_markov_preset(configs_dir):
     cfg = load_config(configs_dir / "markov.yaml")
     chains = markov.transition_matrices(cfg.data.markov)
     assert set(chains) == {"source", "sticky"}
-    # METHOD.md §10: source diagonal 0.10 / off-diagonal 0.225, target 0.80 / 0.05.
+    # docs/method.md §10: source diagonal 0.10 / off-diagonal 0.225, target 0.80 / 0.05.
     np.testing.assert_allclose(np.diag(chains["source"]), 0.10)
     np.testing.assert_allclose(chains["source"][0, 1:], 0.225)
     np.testing.assert_allclose(np.diag(chains["sticky"]), 0.80)

@@ -28,7 +28,8 @@ def _write_shards(folder: Path, tokens, texts=None, shards=2):
 
 
 def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.num_samples=400"])
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.num_samples=400", "eval.ladder=false",
+                                              "sample.methods=[gtl, source, vanilla, finetune]"])
     paths = RunPaths(tmp_path)
     chains = transition_matrices(cfg.data.markov)
     q, p = chains["sticky"], chains["source"]

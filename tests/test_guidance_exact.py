@@ -1,4 +1,4 @@
-"""GTL guidance against exact enumeration (METHOD.md §3, §7).
+"""GTL guidance against exact enumeration (docs/method.md §3, §7).
 
 A known source p and target q over V^L (two 3-state Markov chains, L = 3: 27 sequences, 64
 masked states) give the exact posterior denoiser p(x0^ℓ | z) and the exact

@@ -29,7 +29,7 @@ def tokens(batch: int = 3, length: int = L, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.exact
 def test_paper_parameter_counts(configs_dir):
-    """gtl_paper.md §4.1: denoiser 59.83M, ratio net 4.06M (|V| = 30,522, L = 512)."""
+    """docs/method.md §2: denoiser 59.83M, ratio net 4.06M (|V| = 30,522, L = 512)."""
     cfg = load_config(configs_dir / "arxiv.yaml", ["data.path=/unused.json"])
     vocab = VocabSpec(30522, mask_id=103, pad_id=0)
     denoiser = build_model("denoiser", cfg, vocab)

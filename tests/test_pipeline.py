@@ -30,7 +30,7 @@ def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def local_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline") / "tiny"
     proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
-                  "--local-parallelism", "2")
+                  "--local-parallelism", "2", "--publish", str(run_dir.parent / "published"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc
 
@@ -54,6 +54,7 @@ def test_local_pipeline_runs_to_a_report(local_run):
     assert [t.key for t in pipeline.tasks if not marker_valid(pipeline, RunPaths(run_dir), t)] == []
     assert (run_dir / "denoiser" / "export" / "model.pt").is_file()
     assert (run_dir / "ratio" / "sticky" / "0.2" / "DONE.json").is_file()
+    assert (run_dir / "edit_ratio" / "sticky" / "0.2" / "DONE.json").is_file()
     shards = sorted((run_dir / "samples" / "gtl" / "sticky" / "1").glob("shard-*.jsonl"))
     assert len(shards) == cfg.sample.shards
     assert sum(len(p.read_text().splitlines()) for p in shards) == cfg.sample.num_samples
@@ -83,7 +84,7 @@ def test_run_dir_of_another_config_is_refused_naming_the_keys(local_run):
                   "--set", "models.denoiser.hidden=64", "--set", "sample.gamma=3")
     assert proc.returncode == 2
     assert "made by a different config" in proc.stderr
-    assert "models.denoiser.hidden: 32 -> 64" in proc.stderr and "sample.gamma: 2.0 -> 3.0" in proc.stderr
+    assert "models.denoiser.hidden: 32 -> 64" in proc.stderr and "sample.gamma: 1.0 -> 3.0" in proc.stderr
 
 
 def test_a_crashing_stage_is_reported_and_its_dependants_cancelled(tmp_path, local_run):
@@ -105,6 +106,37 @@ def test_a_crashing_stage_is_reported_and_its_dependants_cancelled(tmp_path, loc
     assert "cancelled eval" in proc.stdout
     log_path = Path(proc.stdout.split("FAILED finetune/sticky/1")[1].split("log: ")[1].split(")")[0])
     assert log_path.is_file() and "Traceback" in log_path.read_text()
+
+
+def test_the_report_has_the_protocol_the_oracle_ladder_and_the_calibration(local_run):
+    run_dir, proc = local_run
+    published = run_dir.parent / "published"
+    assert f"published: {published}" in proc.stdout
+    assert (published / "report.md").read_text() == (run_dir / "eval" / "report.md").read_text()
+    assert (published / "results.csv").is_file() and (published / "plots").is_dir()
+    text = (run_dir / "eval" / "report.md").read_text()
+    assert "- protocol: every per-target network trains on its own n_T target sequences less a held-out" in text
+    with open(run_dir / "eval" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    ladder = {(r["method"], r["fraction"]): float(r["value"]) for r in rows
+              if r["metric"] == "ladder_mean_abs_err"}
+    # The guidance identity, through the run's own sampler settings: exact h = exact target model.
+    assert ladder[("exact source + exact h, γ = 1", "")] == ladder[("exact target denoiser (floor)", "")]
+    assert {m for m, f in ladder if f} == {"exact source + learned gtl guide, γ = 1",
+                                          "exact source + learned gtl_paper guide, γ = 2"}
+    calibrated = {r["method"] for r in rows if r["metric"] == "edit_slope[target]"}
+    assert calibrated == {"gtl: edit-ratio net", "gtl_paper: clean classifier",
+                          "gtl_paper: masked classifier", "gtl_paper: ratio net"}
+
+
+def test_a_protocol_that_leaves_no_training_data_is_refused_before_submitting(tmp_path):
+    proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(tmp_path / "r"),
+                  "--set", "protocol.holdout_min=40")
+    assert proc.returncode == 2 and "holds out 40 of the 40 target sequences" in proc.stderr
+    assert "protocol.selection=budget" in proc.stderr and not (tmp_path / "r").exists()
+    proc = submit("--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"),
+                  "--set", "protocol.selection=test")
+    assert proc.returncode == 2 and "which serve the final evaluation only" in proc.stderr
 
 
 def test_stages_whose_inputs_are_missing_are_refused(tmp_path):
@@ -178,7 +210,7 @@ def test_update_config_reruns_only_what_the_change_affects(tmp_path, local_run):
     proc = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
                   "--set", "sample.gamma=4.0", "--update-config")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "sample.gamma: 2.0 -> 4.0" in proc.stdout
+    assert "sample.gamma: 1.0 -> 4.0" in proc.stdout
     plan = {line.split()[0]: line for line in proc.stdout.splitlines() if "task(s):" in line}
     n_gtl = len(load_config(REPO / "configs" / "tiny.yaml").data.target_fractions) * 2  # x 2 shards
     assert f"{n_gtl} to run" in plan["sample"] and "1 to run" in plan["eval"]

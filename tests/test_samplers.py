@@ -268,9 +268,9 @@ def test_planner_reveals_only_masked_positions_with_tempered_softmax():
 
 def test_build_sampler_follows_the_sample_config():
     denoiser, ratio_net, planner = random_denoiser(), random_ratio(), random_planner()
-    gtl = MethodNetworks(denoiser, ratio_net, planner, vocab=VOCAB, seq_len=L)
+    gtl = MethodNetworks(denoiser, ratio_net, planner, vocab=VOCAB, seq_len=L, gamma=2.0)
     base = MethodNetworks(denoiser, vocab=VOCAB, seq_len=L)
-    cfg = SampleConfig(sampler="planner", gamma=2.0, n_ratio=3, top_k=2, steps=8)
+    cfg = SampleConfig(sampler="planner", n_ratio=3, top_k=2, steps=8)
     s = build_sampler(gtl, cfg, SCHEDULE)
     assert isinstance(s, PlannerSampler) and (s.gamma, s.n_ratio, s.top_k) == (2.0, 3, 2)
     s = build_sampler(gtl, SampleConfig(sampler="ancestral", gamma=2.0, n_ratio=3, steps=8), SCHEDULE)
@@ -281,8 +281,9 @@ def test_build_sampler_follows_the_sample_config():
         s = build_sampler(base, SampleConfig(sampler=sampler, steps=8, top_k=2), SCHEDULE)
         assert isinstance(s, AncestralSampler) and s.ratio_net is None and s.gamma == 0 and s.top_k == 2
     # γ = 0 for GTL: the ratio net is not evaluated (the samples are the same, tested above).
-    cfg = SampleConfig(sampler="planner", gamma=0.0, n_ratio=3)
-    out = sample_sequences(gtl, cfg, SCHEDULE, num=4, seed=1)
+    cfg = SampleConfig(sampler="planner", n_ratio=3)
+    unguided = MethodNetworks(denoiser, ratio_net, planner, vocab=VOCAB, seq_len=L, gamma=0.0)
+    out = sample_sequences(unguided, cfg, SCHEDULE, num=4, seed=1)
     assert out.stats.ratio.rows == 0 and out.tokens.shape == (4, L)
 
 

@@ -23,14 +23,14 @@ from train_helpers import PYTHON, REPO, Ranks, deepspeed_ops, train_records  # n
 
 pytestmark = pytest.mark.distributed
 
-TARGET, FRACTION = "sticky", 0.2
+TARGET, FRACTION = "sticky", 1.0
 DATA = ["data.markov.source_diagonal=0.6", "data.markov.target_diagonals={sticky: 0.95}"]
 # The reference LM's default size is for text; tiny like the other networks.
 MODELS = ["models.reference_lm={hidden: 48, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}"]
 STEPS = {"denoiser": 80, "vanilla": 80, "finetune": 80, "ar_pretrain": 80, "ar2diff": 80,
-         "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "planner": 160,
+         "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "edit_ratio": 160, "planner": 160,
          "reference_lm": 80}
-PER_TARGET = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio")
+PER_TARGET = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio", "edit_ratio")
 TARGET_ONLY = ("reference_lm",)
 
 
@@ -77,7 +77,7 @@ def run_dir(tmp_path_factory, deepspeed_ops) -> Path:  # noqa: F811
     prepare_data(load_config(REPO / "configs" / "tiny.yaml", DATA), root)
     logs = root.parent / "logs"
     for wave in (("denoiser", "vanilla", "classifier_ti", "classifier_td", "ar_pretrain"),
-                 ("finetune", "planner", "ratio", "ar2diff", "reference_lm")):
+                 ("finetune", "planner", "ratio", "edit_ratio", "ar2diff", "reference_lm")):
         ranks = [Ranks(cli(root, s), 1, logs, tag=s) for s in wave]
         for s, r in zip(wave, ranks):
             r.expect(0, timeout=400)
@@ -92,7 +92,7 @@ def val_curve(run_dir: Path, stage: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", ["denoiser", "vanilla", "finetune", "ar2diff", "ar_pretrain",
-                                   "classifier_ti", "classifier_td", "ratio", "planner",
+                                   "classifier_ti", "classifier_td", "ratio", "edit_ratio", "planner",
                                    "reference_lm"])
 def test_validation_loss_goes_down(run_dir, stage):
     curve = val_curve(run_dir, stage)
@@ -136,11 +136,12 @@ def test_finetune_starts_from_the_source_denoiser(run_dir):
 
 
 def test_exports_load_without_deepspeed(run_dir):
-    from gtl_dist.models import ARLM, Denoiser, Planner, RatioNet, SequenceClassifier
+    from gtl_dist.models import ARLM, Denoiser, EditRatioNet, Planner, RatioNet, SequenceClassifier
     from gtl_dist.train import load_exported
     kinds = {"denoiser": Denoiser, "ar_pretrain": ARLM, "ar2diff": Denoiser,
              "classifier_ti": SequenceClassifier, "classifier_td": SequenceClassifier,
-             "ratio": RatioNet, "planner": Planner, "vanilla": Denoiser, "finetune": Denoiser,
+             "ratio": RatioNet, "edit_ratio": EditRatioNet, "planner": Planner, "vanilla": Denoiser,
+             "finetune": Denoiser,
              "reference_lm": ARLM}
     for stage, cls in kinds.items():
         model = load_exported(stage_dir(run_dir, stage) / "export" / "model.pt")

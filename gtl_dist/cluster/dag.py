@@ -1,4 +1,4 @@
-"""The GTL pipeline as a DAG of task groups (ARCHITECTURE.md, "The pipeline").
+"""The GTL pipeline as a DAG of task groups (docs/architecture.md, "The pipeline").
 
 A *task* is one unit of work with one entry point (``gtl_dist.cluster.tasks.run_task``); a *group*
 is the set of tasks of one kind that are submitted together: a single job (data, the source

@@ -320,89 +320,105 @@ class Launcher:
 
     # local / debug ---------------------------------------------------------------------------------
     def run_here(self, plan: Plan, on_event: Callable[[str], None] = print) -> list[Task]:
-        """Run the remaining tasks on this machine in dependency order. Returns the failed tasks;
-        their dependants are cancelled (not run) and reported."""
+        """Run the remaining tasks on this machine. A task starts as soon as every task it reads
+        has finished (not group by group), up to ``local_parallelism`` at a time (a multi-rank
+        task takes one slot per rank); ``debug`` runs them one by one in this process. Returns
+        the failed tasks; their dependants are cancelled (not run) and reported."""
         failed: list[Task] = []
         cancelled: set[Task] = set()
-        for group in self.pipeline.groups:
-            todo = []
-            for task in (t for t in group.tasks if t in plan.to_run):
-                for dep in self.pipeline.task_deps(task):
+        pending = [t for t in self.pipeline.tasks if t in plan.to_run]
+        unfinished = set(pending) | set(plan.in_flight)  # anything else a task reads is done
+        running: dict[Task, Any] = {}
+        slots = max(1, self.opts.local_parallelism)
+        while pending or running:
+            for task in list(pending):
+                deps = self.pipeline.task_deps(task)
+                for dep in deps:
                     if dep in plan.in_flight:  # a local job of an earlier, interrupted launch
-                        self._await_local(dep, plan.in_flight.pop(dep), failed, on_event)
-                bad = [d for d in self.pipeline.task_deps(task) if d in failed or d in cancelled]
+                        if self._await_local(dep, plan.in_flight.pop(dep), failed, on_event):
+                            unfinished.discard(dep)
+                bad = [d for d in deps if d in failed or d in cancelled]
                 if bad:
+                    pending.remove(task)
                     cancelled.add(task)
                     on_event(f"  cancelled {task.key} (its input {bad[0].key} did not finish)")
+                elif not any(d in unfinished for d in deps) and self._ranks(task) + sum(
+                        self._ranks(t) for t in running) <= max(slots, self._ranks(task)) and (
+                        not running or self.opts.cluster != "debug"):
+                    pending.remove(task)
+                    running[task] = self._start(task, slots, on_event)
+            for task, job in list(running.items()):
+                error = self._outcome(task, job)
+                if error is False:
+                    continue
+                del running[task]
+                if error is None:
+                    unfinished.discard(task)
+                    on_event(f"  finished {task.key}")
                 else:
-                    todo.append(task)
-            if not todo:
-                continue
-            on_event(f"[{group.name}] {len(todo)} task(s)")
-            for task, error in self._run_group(group, todo):
-                if error is not None:
                     failed.append(task)
                     on_event(f"  FAILED {task.key}: {error}")
+            if running and self.opts.cluster != "debug":
+                time.sleep(0.5)
         return failed
 
-    def _await_local(self, task: Task, sub: Submission, failed: list[Task],
-                     on_event: Callable[[str], None]) -> None:
-        on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
-        while _pid_alive(sub.job_id):
-            time.sleep(2)
-        if not marker_valid(self.pipeline, self.paths, task):
-            failed.append(task)
-            on_event(f"  FAILED {task.key}: its earlier job ended without finishing "
-                     f"(log: {sub.log_paths()[1]})")
+    def _ranks(self, task: Task) -> int:
+        return self.opts.nodes if self.pipeline.group_of(task).size == BIG else 1
 
-    def _run_group(self, group: Group, todo: list[Task]):
-        big = group.size == BIG
+    def _start(self, task: Task, slots: int, on_event: Callable[[str], None]) -> Any:
+        """Submit one task to submitit's local executor (or, for debug, run it right here)."""
         if self.opts.cluster == "debug":
-            for task in todo:
-                try:
-                    self.runner(task)
-                    yield task, None
-                except Exception as exc:  # report and go on with independent work
-                    log.exception("%s failed", task.key)
-                    yield task, f"{type(exc).__name__}: {exc}"
-            return
+            try:
+                self.runner(task)
+                return None
+            except Exception as exc:  # report and go on with independent work
+                log.exception("%s failed", task.key)
+                return f"{type(exc).__name__}: {exc}"
         import submitit
+        group = self.pipeline.group_of(task)
+        big = group.size == BIG
         folder = self.paths.jobs / group.name / "%j"
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=self.cfg.cluster.max_requeue)
         executor.update_parameters(
             timeout_min=(self.opts.time_min or self.cfg.cluster.timeout_min) if big
             else self.cfg.cluster.small_timeout_min,
-            tasks_per_node=self.opts.nodes if big else 1,  # one machine: --nodes ranks on it
+            tasks_per_node=self._ranks(task),  # one machine: --nodes ranks on it
             gpus_per_node=min(self.opts.gpus(self.cfg), 1) if not big else self.opts.gpus(self.cfg),
             signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))
-        # Local jobs inherit this: each uses its share of the machine's cores (tasks.py).
-        ranks = self.opts.nodes if big else 1
-        at_once = min(max(1, self.opts.local_parallelism), len(todo)) * ranks
-        os.environ["GTL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // at_once))
-        pending = list(todo)
-        running: dict[Task, Any] = {}
-        while pending or running:
-            while pending and len(running) < max(1, self.opts.local_parallelism):
-                task = pending.pop(0)
-                job = executor.submit(self.runner, task)
-                running[task] = job
-                self.subs.record(task, Submission(str(job.job_id), group.name,
-                                                  self.pipeline.input_hash(task), "local",
-                                                  str(folder)))
-                self.subs.save()
-                print(f"  started {task.key} (local job {job.job_id}, log {job.paths.stderr})",
-                      flush=True)
-            time.sleep(0.5)
-            for task, job in list(running.items()):
-                if not job.done():
-                    continue
-                del running[task]
-                try:
-                    job.results()
-                    print(f"  finished {task.key}", flush=True)
-                    yield task, None
-                except Exception as exc:
-                    yield task, f"{_first_line(exc)} (log: {job.paths.stderr})"
+        # The job inherits this: each rank uses its share of the machine's cores (tasks.py).
+        os.environ["GTL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(slots, self._ranks(task))))
+        job = executor.submit(self.runner, task)
+        self.subs.record(task, Submission(str(job.job_id), group.name, self.pipeline.input_hash(task),
+                                          "local", str(folder)))
+        self.subs.save()
+        on_event(f"  started {task.key} (local job {job.job_id}, log {job.paths.stderr})")
+        return job
+
+    @staticmethod
+    def _outcome(task: Task, job: Any) -> Optional[str] | bool:
+        """False while ``job`` runs; then None (success) or the error in one line. A debug task
+        ran in _start, which left its outcome (None or the error) in place of a job."""
+        if job is None or isinstance(job, str):
+            return job
+        if not job.done():
+            return False
+        try:
+            job.results()
+            return None
+        except Exception as exc:
+            return f"{_first_line(exc)} (log: {job.paths.stderr})"
+
+    def _await_local(self, task: Task, sub: Submission, failed: list[Task],
+                     on_event: Callable[[str], None]) -> bool:
+        on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
+        while _pid_alive(sub.job_id):
+            time.sleep(2)
+        if marker_valid(self.pipeline, self.paths, task):
+            return True
+        failed.append(task)
+        on_event(f"  FAILED {task.key}: its earlier job ended without finishing "
+                 f"(log: {sub.log_paths()[1]})")
+        return False
 
 
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt|Exit)\w*: ")

@@ -2,7 +2,7 @@
 
 It lets tests and a person on a workstation run the cluster path for real (sbatch, srun,
 job arrays, two-node jobs) with Debian's packages and no systemd, cgroups or accounting
-(infra_anchors §6.2). Everything lives in one state directory:
+(docs/operations.md). Everything lives in one state directory:
 
     <dir>/cluster.json   what was started: per daemon its pid and kernel start time, the spec
     <dir>/slurm.conf     export SLURM_CONF=<dir>/slurm.conf for sbatch/srun/squeue/scontrol
@@ -116,7 +116,7 @@ class ClusterSpec:
 
 def render_slurm_conf(spec: ClusterSpec, state_dir: Path, hostname: str, user: str,
                       munge_socket: Path, memory_mb: int) -> str:
-    """The cgroup-free, accounting-free slurm.conf for ``spec`` (infra_anchors §6.2)."""
+    """The cgroup-free, accounting-free slurm.conf for ``spec`` (docs/operations.md)."""
     d = Path(state_dir)
     nodes = "\n".join(
         f"NodeName={name} NodeHostname={hostname} NodeAddr=127.0.0.1 Port={port} "

@@ -1,7 +1,7 @@
 """Read job and node facts from a SLURM controller without accounting.
 
 Clusters without slurmdbd (our one-machine test cluster, many small sites) make ``sacct`` fail,
-so submitit's ``job.state`` stays ``UNKNOWN`` (infra_anchors V9). These helpers ask the
+so submitit's ``job.state`` stays ``UNKNOWN`` (docs/operations.md). These helpers ask the
 controller directly: ``squeue --states=all`` sees pending, running and recently finished jobs
 (finished ones stay in memory for ``MinJobAge`` seconds), ``scontrol show node`` gives the
 address a node is reached at. Every call has its own timeout, so a dead controller is an

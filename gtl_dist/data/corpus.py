@@ -1,6 +1,6 @@
 """Text corpora as ``(text, domain, doc_id)`` records, read into one list of documents per domain.
 
-Readers (ARCHITECTURE.md "Data contracts"):
+Readers (docs/architecture.md "Data contracts"):
   arxiv  the Kaggle arXiv metadata snapshot, one JSON object a line with ``abstract`` and
          ``categories``; the domain is the archive of the FIRST category ("physics.optics hep-th"
          -> "physics", "hep-th" -> "hep-th"), as in the paper's code.

@@ -40,7 +40,7 @@ _STREAM_FIELDS = ("set", "fraction", "drop_last", "world_size", "num_workers", "
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SLURM signals every process of a job step (infra_anchors §2.3);
+    """DataLoader worker_init_fn: SLURM signals every process of a job step (docs/operations.md);
     the training loop decides when to stop, so a worker must not die of SIGUSR2 or SIGTERM."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

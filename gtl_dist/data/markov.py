@@ -1,4 +1,4 @@
-"""Synthetic Markov chains (METHOD.md §10): the exact math the data, the evaluation and the tests share.
+"""Synthetic Markov chains (docs/method.md §10): the exact math the data, the evaluation and the tests share.
 
 Token ids are the chain states 0..S-1 and [MASK] is S, so the vocabulary has S + 1 ids. The first
 token is uniform over the states; every later token follows the row of the previous one in the
@@ -124,7 +124,7 @@ def transition_counts(seqs: np.ndarray, num_states: int) -> np.ndarray:
 
 
 def empirical_transition_matrix(seqs: np.ndarray, num_states: int) -> np.ndarray:
-    """Bigram counts with rows normalised (the P̂ of METHOD.md §10).
+    """Bigram counts with rows normalised (the P̂ of docs/method.md §10).
 
     A state that never occurs before the last position has no evidence: its row stays all zeros,
     so |P̂ - Q| charges the full row of Q against a sampler that never visits it.

@@ -1,8 +1,8 @@
 """Corpus -> per-domain train/test split -> the sets the pipeline trains on, written to disk.
 
-Sets (ARCHITECTURE.md "Data contracts"):
+Sets (docs/architecture.md "Data contracts"):
   source/train   the source domains' training documents, plus the overlap documents: the first
-                 round(r * N_t) of each target t's training documents (METHOD.md §8, data.overlap)
+                 round(r * N_t) of each target t's training documents (docs/method.md §8, data.overlap)
   source/test    the source domains' test documents
   <t>/train      target t's remaining training documents, in a seeded random order (the target
                  fractions are prefixes of the chunks built from them, so they are nested)
@@ -52,7 +52,7 @@ def seeded_rng(seed: int, *names: str) -> np.random.Generator:
 
 
 def overlap_count(overlap: float, n_train: int, target: str) -> int:
-    """How many of a target's training items move into the source set (METHOD.md §8)."""
+    """How many of a target's training items move into the source set (docs/method.md §8)."""
     moved = round(overlap * n_train)
     if n_train - moved < 1:
         raise CorpusError(f"data.overlap={overlap} moves {moved} of target '{target}''s {n_train} "

@@ -1,4 +1,4 @@
-"""Evaluation: metrics on sampled sequences and the run report (METHOD.md §10).
+"""Evaluation: metrics on sampled sequences and the run report (docs/method.md §10).
 
 Modules, one purpose each; every metric is a pure function of arrays (or texts) so the pipeline
 can score one sample shard at a time and merge the mergeable statistics:

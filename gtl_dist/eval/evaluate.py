@@ -77,7 +77,7 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> tuple[list[ResultRow], d
             rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
             mats.estimated[(method, fraction)] = empirical_transitions(merged.transitions)
         matrices[target] = mats
-    if any(m in cfg.sample.methods for m in ("gtl", "gtl_paper")):
+    if cfg.eval.ladder and any(m in cfg.sample.methods for m in ("gtl", "gtl_paper")):
         rows += ladder_rows(cfg, paths) + calibration_rows(cfg, paths)
     return rows, matrices
 

@@ -56,15 +56,13 @@ class MarkovRun:
     source: MarkovChain
     targets: dict[str, MarkovChain]
     schedule: NoiseSchedule
+    length: int
 
     @classmethod
     def load(cls, cfg: RunConfig, paths: RunPaths) -> "MarkovRun":
         chains = {name: MarkovChain(m) for name, m in transition_matrices(cfg.data.markov).items()}
-        return cls(cfg, paths, chains.pop(SOURCE), chains, NoiseSchedule.from_config(cfg.noise))
-
-    @property
-    def length(self) -> int:
-        return self.cfg.data.markov.length
+        return cls(cfg, paths, chains.pop(SOURCE), chains, NoiseSchedule.from_config(cfg.noise),
+                   cfg.data.markov.length)
 
     def export(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
                seed: int = 0) -> torch.nn.Module:
@@ -150,11 +148,12 @@ class EditSet:
         return z
 
 
-def edit_set(run: MarkovRun, target: str, domain: str, seed: int) -> EditSet:
+def edit_set(run: MarkovRun, target: str, domain: str, seed: int, size: int = EDIT_SET_SIZE) -> EditSet:
+    """``size`` edits on sequences of ``domain`` (the source or ``target``)."""
     chain = run.source if domain == SOURCE else run.targets[target]
     rng = np.random.default_rng([seed, 0 if domain == SOURCE else 1])
     gen = torch.Generator().manual_seed(seed)
-    n, s = EDIT_SET_SIZE, run.source.num_states
+    n, s = size, run.source.num_states
     x = torch.as_tensor(sample_sequences(chain.matrix.numpy(), n, run.length, rng))
     lo, hi = MASK_RATES
     rate = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
@@ -169,6 +168,13 @@ def edit_set(run: MarkovRun, target: str, domain: str, seed: int) -> EditSet:
     out.exact = (log_h(run.source, target_chain, out.edited(v))
                  - log_h(run.source, target_chain, out.edited(v_other))).numpy()
     return out
+
+
+def edit_calibration(stage: str, net: torch.nn.Module, edits: EditSet,
+                     schedule: NoiseSchedule) -> tuple[float, float]:
+    """(slope, correlation) of the network's edit differences against the exact ones."""
+    learned = learned_edit_differences(stage, net, edits, schedule)
+    return float(np.polyfit(edits.exact, learned, 1)[0]), float(np.corrcoef(edits.exact, learned)[0, 1])
 
 
 def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet,
@@ -206,10 +212,9 @@ def calibration_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
                     net = run.export(stage, target, fraction, s)
                     stats = {}
                     for domain, es in edits.items():
-                        learned = learned_edit_differences(stage, net, es, run.schedule)
                         side = "source" if domain == SOURCE else "target"
-                        stats[f"edit_slope[{side}]"] = float(np.polyfit(es.exact, learned, 1)[0])
-                        stats[f"edit_corr[{side}]"] = float(np.corrcoef(es.exact, learned)[0, 1])
+                        stats[f"edit_slope[{side}]"], stats[f"edit_corr[{side}]"] = edit_calibration(
+                            stage, net, es, run.schedule)
                     per_seed[s] = stats
                 rows += seed_rows(CALIBRATED[stage], target, fraction, per_seed, n=EDIT_SET_SIZE)
     return rows

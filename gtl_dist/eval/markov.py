@@ -1,4 +1,4 @@
-"""Markov-chain metrics (METHOD.md §10, synthetic task): how close samples are to the target chain.
+"""Markov-chain metrics (docs/method.md §10, synthetic task): how close samples are to the target chain.
 
 - The empirical transition matrix P̂ of the samples (bigram counts, rows normalised) against the
   true target Q: mean and max |P̂ − Q| over all S x S entries (the paper's numbers).

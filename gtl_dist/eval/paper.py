@@ -1,4 +1,4 @@
-"""The paper's published numbers (METHOD.md §10), for runs that reproduce the paper's set-up.
+"""The paper's published numbers (docs/method.md §10), for runs that reproduce the paper's set-up.
 
 A row is returned only where the run's data set-up is the paper's, so the report never puts a
 paper number next to a different experiment. The text MAUVE numbers used GPT-2-large features;

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import re
 import shlex
 import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from gtl_dist.config import METHODS, RunConfig  # noqa: E402
 from gtl_dist.eval.markov import transition_error  # noqa: E402
 from gtl_dist.eval.paper import paper_rows  # noqa: E402
 from gtl_dist.eval.results import ResultRow, write_results_csv  # noqa: E402
-from gtl_dist.io import atomic_path, atomic_write_text  # noqa: E402
+from gtl_dist.io import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
 from gtl_dist.paths import RunPaths  # noqa: E402
 
 
@@ -79,6 +77,16 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
         plots.append(plot_transitions(mats, target, paths.eval / "plots"))
     tb_dir = write_tensorboard(rows, tables, paths.tb("eval")) if tensorboard else None
     return ReportFiles(results_csv, report_md, tuple(plots), tb_dir)
+
+
+def publish_report(eval_dir: Path, dest: Path) -> Path:
+    """Copy a finished report (report.md, results.csv, plots/) to ``dest`` as a whole."""
+    with atomic_dir(dest) as fresh:
+        for name in ("report.md", "results.csv"):
+            shutil.copy2(eval_dir / name, fresh / name)
+        if (eval_dir / "plots").is_dir():
+            shutil.copytree(eval_dir / "plots", fresh / "plots")
+    return Path(dest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,10 +315,7 @@ def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_d
     target's tables as markdown text. Written to a fresh folder that replaces ``tb_dir``."""
     from torch.utils.tensorboard import SummaryWriter  # torch only where TensorBoard is written
 
-    tb_dir = Path(tb_dir)
-    tb_dir.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{tb_dir.name}.new-", dir=tb_dir.parent))
-    try:
+    with atomic_dir(tb_dir) as fresh:
         writer = SummaryWriter(log_dir=str(fresh))
         for r in rows:
             if not math.isnan(r.value):
@@ -319,14 +324,4 @@ def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_d
         for target, table in tables.items():
             writer.add_text(f"report/{target}", table, 0)
         writer.close()
-        stale = None
-        if tb_dir.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{tb_dir.name}.old-", dir=tb_dir.parent))
-            os.replace(tb_dir, stale / tb_dir.name)
-        os.replace(fresh, tb_dir)
-        if stale is not None:
-            shutil.rmtree(stale)
-    finally:
-        if fresh.exists():
-            shutil.rmtree(fresh)
-    return tb_dir
+    return Path(tb_dir)

@@ -1,4 +1,4 @@
-"""Reading the sample shards the sampling stage writes (ARCHITECTURE.md, "Sampling and evaluation").
+"""Reading the sample shards the sampling stage writes (docs/architecture.md, "Sampling and evaluation").
 
 One folder per (method, target, fraction) (RunPaths.samples), holding ``shard-0000.jsonl`` ...
 with one record per sample: ``{"tokens": [ids...], "text": str or null, "seed": int, "index": int}``.

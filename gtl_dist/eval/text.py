@@ -1,4 +1,4 @@
-"""Text-sample metrics besides MAUVE (METHOD.md §10): classifier domain score, generative
+"""Text-sample metrics besides MAUVE (docs/method.md §10): classifier domain score, generative
 perplexity under a reference model, diversity.
 
 Each metric comes as mergeable counts (one shard of samples at a time, combined with ``+``) and

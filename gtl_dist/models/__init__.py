@@ -1,4 +1,4 @@
-"""The DiT backbone and the method's networks (METHOD.md §2, §4-§6, §11)."""
+"""The DiT backbone and the method's networks (docs/method.md §2, §4-§6, §11)."""
 
 from gtl_dist.models.dit import DiT, KVCache
 from gtl_dist.models.heads import (ARLM, ROLES, Denoiser, EditRatioNet, Planner, RatioNet,

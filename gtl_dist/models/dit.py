@@ -1,4 +1,4 @@
-"""The DiT backbone shared by every network in gtl_dist (METHOD.md §2).
+"""The DiT backbone shared by every network in gtl_dist (docs/method.md §2).
 
 A DiT-style transformer as in MDLM: token embedding, rotary positions, adaLN-zero blocks
 (shift/scale/gate for attention and MLP, modulation initialised to zero so every block starts
@@ -11,7 +11,7 @@ it keeps parameter counts equal to the paper's (59.83M / 4.06M), and it lets a c
 loaded with time conditioning switched on later.
 
 The attention mode (bidirectional / causal) is an attribute, not part of the weights: AR2Diff
-(METHOD.md §11) runs the same parameters causally as an AR model, then bidirectionally.
+(docs/method.md §11) runs the same parameters causally as an AR model, then bidirectionally.
 
 Precision: with fp32 parameters on CUDA the blocks run under bf16 autocast; LayerNorm, rotary
 positions and everything the heads return are fp32. With bf16 parameters (DeepSpeed bf16) the

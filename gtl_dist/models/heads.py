@@ -1,4 +1,4 @@
-"""The networks of the method, each a DiT backbone plus a head (METHOD.md §2, §4-§6, §11).
+"""The networks of the method, each a DiT backbone plus a head (docs/method.md §2, §4-§6, §11).
 
     Denoiser            SUBS log-probabilities p_theta(x0 | z_t) per position
     ARLM                next-token logits, causal; same parameter names as Denoiser (AR2Diff)
@@ -142,7 +142,7 @@ class _Network(nn.Module):
 
 
 class Denoiser(_Network):
-    """p_theta(x0 | z_t) in the SUBS parameterisation (METHOD.md §2)."""
+    """p_theta(x0 | z_t) in the SUBS parameterisation (docs/method.md §2)."""
 
     def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
         super().__init__(cfg, vocab, seq_len)
@@ -160,7 +160,7 @@ class Denoiser(_Network):
 
 
 class ARLM(_Network):
-    """Autoregressive LM with the Denoiser's parameter names (AR2Diff, METHOD.md §11).
+    """Autoregressive LM with the Denoiser's parameter names (AR2Diff, docs/method.md §11).
 
     Always causal and never time-conditioned; position i predicts token i + 1.
     """
@@ -189,7 +189,7 @@ class ARLM(_Network):
 
 
 class SequenceClassifier(_Network):
-    """Domain classifier d_omega: one logit per sequence, source = 1 (METHOD.md §4).
+    """Domain classifier d_omega: one logit per sequence, source = 1 (docs/method.md §4).
 
     ``time_dependent=True`` (d_omega(z_t, t)) switches time conditioning on and needs sigma;
     the time-independent classifier reads clean sequences and ignores sigma.
@@ -209,7 +209,7 @@ class SequenceClassifier(_Network):
 
 
 class RatioNet(_Network):
-    """r_phi(z): the log density ratio log q/p, up to an additive constant (METHOD.md §5)."""
+    """r_phi(z): the log density ratio log q/p, up to an additive constant (docs/method.md §5)."""
 
     def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
         super().__init__(cfg, vocab, seq_len)
@@ -256,7 +256,7 @@ class EditRatioNet(_Network):
 
 
 class Planner(_Network):
-    """Per-position logits: which masked position to reveal next (METHOD.md §6). Time-independent."""
+    """Per-position logits: which masked position to reveal next (docs/method.md §6). Time-independent."""
 
     def __init__(self, cfg: ModelConfig, vocab: VocabSpec, seq_len: int):
         super().__init__(cfg, vocab, seq_len)

@@ -1,4 +1,4 @@
-"""Samplers (METHOD.md §7): the GTL planner sampler, the guided ancestral sampler with the
+"""Samplers (docs/method.md §7): the GTL planner sampler, the guided ancestral sampler with the
 stabiliser, exact full-vocabulary guidance, the unguided baseline sampler, and sharded sampling.
 The AR sampler lives in ``gtl_dist.sample.ar``."""
 

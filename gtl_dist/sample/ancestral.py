@@ -1,5 +1,5 @@
 """Ancestral samplers: GTL-guided with the stabiliser, exact full-vocabulary guidance, unguided
-(METHOD.md §7; gtl_paper.md §3 Alg. E′ and F).
+(docs/method.md §7).
 
 S steps from t = 1 to t_end. At every masked position the source kernel is
 
@@ -12,7 +12,7 @@ the unguided value. Positions are then drawn independently: with several positio
 one step this factorisation is an approximation that vanishes as S grows (the planner sampler
 avoids it by revealing one position per step).
 
-With a time-independent denoiser and ratio net (the default, METHOD.md §2) the network outputs
+With a time-independent denoiser and ratio net (the default, docs/method.md §2) the network outputs
 depend on z only, so a sequence that did not change in a step is not re-evaluated ("cached"
 sampling); with many steps per token most steps change nothing.
 """

@@ -1,4 +1,4 @@
-"""Autoregressive sampling from an ``ARLM`` with a KV cache (METHOD.md §11).
+"""Autoregressive sampling from an ``ARLM`` with a KV cache (docs/method.md §11).
 
 Greedy (temperature 0), temperature and top-K sampling, batched and seeded. Categorical draws
 are made in float64 by inverting the CDF with uniforms from the caller's generator, so a seed

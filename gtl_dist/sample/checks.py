@@ -78,7 +78,7 @@ def check_networks(denoiser: Callable, ratio_net: Optional[Callable], planner: O
             # The samplers pass z alone (and cache on it): a time-conditioned network would silently
             # see sigma = 0 at every step.
             raise SamplerConfigError(f"{name}: was built with time_conditioning=true, but the samplers "
-                                     f"evaluate networks on z alone (METHOD.md §2: time conditioning off); "
+                                     f"evaluate networks on z alone (docs/method.md §2: time conditioning off); "
                                      f"set models.*.time_conditioning=false")
     z = torch.full((1, seq_len), vocab.mask_id, dtype=torch.long, device=device)
     with torch.inference_mode():

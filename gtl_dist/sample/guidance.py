@@ -1,4 +1,4 @@
-"""The pieces every GTL sampler shares (METHOD.md §7, gtl_paper.md §3 Alg. E/E′).
+"""The pieces every GTL sampler shares (docs/method.md §7).
 
 - ``score_edits``: r_φ of single-token edits z[ℓ := v], batched into few ratio-net passes, or
   read from one pass of an edit-ratio network (``edit_form``: it scores every edit at once).
@@ -54,7 +54,7 @@ def guided_logits(denoiser_logp: torch.Tensor, edit_scores: torch.Tensor, gamma:
     """g = a + γ·ρ over the candidates, in float64.
 
     ρ = log_softmax(s) over the candidates removes r_φ's arbitrary additive constant (the
-    class-prior term of the classifier logit, METHOD.md §5).
+    class-prior term of the classifier logit, docs/method.md §5).
     """
     rho = torch.log_softmax(edit_scores.double(), dim=-1)
     return denoiser_logp.double() + gamma * rho
@@ -84,7 +84,7 @@ def stabilise_mask_mass(token_logits: torch.Tensor, stay_logprob: float | torch.
     joint softmax over [MASK] and the tokens, and γ·ρ ≤ 0 (ρ is a log-softmax) pushes mass onto
     [MASK]: large γ stalls the unmasking schedule and samples collapse to all-mask. With the
     exact h it is also the exact target kernel: Σ_v p(v|z)·h(z[ℓ:=v]) = h(z), so the target's
-    unmasking rate equals the source's (METHOD.md §3).
+    unmasking rate equals the source's (docs/method.md §3).
 
     Returns float64 ``(token_logprobs [..., K], stay_logprob [...])``.
     """

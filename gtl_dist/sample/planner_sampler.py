@@ -1,8 +1,8 @@
-"""The GTL planner sampler, the main algorithm (METHOD.md §7; gtl_paper.md §3 Alg. E).
+"""The GTL planner sampler, the main algorithm (docs/method.md §7).
 
 L steps; each step reveals exactly one masked position per sequence, chosen by the planner.
 Because only one token changes per step, the factorised guided step is the exact guided step
-(METHOD.md §3), and it needs only n_ratio ratio-net evaluations: the top-n_ratio candidate
+(docs/method.md §3), and it needs only n_ratio ratio-net evaluations: the top-n_ratio candidate
 tokens of the denoiser at that position.
 
     ℓ ~ softmax(planner(z)/T) over masked positions     (or argmax, or uniform)

@@ -1,6 +1,6 @@
 """What a sampler returns: the tokens and its network-evaluation counts.
 
-GTL's point is cost (METHOD.md §3): naive guidance needs O(L·|V|) ratio-net passes per step, the
+GTL's point is cost (docs/method.md §3): naive guidance needs O(L·|V|) ratio-net passes per step, the
 planner sampler O(n_ratio). Every sampler therefore counts, per network, how many times it was
 called and how many sequences those calls processed ("rows"), so the claim can be checked by
 counting rather than by timing alone.

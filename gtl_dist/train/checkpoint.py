@@ -16,7 +16,7 @@ Rules:
 - A checkpoint exists only once ``COMMIT.json`` does. It records the step, world size, ZeRO
   stage, the stage's config and tokenizer hashes, and size + sha256 of every file. DeepSpeed's
   own ``latest`` is never written nor read: DeepSpeed writes it before its final barrier, so it
-  can name a half-written save (infra_anchors §1.3).
+  can name a half-written save (docs/operations.md).
 - Resume takes the highest committed step whose files all match their recorded size and
   sha256 (each rank checks a slice of the files; all agree through an all-reduce); a damaged
   one is reported and the previous committed step is used instead. Uncommitted step folders

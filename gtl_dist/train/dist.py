@@ -13,7 +13,7 @@ Resolution order (:func:`resolve_dist_env`, a pure function of an environment ma
 3. a single process.
 
 DeepSpeed is initialised with ``auto_mpi_discovery=False`` (without the variables above it would
-try mpi4py, infra_anchors V5), NCCL on GPUs and gloo on CPU. ``DS_ACCELERATOR`` must be chosen
+try mpi4py, docs/operations.md), NCCL on GPUs and gloo on CPU. ``DS_ACCELERATOR`` must be chosen
 before DeepSpeed is first imported (its accelerator choice is cached), so every module imports
 DeepSpeed through :func:`import_deepspeed`.
 

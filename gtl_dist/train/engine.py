@@ -5,14 +5,14 @@ Every job kind trains through :func:`build_engine`; what varies is only the modu
 
 - Batch: ``micro_batch`` None -> ``global_batch / world`` per rank, no accumulation; otherwise
   ``grad_accum = global_batch / (micro_batch * world)``. Only micro-batch and accumulation are
-  given to DeepSpeed, which derives ``train_batch_size`` (infra_anchors §1.1).
+  given to DeepSpeed, which derives ``train_batch_size`` (docs/operations.md).
 - Precision ``auto``: bf16 on GPUs that have it, fp32 otherwise (CPU). bf16 keeps fp32 master
   weights in the optimiser.
 - Optimiser: AdamW with ``torch_adam`` everywhere. DeepSpeed's own fused/CPU Adam are JIT-built
   C++/CUDA ops, and a JIT build inside a preemptible job is the failure of V6; torch's AdamW
   needs no build and is what DeepSpeed's CPU tests use (V1).
 - LR: linear warm-up over ``warmup_frac`` of the steps, then cosine down to ``min_lr``
-  (METHOD.md: "cosine with 10% warm-up"), as a client scheduler whose state DeepSpeed saves.
+  (docs/method.md: "cosine with 10% warm-up"), as a client scheduler whose state DeepSpeed saves.
 """
 
 from __future__ import annotations

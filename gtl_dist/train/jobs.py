@@ -32,9 +32,9 @@ loss, a check that it fits, not an estimate of generalisation).
 
 Batches: ``global_batch`` counts sequences per optimiser step. Classifiers split each
 micro-batch between source and target — half and half when ``train.<stage>.balanced`` (the
-default, METHOD.md §4), else in proportion to the two training sets' sizes; the target stream
+default, docs/method.md §4), else in proportion to the two training sets' sizes; the target stream
 cycles over its (small) set. The ratio net reads paired batches: ``micro_batch`` source and
-``micro_batch`` target sequences per micro-step (METHOD.md §5).
+``micro_batch`` target sequences per micro-step (docs/method.md §5).
 
 Target sets can be smaller than one shard per reader, so target loaders read in the main process
 (``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
@@ -437,7 +437,7 @@ class PlannerTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.denoiser = frozen_export(ctx, Pipeline(ctx.cfg).source_stage)
-        # Source-only by default (METHOD.md §6); pipeline.planner_scope=per_target trains one
+        # Source-only by default (docs/method.md §6); pipeline.planner_scope=per_target trains one
         # per (target, fraction) on target data.
         self.train_set = self.target_train() if ctx.target else "source/train"
 

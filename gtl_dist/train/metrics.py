@@ -3,7 +3,7 @@
 One ``SummaryWriter`` per job under ``RunPaths.tb(stage, target, fraction)``, x = optimiser
 step. A resumed job reopens the same directory with ``purge_step`` = first step it will log, so
 TensorBoard hides what the killed run logged after its last committed checkpoint and the curves
-carry no duplicate points (infra_anchors V11); the JSONL log is truncated the same way.
+carry no duplicate points (docs/operations.md); the JSONL log is truncated the same way.
 ``flush()`` runs before every checkpoint and on preemption, since the writer otherwise buffers
 up to two minutes.
 

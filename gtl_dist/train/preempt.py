@@ -2,7 +2,7 @@
 
 SLURM sends its warning signal (``--signal=USR2@…``, or SIGTERM on preemption) to every process
 of the job step, but not necessarily at the same moment, and a ZeRO checkpoint is a collective
-that every rank must enter together (infra_anchors §2.3). So the handler only records the signal;
+that every rank must enter together (docs/operations.md). So the handler only records the signal;
 the training loop folds the flag into its per-step all-reduce (MAX over ranks: one rank's signal
 stops everyone), saves at that step on every rank, flushes its logs, and then:
 

@@ -4,7 +4,7 @@ GTL's guidance is only as strong as the ratio it learns. On the synthetic chains
 log q(x)/p(x) is known, so for every (target, fraction) this script draws fresh sequences from
 the true source and target chains and regresses two learned quantities on the exact log-ratio:
 
-- the clean classifier's -logit d(x) (the ratio network's regression target, METHOD.md §5),
+- the clean classifier's -logit d(x) (the ratio network's regression target, docs/method.md §5),
 - the ratio network r(x) on the clean sequence.
 
 A slope of 1 would be a calibrated log-ratio; the sampler multiplies it by gamma.
