@@ -1,10 +1,14 @@
 """The shard reader: coverage, equal batch counts, exact resume across ranks x workers, fractions,
-determinism, bad input, and workers that survive preemption signals."""
+determinism, bad input, and workers that survive preemption signals; splits with fewer shards (or
+samples) than readers, read by sample, and finite passes that read every sample exactly once."""
 
 import json
+import logging
 import os
 import signal
 import time
+from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 from gtl_dist.data import Manifest, ManifestError, ShardInfo, ShardSet, make_loader
+from gtl_dist.data import loader as loader_module
 from gtl_dist.data.loader import ConsumerStream
 from gtl_dist.data.shards import Chunk, ShardError, write_shard
 from gtl_dist.data.tokenizer import TokenizerMismatch
@@ -76,23 +81,48 @@ def test_one_reader_sees_every_sample_once_per_epoch(uneven):
 def test_consumers_partition_each_pass():
     shards = [(f"s{j}", n) for j, n in enumerate([7, 5, 9, 3, 6, 2])]
     for epoch in (0, 1, 5):
-        mine = [ConsumerStream(shards, c, 4, seed=1, shuffle=True, seq_len=SEQ).pass_shards(epoch) for c in range(4)]
+        mine = [ConsumerStream(shards, c, 4, seed=1, shuffle=True, seq_len=SEQ).pass_pieces(epoch)[0]
+                for c in range(4)]
         flat = sorted(int(j) for m in mine for j in m)
         assert flat == list(range(6))
+
+
+@pytest.mark.parametrize("readers", [1, 2, 3, 7, 64])
+def test_readers_by_sample_partition_each_pass(readers):
+    """Striding: over the passes back to back, reader c takes positions c, c + C, ...; so each pass
+    is dealt out exactly once, even to more readers than it has samples."""
+    counts = [3, 2]
+    shards = [(f"s{j}", n) for j, n in enumerate(counts)]
+    for epoch in range(readers + 2):
+        taken = Counter()
+        for c in range(readers):
+            stream = ConsumerStream(shards, c, readers, seed=1, shuffle=True, seq_len=SEQ, by_sample=True)
+            for j, first, size in zip(*stream.pass_pieces(epoch)):
+                positions = range(first, first + size * readers, readers)
+                assert len(positions) == size and all(p < counts[j] for p in positions)
+                taken.update((int(j), p) for p in positions)
+        assert taken == Counter({(j, i): 1 for j, n in enumerate(counts) for i in range(n)})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_rank_gets_the_same_number_of_batches(tmp_path, workers):
     m = build(tmp_path / "d", {"source/train": [10, 3, 7, 1, 12, 5]})  # 38 samples, very uneven
-    counts = []
+    # Training: the same epoch length everywhere, and streams never run dry, even on the rank
+    # holding the 1-sample shard.
+    for rank in range(3):
+        loader = make_loader(m, "source/train", 4, rank=rank, world_size=3, num_workers=workers)
+        assert loader.batches_per_epoch == 38 // 12
+        assert len(take(loader, 9)) == 9
+    # A finite pass: every sample once, ranks a batch apart at most (13, 13 and 12 samples).
+    seen, counts = Counter(), []
     for rank in range(3):
         loader = make_loader(m, "source/train", 4, rank=rank, world_size=3, num_workers=workers, infinite=False)
-        assert loader.batches_per_epoch == 38 // 12
-        counts.append(len(list(loader)))
-    assert counts == [3, 3, 3]
-    # Infinite streams never run dry, even on the rank holding the 1-sample shard.
-    for rank in range(3):
-        assert len(take(make_loader(m, "source/train", 4, rank=rank, world_size=3, num_workers=workers), 9)) == 9
+        batches = list(loader)
+        assert len(batches) == loader.batches_per_epoch
+        counts.append(len(batches))
+        seen.update(s for b in batches for s in ids(b))
+    assert max(counts) - min(counts) <= 1
+    assert seen == Counter({(0, j, i): 1 for j, n in enumerate([10, 3, 7, 1, 12, 5]) for i in range(n)})
 
 
 @pytest.mark.resume
@@ -142,10 +172,12 @@ def test_validation_pass_is_fixed_and_in_manifest_order(uneven):
     loader = make_loader(uneven, "source/test", 3, shuffle=False, infinite=False)
     first, second = list(loader), list(loader)
     assert [ids(b) for b in first] == [ids(b) for b in second]
-    assert [s for b in first for s in ids(b)] == [(1, 0, i) for i in range(4)] + [(1, 1, i) for i in range(2)]
+    # Every sample, the last batch short (8 = 3 + 3 + 2).
+    assert [len(b["domain"]) for b in first] == [3, 3, 2] and loader.batches_per_epoch == 3
+    assert [s for b in first for s in ids(b)] == [(1, 0, i) for i in range(4)] + [(1, 1, i) for i in range(4)]
     # A cursor loaded into a finite loader resumes that pass once.
     loader.load_state_dict({**loader.state_dict(), "batches_consumed": 1})
-    assert [ids(b) for b in loader] == [ids(first[1])]
+    assert [ids(b) for b in loader] == [ids(b) for b in first[1:]]
 
 
 def test_fractions_read_only_their_nested_prefix(tmp_path):
@@ -193,17 +225,14 @@ def test_load_state_refuses_a_cursor_from_another_stream(uneven):
 
 
 def test_bad_input_fails_when_the_loader_is_made(uneven, tmp_path):
-    with pytest.raises(ManifestError, match=r"2 shard\(s\) for world_size 1 x 3 worker\(s\) = 3 readers"):
-        make_loader(uneven, "source/test", 1, num_workers=3)
-    with pytest.raises(ManifestError, match=r"6 shard\(s\) for world_size 4 x 2 worker\(s\)"):
-        make_loader(uneven, "source/train", 1, world_size=4, num_workers=2)
     with pytest.raises(TokenizerMismatch, match="tokenizer hash abababababab… does not match the expected 0000"):
         make_loader(uneven, "source/train", 4, expected_tokenizer_hash="0" * 64)
     make_loader(uneven, "source/train", 4, expected_tokenizer_hash="ab" * 32)  # the right one is fine
     with pytest.raises(ManifestError, match="no set 'physics/train'; it has source/train, source/test"):
         make_loader(uneven, "physics/train", 4)
-    with pytest.raises(ManifestError, match="cannot fill one batch of 64"):
-        make_loader(uneven, "source/train", 64, infinite=False)  # a validation pass needs a batch
+    with pytest.raises(ManifestError, match=r"source/test\]: a pass over its 8 sample\(s\) leaves 1 of 9 ranks "
+                                            r"without a sample.*at most 8 rank\(s\).*data\.test_fraction"):
+        make_loader(uneven, "source/test", 1, rank=0, world_size=9, shuffle=False, infinite=False)
 
     victim = uneven.root / uneven.sets["source/train"].shards[2].name
     data = bytearray(victim.read_bytes())
@@ -268,3 +297,112 @@ def test_a_training_stream_cycles_a_set_smaller_than_one_batch(uneven):
     got = iter(resumed)
     for want in expected:
         assert torch.equal(next(got)["tokens"], want)
+
+
+# -- Splits with fewer shards than readers ---------------------------------------------------------
+
+FIVE = [3, 2]  # a split of 5 sequences in 2 shards (the 2-shard validation split of a 3-rank run)
+POSITIONS = [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1)]  # its samples in stored order
+
+
+@pytest.fixture
+def five(tmp_path):
+    return build(tmp_path / "five", {"tgt/train": FIVE})
+
+
+def worker_batches(loader, monkeypatch):
+    """{logical worker: its batches} of one rank's loader, each DataLoader worker simulated in this
+    process (no real processes): what ``loader`` would iterate from its cursor."""
+    out = {}
+    for w in range(max(1, loader.num_workers)):
+        info = SimpleNamespace(id=w) if loader.num_workers else None
+        monkeypatch.setattr(loader_module, "get_worker_info", lambda: info)
+        out[w] = list(loader._batches())
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 0), (3, 0), (1, 7), (3, 2), (4, 16)])
+def test_a_finite_pass_reads_every_sample_once_whatever_the_readers(five, monkeypatch, world_size, workers,
+                                                                   shuffle):
+    """R = 1, 2, 3, 7, 6 and 64 readers (ranks x workers) over 5 sequences: the union over the
+    readers is the split, each sample once; without shuffle reader c takes samples c, c + R, ...;
+    and each rank's batches are 0, 1, ... with no gap, as the DataLoader's round-robin needs."""
+    readers = world_size * max(1, workers)
+    seen = Counter()
+    for rank in range(world_size):
+        loader = make_loader(five, "tgt/train", 1, rank=rank, world_size=world_size, num_workers=workers,
+                             seed=3, shuffle=shuffle, infinite=False)
+        per_worker = worker_batches(loader, monkeypatch)
+        assert sorted(b["index"] for bs in per_worker.values() for b in bs) == list(range(loader.batches_per_epoch))
+        for w, batches in per_worker.items():
+            mine = [s for b in batches for s in ids(b)]
+            seen.update(mine)
+            if not shuffle:
+                reader = loader_module.consumer_index(rank, w, world_size, max(1, workers), True)
+                assert mine == POSITIONS[reader::readers]
+    assert seen == Counter(POSITIONS)
+
+
+def test_real_workers_deliver_a_finite_pass_in_order_and_resume_it(uneven):
+    """2 shards for 3 workers (refused before): workers of 3, 3 and 2 samples, batches in order."""
+    loader = make_loader(uneven, "source/test", 2, num_workers=3, shuffle=False, infinite=False)
+    batches = list(loader)  # the loader checks that batch k arrives k-th
+    assert len(batches) == loader.batches_per_epoch == 5
+    assert sorted(s for b in batches for s in ids(b)) == [(1, j, i) for j in range(2) for i in range(4)]
+    loader.load_state_dict({**loader.state_dict(), "batches_consumed": 2})
+    assert [ids(b) for b in loader] == [ids(b) for b in batches[2:]]
+
+
+def test_training_with_fewer_shards_than_readers_strides_and_logs_once(five, caplog):
+    """3 ranks over 2 shards: each rank's first batch of 5 is its share of passes 0-2, so together
+    they hold every sample exactly 3 times; only rank 0 logs the fallback, and only then."""
+    logger = logging.getLogger("gtl_dist")
+    logger.addHandler(caplog.handler)
+    try:
+        seen = Counter()
+        for rank in range(3):
+            loader = make_loader(five, "tgt/train", 5, rank=rank, world_size=3, seed=2)
+            assert loader.by_sample and loader.batches_per_epoch == 1
+            seen.update(s for b in take(loader, 2) for s in ids(b))
+        assert seen == Counter({s: 6 for s in POSITIONS})
+        fallback = [r.getMessage() for r in caplog.records if "read by sample" in r.getMessage()]
+        assert len(fallback) == 1 and "2 shard(s) for world_size 3 x 1 worker(s) = 3 readers" in fallback[0]
+        assert "shards.samples_per_shard" in fallback[0]
+        caplog.clear()
+        assert not make_loader(five, "tgt/train", 5, world_size=2, infinite=True).by_sample  # 2 shards, 2 readers
+        assert not [r for r in caplog.records if "read by sample" in r.getMessage()]
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_a_set_with_fewer_samples_than_readers_still_trains(five, monkeypatch):
+    """64 readers (4 ranks x 16 workers, simulated) over 5 samples: every reader's stream yields,
+    and their first batches of 5, 320 positions of the stream of passes, hold each sample 64 times."""
+    seen = Counter()
+    for rank in range(4):
+        loader = make_loader(five, "tgt/train", 5, rank=rank, world_size=4, num_workers=16, seed=1)
+        assert loader.batches_per_epoch == 1
+        for w in range(16):
+            monkeypatch.setattr(loader_module, "get_worker_info", lambda: SimpleNamespace(id=w))
+            batch = next(iter(loader._batches()))
+            assert batch["index"] == w and len(batch["domain"]) == 5
+            seen.update(ids(batch))
+    assert seen == Counter({s: 64 for s in POSITIONS})
+
+
+@pytest.mark.resume
+def test_exact_resume_of_a_strided_training_stream_across_ranks_and_workers(five):
+    n_before, n_after = 3, 4
+    for rank in range(2):
+        def loader():
+            return make_loader(five, "tgt/train", 2, rank=rank, world_size=2, num_workers=2, seed=4)
+
+        straight = take(loader(), n_before + n_after)
+        first = loader()
+        assert first.by_sample
+        take(first, n_before)
+        resumed = loader()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        after = take(resumed, n_after)
+        assert [(ids(a), a["domain"]) for a in after] == [(ids(b), b["domain"]) for b in straight[n_before:]]

@@ -1,22 +1,39 @@
 """Streaming shards to a training loop: split by rank and worker, shuffled by (seed, epoch), resumable.
 
-Who reads what. With R ranks and W DataLoader workers per rank (W' = max(1, W)) there are
-C = R * W' *consumers*; consumer c = rank * W' + w. In pass (epoch) e the shards are put in a
-permutation drawn from (seed, e) and consumer c reads shards c, c + C, c + 2C, ... of it, each
-shard's samples in a permutation drawn from (seed, e, shard). A consumer's stream is its passes
-0, 1, 2, ... back to back, and it cuts the stream into batches of ``batch_size``.
+Passes. Pass (epoch) e of a set puts its shards in an order drawn from (seed, e) and each shard's
+samples in an order drawn from (seed, e, shard); without shuffle both are the stored order.
 
-Equal batch counts. An epoch is a fixed number of batches, identical on every rank:
+Who reads what. With R ranks and W DataLoader workers per rank (W' = max(1, W)) there are
+C = R * W' *consumers* (readers). A consumer's stream is its share of passes 0, 1, 2, ... back to
+back, and it cuts the stream into batches of ``batch_size``. The share is cut one of two ways
+(docs/architecture.md, "Data contracts"):
+
+- by shard, for a training stream over at least C shards: consumer c = rank * W' + w reads
+  shards c, c + C, c + 2C, ... of each pass, whole;
+- by sample, for a training stream over fewer shards and for every finite pass: the passes, back
+  to back, are one endless sequence of samples and consumer c = w * R + rank takes its positions
+  c, c + C, c + 2C, ... (a rank, all its workers together, the positions rank, rank + R, ...).
+  Every consumer reads every shard and keeps its samples of it; shares differ by one sample at
+  most, and a set with fewer samples than consumers still reaches every consumer of a training
+  stream, over several passes.
+
+Equal batch counts (training). An epoch is a fixed number of batches, identical on every rank:
 ``batches_per_epoch = total_samples // (R * batch_size)``. Consumers with fewer samples simply run
 into their next pass earlier, so no rank ever waits in a collective for another that ran dry. An
 endless (training) stream over a set smaller than one batch per rank cycles it: its batches span
 several passes.
 
+Finite passes (validation, evaluation). A finite pass is the first N positions of the sequence (N
+samples in the set): every sample exactly once, whatever R and W. Each consumer's last batch may be
+short and ranks may differ by one batch; every rank must get a sample, so a pass needs N >= R.
+
 Exact resume. Rank batch k comes from logical worker k mod W' (its (k // W')-th batch): the
 DataLoader hands out worker batches round-robin, and a resumed loader rotates the workers so that
-worker 0 serves batch k0. The only state is k, counted in the main process as batches are
-consumed (not as workers prefetch them), and the same on every rank. From k every worker seeks its
-stream by arithmetic on the manifest's sample counts and reads only the shard it resumes in.
+worker 0 serves batch k0. (In a finite pass a rank's workers with the larger shares come first, so
+its batches stay 0, 1, ... without gaps when the short workers run out.) The only state is k,
+counted in the main process as batches are consumed (not as workers prefetch them), and the same on
+every rank. From k every worker seeks its stream by arithmetic on the manifest's sample counts and
+reads only the shard it resumes in.
 """
 
 from __future__ import annotations
@@ -31,6 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gtl_dist.data.manifest import Manifest, ManifestError, verify_shard
 from gtl_dist.data.shards import read_shard
+from gtl_dist.log import get_logger
+
+log = get_logger("data.loader")
 
 STATE_VERSION = 1
 # Fields of the cursor that define the stream; a cursor from a loader that differs in any of them
@@ -75,42 +95,72 @@ def _stop_workers(iterator: Any) -> None:
     _kill_workers(iterator._workers)
 
 
+def consumer_index(rank: int, worker: int, world_size: int, workers: int, by_sample: bool) -> int:
+    """The consumer that (rank, logical worker) is, in the numbering of the module docstring."""
+    return worker * world_size + rank if by_sample else rank * workers + worker
+
+
 class ConsumerStream:
-    """The endless sample stream of one consumer (see the module docstring)."""
+    """The sample stream of one consumer (see the module docstring): endless, or ``passes`` passes.
+
+    Its position is (epoch, slot, offset): the pass, the piece of that pass's :meth:`pass_pieces`
+    and the sample within the piece. The position always points at a sample, or at the end.
+    """
 
     def __init__(self, shards: list[tuple[str, int]], consumer: int, num_consumers: int, seed: int,
-                 shuffle: bool, seq_len: int):
+                 shuffle: bool, seq_len: int, *, by_sample: bool = False, passes: Optional[int] = None):
         self.paths = [p for p, _ in shards]
         self.counts = np.array([n for _, n in shards], dtype=np.int64)
         self.consumer, self.num_consumers = consumer, num_consumers
         self.seed, self.shuffle, self.seq_len = seed, shuffle, seq_len
-        self.epoch, self.slot, self.offset = 0, 0, 0  # position: pass, shard within the pass, sample
+        self.step = num_consumers if by_sample else 1  # distance between two samples it takes of a shard
+        self.passes = passes
         self._raw: Optional[tuple[int, np.ndarray, list[str]]] = None  # shard, rows, domains as stored
         self._view: Optional[tuple[int, int, np.ndarray, list[str]]] = None  # epoch, shard, in pass order
-        self._pass: Optional[tuple[int, np.ndarray]] = None
+        self._pass: Optional[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = None
+        self.seek(0)
 
-    def pass_shards(self, epoch: int) -> np.ndarray:
+    @property
+    def exhausted(self) -> bool:
+        return self.epoch == self.passes
+
+    def pass_pieces(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pieces this consumer reads in pass ``epoch``, in reading order: their shards, the
+        first sample each takes (in the pass's order of the shard's samples) and how many it
+        takes, every ``step``-th."""
         if self._pass is None or self._pass[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths)) if self.shuffle
                      else np.arange(len(self.paths)))
-            self._pass = (epoch, order[self.consumer::self.num_consumers])
+            if self.step == 1:
+                mine = order[self.consumer::self.num_consumers]
+                pieces = (mine, np.zeros_like(mine), self.counts[mine])
+            else:
+                sizes = self.counts[order]
+                starts = epoch * self.counts.sum() + np.cumsum(sizes) - sizes  # in the endless sequence
+                firsts = (self.consumer - starts) % self.step
+                pieces = (order, firsts, (sizes - firsts + self.step - 1) // self.step)
+            self._pass = (epoch, pieces)
         return self._pass[1]
 
     def seek(self, sample: int) -> None:
-        """Jump to the ``sample``-th sample of the stream without reading any shard."""
-        epoch = 0
-        while True:
-            mine = self.pass_shards(epoch)
-            size = int(self.counts[mine].sum())
-            if sample < size:
-                break
+        """Jump to the ``sample``-th sample of the stream (or its end) without reading any shard."""
+        self.epoch, self.slot = 0, 0
+        while not self.exhausted and sample >= (size := int(self.pass_pieces(self.epoch)[2].sum())):
             sample -= size
-            epoch += 1
-        slot = 0
-        while sample >= self.counts[mine[slot]]:
-            sample -= int(self.counts[mine[slot]])
-            slot += 1
-        self.epoch, self.slot, self.offset = epoch, slot, sample
+            self.epoch += 1
+        self.offset = sample
+        self._settle()
+
+    def _settle(self) -> None:
+        """Carry the position past the pieces that its offset has run through, empty ones included."""
+        while not self.exhausted:
+            sizes = self.pass_pieces(self.epoch)[2]
+            if self.offset < sizes[self.slot]:
+                return
+            self.offset -= int(sizes[self.slot])
+            self.slot += 1
+            if self.slot == len(sizes):
+                self.epoch, self.slot = self.epoch + 1, 0
 
     def _shard(self, epoch: int, index: int) -> tuple[np.ndarray, list[str]]:
         """The shard's samples in this pass's order (one shard is held at a time)."""
@@ -128,44 +178,46 @@ class ConsumerStream:
         return self._view[2], self._view[3]
 
     def take(self, n: int) -> tuple[np.ndarray, list[str]]:
+        """The next ``n`` samples, fewer only where a finite stream ends (call it before the end)."""
         rows, domains = [], []
-        while n > 0:
-            mine = self.pass_shards(self.epoch)
-            tokens, doms = self._shard(self.epoch, int(mine[self.slot]))
-            rows.append(tokens[self.offset:self.offset + n])
-            domains += doms[self.offset:self.offset + n]
-            picked = rows[-1]
-            n -= len(picked)
-            self.offset += len(picked)
-            if self.offset == len(tokens):
-                self.offset, self.slot = 0, self.slot + 1
-                if self.slot == len(mine):
-                    self.epoch, self.slot = self.epoch + 1, 0
+        while n > 0 and not self.exhausted:
+            shards, firsts, sizes = self.pass_pieces(self.epoch)
+            tokens, doms = self._shard(self.epoch, int(shards[self.slot]))
+            count = min(n, int(sizes[self.slot]) - self.offset)
+            first = int(firsts[self.slot]) + self.offset * self.step
+            picked = slice(first, first + count * self.step, self.step)
+            rows.append(tokens[picked])
+            domains += doms[picked]
+            n -= count
+            self.offset += count
+            self._settle()
         return np.concatenate(rows), domains
 
 
 class _RankBatches(IterableDataset):
-    """Batches k = start, start + 1, ... (below ``stop``) of one rank, tagged with k.
+    """Batches k = start, start + 1, ... of one rank, tagged with k (all of them, or up to the end
+    of a finite pass).
 
     In DataLoader worker i (of W), it yields the batches k = start + i + j * W; the main process
     receives them round-robin, i.e. in order of k.
     """
 
     def __init__(self, shards, seq_len, batch_size, rank, world_size, num_workers, seed, shuffle,
-                 start: int, stop: Optional[int]):
+                 by_sample: bool, passes: Optional[int], start: int):
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
-        self.seed, self.shuffle, self.start, self.stop = seed, shuffle, start, stop
+        self.seed, self.shuffle, self.by_sample, self.passes = seed, shuffle, by_sample, passes
+        self.start = start
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         first = self.start + (info.id if info is not None else 0)
-        logical = first % self.workers
-        stream = ConsumerStream(self.shards, self.rank * self.workers + logical,
-                                self.world_size * self.workers, self.seed, self.shuffle, self.seq_len)
+        consumer = consumer_index(self.rank, first % self.workers, self.world_size, self.workers, self.by_sample)
+        stream = ConsumerStream(self.shards, consumer, self.world_size * self.workers, self.seed, self.shuffle,
+                                self.seq_len, by_sample=self.by_sample, passes=self.passes)
         stream.seek((first // self.workers) * self.batch_size)
         k = first
-        while self.stop is None or k < self.stop:
+        while not stream.exhausted:
             tokens, domains = stream.take(self.batch_size)
             # Ids travel in their compact stored dtype (less to copy between processes) and are
             # widened to int64 in the main process.
@@ -178,8 +230,9 @@ class ShardLoader:
 
     ``infinite=True``: one endless stream; iterating again continues where the last iteration
     stopped (training). ``infinite=False``: every ``iter()`` is one pass of ``batches_per_epoch``
-    batches from the start -- the same batches each time with ``shuffle=False`` (validation) -- unless
-    a cursor was loaded just before, which resumes that pass. A trailing partial batch is dropped.
+    batches from the start, which over all ranks holds every sample exactly once -- the same batches
+    each time with ``shuffle=False`` (validation, evaluation) -- unless a cursor was loaded just
+    before, which resumes that pass. Its last batches may be short.
     """
 
     def __init__(self, manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
@@ -192,31 +245,33 @@ class ShardLoader:
                              f"num_workers >= 0 and seed >= 0; got batch_size={batch_size}, rank={rank}, "
                              f"world_size={world_size}, num_workers={num_workers}, seed={seed}")
         files = manifest.shard_files(set_name, fraction, drop_last)
-        consumers = world_size * max(1, num_workers)
-        if len(files) < consumers:
-            raise ManifestError(
-                f"{where}: {len(files)} shard(s) for world_size {world_size} x {max(1, num_workers)} "
-                f"worker(s) = {consumers} readers; every reader needs a shard. Use num_workers <= "
-                f"{max(len(files) // world_size, 0)} (0 reads in the main process), fewer ranks, or rebuild with "
-                f"a smaller shards.samples_per_shard")
+        workers = max(1, num_workers)
+        consumers = world_size * workers
         total = sum(n for _, n in files)
-        self.batches_per_epoch = total // (world_size * batch_size)
-        if self.batches_per_epoch == 0:
-            if not infinite:
-                raise ManifestError(f"{where}: {total} samples cannot fill one batch of {batch_size} on each "
-                                    f"of {world_size} rank(s); lower the batch size")
+        # A finite pass is dealt out by sample, so that it reads every sample once; a training
+        # stream is split by shard while there are shards enough to go round.
+        self.by_sample = not infinite or len(files) < consumers
+        if infinite:
             # A training stream cycles a set smaller than one batch (e.g. 20 target sequences in
             # a half-batch of 128): the stream runs through its passes back to back, so a batch
             # holds every sample about batch_size / total times, each pass freshly shuffled.
-            self.batches_per_epoch = 1
+            self.batches_per_epoch = max(1, total // (world_size * batch_size))
+            if self.by_sample and rank == 0:
+                log.info("%s: %d shard(s) for world_size %d x %d worker(s) = %d readers, so it is read by "
+                         "sample: every reader reads every shard and keeps one sample in %d (at least %d "
+                         "shards, e.g. a smaller shards.samples_per_shard, would split it by shard)",
+                         where, len(files), world_size, workers, consumers, consumers, consumers)
+        else:
+            self.batches_per_epoch = _pass_batches(where, total, rank, world_size, workers, batch_size)
         self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
         self.shards = [(str(p), n) for p, n in files]
-        # With shuffle every shard reaches every rank sooner or later; without, only its own.
-        readable = (range(len(files)) if shuffle else
-                    sorted({j for w in range(max(1, num_workers))
-                            for j in range(rank * max(1, num_workers) + w, len(files), consumers)}))
+        # Every shard reaches every rank sooner or later, except when split by shard without shuffle.
+        readable = (range(len(files)) if shuffle or self.by_sample else
+                    sorted({j for w in range(workers)
+                            for j in range(consumer_index(rank, w, world_size, workers, False), len(files),
+                                           consumers)}))
         entries = {manifest.root / s.name: s for s in manifest.get_set(set_name).shards}
         for j in readable:
             verify_shard(files[j][0], entries[files[j][0]])
@@ -231,9 +286,7 @@ class ShardLoader:
         if not self.infinite and not self._resumed:
             self._position = 0
         self._resumed = False
-        stop = None if self.infinite else self.batches_per_epoch
-        dataset = _RankBatches(self.shards, self.manifest.seq_len, self.batch_size, self.rank, self.world_size,
-                               self.num_workers, self.seed, self.shuffle, self._position, stop)
+        dataset = self._batches()
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
@@ -251,6 +304,12 @@ class ShardLoader:
         finally:
             if self.num_workers:
                 _stop_workers(batches)
+
+    def _batches(self) -> _RankBatches:
+        """This rank's batches from the cursor on (what each DataLoader worker iterates)."""
+        return _RankBatches(self.shards, self.manifest.seq_len, self.batch_size, self.rank, self.world_size,
+                            self.num_workers, self.seed, self.shuffle, self.by_sample,
+                            None if self.infinite else 1, self._position)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""
@@ -280,6 +339,20 @@ class ShardLoader:
         self._resumed = True
 
 
+def _pass_batches(where: str, total: int, rank: int, world_size: int, workers: int, batch_size: int) -> int:
+    """This rank's batches in a finite pass over ``total`` samples: each of its consumers' shares
+    cut into batches, the last one short."""
+    if total < world_size:
+        # Validation averages a loss over every rank's batches, so a rank without one cannot take part.
+        raise ManifestError(
+            f"{where}: a pass over its {total} sample(s) leaves {world_size - total} of {world_size} ranks "
+            f"without a sample, and every rank of a validation or evaluation pass needs one; run it on at "
+            f"most {total} rank(s), or give the set more samples (a test set grows with data.test_fraction)")
+    shares = [len(range(consumer_index(rank, w, world_size, workers, True), total, world_size * workers))
+              for w in range(workers)]
+    return sum(-(-n // batch_size) for n in shares)
+
+
 def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
                 drop_last: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                 shuffle: bool = True, infinite: bool = True,
@@ -288,8 +361,8 @@ def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction:
 
     ``fraction`` selects the nested prefix of a target training set and ``drop_last`` leaves out
     its last samples (the held-out part, :func:`read_samples`); rank and world size are explicit
-    (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted shard, too
-    few shards for ``world_size x num_workers`` readers, or a fraction with no samples.
+    (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted shard, a
+    fraction with no samples, or a finite pass with fewer samples than ranks.
     """
     return ShardLoader(manifest, set_name, batch_size, fraction=fraction, drop_last=drop_last, rank=rank,
                        world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,

@@ -36,8 +36,8 @@ default, docs/method.md §4), else in proportion to the two training sets' sizes
 cycles over its (small) set. The ratio net reads paired batches: ``micro_batch`` source and
 ``micro_batch`` target sequences per micro-step (docs/method.md §5).
 
-Target sets can be smaller than one shard per reader, so target loaders read in the main process
-(``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
+Target sets are small (often one shard, read by sample at any world size), so target loaders read
+in the main process (``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
 
 The source denoiser of ``finetune`` and ``planner`` is the export of the pipeline's source stage
 (``Pipeline.source_stage``: ``ar2diff`` when ``pipeline.ar2diff`` is set, else ``denoiser``).
@@ -56,7 +56,7 @@ from torch import nn
 
 from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import (PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig,
-                             check_holdout)
+                             TrainConfig, check_holdout)
 from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
 from gtl_dist.log import get_logger
@@ -160,6 +160,8 @@ class ShardTask(Task):
             raise ConfigError(f"protocol.holdout_views: {len(views)} held-out views of target "
                               f"'{self.target}' at fraction {self.fraction} cannot be shared by "
                               f"{dist_env.world_size} ranks; raise protocol.holdout_views")
+        # Equal shares: every rank must run the same number of forward passes (ZeRO-3 gathers
+        # parameters collectively in each), so up to world_size - 1 views are left out.
         mine = views[dist_env.rank::dist_env.world_size][:per_rank]
         return list(torch.split(mine, micro_batch))
 
@@ -169,7 +171,7 @@ class ShardTask(Task):
                         rank=rng.slot, world_size=rng.slots, device=device)
 
     def val_batches(self, loader: Any) -> int:
-        return min(self.train_config.val_batches, loader.batches_per_epoch)
+        return common_batches(loader, self.train_config.val_batches)
 
     # -- Task ----------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -189,8 +191,17 @@ def validation_batches(source: Any, limit: int, rng: StepRandom) -> list[torch.T
     device = rng.local.device
     if isinstance(source, list):
         return [x.to(device) for x in source[:limit]]
-    count = min(limit, source.batches_per_epoch)
-    return [b["tokens"].to(device) for _, b in zip(range(count), source)]
+    return [b["tokens"].to(device) for _, b in zip(range(common_batches(source, limit)), source)]
+
+
+def common_batches(loader: Any, limit: int) -> int:
+    """Batches of a validation pass that every rank has: a finite pass gives ranks counts that differ
+    by one, and every rank must run the same number of forward passes (ZeRO-3 gathers parameters
+    collectively in each)."""
+    count = min(limit, loader.batches_per_epoch)
+    if torch.distributed.is_initialized():
+        count = int(dist.all_reduce([count], "min")[0])
+    return count
 
 
 def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
@@ -279,6 +290,18 @@ class ARTask(ShardTask):
 # Domain classifiers
 # ----------------------------------------------------------------------------------------------
 
+def check_classifier_micro_batch(tc: TrainConfig, stage: str, micro_batch: int) -> None:
+    """A classifier micro-batch must hold a source and a target sequence, half and half when
+    balanced (also checked at submit time, gtl_dist/cluster/preflight.py)."""
+    key = f"train.{stage}"
+    if micro_batch < 2:
+        raise ConfigError(f"{key}.global_batch: a classifier micro-batch of {micro_batch} cannot hold "
+                          f"both a source and a target sequence; raise global_batch")
+    if tc.balanced and micro_batch % 2:
+        raise ConfigError(f"{key}.global_batch: balanced batches split each micro-batch in "
+                          f"half, and {micro_batch} is odd; use an even micro-batch")
+
+
 class ClassifierTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
@@ -288,14 +311,8 @@ class ClassifierTask(ShardTask):
 
     def split(self, micro_batch: int) -> tuple[int, int]:
         """Source and target rows of one micro-batch."""
-        key = f"train.{self.stage}"
-        if micro_batch < 2:
-            raise ConfigError(f"{key}.global_batch: a classifier micro-batch of {micro_batch} cannot hold "
-                              f"both a source and a target sequence; raise global_batch")
+        check_classifier_micro_batch(self.train_config, self.stage, micro_batch)
         if self.train_config.balanced:
-            if micro_batch % 2:
-                raise ConfigError(f"{key}.global_batch: balanced batches split each micro-batch in "
-                                  f"half, and {micro_batch} is odd; use an even micro-batch")
             return micro_batch // 2, micro_batch // 2
         n_s = self.manifest.num_samples("source/train")
         n_t = self.manifest.num_samples(self.target_train(), self.fraction)
