@@ -474,14 +474,25 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def example_override() -> str:
+    """A ``--set`` for error hints, read off the default config so it always names a real key: the
+    first setting of the models section with its default (``models.denoiser.hidden=512``)."""
+    keys, node = ["models"], RunConfig().models
+    while dataclasses.is_dataclass(node):
+        keys.append(dataclasses.fields(node)[0].name)
+        node = getattr(node, keys[-1])
+    return f"{'.'.join(keys)}={node}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.denoiser.steps=10"`` -> (["train", "denoiser", "steps"], 10). Values are YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set model.hidden=256")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set {example_override()}")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: the key must be a dotted path such as train.denoiser.steps")
+        raise ConfigError(f"--set {text!r}: the key must be a dotted path of config sections and a "
+                          f"setting, e.g. --set {example_override()}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

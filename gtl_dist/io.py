@@ -2,7 +2,9 @@
 
 Every artefact a later stage trusts (shards, manifests, checkpoints markers, exports, reports)
 is written to a temporary name in the same directory, flushed to disk and renamed into place,
-so a killed process never leaves a file that looks complete.
+so a killed process never leaves a file that looks complete. The temporary files and folders
+get the permissions the process umask gives (0o666 / 0o777 less the umask, as ``open`` and
+``mkdir`` would), not ``tempfile``'s owner-only 0o600 / 0o700, so colleagues can read the outputs.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,6 +33,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new, uniquely named path in ``parent``, made by ``create`` (which must fail if it exists).
+    The kernel applies the umask to ``create``'s mode, so nothing reads or changes the umask."""
+    path = parent / f"{prefix}{secrets.token_hex(8)}{suffix}"
+    create(path)
+    return path
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -40,9 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _fresh(path.parent, f".{path.name}.", ".tmp", _new_file)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -61,12 +77,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     half-written set of files. On any exception the temporary folder is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    fresh = _fresh(path.parent, f".{path.name}.new-", "", _new_dir)
     try:
         yield fresh
         stale = None
         if path.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            stale = _fresh(path.parent, f".{path.name}.old-", "", _new_dir)
             os.replace(path, stale / path.name)
         os.replace(fresh, path)
         fsync_dir(path.parent)

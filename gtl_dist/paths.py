@@ -2,6 +2,7 @@
 
     runs/<run>/
       config.yaml, config.json        the resolved configuration and its hash
+      launcher.flock, launcher.lock   the live launcher's lock and its record (cluster/run_lock.py)
       data/                           tokenizer, shards + manifest.json (shards.dir may move them:
                                       find them with gtl_dist.data.build.data_dir)
       <stage>/                        shared stages (denoiser, planner, ar_pretrain, ar2diff)

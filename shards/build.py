@@ -1,7 +1,8 @@
 """Build the tokenized WebDataset shards of a run: corpus -> split -> tokenizer -> shards -> manifest.
 
 Without step flags it does everything here, with shards.build_workers processes, and prints what
-it built (idempotent: an up-to-date build returns at once; an interrupted one resumes).
+it built (idempotent: an up-to-date build is verified against its manifest -- size and sha256
+of every shard -- and a damaged shard is rebuilt alone; an interrupted build resumes).
 
 On a cluster the same build runs as three steps, the middle one as a job array:
 

@@ -1,5 +1,6 @@
 """Configuration: presets load, unknown keys are named with their file, overrides work, hashing."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,15 @@ def test_override_errors_are_clear():
         parse_override("models.denoiser.hidden")
     with pytest.raises(ConfigError, match="models.denoiser.hidden: expected an integer"):
         load_config(CONFIGS / "tiny.yaml", ["models.denoiser.hidden=wide"])
+
+
+@pytest.mark.parametrize("bad", ["models.denoiser.hidden", "models..hidden=3"])
+def test_the_example_a_bad_override_suggests_is_a_real_key(bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [bad])
+    example = re.search(r"e\.g\. --set (\S+)$", str(err.value)).group(1)
+    assert example.startswith("models.denoiser.")
+    load_config(CONFIGS / "tiny.yaml", [example])  # raises on a key the config does not have
 
 
 @pytest.mark.parametrize("override, key", [

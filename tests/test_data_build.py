@@ -78,7 +78,7 @@ def test_markov_manifest_roundtrip_fractions_and_overlap(tmp_path, configs_dir):
     assert list(m.sets) == ["source/train", "source/test", "sticky/train", "sticky/test"]
     names = [s.name for e in m.sets.values() for s in e.shards]
     assert all(re.match(SHARD_NAME, n) for n in names) and sorted(os.listdir(m.root)) == sorted(
-        names + ["corpus", "manifest.json", "plan.json"])
+        names + ["build.lock", "corpus", "manifest.json", "plan.json"])
     # Every sequence of every set comes back exactly (as a multiset) from the shards.
     expected = sets.build_markov_sets(cfg)
     for name in m.sets:
@@ -276,3 +276,63 @@ def test_build_steps_out_of_order_are_clear_errors(tmp_path, configs_dir):
         finalize(root)
     run_slice(root, 0, 2)
     assert finalize(root).num_samples("sticky/train") == 200
+
+
+def _flip_byte(path: Path, offset: int = 700) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["markov", "text"])
+def test_rerun_rebuilds_exactly_the_damaged_shards(tmp_path, configs_dir, corpus_file, caplog, kind):
+    cfg = _markov_cfg(configs_dir) if kind == "markov" else _text_cfg(configs_dir, corpus_file)
+    m = prepare_data(cfg, tmp_path)
+    flipped = m.root / m.sets["source/train"].shards[1].name
+    truncated = m.root / m.sets[m.targets[0] + "/train"].shards[-1].name
+    _flip_byte(flipped)
+    truncated.write_bytes(truncated.read_bytes()[:-512])
+    stamps = {p: p.stat().st_mtime_ns for p in m.root.glob("*.tar") if p not in (flipped, truncated)}
+    with caplog.at_level("WARNING", logger="gtl_dist.data.build"):
+        again = prepare_data(cfg, tmp_path)
+    assert again == m
+    again.verify()  # both rebuilt, byte for byte as the manifest records them
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing else rewritten
+    assert f"{flipped}: sha256" in caplog.text and "(corrupted); rebuilding it from build unit" in caplog.text
+    assert f"{truncated}: " in caplog.text and "(truncated or replaced)" in caplog.text
+    assert not list(m.root.rglob("*.tmp")) and not (m.root / "parts").exists()
+
+
+def test_build_cli_repairs_a_damaged_shard_that_later_stages_name_the_command_for(tmp_path, configs_dir):
+    from gtl_dist.data import load_run_manifest
+    from gtl_dist.data.shards import ShardError
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg_file = run / "config.yaml"  # the run's own config, as launchers/submit.py writes it
+    cfg_file.write_text(_markov_cfg(configs_dir).to_yaml())
+    assert _build_cli("--config", cfg_file, "--run-dir", run).returncode == 0
+    m = load_run_manifest(load_config(cfg_file), run)
+    victim = m.root / m.sets["sticky/test"].shards[0].name
+    _flip_byte(victim, 300)
+    command = f"python shards/build.py --config {cfg_file} --run-dir {run}"
+    with pytest.raises(ShardError, match=rf"{victim}: sha256 .*\(corrupted\); rebuild the data .*: {command}$"):
+        m.verify()
+    res = _build_cli(*command.split()[2:])  # the command, with this interpreter
+    assert res.returncode == 0, res.stderr
+    assert f"{victim}: sha256" in res.stderr and "rebuilding it from build unit sticky-test-u00000" in res.stderr
+    m.verify()
+
+
+def test_a_damaged_shard_of_a_manifest_without_units_names_the_rebuild_command(tmp_path, configs_dir):
+    cfg = _markov_cfg(configs_dir)
+    m = prepare_data(cfg, tmp_path)
+    raw = json.loads(m.path.read_text())
+    for entry in raw["sets"].values():
+        for shard in entry["shards"]:
+            del shard["unit"], shard["part"]
+    m.path.write_text(json.dumps(raw))
+    (m.root / m.sets["source/test"].shards[0].name).unlink()
+    with pytest.raises(BuildError, match=r"source-test-000000\.tar: shard listed in the manifest is missing; "
+                                         r".*cannot be rebuilt alone: rebuild all with python shards/build.py "
+                                         r"--config <config> --run-dir <run_dir> --rebuild"):
+        prepare_data(cfg, tmp_path)

@@ -11,12 +11,24 @@ one shard's worth of sequences for Markov data). Units are packed on their own, 
 not depend on how many slices ran; each unit's last partial chunk is dropped and its last shard may
 be short. Every file is written under a temporary name and renamed when complete, so a killed build
 leaves no file that looks complete, and a re-run skips finished units and finished shards.
+
+    repair    a finished build re-run: verify every shard against the manifest and rebuild each
+              damaged one alone from the build unit the manifest records for it
+
+Builders of one folder may overlap (two launchers, a re-run next to a running build): prepare,
+finalize, repair and clean hold build.lock exclusively (a flock, gtl_dist/locks.py), slices hold it
+shared, and a slice claims each unit with a flock on parts/<unit>.lock. A unit another builder
+holds is skipped, then waited for at the end; if that builder died, its claim went with it and the
+unit is built here. So every unit is built once, and finalize (which deletes parts/) never runs
+while a slice builds; a builder that finds the manifest already written returns it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +39,11 @@ from gtl_dist.config import RunConfig
 from gtl_dist.data import markov, sets
 from gtl_dist.data.corpus import read_corpus
 from gtl_dist.data.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardInfo, ShardSet,
-                                    fraction_count)
+                                    build_command, fraction_count, shard_problem)
 from gtl_dist.data.shards import Chunk, pack_documents, token_dtype, write_shard
 from gtl_dist.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer, train_tokenizer
 from gtl_dist.io import atomic_write_json, read_json, sha256_file
+from gtl_dist.locks import flocked
 from gtl_dist.log import Progress, get_logger
 from gtl_dist.paths import RunPaths, fraction_name
 
@@ -40,6 +53,7 @@ PLAN_NAME = "plan.json"
 CORPUS_DIR = "corpus"
 PARTS_DIR = "parts"
 TOKENIZER_NAME = "tokenizer.model"
+BUILD_LOCK = "build.lock"
 
 
 class BuildError(RuntimeError):
@@ -56,6 +70,20 @@ def data_dir(cfg: RunConfig, run_dir: str | Path) -> Path:
 
 def data_hash(cfg: RunConfig) -> str:
     return cfg.data_hash()
+
+
+def _build_lock(root: Path, shared: bool = False, wait: bool = True) -> AbstractContextManager[bool]:
+    """Exclusive for the steps that change the folder as a whole, shared while slices build units."""
+    return flocked(Path(root) / BUILD_LOCK, shared=shared, wait=wait)
+
+
+def _finished(root: Path, plan: dict[str, Any]) -> Manifest | None:
+    """The manifest of this plan's build, if a builder has finalized it."""
+    if (root / MANIFEST_NAME).is_file():
+        manifest = Manifest.load(root)
+        if manifest.data_hash == plan["data_hash"]:
+            return manifest
+    return None
 
 
 @dataclass
@@ -87,6 +115,11 @@ def _check_same_build(root: Path, want: str) -> None:
 def clean(root: Path) -> None:
     """Delete what a build wrote into ``root`` (and nothing else): shards, parts, corpus, plan."""
     root = Path(root)
+    with _build_lock(root):
+        _clean(root)
+
+
+def _clean(root: Path) -> None:
     doomed: set[Path] = set()
     try:  # the shards a finished build lists
         raw = read_json(root / MANIFEST_NAME)
@@ -107,12 +140,24 @@ def clean(root: Path) -> None:
 
 
 def prepare(cfg: RunConfig, root: Path) -> dict[str, Any]:
-    """Corpus -> sets -> tokenizer -> plan.json (idempotent: each finished step is kept)."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Corpus -> sets -> tokenizer -> plan.json (idempotent: each finished step is kept). While
+    another builder prepares, wait for its plan (written last) rather than for the build lock,
+    which its slices hold next: so this builder joins them."""
+    while (plan := _existing_plan(cfg, root)) is None:
+        with _build_lock(root, wait=False) as got:
+            if got:
+                return _existing_plan(cfg, root) or _prepare(cfg, root)
+        time.sleep(0.2)
+    return plan
+
+
+def _existing_plan(cfg: RunConfig, root: Path) -> dict[str, Any] | None:
+    _check_same_build(root, data_hash(cfg))
+    return read_json(root / PLAN_NAME) if (root / PLAN_NAME).is_file() else None
+
+
+def _prepare(cfg: RunConfig, root: Path) -> dict[str, Any]:
     want = data_hash(cfg)
-    _check_same_build(root, want)
-    if (root / PLAN_NAME).is_file():
-        return read_json(root / PLAN_NAME)
     corpus_dir = root / CORPUS_DIR
     corpus_dir.mkdir(exist_ok=True)
     names = sets.set_names(cfg.targets)
@@ -195,9 +240,21 @@ def plan_units(plan: dict[str, Any]) -> list[Unit]:
 def load_plan(root: Path) -> dict[str, Any]:
     path = Path(root) / PLAN_NAME
     if not path.is_file():
-        raise BuildError(f"{path}: not prepared yet; run `python shards/build.py --config <cfg> "
-                         f"--run-dir <run> --prepare` first (or the build without --slice)")
+        raise BuildError(f"{path}: not prepared yet; run `{build_command(root, '--prepare')}` first "
+                         f"(or the build without --slice)")
     return read_json(path)
+
+
+def plan_tokenizer(plan: dict[str, Any], root: Path) -> Tokenizer | None:
+    """The tokenizer the plan's text units are encoded with (None for Markov data)."""
+    if not plan["tokenizer_file"]:
+        return None
+    return Tokenizer(root / plan["tokenizer_file"], expected_hash=plan["tokenizer_hash"])
+
+
+def part_key(unit_name: str, part: int) -> str:
+    """Part ``part`` of a unit: its file's stem in parts/ and the key prefix of its samples."""
+    return f"{unit_name}-{part:04d}"
 
 
 # -- slices -----------------------------------------------------------------------------------
@@ -234,9 +291,9 @@ def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenize
     per, dtype = plan["samples_per_shard"], np.dtype(plan["dtype"])
     shards = []
     for j, lo in enumerate(range(0, len(chunks), per)):
-        part = parts / f"{unit.name}-{j:04d}.tar"
+        part = parts / f"{part_key(unit.name, j)}.tar"
         if not part.is_file():  # a shard finished before an interruption is kept as it is
-            write_shard(part, chunks[lo:lo + per], f"{unit.name}-{j:04d}", dtype)
+            write_shard(part, chunks[lo:lo + per], part_key(unit.name, j), dtype)
         shards.append({"part": part.name, "samples": len(chunks[lo:lo + per]),
                        "bytes": part.stat().st_size, "sha256": sha256_file(part)})
     domains: dict[str, int] = {}
@@ -249,22 +306,40 @@ def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenize
 
 
 def run_slice(root: str | Path, slice_index: int, num_slices: int) -> int:
-    """Build slice ``slice_index`` of ``num_slices`` (a job-array task); returns units built."""
+    """Build slice ``slice_index`` of ``num_slices`` (a job-array task); returns its number of
+    units, all done (here or by an overlapping builder) when it returns."""
     root = Path(root)
     if not 0 <= slice_index < num_slices:
         raise BuildError(f"--slice {slice_index} is outside 0..{num_slices - 1} (--num-slices {num_slices})")
     plan = load_plan(root)
-    (root / PARTS_DIR).mkdir(exist_ok=True)
     mine = [u for u in plan_units(plan) if u.index % num_slices == slice_index]
-    tokenizer = None
-    if plan["tokenizer_file"]:
-        tokenizer = Tokenizer(root / plan["tokenizer_file"], expected_hash=plan["tokenizer_hash"])
-    bar = Progress(sum(u.stop - u.start for u in mine), f"shards slice {slice_index}/{num_slices}", unit="doc")
-    for unit in mine:
-        build_unit(plan, root, unit, tokenizer)
-        bar.update(unit.stop - unit.start)
-    bar.close()
+    with _build_lock(root, shared=True):
+        if _finished(root, plan) is None:
+            _build_claimed_units(plan, root, mine, f"shards slice {slice_index}/{num_slices}")
     return len(mine)
+
+
+def _build_claimed_units(plan: dict[str, Any], root: Path, units: list[Unit], desc: str) -> None:
+    """Build every unit no other builder holds, then wait for (or take over) the others."""
+    (root / PARTS_DIR).mkdir(exist_ok=True)
+    tokenizer = plan_tokenizer(plan, root)
+    bar = Progress(sum(u.stop - u.start for u in units), desc, unit="doc")
+    held = [u for u in units if not _build_claimed(plan, root, u, tokenizer, bar, wait=False)]
+    for unit in held:
+        log.info("%s: build unit %s is being built by another builder; waiting for it", root, unit.name)
+        _build_claimed(plan, root, unit, tokenizer, bar, wait=True)
+    bar.close()
+
+
+def _build_claimed(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None,
+                   bar: Progress, wait: bool) -> bool:
+    """Build ``unit`` holding its claim (a flock on parts/<unit>.lock); False, doing nothing, when
+    another builder holds the claim and ``wait`` is False."""
+    with flocked(root / PARTS_DIR / f"{unit.name}.lock", wait=wait) as claimed:
+        if claimed:
+            build_unit(plan, root, unit, tokenizer)
+            bar.update(unit.stop - unit.start)
+    return claimed
 
 
 # -- finalize ---------------------------------------------------------------------------------
@@ -284,15 +359,21 @@ def _check_fractions(plan: dict[str, Any], totals: dict[str, int], root: Path) -
 
 
 def finalize(root: str | Path) -> Manifest:
-    """Rename the parts into place and write manifest.json (last) once every unit is done."""
+    """Rename the parts into place and write manifest.json (last) once every unit is done; the
+    manifest an overlapping builder already wrote is returned as it is."""
     root = Path(root)
     plan = load_plan(root)
+    with _build_lock(root):
+        return _finished(root, plan) or _finalize(root, plan)
+
+
+def _finalize(root: Path, plan: dict[str, Any]) -> Manifest:
     units = plan_units(plan)
     missing = [u.name for u in units if not (root / PARTS_DIR / f"{u.name}.json").is_file()]
     if missing:
         raise BuildError(f"{root}: {len(missing)} build unit(s) not finished ({', '.join(missing[:5])}"
                          f"{', ...' if len(missing) > 5 else ''}); run the slices again "
-                         f"(python shards/build.py ... --slice i --num-slices n)")
+                         f"({build_command(root, '--slice <i> --num-slices <n>')})")
     results = [read_json(root / PARTS_DIR / f"{u.name}.json") for u in units]
     entries: dict[str, ShardSet] = {name: ShardSet([], {}) for name in sets.set_names(plan["targets"])}
     dropped = 0
@@ -301,9 +382,9 @@ def finalize(root: str | Path) -> Manifest:
         for d, n in res["domains"].items():
             entry.domains[d] = entry.domains.get(d, 0) + n
         dropped += res["tokens_dropped"]
-        for shard in res["shards"]:
+        for j, shard in enumerate(res["shards"]):
             final = f"{sets.file_stem(unit.set_name)}-{len(entry.shards):06d}.tar"
-            entry.shards.append(ShardInfo(final, shard["samples"], shard["bytes"], shard["sha256"]))
+            entry.shards.append(ShardInfo(final, shard["samples"], shard["bytes"], shard["sha256"], unit.name, j))
             part = root / PARTS_DIR / shard["part"]
             if part.is_file():
                 os.replace(part, root / final)
@@ -327,3 +408,59 @@ def finalize(root: str | Path) -> Manifest:
     atomic_write_json(root / MANIFEST_NAME, manifest.to_dict())
     shutil.rmtree(root / PARTS_DIR, ignore_errors=True)
     return manifest
+
+
+# -- repair -----------------------------------------------------------------------------------
+
+def repair(manifest: Manifest) -> list[str]:
+    """Verify every shard against the manifest (size, then sha256) and rebuild each damaged one
+    (missing, truncated, corrupted) alone from its build unit; returns the names rebuilt.
+    Verifying takes no lock (a read-only shards.dir verifies); rebuilding holds the build lock and
+    checks again first, as an overlapping builder may have rebuilt the shards meanwhile."""
+    root = manifest.root
+    suspect = [shard for shard, _ in _damaged(manifest, [s for e in manifest.sets.values() for s in e.shards])]
+    if not suspect:
+        return []
+    with _build_lock(root):
+        damaged = _damaged(manifest, suspect)
+        by_unit: dict[str, list[ShardInfo]] = {}
+        for shard, problem in damaged:
+            log.warning("%s: %s; rebuilding it from build unit %s", root / shard.name, problem, shard.unit)
+            by_unit.setdefault(shard.unit, []).append(shard)
+        if by_unit:
+            plan = load_plan(root)
+            units = {u.name: u for u in plan_units(plan)}
+            tokenizer = plan_tokenizer(plan, root)
+            for name, shards in by_unit.items():
+                _rebuild_shards(plan, root, units[name], tokenizer, shards)
+    return [shard.name for shard, _ in damaged]
+
+
+def _damaged(manifest: Manifest, shards: list[ShardInfo]) -> list[tuple[ShardInfo, str]]:
+    """The shards that fail verification, each with its problem."""
+    root = manifest.root
+    damaged = []
+    for shard in shards:
+        problem = shard_problem(root / shard.name, shard)
+        if problem and shard.unit is None:
+            raise BuildError(f"{root / shard.name}: {problem}; {manifest.path} predates per-shard build "
+                             f"units, so the shard cannot be rebuilt alone: rebuild all with "
+                             f"{build_command(root, '--rebuild')}")
+        if problem:
+            damaged.append((shard, problem))
+    return damaged
+
+
+def _rebuild_shards(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None,
+                    shards: list[ShardInfo]) -> None:
+    chunks, _ = unit_chunks(plan, root, unit, tokenizer)
+    per = plan["samples_per_shard"]
+    for shard in shards:
+        path = root / shard.name
+        write_shard(path, chunks[shard.part * per:(shard.part + 1) * per], part_key(unit.name, shard.part),
+                    np.dtype(plan["dtype"]))
+        problem = shard_problem(path, shard)
+        if problem:
+            raise BuildError(f"{path}: rebuilt from build unit {unit.name}, but {problem} (the corpus or "
+                             f"tokenizer in {root} changed since the build); rebuild all with "
+                             f"{build_command(root, '--rebuild')}")

@@ -2,7 +2,8 @@
 
 It records the sequence length, the vocabulary and its special ids (null where a corpus has no
 such token), the tokenizer hash, the data hash (``cfg.data_hash()``),
-the token dtype and, per set, every shard's sample count, size and sha256. Target training sets
+the token dtype and, per set, every shard's sample count, size, sha256 and the build unit that
+wrote it (so the build can rebuild one damaged shard alone). Target training sets
 also record the sample count of each target fraction: fraction f is the PREFIX of the first
 round(f * N) samples in shard order, so smaller fractions are subsets of larger ones.
 """
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from gtl_dist.data.shards import ShardError
 from gtl_dist.data.tokenizer import TokenizerMismatch
 from gtl_dist.io import read_json, sha256_file
+from gtl_dist.paths import RunPaths
 
 FORMAT = "gtl_dist.shards"
 FORMAT_VERSION = 1
@@ -27,12 +29,30 @@ class ManifestError(ValueError):
     """A manifest that is missing, damaged, from another format version, or asked for something it lacks."""
 
 
+def build_command(root: str | os.PathLike, *flags: str, run_dir: str | os.PathLike | None = None) -> str:
+    """The ``shards/build.py`` command that builds the data in ``root`` (re-running it verifies
+    every shard and rebuilds only the damaged ones). A caller that names ``run_dir`` has a config of
+    its own, so that stays a placeholder; otherwise a run directory whose ``data/`` is ``root`` and
+    that holds the run's config.yaml (as launchers/submit.py writes it) fills in both."""
+    config = "<config>"
+    if run_dir is None:
+        run = RunPaths(Path(root).parent)
+        if run.data == Path(root) and run.config_yaml.is_file():
+            config, run_dir = run.config_yaml, run.root
+    return " ".join(["python shards/build.py --config", str(config), "--run-dir", str(run_dir or "<run_dir>"),
+                     *flags])
+
+
 @dataclass
 class ShardInfo:
     name: str  # file name relative to the manifest's folder
     samples: int
     bytes: int
     sha256: str
+    # The build unit that wrote it and its position there (what rebuilds this shard alone);
+    # None in manifests written before they were recorded.
+    unit: Optional[str] = None
+    part: Optional[int] = None
 
 
 @dataclass
@@ -79,7 +99,7 @@ class Manifest:
             path = path / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{path}: no manifest (the data was never built, or its build did not "
-                                f"finish); build it with: python shards/build.py --config <cfg> --run-dir <run>")
+                                f"finish); build it with: {build_command(path.parent)}")
         try:
             raw = read_json(path)
         except ValueError as exc:
@@ -89,7 +109,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: Any, path: Path) -> "Manifest":
         def bad(msg: str) -> ManifestError:
-            return ManifestError(f"{path}: {msg}; rebuild the data (python shards/build.py ...)")
+            return ManifestError(f"{path}: {msg}; rebuild the data: {build_command(path.parent, '--rebuild')}")
 
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise bad(f"not a {FORMAT} manifest")
@@ -196,18 +216,25 @@ _VERIFIED: dict[tuple, str] = {}
 
 
 def verify_shard(path: Path, shard: ShardInfo) -> None:
-    """Size, then sha256 (cached per process by inode, size and mtime, so ranks re-check cheaply)."""
+    """Raise a ShardError naming what is wrong with the shard and the command that rebuilds it."""
+    problem = shard_problem(path, shard)
+    if problem:
+        raise ShardError(f"{path}: {problem}; rebuild the data (a re-run of the build rebuilds only the "
+                         f"damaged shards): {build_command(path.parent)}")
+
+
+def shard_problem(path: Path, shard: ShardInfo) -> Optional[str]:
+    """What is wrong with the shard at ``path`` (missing, truncated or replaced, corrupted), or None.
+    Size first, then sha256 (cached per process by inode, size and mtime, so ranks re-check cheaply)."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ShardError(f"{path}: shard listed in the manifest is missing; rebuild the data") from None
+        return "shard listed in the manifest is missing"
     if st.st_size != shard.bytes:
-        raise ShardError(f"{path}: {st.st_size} bytes, the manifest says {shard.bytes} (truncated or "
-                         f"replaced); rebuild the data")
+        return f"{st.st_size} bytes, the manifest says {shard.bytes} (truncated or replaced)"
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     digest = _VERIFIED.get(key) or sha256_file(path)
     if digest != shard.sha256:
-        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
-                         f"{shard.sha256[:12]}… (corrupted); rebuild the data")
+        return f"sha256 {digest[:12]}… does not match the manifest's {shard.sha256[:12]}… (corrupted)"
     _VERIFIED[key] = digest
-
+    return None

@@ -8,8 +8,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gtl_dist.config import RunConfig
-from gtl_dist.data.build import clean, data_dir, data_hash, finalize, prepare, run_slice
-from gtl_dist.data.manifest import MANIFEST_NAME, Manifest, ManifestError
+from gtl_dist.data.build import clean, data_dir, data_hash, finalize, prepare, repair, run_slice
+from gtl_dist.data.manifest import MANIFEST_NAME, Manifest, ManifestError, build_command
 from gtl_dist.log import get_logger
 
 log = get_logger("data")
@@ -40,8 +40,9 @@ def describe(manifest: Manifest) -> str:
 def prepare_data(cfg: RunConfig, run_dir: str | Path, *, rebuild: bool = False) -> Manifest:
     """Corpus -> split -> tokenizer -> shards -> manifest, in ``shards.dir`` or ``<run_dir>/data``.
 
-    Idempotent: an up-to-date manifest (same data hash) is returned at once; an interrupted build
-    resumes without redoing finished steps, units or shards. A folder built from another
+    Idempotent: an up-to-date manifest (same data hash) is returned once every shard it lists is
+    verified (size, sha256), a damaged shard first rebuilt alone from its build unit; an
+    interrupted build resumes without redoing finished steps, units or shards. A folder built from another
     data/tokenizer/shards config is an error unless ``rebuild`` (which deletes that build first).
     """
     root = data_dir(cfg, run_dir)
@@ -51,7 +52,9 @@ def prepare_data(cfg: RunConfig, run_dir: str | Path, *, rebuild: bool = False) 
     if (root / MANIFEST_NAME).is_file():
         manifest = Manifest.load(root)
         if manifest.data_hash == data_hash(cfg):
-            log.info("data up to date in %s", root)
+            rebuilt = repair(manifest)
+            log.info("data up to date in %s (every shard verified%s)", root,
+                     f"; rebuilt the damaged {', '.join(rebuilt)}" if rebuilt else "")
             return manifest
     prepare(cfg, root)  # refuses a folder that holds another configuration's build
     run_slices(root, cfg.shards.build_workers)
@@ -70,15 +73,13 @@ def load_run_manifest(cfg: RunConfig, run_dir: str | Path) -> Manifest:
     root = data_dir(cfg, run_dir)
     if not (root / MANIFEST_NAME).is_file():
         raise ManifestError(
-            f"{root / MANIFEST_NAME}: no shard manifest; build the data first: python "
-            f"shards/build.py --config <config> --run-dir {run_dir} (or "
-            f"gtl_dist.data.prepare_data(cfg, run_dir))")
+            f"{root / MANIFEST_NAME}: no shard manifest; build the data first: "
+            f"{build_command(root, run_dir=run_dir)} (or gtl_dist.data.prepare_data(cfg, run_dir))")
     manifest = Manifest.load(root)
     want = data_hash(cfg)
     if manifest.data_hash != want:
         raise ManifestError(
             f"{manifest.path}: the shards were built from data/tokenizer/shards settings with hash "
-            f"{manifest.data_hash}, the current config has {want}; rebuild the data (python "
-            f"shards/build.py --config <config> --run-dir {run_dir} --rebuild) or use the config "
-            f"the run was built with")
+            f"{manifest.data_hash}, the current config has {want}; rebuild the data "
+            f"({build_command(root, '--rebuild', run_dir=run_dir)}) or use the config the run was built with")
     return manifest

@@ -1,0 +1,118 @@
+"""One launcher per run directory (gtl_dist/cluster/run_lock.py) and a submissions.json that
+concurrent writers never lose entries of (SubmissionLog)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gtl_dist.cluster.launch import Submission, SubmissionLog
+from gtl_dist.cluster.run_lock import RECORD_NAME, RunDirBusy, hold_run_dir
+from gtl_dist.data import Manifest
+from gtl_dist.paths import RunPaths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_record(run_dir: Path, pid: int, host: str) -> Path:
+    record = run_dir / RECORD_NAME
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"pid": pid, "host": host, "started": time.time() - 3600,
+                                  "command": "python launchers/submit.py --config old.yaml"}))
+    return record
+
+
+def test_two_launchers_on_one_run_dir_one_runs_and_the_other_refuses(tmp_path):
+    """Started together: one builds the data (once, in one job), the other submits nothing and
+    exits 3 naming the first's PID and host and what to do."""
+    run_dir = tmp_path / "tiny"
+    # 20000 source sequences: the data job takes several seconds, so the launchers overlap.
+    cmd = [sys.executable, str(REPO / "launchers" / "submit.py"), "--config", "configs/tiny.yaml",
+           "--cluster", "local", "--run-dir", str(run_dir), "--stages", "data", "--wait",
+           "--set", "data.markov.num_source=20000"]
+    env = {**os.environ, "GTL_NO_PROGRESS_BAR": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 3], outs
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    out, err = outs[loser]
+    assert f"is held by launcher PID {procs[winner].pid} on host {socket.gethostname()}" in err
+    assert f"python launchers/status.py --run-dir {run_dir}" in err and "kill " in err
+    assert "started data" not in out
+    assert outs[winner][0].count("started data") == 1 and "finished data" in outs[winner][0]
+    jobs = [p for p in (run_dir / "jobs" / "data").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 1  # the data were built once
+    Manifest.load(run_dir / "data").verify()
+    assert not (run_dir / RECORD_NAME).exists()  # the winner released the run directory
+
+
+def test_a_held_run_dir_refuses_naming_the_holder(tmp_path):
+    with hold_run_dir(tmp_path, "python launchers/submit.py --config c.yaml") as me:
+        assert json.loads((tmp_path / RECORD_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirBusy, match=rf"{tmp_path / RECORD_NAME}: .* is held by launcher PID "
+                                             rf"{me.pid} on host {socket.gethostname()} .*c\.yaml"):
+            with hold_run_dir(tmp_path):
+                pass
+    with hold_run_dir(tmp_path):  # released at the end of the block
+        pass
+
+
+def test_a_stale_lock_of_a_dead_launcher_is_taken_over_with_a_warning(tmp_path, caplog):
+    dead = _dead_pid()
+    record = _write_record(tmp_path, dead, socket.gethostname())
+    with caplog.at_level("WARNING", logger="gtl_dist.cluster.run_lock"):
+        with hold_run_dir(tmp_path) as me:
+            assert json.loads(record.read_text())["pid"] == me.pid == os.getpid()
+    assert f"{record}: taking over from launcher PID {dead} on host {socket.gethostname()}" in caplog.text
+    assert "ended without releasing the run directory" in caplog.text
+    assert not record.exists()
+
+
+def test_a_record_of_another_host_with_a_free_lock_is_refused_naming_the_fix(tmp_path):
+    """Its PID cannot be checked, and its host may not see our flock: refuse, saying how to go on."""
+    record = _write_record(tmp_path, 4242, "login-elsewhere")
+    with pytest.raises(RunDirBusy, match=rf"If no launcher of {tmp_path} runs on login-elsewhere any "
+                                         rf"more, delete {record} and launch again"):
+        with hold_run_dir(tmp_path):
+            pass
+    assert json.loads(record.read_text())["pid"] == 4242  # left alone
+
+
+def test_concurrent_submission_log_writers_lose_no_entry(tmp_path):
+    """Each writer read the file before the others wrote (a stale view); every save still keeps
+    the others' entries."""
+    paths = RunPaths(tmp_path)
+    logs = [SubmissionLog(paths) for _ in range(4)]
+    start = threading.Barrier(len(logs))
+
+    def write(w: int, log: SubmissionLog) -> None:
+        start.wait()
+        for i in range(25):
+            log.record(SimpleNamespace(key=f"w{w}/t{i}"), Submission(f"{w}{i}", "g", "h", "local", "f"))
+            log.save()
+
+    threads = [threading.Thread(target=write, args=(w, log)) for w, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    saved = json.loads((paths.jobs / "submissions.json").read_text())
+    assert sorted(saved) == sorted(f"w{w}/t{i}" for w in range(4) for i in range(25))
+    assert saved["w3/t7"]["job_id"] == "37"
