@@ -13,7 +13,26 @@ classifiers / ratio nets / baselines, sampling and evaluation.
 On SLURM the command submits every job (arrays with afterok dependencies), prints the job ids,
 the run directory and the TensorBoard command, and returns; --wait follows the run to the end.
 --cluster local and --cluster debug always run to the end on this machine.
-Exit codes: 0 success (or submitted), 1 a task failed, 2 bad configuration or arguments.
+
+Preflight: before anything is queued, the launcher checks what it can know from the config, the
+plan and the cluster, and refuses with one line per problem (exit 2): global batches that do not
+split over each stage's own world size, validation sets with fewer samples than ranks and target
+fractions without data (once the data stage has run), the partition's nodes and GPUs (sinfo),
+time limits shorter than one checkpoint interval (at a step time measured by an earlier run),
+and free disk for the checkpoints. --plan prints the plan and the preflight's result without
+submitting (--dry-run also the sbatch scripts); both work away from the cluster, skipping the
+live SLURM queries with a note. Precondition: on SLURM the run directory (and shards.dir) must be
+on a filesystem that every node shares; paths under /tmp, /dev/shm or /var/tmp get a warning.
+See docs/operations.md, "Preflight".
+
+One launcher per run directory: the launcher holds RUN_DIR/launcher.flock for its whole life
+(with --wait or --cluster local, until the run ends) and records itself in RUN_DIR/launcher.lock.
+A second launcher on the same run directory submits nothing and exits 3, naming the holder's PID
+and host: wait for it, follow it with `python launchers/status.py --run-dir RUN_DIR`, or stop it
+and launch again. A lock left by a launcher that died on this host is taken over with a warning.
+--plan and --dry-run take no lock. See docs/operations.md, "One launcher per run directory".
+Exit codes: 0 success (or submitted), 1 a task failed, 2 bad configuration or arguments,
+3 another launcher holds the run directory.
 """
 
 from __future__ import annotations
@@ -24,11 +43,15 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import LaunchError, LaunchOptions, Launcher, render_sbatch, task_state
-from gtl_dist.cluster.run_dir import check_preflight, prepare_run_dir
+from gtl_dist.cluster.launch import (LaunchError, LaunchOptions, Launcher, Plan, render_sbatch, task_state,
+                                     world_size)
+from gtl_dist.cluster.preflight import Report, gather_facts, preflight
+from gtl_dist.cluster.run_dir import prepare_run_dir
+from gtl_dist.cluster.run_lock import RunDirBusy, hold_run_dir
 from gtl_dist.config import STAGES, ConfigError, load_config
 from gtl_dist.log import get_logger
 
@@ -60,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else local)")
     p.add_argument("--run-dir", default=None,
                    help="run directory (default: runs/<config name>); it holds data, checkpoints, "
-                        "samples, TensorBoard events and the report")
+                        "samples, TensorBoard events and the report. On SLURM it must be on a "
+                        "filesystem that every node shares")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages ({' '.join(('data',) + STAGES + ('sample', 'eval'))})")
     p.add_argument("--wait", action="store_true",
@@ -74,8 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let an existing run directory adopt a changed config (default: refuse, "
                         "naming the changed keys); only tasks whose inputs changed run again, "
                         "e.g. only GTL sampling and the report after --set sample.gamma=3")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plan and the preflight's result, submit nothing; exit 2 when the "
+                        "preflight refuses (works away from the cluster: live SLURM queries are "
+                        "skipped with a note)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and the sbatch scripts; submit nothing")
+                   help="--plan, and print the sbatch scripts (rendered offline)")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="when the run ends with its report (--wait, --cluster local or debug), copy "
                         "report.md, results.csv and plots/ into DIR (e.g. results/markov), replacing "
@@ -84,10 +112,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with ExitStack() as held:  # the run directory's lock, held until the launcher ends
+        return _launch(argv, held)
+
+
+def _launch(argv: list[str] | None, held: ExitStack) -> int:
     args = parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["python", "launchers/submit.py", *(argv or sys.argv[1:])])
     os.environ.setdefault("GTL_SUBMIT_COMMAND", command)  # jobs inherit it; the report cites it
     cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    preview = args.plan or args.dry_run
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
@@ -96,31 +130,36 @@ def main(argv: list[str] | None = None) -> int:
                              cpus_per_task=args.cpus_per_task, partition=args.partition,
                              time_min=args.time, local_parallelism=args.local_parallelism,
                              command=command)
-        check_preflight(cfg, opts, run_dir)
-        if not args.dry_run:
-            prepare_run_dir(cfg, run_dir, update=args.update_config)
+        if not preview:
+            held.enter_context(hold_run_dir(run_dir, command))
+        facts = gather_facts(opts, run_dir)
         launcher = Launcher(cfg, run_dir, opts, pipeline)
-        plan = launcher.plan()
+        plan = launcher.plan(query_slurm=facts.slurm_error is None)
         launcher.check_prerequisites(plan)
+        source = " + ".join(args.config + ["--set"] * bool(args.overrides))
+        report = preflight(cfg, opts, pipeline, plan, run_dir, facts, source, live=not preview)
+        _print_plan(run_dir, launcher, plan)
+        if _print_report(report):
+            return 2
+        # Only now: a refused submission leaves no config behind to refuse its corrected retry.
+        prepare_run_dir(cfg, run_dir, update=args.update_config, write=not preview)
+    except RunDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    print(f"run directory: {run_dir}")
-    for group in pipeline.groups:
-        n_done = sum(t in plan.done for t in group.tasks)
-        n_flight = sum(t in plan.in_flight for t in group.tasks)
-        n_run = sum(t in plan.to_run for t in group.tasks)
-        print(f"  {group.name:<14} {len(group.tasks):>3} task(s): {n_done} done, {n_flight} queued/running, "
-              f"{n_run} to run")
     if not plan.to_run:
         busy = [t for t in pipeline.tasks if t in plan.in_flight]
         print("nothing to submit" + (" (jobs still queued/running)" if busy else
                                      ": every task is done"))
+        if preview:
+            return 0
         return _finish(run_dir, cfg, launcher, args, cluster, follow=bool(busy) and args.wait)
 
-    if args.dry_run:
-        if cluster == "slurm":
+    if preview:
+        if args.dry_run and cluster == "slurm":
             for group in pipeline.groups:
                 if any(t in plan.to_run for t in group.tasks):
                     print(f"\n# ---- {group.name} ----")
@@ -147,6 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     failed = launcher.run_here(plan)
     return _report_end(run_dir, failed, publish=args.publish)
+
+
+def _print_plan(run_dir: Path, launcher: Launcher, plan: Plan) -> None:
+    print(f"run directory: {run_dir}")
+    for group in launcher.pipeline.groups:
+        n_done = sum(t in plan.done for t in group.tasks)
+        n_flight = sum(t in plan.in_flight for t in group.tasks)
+        n_run = sum(t in plan.to_run for t in group.tasks)
+        ranks = world_size(group, launcher.cfg, launcher.opts)
+        print(f"  {group.name:<14} {len(group.tasks):>3} task(s): {n_done} done, {n_flight} queued/running, "
+              f"{n_run} to run" + (f" ({ranks} ranks each)" if ranks > 1 else ""))
+
+
+def _print_report(report: Report) -> bool:
+    """Print the preflight's notes and problems; True when it refuses."""
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if report.refused:
+        print(f"preflight: {len(report.problems)} problem(s); nothing was submitted", file=sys.stderr)
+    else:
+        print("preflight: passed")
+    return report.refused
 
 
 def _finish(run_dir: Path, cfg, launcher: Launcher, args, cluster: str, follow: bool) -> int:

@@ -134,7 +134,7 @@ def test_resubmitting_the_finished_run_submits_nothing(slurm_run):
 def test_a_partition_that_does_not_exist_is_one_clear_line(slurm_cluster, tmp_path):
     proc = submit(tmp_path / "run", "--partition", "nosuch", timeout=120)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "--partition nosuch: SLURM has no such partition" in lines[0] and "partitions: debug" in lines[0]
+    problem, summary = proc.stderr.strip().splitlines()  # one line per problem, then the verdict
+    assert "--partition nosuch (or cluster.partition): SLURM has no such partition" in problem
+    assert "partitions: debug" in problem and "nothing was submitted" in summary
     assert not (tmp_path / "run" / "jobs").exists()  # nothing was submitted

@@ -31,6 +31,7 @@ from gtl_dist.cluster.dag import BIG, DATA, Group, Pipeline, Task
 from gtl_dist.cluster.tasks import TaskRunner, marker_valid
 from gtl_dist.config import RunConfig
 from gtl_dist.io import atomic_write_json, read_json
+from gtl_dist.locks import flocked, pid_alive
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
 
@@ -98,6 +99,16 @@ def slurm_parameters(group: Group, cfg: RunConfig, opts: LaunchOptions, run_name
     return params
 
 
+def world_size(group: Group, cfg: RunConfig, opts: LaunchOptions) -> int:
+    """Ranks of one task of ``group``: its SLURM job's nodes × tasks per node; with the local
+    executor --nodes ranks for the big group and one otherwise; one in the launcher's process
+    (debug)."""
+    if opts.cluster == "slurm":
+        params = slurm_parameters(group, cfg, opts, run_name="")
+        return params["nodes"] * params["ntasks_per_node"]
+    return opts.nodes if group.size == BIG and opts.cluster == "local" else 1
+
+
 def _job_setup(cfg: RunConfig) -> list[str]:
     from gtl_dist.train.dist import extensions_dir
     # Jobs must find the DeepSpeed op the launcher prebuilt (never build inside a preemptible job).
@@ -149,21 +160,32 @@ class Submission:
 
 
 class SubmissionLog:
-    """``jobs/submissions.json``: the job that last ran each task (task key -> Submission)."""
+    """``jobs/submissions.json``: the job that last ran each task (task key -> Submission).
+
+    ``save`` re-reads the file under an exclusive flock on ``submissions.json.lock`` and writes it
+    back with this log's new records added, so concurrent writers never drop each other's entries.
+    """
 
     def __init__(self, paths: RunPaths):
         self.path = paths.jobs / "submissions.json"
+        self.records = self._read()
+        self._new: dict[str, Submission] = {}  # recorded here since the last save
+
+    def _read(self) -> dict[str, Submission]:
         raw = read_json(self.path) if self.path.is_file() else {}
-        self.records = {k: Submission(**v) for k, v in raw.items()}
+        return {k: Submission(**v) for k, v in raw.items()}
 
     def get(self, task: Task) -> Optional[Submission]:
         return self.records.get(task.key)
 
     def record(self, task: Task, sub: Submission) -> None:
-        self.records[task.key] = sub
+        self.records[task.key] = self._new[task.key] = sub
 
     def save(self) -> None:
-        atomic_write_json(self.path, {k: vars(v) for k, v in sorted(self.records.items())})
+        with flocked(self.path.with_name(self.path.name + ".lock")):
+            self.records = {**self._read(), **self._new}
+            atomic_write_json(self.path, {k: vars(v) for k, v in sorted(self.records.items())})
+        self._new.clear()
 
 
 # -- task states --------------------------------------------------------------------------------------
@@ -174,19 +196,13 @@ def slurm_job_states(subs: list[Submission]) -> dict[str, str]:
     return job_states(ids) if ids else {}
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+# Every state task_state gives; failed and cancelled tasks need attention (see launchers/status.py).
+TASK_STATES = ("done", "running", "pending", "failed", "cancelled", "stale", "not submitted")
 
 
 def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Submission],
                slurm_states: dict[str, str]) -> str:
-    """done | running | pending | failed | cancelled | stale | not submitted."""
+    """One of TASK_STATES."""
     if marker_valid(pipeline, paths, task):
         return "done"
     if sub is None:
@@ -207,7 +223,7 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
         if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
             return "failed"
         return "failed" if result is None and state == "COMPLETED" else "not submitted"
-    if sub.cluster == "local" and _pid_alive(sub.job_id):
+    if sub.cluster == "local" and pid_alive(sub.job_id):
         return "running"
     return "failed" if result is not None else "not submitted"
 
@@ -233,14 +249,15 @@ class Launcher:
         self.runner = TaskRunner(cfg.to_dict(), str(self.paths.root))
 
     # planning ----------------------------------------------------------------------------
-    def plan(self) -> Plan:
+    def plan(self, query_slurm: bool = True) -> Plan:
         """States of every task in the DAG; only the selected groups' tasks are scheduled (the
-        others count as inputs when they are done or queued)."""
+        others count as inputs when they are done or queued). ``query_slurm=False`` (no
+        controller to ask) counts recorded SLURM jobs as not queued."""
         plan = Plan()
         selected = set(self.pipeline.tasks)
         tasks = [t for g in self.pipeline.all_groups for t in g.tasks]
         subs = [s for t in tasks if (s := self.subs.get(t)) is not None]
-        states = slurm_job_states(subs) if self.opts.cluster == "slurm" else {}
+        states = slurm_job_states(subs) if self.opts.cluster == "slurm" and query_slurm else {}
         for task in tasks:
             state = task_state(self.pipeline, self.paths, task, self.subs.get(task), states)
             if state == "done":
@@ -363,7 +380,7 @@ class Launcher:
         return failed
 
     def _ranks(self, task: Task) -> int:
-        return self.opts.nodes if self.pipeline.group_of(task).size == BIG else 1
+        return world_size(self.pipeline.group_of(task), self.cfg, self.opts)
 
     def _start(self, task: Task, slots: int, on_event: Callable[[str], None]) -> Any:
         """Submit one task to submitit's local executor (or, for debug, run it right here)."""
@@ -411,7 +428,7 @@ class Launcher:
     def _await_local(self, task: Task, sub: Submission, failed: list[Task],
                      on_event: Callable[[str], None]) -> bool:
         on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
-        while _pid_alive(sub.job_id):
+        while pid_alive(sub.job_id):
             time.sleep(2)
         if marker_valid(self.pipeline, self.paths, task):
             return True

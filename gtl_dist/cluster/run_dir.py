@@ -1,4 +1,4 @@
-"""The run directory's identity, and checks made before anything is submitted.
+"""The run directory's identity.
 
 A run directory belongs to one configuration: ``config.yaml`` (the resolved config) and
 ``config.json`` (its hash) are written the first time, and a later submission with a different
@@ -42,12 +42,13 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False) -> RunPaths:
+def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False,
+                    write: bool = True) -> RunPaths:
     """Create the run directory for ``cfg``, or check that it was made by the same config.
 
     ``update=True`` lets the run directory adopt a changed config instead (e.g. another γ): the
     completion markers' input hashes then decide what is stale, so only the tasks whose inputs
-    changed run again.
+    changed run again. ``write=False`` only checks (submit.py --plan, --dry-run).
     """
     paths = RunPaths(run_dir)
     if paths.config_yaml.is_file():
@@ -67,35 +68,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False) -
             saved_cfg = config_from_dict(saved, str(paths.config_yaml), strict=False)
             if saved_cfg.cluster == cfg.cluster:
                 return paths
+    if not write:
+        return paths
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config_yaml, cfg.to_yaml())
     atomic_write_json(paths.config_json, {"hash": cfg.hash(), "name": cfg.name})
     return paths
-
-
-def check_preflight(cfg: RunConfig, opts: Any, run_dir: str | Path) -> None:
-    """Problems that would otherwise surface as failed jobs, reported before submitting."""
-    if cfg.data.corpus == "markov":
-        from gtl_dist.data.manifest import fraction_count
-        train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
-        for target in cfg.targets:
-            for f in cfg.data.target_fractions:
-                if fraction_count(f, train) < 1:
-                    raise ValueError(
-                        f"data.target_fractions: fraction {f} of target '{target}' leaves no "
-                        f"training sequences ({train} available after data.overlap="
-                        f"{cfg.data.overlap}); raise data.markov.num_target or the fraction")
-    if opts.cluster == "slurm":
-        from gtl_dist.cluster.slurm_query import SlurmCommandError, run_slurm
-        partition = opts.partition or cfg.cluster.partition
-        if partition:
-            proc = run_slurm(["scontrol", "show", "partition", partition], check=False)
-            if proc.returncode != 0:
-                known = run_slurm(["sinfo", "-h", "-o", "%P"], check=False).stdout.split()
-                raise ValueError(f"--partition {partition}: SLURM has no such partition "
-                                 f"({(proc.stderr or proc.stdout).strip()}); partitions: "
-                                 f"{', '.join(p.rstrip('*') for p in known) or 'none'}")
-        try:
-            run_slurm(["sinfo", "-h", "-o", "%P"])
-        except SlurmCommandError as exc:
-            raise ValueError(f"--cluster slurm: cannot reach the SLURM controller: {exc}") from None

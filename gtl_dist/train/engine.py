@@ -66,17 +66,24 @@ def batch_geometry(tc: TrainConfig, world_size: int, stage: str) -> BatchGeometr
         if g % world_size:
             raise ConfigError(
                 f"{key}.global_batch: {g} is not divisible by the world size {world_size}; use a "
-                f"multiple of {world_size}, or set {key}.micro_batch so that global_batch = "
-                f"micro_batch × grad_accum × {world_size}")
+                f"multiple of {world_size} ({_multiples_near(g, world_size)}), or a world size "
+                f"that divides {g}")
         return BatchGeometry(g, g // world_size, 1, world_size)
     m = tc.micro_batch
     if g % (m * world_size):
+        other_micro = f", or a {key}.micro_batch that divides {g // world_size}" if g % world_size == 0 else ""
         raise ConfigError(
             f"{key}.global_batch / {key}.micro_batch: global_batch={g} is not divisible by "
-            f"micro_batch × world size = {m} × {world_size} = {m * world_size}; choose a "
-            f"micro_batch that divides {g} / {world_size}, or a global_batch that is a multiple of "
-            f"{m * world_size}")
+            f"micro_batch × world size = {m} × {world_size} = {m * world_size}; use a global_batch "
+            f"that is a multiple of {m * world_size} ({_multiples_near(g, m * world_size)})"
+            f"{other_micro}")
     return BatchGeometry(g, m, g // (m * world_size), world_size)
+
+
+def _multiples_near(value: int, factor: int) -> str:
+    """``"e.g. 63 or 66"``: the multiples of ``factor`` on either side of ``value``."""
+    below = value // factor * factor
+    return f"e.g. {below} or {below + factor}" if below else f"e.g. {factor}"
 
 
 def resolve_precision(tc: TrainConfig, hw: Hardware, stage: str) -> str:
