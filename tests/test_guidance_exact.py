@@ -15,7 +15,7 @@ import torch
 
 from gtl_dist.diffusion import LogLinearSchedule
 from gtl_dist.models import VocabSpec
-from gtl_dist.sample import AncestralSampler, PlannerSampler, SamplerStats, exact_guided_sampler
+from gtl_dist.sample import PlannerSampler, SamplerStats, exact_guided_sampler
 
 pytestmark = pytest.mark.exact
 

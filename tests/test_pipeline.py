@@ -190,11 +190,11 @@ def test_rendered_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     assert big["signal"] == f"USR2@{cfg.cluster.signal_delay_s}" and "requeue" in big
     assert "array" not in big
 
-    ratio = _flags(render_sbatch(pipeline.group("ratio"), cfg, opts, run_dir))
-    n = len(cfg.targets) * len(cfg.data.target_fractions)
-    assert ratio["array"] == f"0-{n - 1}%{min(n, cfg.cluster.array_parallelism)}"
-    assert ratio["nodes"] == "1" and ratio["ntasks-per-node"] == "1" and ratio["gpus-per-node"] == "1"
-    assert ratio["time"] == str(cfg.cluster.small_timeout_min)
+    guide = _flags(render_sbatch(pipeline.group("edit_ratio"), cfg, opts, run_dir))
+    n = len(cfg.targets) * len(cfg.data.target_fractions) * len(cfg.pipeline.seeds)
+    assert guide["array"] == f"0-{n - 1}%{min(n, cfg.cluster.array_parallelism)}"
+    assert guide["nodes"] == "1" and guide["ntasks-per-node"] == "1" and guide["gpus-per-node"] == "1"
+    assert guide["time"] == str(cfg.cluster.small_timeout_min)
 
     data = _flags(render_sbatch(pipeline.group("data"), cfg, opts, run_dir))
     assert "gpus-per-node" not in data and data["cpus-per-task"] == str(cfg.shards.build_workers)

@@ -197,7 +197,7 @@ def test_stop_signals_only_recorded_processes_and_marked_job_steps(tmp_path):
         assert bystander.poll() is None and other_step.poll() is None
         assert not state_dir.exists()
         assert f"stopped slurmd-n1 (pid {recorded.pid})" in actions  # SIGTERM sufficed
-        assert any(a.startswith(f"killed leftover sh -c") and f"(pid {step.pid})" in a
+        assert any(a.startswith("killed leftover sh -c") and f"(pid {step.pid})" in a
                    for a in actions), actions
         assert not any("slurmctld" in a for a in actions)
     finally:
