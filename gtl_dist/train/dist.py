@@ -357,9 +357,10 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-def shutdown() -> None:
-    """Tear the process group down after a final barrier, so no rank leaves while another is
-    still inside a collective (a rank exiting first aborts the others' gloo calls).
+def shutdown(barrier: bool = True) -> None:
+    """Tear the process group down, after a final barrier unless ``barrier`` is False (a failing
+    rank), so no rank leaves while another is still inside a collective (a rank exiting first
+    aborts the others' gloo calls).
 
     Through DeepSpeed's ``destroy_process_group``, not torch's: DeepSpeed caches the groups it
     built (world, data parallel, ...) in module globals, and only its own teardown drops them.
@@ -368,7 +369,8 @@ def shutdown() -> None:
     registered") by ``deepspeed.initialize``."""
     import torch
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if barrier:
+            torch.distributed.barrier()
         import_deepspeed().comm.destroy_process_group()
     for key, value in _saved_env.items():
         if value is None:

@@ -512,6 +512,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
     from gtl_dist.train.dist import init_distributed
 
     guard = PreemptionGuard().install()  # first: a USR2 during set-up must not kill the rank
+    finished = False
     try:
         d = init_distributed()
         ctx = StageContext(cfg, RunPaths(run_dir), stage, target, fraction, input_hash, d,
@@ -527,7 +528,11 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
                                  best_step=done["step"] if done.get("weights") == "best" else None)
         else:
             result = train(make_task(ctx), ctx)
-        dist.shutdown()
+        finished = True
         return result
     finally:
+        # Also on failure (then without the final barrier, which the other ranks may never reach):
+        # a group left up is handed to the next task of this process (--cluster debug), and torn
+        # down at interpreter exit instead it can abort the process with SIGABRT.
+        dist.shutdown(barrier=finished)
         guard.uninstall()
