@@ -11,7 +11,9 @@ the run's steps, top-K, schedule and sample count:
     exact source + exact h, γ = 1             equals the floor (the guidance identity)
     exact source + Jensen r, γ = 1 and 2      what the paper's ratio network regresses on
     learned source + exact h, γ = 1           what the learned denoiser costs
-    exact source + learned guide, run's γ     what the learned ratio costs (per fraction and seed)
+    exact source + learned gtl guide, γ       what the learned edit-ratio net costs (per fraction
+                                              and seed; gtl_paper is diagnosed by its calibration
+                                              rows and its own pipeline row)
 
 and the full pipeline is the method's own row.
 
@@ -114,14 +116,13 @@ def ladder_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
         rows.append(row("learned source + exact h, γ = 1",
                         run.mean_abs_err(target, learned_source,
                                          EditRatioOracle(run.source, chain, run.length), 1.0)))
-        for method, stage, gamma in (("gtl", "edit_ratio", cfg.sample.gamma),
-                                     ("gtl_paper", "ratio", cfg.sample.paper_gamma)):
-            if method not in methods:
-                continue
-            label = f"exact source + learned {method} guide, γ = {gamma:g}"
+        if "gtl" in methods:  # gtl_paper: its calibration rows (a sequence-level ratio net makes
+            # the exact sampler cost L·|V| ratio passes a step, as long as its own sampling again)
+            label = f"exact source + learned gtl guide, γ = {cfg.sample.gamma:g}"
             for fraction in cfg.data.target_fractions:
                 per_seed = {s: {LADDER_METRIC: run.mean_abs_err(
-                    target, exact_p, run.export(stage, target, fraction, s), gamma, s)} for s in seeds}
+                    target, exact_p, run.export("edit_ratio", target, fraction, s), cfg.sample.gamma, s)}
+                    for s in seeds}
                 log.info("ladder %s / %s @ %g: %s", target, label, fraction, per_seed)
                 rows += seed_rows(label, target, fraction, per_seed, n=cfg.sample.num_samples)
     return rows
