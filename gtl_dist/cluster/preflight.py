@@ -24,7 +24,6 @@ The manifest checks need the data stage to have run; until then they are skipped
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -35,6 +34,7 @@ from typing import Optional
 
 from gtl_dist.cluster.dag import BIG, Group, Pipeline, Task
 from gtl_dist.cluster.launch import LaunchOptions, Plan, slurm_parameters, world_size
+from gtl_dist.cluster.status import train_log_path, train_log_records
 from gtl_dist.config import STAGES, ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
 
@@ -329,25 +329,11 @@ def measured_step_time(paths: RunPaths, tasks: list[Task], global_batch: int) ->
     ``global_batch`` samples), with that log; None when no task logged one."""
     found = []
     for task in tasks:
-        log_path = paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
-        rates = sorted(r["samples_per_s"] for r in _records(log_path)
+        rates = sorted(r["samples_per_s"] for r in train_log_records(paths, task)
                        if r.get("kind") == "train" and (r.get("samples_per_s") or 0) > 0)
         if rates:
-            found.append((global_batch / rates[len(rates) // 2], log_path))
+            found.append((global_batch / rates[len(rates) // 2], train_log_path(paths, task)))
     return max(found, default=None)
-
-
-def _records(path: Path) -> list[dict]:
-    """The JSON lines of a log, without a last line cut short by a kill."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def checkpoint_bytes(tc: TrainConfig, params: int) -> int:

@@ -34,17 +34,29 @@ class StatusRow:
     log: str
 
 
-def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
-    """Last logged training step and loss (tolerates a line being written right now)."""
-    path = paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
+def train_log_records(paths: RunPaths, task: Task) -> list[dict]:
+    """The records of a task's train_log.jsonl, without a last line being written right now (or cut
+    short by a kill); none when the task has not logged yet."""
+    path = train_log_path(paths, task)
     if not path.is_file():
-        return None, None
-    step, loss = None, None
+        return []
+    records = []
     for line in path.read_text().splitlines():
         try:
-            rec = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return records
+
+
+def train_log_path(paths: RunPaths, task: Task) -> Path:
+    return paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
+
+
+def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
+    """Last logged training step and loss."""
+    step, loss = None, None
+    for rec in train_log_records(paths, task):
         if rec.get("kind") == "train":
             step, loss = rec.get("step"), rec.get("loss")
     return step, loss
