@@ -44,14 +44,17 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running two-node cluster (n1, n2) in a fresh /tmp dir on free ports; SLURM_CONF is set."""
+    """A running three-node cluster (n1..n3) in a fresh /tmp dir on free ports; SLURM_CONF is set.
+
+    Three nodes, so that one cluster serves the two-node tests and the odd three-node topology.
+    """
     missing = missing_programs()
     if missing:
         _unavailable(f"SLURM not installed (missing {', '.join(missing)}); {INSTALL_HINT}")
     # /tmp, not pytest's tmp_path: munged needs every parent of its socket world-searchable,
     # and pytest's base dir is 0700.
     state_dir = Path(tempfile.mkdtemp(prefix="gtl-slurm-test-", dir="/tmp"))
-    spec = ClusterSpec(nodes=2, controller_port=find_free_controller_port(2))
+    spec = ClusterSpec(nodes=3, controller_port=find_free_controller_port(3))
     cluster = LocalSlurmCluster(state_dir, spec)
     failure = None
     try:

@@ -1,7 +1,8 @@
-"""The whole pipeline on the real two-node SLURM cluster the test session starts on localhost:
-``submit.py --nodes 2`` on tiny.yaml runs to a report, the denoiser spans both nodes with one rank
-each, per-(target, fraction) stages run as job arrays, an explicit preemption of the denoiser is
-followed by requeue and completion from its saved step, and re-submitting submits nothing.
+"""The whole pipeline on the real three-node SLURM cluster the test session starts on localhost,
+at two topologies: ``submit.py --nodes 2`` and ``--nodes 3`` on tiny.yaml each run to a report,
+the denoiser spans that many nodes with one rank each, per-(target, fraction) stages run as job
+arrays, an explicit preemption of the multi-node denoiser is followed by requeue and completion
+from its saved step at the same world size, and re-submitting submits nothing.
 
 Every wait has its own deadline (subprocess timeouts, polling with a clock), so nothing can hang.
 """
@@ -14,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,15 +25,18 @@ from gtl_dist.cluster.slurm_query import job_states, parse_record, run_slurm
 REPO = Path(__file__).resolve().parents[1]
 # Long enough for the preemption to land mid-run with a checkpoint to resume from.
 DENOISER = ["--set", "train.denoiser.steps=120", "--set", "train.denoiser.save_every=10"]
+# tiny.yaml's global batch (64) is refused at 3 ranks by the preflight: 48 divides by 1, 2 and 3.
+TOPOLOGY = {2: [], 3: ["--set", "train.denoiser.global_batch=48"]}
 
 pytestmark = pytest.mark.slurm
 
 
-def submit(run_dir: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess:
+def submit(run_dir: Path, *extra: str, timeout: float, nodes: int = 2
+           ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "launchers" / "submit.py"), "--config", "configs/tiny.yaml",
-         "--cluster", "slurm", "--nodes", "2", "--cpus-per-task", "1", "--run-dir", str(run_dir),
-         *DENOISER, *extra],
+         "--cluster", "slurm", "--nodes", str(nodes), "--cpus-per-task", "1",
+         "--run-dir", str(run_dir), *DENOISER, *TOPOLOGY[nodes], *extra],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "GTL_NO_PROGRESS_BAR": "1"})
 
@@ -60,10 +65,24 @@ def committed_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in ckpt.glob("step-*/COMMIT.json"))
 
 
-@pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("slurm-pipeline") / "tiny"
-    proc = submit(run_dir, timeout=300)
+@dataclass
+class SlurmRun:
+    nodes: int
+    run_dir: Path
+    first: subprocess.CompletedProcess    # the submission
+    follow: subprocess.CompletedProcess   # the same command with --wait, after the preemption
+    denoiser_job: str
+    preempted_at: int                     # the last logged step when the signal was sent
+
+    def submit(self, *extra: str, timeout: float) -> subprocess.CompletedProcess:
+        return submit(self.run_dir, *extra, timeout=timeout, nodes=self.nodes)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}-nodes")
+def slurm_run(request, slurm_cluster, tmp_path_factory) -> SlurmRun:
+    nodes = request.param
+    run_dir = tmp_path_factory.mktemp(f"slurm-pipeline-{nodes}") / "tiny"
+    proc = submit(run_dir, timeout=300, nodes=nodes)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     subs = json.loads((run_dir / "jobs" / "submissions.json").read_text())
     denoiser_job = subs["denoiser"]["job_id"]
@@ -76,31 +95,34 @@ def slurm_run(slurm_cluster, tmp_path_factory):
 
     # The same command with --wait finds the jobs queued/running, submits nothing new, and
     # follows the run to the end.
-    follow = submit(run_dir, "--wait", "--wait-timeout", "20", timeout=1500)
-    return run_dir, proc, follow, denoiser_job, preempted_at
+    follow = submit(run_dir, "--wait", "--wait-timeout", "20", timeout=1500, nodes=nodes)
+    return SlurmRun(nodes, run_dir, proc, follow, denoiser_job, preempted_at)
 
 
 def test_pipeline_completes_with_a_report(slurm_run):
-    run_dir, proc, follow, _, _ = slurm_run
+    proc, follow = slurm_run.first, slurm_run.follow
     assert "submitted denoiser" in proc.stdout and "tensorboard --logdir" in proc.stdout
     assert follow.returncode == 0, follow.stdout[-3000:] + follow.stderr[-3000:]
     assert "nothing to submit (jobs still queued/running)" in follow.stdout
-    assert (run_dir / "eval" / "report.md").is_file()
+    assert (slurm_run.run_dir / "eval" / "report.md").is_file()
     assert "done. report:" in follow.stdout
 
 
-def test_denoiser_spans_two_nodes_with_one_rank_each(slurm_run):
-    run_dir, _, _, job, _ = slurm_run
-    folder = run_dir / "jobs" / "denoiser" / job
-    ranks = {}
-    for log in folder.glob(f"{job}_*_log.err"):
-        for m in re.finditer(r"rank (\d)/2 on node (\w+)", log.read_text()):
-            ranks[int(m.group(1))] = m.group(2)
-    assert ranks == {0: "n1", 1: "n2"}, ranks
+def denoiser_starts(run_dir: Path, job: str) -> list[tuple[int, int, str]]:
+    """(rank, world size, node) of every start of the denoiser's tasks, the requeued one included."""
+    return [(int(m.group(1)), int(m.group(2)), m.group(3))
+            for log in (run_dir / "jobs" / "denoiser" / job).glob(f"{job}_*_log.err")
+            for m in re.finditer(r"rank (\d+)/(\d+) on node (\w+)", log.read_text())]
+
+
+def test_denoiser_spans_every_node_with_one_rank_each_before_and_after_requeue(slurm_run):
+    starts = denoiser_starts(slurm_run.run_dir, slurm_run.denoiser_job)
+    expected = [(i, slurm_run.nodes, f"n{i + 1}") for i in range(slurm_run.nodes)]
+    assert sorted(starts) == sorted(expected * 2), starts  # first start and requeued start
 
 
 def test_per_target_stages_ran_as_arrays(slurm_run):
-    run_dir = slurm_run[0]
+    run_dir = slurm_run.run_dir
     subs = json.loads((run_dir / "jobs" / "submissions.json").read_text())
     for group in ("classifier_ti", "ratio", "vanilla", "finetune", "sample"):
         ids = [v["job_id"] for k, v in subs.items() if v["group"] == group]
@@ -110,7 +132,7 @@ def test_per_target_stages_ran_as_arrays(slurm_run):
 
 
 def test_preempted_denoiser_was_requeued_and_resumed(slurm_run):
-    run_dir, _, _, job, preempted_at = slurm_run
+    run_dir, job, preempted_at = slurm_run.run_dir, slurm_run.denoiser_job, slurm_run.preempted_at
     record = parse_record(run_slurm(["scontrol", "show", "job", "-o", job]).stdout)
     assert int(record.get("Restarts", "0")) >= 1, record
     log = (run_dir / "jobs" / "denoiser" / job / f"{job}_0_log.err").read_text()
@@ -123,9 +145,9 @@ def test_preempted_denoiser_was_requeued_and_resumed(slurm_run):
 
 
 def test_resubmitting_the_finished_run_submits_nothing(slurm_run):
-    run_dir = slurm_run[0]
+    run_dir = slurm_run.run_dir
     before = (run_dir / "jobs" / "submissions.json").read_text()
-    proc = submit(run_dir, timeout=300)
+    proc = slurm_run.submit(timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "nothing to submit: every task is done" in proc.stdout
     assert (run_dir / "jobs" / "submissions.json").read_text() == before

@@ -2,7 +2,7 @@
 
 Unmarked tests need no SLURM (config rendering, parsing, and `stop` signalling only what it
 recorded, checked on plain `sleep` processes). Tests marked `slurm` run on the session's real
-two-node cluster (tests/slurm_fixtures.py): a submitit job array, a job spanning n1 and n2,
+three-node cluster (tests/slurm_fixtures.py): a submitit job array, a job spanning n1 and n2,
 job states without accounting, and a second cluster driven through the CLI.
 """
 
@@ -341,7 +341,7 @@ def test_job_array_returns_every_result_and_respects_parallelism(tmp_path):
 
     assert [r["square"] for r in results] == [9, 25, 49, 121]
     assert [r["array_task"] for r in results] == [0, 1, 2, 3]
-    assert {r["node"] for r in results} <= {"n1", "n2"}
+    assert {r["node"] for r in results} <= {"n1", "n2", "n3"}
     # At most two tasks ever overlapped in time (%2), checked on the tasks' own clocks.
     events = sorted([(r["start"], 1) for r in results] + [(r["end"], -1) for r in results])
     running = [sum(step for _, step in events[:i + 1]) for i in range(len(events))]
@@ -442,4 +442,4 @@ def test_cli_second_cluster_is_idempotent_and_stop_leaves_the_first_alone(tmp_pa
     assert _cli("status", "--dir", str(state_dir)).returncode == 3
     # The session's cluster is untouched.
     assert first.is_running()
-    assert set(first.node_states()) == {"n1", "n2"}
+    assert set(first.node_states()) == set(first.spec.node_names)
