@@ -27,10 +27,15 @@ def test_markov_pipeline_groups_and_order(configs_dir):
 
 
 def test_text_pipeline_has_planner_and_reference_lm(configs_dir):
-    p = build_pipeline(_cfg(configs_dir, "demo"))
+    p = build_pipeline(_cfg(configs_dir, "demo", "sample.sampler=planner"))
     assert "planner" in p.group_names and "reference_lm" in p.group_names
     gtl = next(t for t in p.group("sample").tasks if t.method == "gtl")
     assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "edit_ratio", "planner"}
+    # The evaluator's domain classifier: one per target, trained on the largest fraction.
+    assert [(t.target, t.fraction) for t in p.group("classifier_ti").tasks] == [("numpy", 1.0), ("python", 1.0)]
+    eval_deps = p.task_deps(p.group("eval").tasks[0])
+    assert {(d.target, d.fraction) for d in eval_deps if d.kind == "classifier_ti"} == {("numpy", 1.0),
+                                                                                        ("python", 1.0)}
 
 
 def test_ar2diff_route_replaces_the_denoiser(configs_dir):
@@ -41,8 +46,9 @@ def test_ar2diff_route_replaces_the_denoiser(configs_dir):
 
 
 def test_per_target_planner(configs_dir):
-    p = build_pipeline(_cfg(configs_dir, "demo", "pipeline.planner_scope=per_target"))
-    assert len(p.group("planner").tasks) == len(p.cfg.targets) * len(p.cfg.data.target_fractions)
+    p = build_pipeline(_cfg(configs_dir, "demo", "pipeline.planner_scope=per_target", "sample.sampler=planner"))
+    cfg = p.cfg
+    assert len(p.group("planner").tasks) == len(cfg.targets) * len(cfg.data.target_fractions) * len(cfg.pipeline.seeds)
 
 
 def test_input_hash_invalidates_exactly_the_downstream(configs_dir):

@@ -34,7 +34,7 @@ def _markov_rows(fractions):
 
 def _table(md: str, target: str, metric: str) -> dict[str, list[str]]:
     """Parse the markdown table under '## Target: target' / '### metric' into label -> cells."""
-    section = md.split(f"## Target: {target}\n", 1)[1].split(f"### {metric}\n", 1)[1]
+    section = md.split(f"## Target: {target}\n", 1)[1].split(f"### {metric}", 1)[1].split("\n", 1)[1]
     lines = [ln for ln in section.strip().splitlines()]
     out = {}
     header = [c.strip() for c in lines[0].strip("|").split("|")]

@@ -9,7 +9,7 @@ import pytest
 
 from gtl_dist.config import load_config
 from gtl_dist.data.markov import sample_sequences, transition_matrices
-from gtl_dist.eval.evaluate import evaluate_text, run_eval
+from gtl_dist.eval.evaluate import HeldOut, evaluate_text, run_eval
 from gtl_dist.eval.results import read_results_csv
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.paths import RunPaths
@@ -54,7 +54,10 @@ def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
     assert all(abs(v - chain["nll_target_per_token"]) < 0.05 for v in gtl_nll)
     assert {r.n for r in rows if r.method != "target_chain"} == {400}
     assert (paths.eval / "plots" / "transitions-sticky.png").is_file()
-    assert "| source |" in files.report_md.read_text()
+    report = files.report_md.read_text()
+    assert "| source |" in report
+    assert "### transition_mean_abs_err (lower is better)" in report
+    assert "## Checks\n\nAll passed" in report  # every sample set was drawn on its own
 
 
 def test_missing_or_mixed_shards_are_named(tmp_path):
@@ -84,28 +87,61 @@ def test_text_stage_with_callable_networks(tmp_path):
         toks = rng.integers(lo, lo + 5, size=(30, 12))
         return toks, [" ".join(f"w{t}" for t in row) for row in toks]
 
+    unchanged = sample_set(0)  # gtl draws the same set at every fraction: the report must say so
     for f in cfg.data.target_fractions:
-        for m in ("gtl", "vanilla", "finetune"):
+        _write_shards(paths.samples("gtl", "physics", f), *unchanged)
+        for m in ("vanilla", "finetune"):
             _write_shards(paths.samples(m, "physics", f), *sample_set(0))
     _write_shards(paths.samples("source", None, None), *sample_set(5))
-    refs = [" ".join(f"w{t}" for t in rng.integers(0, 5, size=12)) for _ in range(60)]
+    target_tokens, target_texts = sample_set(0)
+    source_tokens, source_texts = sample_set(5)
     classifier_calls = []
 
-    def classifier(target, fraction):
-        classifier_calls.append((target, fraction))
+    def classifier(target):
+        classifier_calls.append(target)
         return lambda tokens: (tokens.mean(axis=1) - 5.0)  # high ids look like source
 
-    rows = evaluate_text(cfg, paths, references={"physics": refs}, classifier=classifier,
-                         reference_lm=lambda target: (lambda t: np.zeros(t.shape + (vocab,))))
+    rows, findings = evaluate_text(
+        cfg, paths, references={"physics": HeldOut(target_texts, target_tokens.tolist())},
+        source_heldout=HeldOut(source_texts, source_tokens.tolist()), classifier=classifier,
+        reference_lm=lambda target: (lambda t: np.zeros(t.shape + (vocab,))))
     by = {(r.method, r.fraction, r.metric): r for r in rows}
     assert by[("gtl", 1.0, "gen_ppl")].value == pytest.approx(vocab)  # uniform reference model
     assert by[("gtl", 0.3, "mauve[tfidf-svd]")].value > 0.5
     assert by[("source", None, "mauve[tfidf-svd]")].value < 0.01  # disjoint vocabulary
-    # Source samples get one domain-score row per fraction's classifier; they all look source-like.
-    assert by[("source", 1.0, "domain_pct_target")].value == 0.0
-    assert by[("source", 0.3, "domain_source_prob")].value > 0.5
+    # One evaluator's classifier scores every set; held-out text of both domains calibrates it.
+    assert classifier_calls == ["physics"]
+    assert by[("source", None, "domain_pct_target")].value == 0.0
+    assert by[("source", None, "domain_source_prob")].value > 0.5
     assert by[("gtl", 1.0, "domain_pct_target")].value == 100.0
-    assert ("physics", 0.3) in classifier_calls
+    assert by[("heldout_target", None, "domain_pct_target")].value == 100.0
+    assert by[("heldout_source", None, "domain_pct_target")].value == 0.0
+    assert by[("heldout_target", None, "distinct_1")].value == pytest.approx(5 / (30 * 12))
     assert by[("vanilla", 0.3, "distinct_1")].value == pytest.approx(5 / (30 * 12))
+    assert findings == ["identical samples: gtl physics @ 100% (seed 0), gtl physics @ 30% (seed 0) drew "
+                        "exactly the same token sequences; whatever distinguishes them (guidance, target, "
+                        "fraction, seed) changed nothing"]
     with pytest.raises(ValueError, match="no reference texts for target 'physics'"):
         evaluate_text(cfg, paths, references={})
+
+
+def test_a_domain_score_that_cannot_separate_the_domains_is_flagged(tmp_path):
+    cfg = load_config(CONFIGS / "arxiv.yaml", ["data.path=/x", "data.target_fractions=[1.0]",
+                                                "sample.num_samples=8", "eval.mauve_seeds=1",
+                                                "sample.methods=[source]"])
+    paths = RunPaths(tmp_path)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 9, size=(8, 6))
+    texts = [" ".join(f"w{t}" for t in row) for row in tokens]
+    _write_shards(paths.samples("source", None, None), tokens, texts)
+    heldout = HeldOut(texts, tokens.tolist())
+    rows, findings = evaluate_text(cfg, paths, references={"physics": heldout}, source_heldout=heldout,
+                                   classifier=lambda target: (lambda t: np.full(len(t), -3.0)))
+    assert [r.value for r in rows if r.method == "source" and r.metric == "domain_pct_target"] == [100.0]
+    assert findings == ["target physics: the domain classifier calls 100% of held-out physics text and "
+                        "100% of held-out source text target-like; it does not separate the domains, so "
+                        "domain_pct_target / domain_source_prob say nothing about the samples"]
+    report = run_eval(cfg, paths, command="test", references={"physics": heldout}, source_heldout=heldout,
+                      classifier=lambda target: (lambda t: np.full(len(t), -3.0))).report_md.read_text()
+    assert "## Checks" in report and "it does not separate the domains" in report
+    assert "### domain_pct_target (higher is more target-like)" in report

@@ -58,5 +58,11 @@ def test_text_pipeline_runs_in_process_to_a_report(tmp_path):
         for fraction in ("1.0", "0.5"):
             assert any(r["method"] == method and r["fraction"] == fraction and r["metric"] == "mauve[tfidf-svd]"
                        for r in rows), (method, fraction)
+    # The domain score is calibrated on held-out text of both domains, which two word lists
+    # that share nothing separate perfectly.
+    heldout = {(r["method"], r["metric"]): float(r["value"]) for r in rows if r["method"].startswith("heldout_")}
+    assert heldout[("heldout_target", "domain_pct_target")] > 90
+    assert heldout[("heldout_source", "domain_pct_target")] < 10
     report = (run_dir / "eval" / "report.md").read_text()
     assert "tfidf-svd" in report and "gardening" in report
+    assert "## Checks" in report and "mauve[tfidf-svd] (higher is better)" in report

@@ -199,7 +199,8 @@ class Pipeline:
         if k == "eval":
             deps = list(self.group("sample").tasks)
             if cfg.uses_tokenizer:  # the text metrics score with these networks
-                deps += [Task("classifier_ti", t, f) for t in cfg.targets for f in cfg.data.target_fractions]
+                scorer = evaluator_classifier_fraction(cfg)
+                deps += [Task("classifier_ti", t, scorer) for t in cfg.targets]
                 deps += [Task("reference_lm", t) for t in cfg.targets]
             return deps
         raise ValueError(f"unknown task kind '{k}'")
@@ -232,6 +233,13 @@ def build_pipeline(cfg: RunConfig, only: Optional[Iterable[str]] = None) -> Pipe
     """The DAG for ``cfg``; ``only`` selects groups to run (the others stay in the DAG as
     dependencies that must already be done or queued)."""
     return Pipeline(cfg, None if only is None else list(only))
+
+
+def evaluator_classifier_fraction(cfg: RunConfig) -> float:
+    """The fraction whose (seed-0) time-independent classifier scores every text sample set's
+    domain: the largest, trained on the most target data. It is the evaluator's instrument, the
+    same for every method and fraction, so no method's score depends on its own data budget."""
+    return max(cfg.data.target_fractions)
 
 
 def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
@@ -267,8 +275,9 @@ def _all_groups(cfg: RunConfig, src: str) -> list[Group]:
         add("ratio", [Task("ratio", t, f, seed=s) for t, f, s in replicas],
             ["classifier_ti", "classifier_td"], SMALL)
     elif cfg.uses_tokenizer:
-        # The report's domain score needs the time-independent classifier even without gtl_paper.
-        add("classifier_ti", [Task("classifier_ti", t, f) for t, f in per_tf], ["data"], SMALL)
+        # The report's domain score needs the evaluator's classifier even without gtl_paper.
+        scorer = evaluator_classifier_fraction(cfg)
+        add("classifier_ti", [Task("classifier_ti", t, scorer) for t in targets], ["data"], SMALL)
     if "vanilla" in methods:
         add("vanilla", [Task("vanilla", t, f, seed=s) for t, f, s in replicas], ["data"], SMALL)
     if "finetune" in methods:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from gtl_dist.cluster.dag import GUIDE_STAGE, Pipeline, Task
+from gtl_dist.cluster.dag import GUIDE_STAGE, Pipeline, Task, evaluator_classifier_fraction
 from gtl_dist.config import STAGES, RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger
@@ -170,21 +170,22 @@ def _evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
-    """Reference texts and the networks the text metrics need, as plain callables."""
+    """Held-out text and the networks the text metrics need, as plain callables."""
     import torch
 
     from gtl_dist.data import load_run_manifest, make_loader
+    from gtl_dist.eval.evaluate import HeldOut
 
     device = _device()
     manifest = load_run_manifest(cfg, paths.root)
     tok = _tokenizer(cfg, paths)
-    references = {}
-    for target in cfg.targets:
-        set_name = f"{target}/test"
+
+    def heldout(set_name: str) -> HeldOut:
         n = manifest.num_samples(set_name)
         loader = make_loader(manifest, set_name, min(64, n), shuffle=False, infinite=False,
                              expected_tokenizer_hash=manifest.tokenizer_hash)
-        references[target] = [tok.decode(row) for batch in loader for row in batch["tokens"].tolist()]
+        tokens = [row for batch in loader for row in batch["tokens"].tolist()]
+        return HeldOut([tok.decode(row) for row in tokens], tokens)
 
     def as_callable(model):
         @torch.no_grad()
@@ -192,8 +193,10 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
             return model(torch.as_tensor(tokens, dtype=torch.long, device=device)).float().cpu()
         return call
 
-    return dict(references=references,
-                classifier=lambda t, f: as_callable(load_export(paths, "classifier_ti", t, f, device)),
+    scorer_fraction = evaluator_classifier_fraction(cfg)
+    return dict(references={target: heldout(f"{target}/test") for target in cfg.targets},
+                source_heldout=heldout("source/test"),
+                classifier=lambda t: as_callable(load_export(paths, "classifier_ti", t, scorer_fraction, device)),
                 reference_lm=lambda t: as_callable(load_export(paths, "reference_lm", t, None, device)),
                 eos_id=manifest.eos_id, bos_id=manifest.bos_id)
 

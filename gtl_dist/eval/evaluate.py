@@ -6,8 +6,9 @@ and fraction for the time-independent classifier and per target for the referenc
 module only reads samples and computes numbers.
 
 The source model is sampled once per seed (RunPaths.samples("source", None, None, seed)) and
-scored against every target; its rows have no fraction, except the domain score, which uses each
-fraction's classifier and so has one row per fraction.
+scored against every target; its rows have no fraction. The domain score of a target comes from
+one evaluator's classifier (trained on all of the target's training data against the source), the
+same for every method and fraction, and the held-out text of both domains calibrates it.
 
 Every sample set exists once per seed of pipeline.seeds; a metric is reported as the mean over
 seeds with their standard deviation (gtl_dist.eval.results.seed_rows). A Markov run adds the
@@ -16,6 +17,9 @@ oracle ladder and the calibration diagnostics (gtl_dist.eval.ladder).
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -53,11 +57,14 @@ def _tokens(records: Sequence[dict]) -> list[list[int]]:
     return [r["tokens"] for r in records]
 
 
-def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> tuple[list[ResultRow], dict[str, MarkovMatrices]]:
+def evaluate_markov(cfg: RunConfig, paths: RunPaths
+                    ) -> tuple[list[ResultRow], dict[str, MarkovMatrices], list[str]]:
+    """Rows, the sampled transition matrices per target, and the findings (identical sets)."""
     chains = transition_matrices(cfg.data.markov)
     source, length = chains[SOURCE], cfg.data.markov.length
     rows: list[ResultRow] = []
     matrices = {}
+    fingerprints: dict[str, list[str]] = {}
     for target in cfg.targets:
         q = chains[target]
         h_q, x_qp = expected_nll(q, q, length), expected_nll(q, source, length)
@@ -69,9 +76,11 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> tuple[list[ResultRow], d
         for method, folder_target, fraction in sample_cells(cfg, target):
             per_seed, merged = {}, None
             for seed in cfg.pipeline.seeds:
-                records = read_samples(paths.samples(method, folder_target, fraction, seed),
-                                       cfg.sample.num_samples)
-                counts = markov_counts(np.asarray(_tokens(records)), q, source)
+                tokens = _tokens(read_samples(paths.samples(method, folder_target, fraction, seed),
+                                              cfg.sample.num_samples))
+                fingerprints.setdefault(_fingerprint(tokens), []).append(
+                    _set_label(method, folder_target, fraction, seed))
+                counts = markov_counts(np.asarray(tokens), q, source)
                 per_seed[seed] = markov_metrics(counts, q)
                 merged = counts if merged is None else merged + counts
             rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
@@ -79,51 +88,125 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> tuple[list[ResultRow], d
         matrices[target] = mats
     if cfg.eval.ladder and any(m in cfg.sample.methods for m in ("gtl", "gtl_paper")):
         rows += ladder_rows(cfg, paths) + calibration_rows(cfg, paths)
-    return rows, matrices
+    return rows, matrices, identical_set_findings(fingerprints)
 
 
-def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, Sequence[str]],
-                  classifier: Optional[Callable[[str, float], text.Model]] = None,
+# Reference rows of the text report: the held-out test text of the target and of the source,
+# scored by the same instruments as the samples (what a perfect sampler of each domain gets).
+HELDOUT_TARGET, HELDOUT_SOURCE = "heldout_target", "heldout_source"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One domain's held-out test text: decoded (MAUVE's references) and as token ids."""
+    texts: Sequence[str]
+    tokens: Sequence[Sequence[int]]
+
+
+def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, HeldOut],
+                  source_heldout: Optional[HeldOut] = None,
+                  classifier: Optional[Callable[[str], text.Model]] = None,
                   reference_lm: Optional[Callable[[str], text.Model]] = None,
-                  eos_id: Optional[int] = None, bos_id: Optional[int] = None) -> list[ResultRow]:
-    """MAUVE against ``references[target]`` (held-out target text), diversity over token ids, and,
-    where the networks are given, the classifier domain score and generative perplexity."""
+                  eos_id: Optional[int] = None, bos_id: Optional[int] = None
+                  ) -> tuple[list[ResultRow], list[str]]:
+    """MAUVE against ``references[target]`` (held-out target text) and diversity over token ids
+    for every sample set; where the networks are given, the domain score and generative perplexity.
+
+    ``classifier(target)`` is the evaluator's domain classifier of ``target`` against the source:
+    one instrument for every method and fraction, calibrated by scoring the held-out text of both
+    domains (rows ``heldout_target`` / ``heldout_source``). Returns the rows and the report's
+    findings: sample sets that are identical where they must differ, and a domain score that
+    cannot tell the held-out text of the two domains apart.
+    """
     rows: list[ResultRow] = []
-    seeds = cfg.pipeline.seeds
+    fingerprints: dict[str, list[str]] = {}
+    findings: list[str] = []
     for target in cfg.targets:
-        if not references.get(target):
+        heldout = references.get(target)
+        if heldout is None or not heldout.texts:
             raise ValueError(f"no reference texts for target '{target}': pass its held-out test text")
         lm = reference_lm(target) if reference_lm is not None else None
+        scorer = classifier(target) if classifier is not None else None
+        rows += _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
+        findings += _calibration_findings(rows, target)
         for method, folder_target, fraction in sample_cells(cfg, target):
-            # The source model's samples are scored by every fraction's classifier.
-            scored_by = cfg.data.target_fractions if fraction is None else [fraction]
             per_seed: dict[int, dict[str, float]] = {}
-            per_fraction: dict[float, dict[int, dict[str, float]]] = {f: {} for f in scored_by}
             mauve_result = None
-            for seed in seeds:
+            for seed in cfg.pipeline.seeds:
                 folder = paths.samples(method, folder_target, fraction, seed)
-                records = read_samples(folder, cfg.sample.num_samples)
-                texts = [r["text"] for r in records]
-                if any(t is None for t in texts):
-                    raise ValueError(f"{folder}: samples have no decoded text; the sample stage must "
-                                     f"write 'text' for corpus '{cfg.data.corpus}'")
+                texts, tokens = _sample_set(cfg, folder)
+                fingerprints.setdefault(_fingerprint(tokens), []).append(
+                    _set_label(method, folder_target, fraction, seed))
                 log.info("scoring %s / %s / %s / seed %d (%d samples)", method, target, fraction, seed,
-                         len(records))
-                tokens = _tokens(records)
-                mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, references[target], lm,
+                         len(tokens))
+                mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, heldout.texts, lm,
                                                              eos_id, bos_id)
-                if classifier is not None:
-                    for f in scored_by:
-                        per_fraction[f][seed] = text.domain_score(
-                            text.domain_counts(tokens, classifier(target, f), cfg.eval.batch_size))
-            if len(seeds) == 1:  # keep the spread over MAUVE's own seeds
+                if scorer is not None:
+                    per_seed[seed].update(text.domain_score(
+                        text.domain_counts(tokens, scorer, cfg.eval.batch_size)))
+            if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
                 rows.append(mauve_row(method, target, fraction, mauve_result))
-                per_seed[seeds[0]].pop(mauve_result.metric)
+                per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
             rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
-            for f, scores in per_fraction.items():
-                if scores:
-                    rows += seed_rows(method, target, f, scores, n=cfg.sample.num_samples)
+    return rows, findings + identical_set_findings(fingerprints)
+
+
+def _sample_set(cfg: RunConfig, folder) -> tuple[list[str], list[list[int]]]:
+    records = read_samples(folder, cfg.sample.num_samples)
+    texts = [r["text"] for r in records]
+    if any(t is None for t in texts):
+        raise ValueError(f"{folder}: samples have no decoded text; the sample stage must "
+                         f"write 'text' for corpus '{cfg.data.corpus}'")
+    return texts, _tokens(records)
+
+
+def _heldout_rows(cfg: RunConfig, target: str, heldout: HeldOut, source: Optional[HeldOut],
+                  scorer: Optional[text.Model], eos_id: Optional[int]) -> list[ResultRow]:
+    """Diversity of the held-out target text, and the domain score of both domains' held-out text."""
+    ev = cfg.eval
+    metrics = text.diversity(text.diversity_counts(
+        [text.truncate_at_eos(t, eos_id) for t in heldout.tokens], ev.diversity_max_n, ev.repetition_n))
+    if scorer is not None:
+        metrics.update(text.domain_score(text.domain_counts(heldout.tokens, scorer, ev.batch_size)))
+    rows = rows_from_metrics(HELDOUT_TARGET, target, None, metrics, n=len(heldout.tokens),
+                             notes="the target's held-out test text itself")
+    if scorer is not None and source is not None:
+        rows += rows_from_metrics(HELDOUT_SOURCE, target, None,
+                                  text.domain_score(text.domain_counts(source.tokens, scorer, ev.batch_size)),
+                                  n=len(source.tokens), notes="the source's held-out test text")
     return rows
+
+
+# The domain score is read as a score only if held-out target text is called target-like this much
+# more often (percentage points) than held-out source text.
+MIN_DOMAIN_SEPARATION = 50.0
+
+
+def _calibration_findings(rows: Sequence[ResultRow], target: str) -> list[str]:
+    pct = {r.method: r.value for r in rows
+           if r.target == target and r.metric == "domain_pct_target" and r.method in (HELDOUT_TARGET, HELDOUT_SOURCE)}
+    if len(pct) < 2 or pct[HELDOUT_TARGET] - pct[HELDOUT_SOURCE] >= MIN_DOMAIN_SEPARATION:
+        return []
+    return [f"target {target}: the domain classifier calls {pct[HELDOUT_TARGET]:.0f}% of held-out {target} "
+            f"text and {pct[HELDOUT_SOURCE]:.0f}% of held-out source text target-like; it does not separate "
+            f"the domains, so domain_pct_target / domain_source_prob say nothing about the samples"]
+
+
+def _fingerprint(tokens: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(map(int, t)) for t in tokens]).encode()).hexdigest()
+
+
+def _set_label(method: str, target: Optional[str], fraction: Optional[float], seed: int) -> str:
+    where = "" if target is None else f" {target} @ {fraction * 100:g}%"
+    return f"{method}{where} (seed {seed})"
+
+
+def identical_set_findings(fingerprints: Mapping[str, Sequence[str]]) -> list[str]:
+    """One finding per group of sample sets with the same tokens: every set is drawn from its own
+    networks or seed, so equal sets mean guidance or training changed nothing."""
+    return [f"identical samples: {', '.join(dict.fromkeys(labels))} drew exactly the same token "
+            f"sequences; whatever distinguishes them (guidance, target, fraction, seed) changed nothing"
+            for labels in fingerprints.values() if len(dict.fromkeys(labels)) > 1]
 
 
 def _text_metrics(cfg: RunConfig, texts: Sequence[str], tokens: list[list[int]], references: Sequence[str],
@@ -148,13 +231,13 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
              **text_inputs) -> ReportFiles:
     """Score the run's samples and write results.csv, report.md, plots and TensorBoard.
 
-    For text corpora pass ``references`` and optionally ``classifier``, ``reference_lm``,
-    ``eos_id``, ``bos_id`` (see :func:`evaluate_text`).
+    For text corpora pass ``references`` and optionally ``source_heldout``, ``classifier``,
+    ``reference_lm``, ``eos_id``, ``bos_id`` (see :func:`evaluate_text`).
     """
     if cfg.data.corpus == "markov":
         if text_inputs:
             raise TypeError(f"the Markov evaluation takes no text inputs, got {sorted(text_inputs)}")
-        rows, matrices = evaluate_markov(cfg, paths)
-        return write_report(rows, paths, cfg, command=command, markov=matrices)
-    rows = evaluate_text(cfg, paths, **text_inputs)
-    return write_report(rows, paths, cfg, command=command)
+        rows, matrices, findings = evaluate_markov(cfg, paths)
+        return write_report(rows, paths, cfg, command=command, markov=matrices, findings=findings)
+    rows, findings = evaluate_text(cfg, paths, **text_inputs)
+    return write_report(rows, paths, cfg, command=command, findings=findings)

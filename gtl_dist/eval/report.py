@@ -57,9 +57,10 @@ class ReportFiles:
 def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunConfig] = None, *,
                  command: Optional[str] = None, date: Optional[str] = None,
                  markov: Optional[Mapping[str, MarkovMatrices]] = None,
-                 tensorboard: bool = True) -> ReportFiles:
+                 findings: Optional[Sequence[str]] = None, tensorboard: bool = True) -> ReportFiles:
     """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
-    reproduces the paper's set-up. ``command`` defaults to this process's command line."""
+    reproduces the paper's set-up. ``command`` defaults to this process's command line.
+    ``findings`` (problems the evaluation found, in words) head the report under "Checks"."""
     rows = list(rows)
     if not rows:
         raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
@@ -70,7 +71,8 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
     results_csv = write_results_csv(paths.eval / "results.csv", rows)
     tables = {target: render_target(rows, paper, target) for target in _ordered(r.target for r in rows)}
     report_md = paths.eval / "report.md"
-    atomic_write_text(report_md, render_header(cfg, command, date) + "\n".join(tables.values()))
+    atomic_write_text(report_md, render_header(cfg, command, date) + render_checks(findings)
+                      + "\n".join(tables.values()))
     plots = [plot_metric(rows, paper, metric, paths.eval / "plots")
              for metric in _ordered(r.metric for r in rows)]
     for target, mats in (markov or {}).items():
@@ -144,6 +146,37 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_checks(findings: Optional[Sequence[str]]) -> str:
+    """The evaluation's own checks; None when it ran none."""
+    if findings is None:
+        return ""
+    if not findings:
+        return "## Checks\n\nAll passed: no two sample sets are identical, and every calibration check passed.\n\n"
+    return "## Checks\n\n" + "".join(f"- **{finding}**\n" for finding in findings) + "\n"
+
+
+# Which way each metric family is better; "reference" metrics are best closest to the held-out
+# target text's own value (row heldout_target), not at an extreme.
+_DIRECTION = {
+    "mauve": "higher is better", "domain_pct_target": "higher is more target-like",
+    "domain_source_prob": "lower is more target-like",
+    "gen_ppl": "lower is better, but a collapsed sampler repeating common words scores low too: read it with distinct-n",
+    "transition_mean_abs_err": "lower is better", "transition_max_abs_err": "lower is better",
+    "nll_target_per_seq": "lower is better", "nll_target_per_token": "lower is better",
+    "nll_source_per_seq": "higher is further from the source", "nll_source_per_token": "higher is further from the source",
+    "ladder_mean_abs_err": "lower is better",
+    "edit_slope": "1 is calibrated", "edit_corr": "higher is better",
+}
+_REFERENCE = ("distinct_", "unigram_entropy", "repetition_")
+
+
+def metric_direction(metric: str) -> str:
+    family = metric_family(metric)
+    if family.startswith(_REFERENCE):
+        return "closest to the held-out target text (heldout_target) is best"
+    return _DIRECTION.get(family, "")
+
+
 def protocol_text(cfg: RunConfig) -> str:
     """The low-data protocol in words (docs/method.md §12)."""
     p = cfg.protocol
@@ -197,7 +230,9 @@ def render_target(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target:
     metrics = _ordered(r.metric for r in rows if r.target == target)
     parts = [f"## Target: {target}\n"]
     for metric in metrics:
-        parts.append(f"### {metric}\n\n{render_table(rows, paper, target, metric)}")
+        direction = metric_direction(metric)
+        heading = f"{metric} ({direction})" if direction else metric
+        parts.append(f"### {heading}\n\n{render_table(rows, paper, target, metric)}")
     return "\n".join(parts)
 
 
