@@ -101,11 +101,11 @@ def test_text_stage_with_callable_networks(tmp_path):
         classifier_calls.append(target)
         return lambda tokens: (tokens.mean(axis=1) - 5.0)  # high ids look like source
 
-    rows, findings = evaluate_text(
+    out = evaluate_text(
         cfg, paths, references={"physics": HeldOut(target_texts, target_tokens.tolist())},
         source_heldout=HeldOut(source_texts, source_tokens.tolist()), classifier=classifier,
         reference_lm=lambda target: (lambda t: np.zeros(t.shape + (vocab,))))
-    by = {(r.method, r.fraction, r.metric): r for r in rows}
+    by = {(r.method, r.fraction, r.metric): r for r in out.rows}
     assert by[("gtl", 1.0, "gen_ppl")].value == pytest.approx(vocab)  # uniform reference model
     assert by[("gtl", 0.3, "mauve[tfidf-svd]")].value > 0.5
     assert by[("source", None, "mauve[tfidf-svd]")].value < 0.01  # disjoint vocabulary
@@ -118,7 +118,10 @@ def test_text_stage_with_callable_networks(tmp_path):
     assert by[("heldout_source", None, "domain_pct_target")].value == 0.0
     assert by[("heldout_target", None, "distinct_1")].value == pytest.approx(5 / (30 * 12))
     assert by[("vanilla", 0.3, "distinct_1")].value == pytest.approx(5 / (30 * 12))
-    assert findings == ["identical samples: gtl physics @ 100% (seed 0), gtl physics @ 30% (seed 0) drew "
+    assert out.examples["gtl physics @ 30% (seed 0)"] == unchanged[1][:3]
+    assert set(out.examples) == {f"{m} physics @ {f}% (seed 0)" for m in ("gtl", "vanilla", "finetune")
+                                 for f in (100, 30)} | {"source (seed 0)"}
+    assert out.findings == ["identical samples: gtl physics @ 100% (seed 0), gtl physics @ 30% (seed 0) drew "
                         "exactly the same token sequences; whatever distinguishes them (guidance, target, "
                         "fraction, seed) changed nothing"]
     with pytest.raises(ValueError, match="no reference texts for target 'physics'"):
@@ -135,13 +138,14 @@ def test_a_domain_score_that_cannot_separate_the_domains_is_flagged(tmp_path):
     texts = [" ".join(f"w{t}" for t in row) for row in tokens]
     _write_shards(paths.samples("source", None, None), tokens, texts)
     heldout = HeldOut(texts, tokens.tolist())
-    rows, findings = evaluate_text(cfg, paths, references={"physics": heldout}, source_heldout=heldout,
-                                   classifier=lambda target: (lambda t: np.full(len(t), -3.0)))
-    assert [r.value for r in rows if r.method == "source" and r.metric == "domain_pct_target"] == [100.0]
-    assert findings == ["target physics: the domain classifier calls 100% of held-out physics text and "
+    out = evaluate_text(cfg, paths, references={"physics": heldout}, source_heldout=heldout,
+                        classifier=lambda target: (lambda t: np.full(len(t), -3.0)))
+    assert [r.value for r in out.rows if r.method == "source" and r.metric == "domain_pct_target"] == [100.0]
+    assert out.findings == ["target physics: the domain classifier calls 100% of held-out physics text and "
                         "100% of held-out source text target-like; it does not separate the domains, so "
                         "domain_pct_target / domain_source_prob say nothing about the samples"]
     report = run_eval(cfg, paths, command="test", references={"physics": heldout}, source_heldout=heldout,
                       classifier=lambda target: (lambda t: np.full(len(t), -3.0))).report_md.read_text()
     assert "## Checks" in report and "it does not separate the domains" in report
+    assert (paths.eval / "samples.md").read_text().count("> w") == 3  # the first 3 samples
     assert "### domain_pct_target (higher is more target-like)" in report

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -57,14 +57,12 @@ def _tokens(records: Sequence[dict]) -> list[list[int]]:
     return [r["tokens"] for r in records]
 
 
-def evaluate_markov(cfg: RunConfig, paths: RunPaths
-                    ) -> tuple[list[ResultRow], dict[str, MarkovMatrices], list[str]]:
+def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
     """Rows, the sampled transition matrices per target, and the findings (identical sets)."""
     chains = transition_matrices(cfg.data.markov)
     source, length = chains[SOURCE], cfg.data.markov.length
-    rows: list[ResultRow] = []
-    matrices = {}
-    fingerprints: dict[str, list[str]] = {}
+    out = Evaluation()
+    rows, matrices = out.rows, out.matrices
     for target in cfg.targets:
         q = chains[target]
         h_q, x_qp = expected_nll(q, q, length), expected_nll(q, source, length)
@@ -78,8 +76,7 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths
             for seed in cfg.pipeline.seeds:
                 tokens = _tokens(read_samples(paths.samples(method, folder_target, fraction, seed),
                                               cfg.sample.num_samples))
-                fingerprints.setdefault(_fingerprint(tokens), []).append(
-                    _set_label(method, folder_target, fraction, seed))
+                out.saw(_set_label(method, folder_target, fraction, seed), tokens)
                 counts = markov_counts(np.asarray(tokens), q, source)
                 per_seed[seed] = markov_metrics(counts, q)
                 merged = counts if merged is None else merged + counts
@@ -88,7 +85,7 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths
         matrices[target] = mats
     if cfg.eval.ladder and any(m in cfg.sample.methods for m in ("gtl", "gtl_paper")):
         rows += ladder_rows(cfg, paths) + calibration_rows(cfg, paths)
-    return rows, matrices, identical_set_findings(fingerprints)
+    return out.finish()
 
 
 # Reference rows of the text report: the held-out test text of the target and of the source,
@@ -103,52 +100,88 @@ class HeldOut:
     tokens: Sequence[Sequence[int]]
 
 
+@dataclass
+class Evaluation:
+    """What the evaluation found: result rows, findings in words (the report's "Checks"), a few
+    decoded samples per sample set (text runs), and the sampled transition matrices (Markov)."""
+    rows: list[ResultRow] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    matrices: dict[str, MarkovMatrices] = field(default_factory=dict)
+    fingerprints: dict[str, list[str]] = field(default_factory=dict)  # tokens' hash -> set labels
+
+    def saw(self, label: str, tokens: Sequence[Sequence[int]]) -> None:
+        self.fingerprints.setdefault(_fingerprint(tokens), []).append(label)
+
+    def finish(self) -> "Evaluation":
+        self.findings += identical_set_findings(self.fingerprints)
+        return self
+
+
+# Decoded samples shown per sample set (seed 0) in samples.md and TensorBoard.
+EXAMPLES_PER_SET = 3
+
+
 def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, HeldOut],
                   source_heldout: Optional[HeldOut] = None,
                   classifier: Optional[Callable[[str], text.Model]] = None,
                   reference_lm: Optional[Callable[[str], text.Model]] = None,
-                  eos_id: Optional[int] = None, bos_id: Optional[int] = None
-                  ) -> tuple[list[ResultRow], list[str]]:
+                  eos_id: Optional[int] = None, bos_id: Optional[int] = None) -> Evaluation:
     """MAUVE against ``references[target]`` (held-out target text) and diversity over token ids
     for every sample set; where the networks are given, the domain score and generative perplexity.
 
     ``classifier(target)`` is the evaluator's domain classifier of ``target`` against the source:
     one instrument for every method and fraction, calibrated by scoring the held-out text of both
-    domains (rows ``heldout_target`` / ``heldout_source``). Returns the rows and the report's
-    findings: sample sets that are identical where they must differ, and a domain score that
-    cannot tell the held-out text of the two domains apart.
+    domains (rows ``heldout_target`` / ``heldout_source``). The findings name sample sets that are
+    identical where they must differ, and a domain score that cannot tell the two domains apart.
     """
-    rows: list[ResultRow] = []
-    fingerprints: dict[str, list[str]] = {}
-    findings: list[str] = []
+    out = Evaluation()
     for target in cfg.targets:
         heldout = references.get(target)
         if heldout is None or not heldout.texts:
             raise ValueError(f"no reference texts for target '{target}': pass its held-out test text")
-        lm = reference_lm(target) if reference_lm is not None else None
         scorer = classifier(target) if classifier is not None else None
-        rows += _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
-        findings += _calibration_findings(rows, target)
-        for method, folder_target, fraction in sample_cells(cfg, target):
-            per_seed: dict[int, dict[str, float]] = {}
-            mauve_result = None
-            for seed in cfg.pipeline.seeds:
-                folder = paths.samples(method, folder_target, fraction, seed)
-                texts, tokens = _sample_set(cfg, folder)
-                fingerprints.setdefault(_fingerprint(tokens), []).append(
-                    _set_label(method, folder_target, fraction, seed))
-                log.info("scoring %s / %s / %s / seed %d (%d samples)", method, target, fraction, seed,
-                         len(tokens))
-                mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, heldout.texts, lm,
-                                                             eos_id, bos_id)
-                if scorer is not None:
-                    per_seed[seed].update(text.domain_score(
-                        text.domain_counts(tokens, scorer, cfg.eval.batch_size)))
-            if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
-                rows.append(mauve_row(method, target, fraction, mauve_result))
-                per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
-            rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
-    return rows, findings + identical_set_findings(fingerprints)
+        out.rows += _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
+        out.findings += _calibration_findings(out.rows, target)
+        instruments = _Instruments(heldout, scorer, reference_lm(target) if reference_lm else None,
+                                   eos_id, bos_id)
+        for cell in sample_cells(cfg, target):
+            _score_text_cell(cfg, paths, target, cell, instruments, out)
+    return out.finish()
+
+
+@dataclass(frozen=True)
+class _Instruments:
+    """What scores one target's sample sets."""
+    heldout: HeldOut
+    scorer: Optional[text.Model]
+    lm: Optional[text.Model]
+    eos_id: Optional[int]
+    bos_id: Optional[int]
+
+
+def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
+                     cell: tuple[str, Optional[str], Optional[float]], ins: _Instruments,
+                     out: Evaluation) -> None:
+    """Every seed's sample set of one (method, fraction) against ``target``: rows into ``out``."""
+    method, folder_target, fraction = cell
+    per_seed: dict[int, dict[str, float]] = {}
+    mauve_result = None
+    for seed in cfg.pipeline.seeds:
+        texts, tokens = _sample_set(cfg, paths.samples(method, folder_target, fraction, seed))
+        label = _set_label(method, folder_target, fraction, seed)
+        out.saw(label, tokens)
+        if seed == cfg.pipeline.seeds[0]:
+            out.examples.setdefault(label, texts[:EXAMPLES_PER_SET])
+        log.info("scoring %s against %s (%d samples)", label, target, len(tokens))
+        mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, ins.heldout.texts, ins.lm,
+                                                     ins.eos_id, ins.bos_id)
+        if ins.scorer is not None:
+            per_seed[seed].update(text.domain_score(text.domain_counts(tokens, ins.scorer, cfg.eval.batch_size)))
+    if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
+        out.rows.append(mauve_row(method, target, fraction, mauve_result))
+        per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
+    out.rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
 
 
 def _sample_set(cfg: RunConfig, folder) -> tuple[list[str], list[list[int]]]:
@@ -237,7 +270,8 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
     if cfg.data.corpus == "markov":
         if text_inputs:
             raise TypeError(f"the Markov evaluation takes no text inputs, got {sorted(text_inputs)}")
-        rows, matrices, findings = evaluate_markov(cfg, paths)
-        return write_report(rows, paths, cfg, command=command, markov=matrices, findings=findings)
-    rows, findings = evaluate_text(cfg, paths, **text_inputs)
-    return write_report(rows, paths, cfg, command=command, findings=findings)
+        out = evaluate_markov(cfg, paths)
+    else:
+        out = evaluate_text(cfg, paths, **text_inputs)
+    return write_report(out.rows, paths, cfg, command=command, markov=out.matrices, findings=out.findings,
+                        examples=out.examples)

@@ -57,10 +57,13 @@ class ReportFiles:
 def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunConfig] = None, *,
                  command: Optional[str] = None, date: Optional[str] = None,
                  markov: Optional[Mapping[str, MarkovMatrices]] = None,
-                 findings: Optional[Sequence[str]] = None, tensorboard: bool = True) -> ReportFiles:
+                 findings: Optional[Sequence[str]] = None,
+                 examples: Optional[Mapping[str, Sequence[str]]] = None,
+                 tensorboard: bool = True) -> ReportFiles:
     """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
     reproduces the paper's set-up. ``command`` defaults to this process's command line.
-    ``findings`` (problems the evaluation found, in words) head the report under "Checks"."""
+    ``findings`` (problems the evaluation found, in words) head the report under "Checks";
+    ``examples`` (decoded samples per sample set) go to samples.md and TensorBoard as text."""
     rows = list(rows)
     if not rows:
         raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
@@ -77,14 +80,18 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
              for metric in _ordered(r.metric for r in rows)]
     for target, mats in (markov or {}).items():
         plots.append(plot_transitions(mats, target, paths.eval / "plots"))
-    tb_dir = write_tensorboard(rows, tables, paths.tb("eval")) if tensorboard else None
+    if examples:
+        atomic_write_text(paths.eval / SAMPLES_MD, render_examples(examples))
+    tb_dir = write_tensorboard(rows, tables, paths.tb("eval"), examples) if tensorboard else None
     return ReportFiles(results_csv, report_md, tuple(plots), tb_dir)
 
 
 def publish_report(eval_dir: Path, dest: Path) -> Path:
     """Copy a finished report (report.md, results.csv, plots/) to ``dest`` as a whole."""
     with atomic_dir(dest) as fresh:
-        for name in ("report.md", "results.csv"):
+        for name in ("report.md", "results.csv", SAMPLES_MD):
+            if name == SAMPLES_MD and not (eval_dir / name).is_file():
+                continue  # Markov runs have no decoded samples
             shutil.copy2(eval_dir / name, fresh / name)
         if (eval_dir / "plots").is_dir():
             shutil.copytree(eval_dir / "plots", fresh / "plots")
@@ -144,6 +151,17 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
               "- columns are target-data fractions; cells are the mean ± std over seeds where a metric "
               "is repeated; rows marked (paper) are the paper's published numbers", ""]
     return "\n".join(lines) + "\n"
+
+
+SAMPLES_MD = "samples.md"
+
+
+def render_examples(examples: Mapping[str, Sequence[str]]) -> str:
+    """A few decoded samples per sample set, as quoted paragraphs."""
+    parts = ["# Decoded samples\n\nThe first samples of each set (seed 0), as the tokenizer decodes them.\n"]
+    for label, texts in examples.items():
+        parts.append(f"## {label}\n\n" + "\n\n".join(f"> {t}" for t in texts) + "\n")
+    return "\n".join(parts)
 
 
 def render_checks(findings: Optional[Sequence[str]]) -> str:
@@ -345,9 +363,11 @@ def _tb_steps(row: ResultRow, rows: Sequence[ResultRow]) -> list[int]:
     return sorted(tb_step(f) for f in fractions) or [0]
 
 
-def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_dir: Path) -> Path:
-    """Scalars ``<target>/<metric>/<method>`` at step = fraction in basis points, and each
-    target's tables as markdown text. Written to a fresh folder that replaces ``tb_dir``."""
+def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_dir: Path,
+                      examples: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
+    """Scalars ``<target>/<metric>/<method>`` at step = fraction in basis points, each target's
+    tables and the decoded samples as markdown text. Written to a fresh folder that replaces
+    ``tb_dir``."""
     from torch.utils.tensorboard import SummaryWriter  # torch only where TensorBoard is written
 
     with atomic_dir(tb_dir) as fresh:
@@ -358,5 +378,7 @@ def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_d
                     writer.add_scalar(f"{r.target}/{r.metric}/{r.method}", r.value, step)
         for target, table in tables.items():
             writer.add_text(f"report/{target}", table, 0)
+        for label, texts in (examples or {}).items():
+            writer.add_text(f"samples/{label}", "\n\n".join(f"> {t}" for t in texts), 0)
         writer.close()
     return Path(tb_dir)
