@@ -184,7 +184,7 @@ def _launch(argv: list[str] | None, held: ExitStack) -> int:
         return _finish(run_dir, cfg, launcher, args, cluster, follow=args.wait)
 
     print(f"tensorboard --logdir {run_dir / 'tb'}")
-    failed = launcher.run_here(plan)
+    failed = launcher.run_here(plan, on_event=lambda line: print(line, flush=True))  # logs see it now
     return _report_end(run_dir, failed, publish=args.publish)
 
 
@@ -221,11 +221,14 @@ def _finish(run_dir: Path, cfg, launcher: Launcher, args, cluster: str, follow: 
 
 
 def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None, publish: str | None) -> int:
-    """Poll task states until everything is done or nothing is left running."""
+    """Poll task states until everything is done or nothing is left running; running training
+    tasks report their step now and then."""
     from gtl_dist.cluster.launch import slurm_job_states
+    from gtl_dist.cluster.progress import TrainProgress
     deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min
     last: dict[str, str] = {}
     tasks = launcher.pipeline.tasks
+    progress = TrainProgress(launcher.pipeline, launcher.paths)
     while True:
         subs = [s for t in tasks if (s := launcher.subs.get(t)) is not None]
         states = slurm_job_states(subs)
@@ -234,6 +237,8 @@ def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None, publis
         for key, state in now.items():
             if last.get(key) != state:
                 print(f"  {time.strftime('%H:%M:%S')} {key:<32} {state}", flush=True)
+        for line in progress.lines(t for t in tasks if now[t.key] == "running"):
+            print(f"  {time.strftime('%H:%M:%S')} {line}", flush=True)
         last = now
         failed = [t for t in tasks if now[t.key] in ("failed", "cancelled")]
         active = [t for t in tasks if now[t.key] in ("running", "pending")]

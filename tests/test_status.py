@@ -1,22 +1,33 @@
 """launchers/status.py on a fake run directory: its exit status and the --only filter."""
 
 import importlib.util
+import json
+import os
 import pickle
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import TASK_STATES, Submission, SubmissionLog
 from gtl_dist.cluster.run_dir import prepare_run_dir
+from gtl_dist.cluster.progress import TrainProgress, format_progress, train_log_path
 from gtl_dist.cluster.tasks import write_marker
 from gtl_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("status_cli", REPO / "launchers" / "status.py")
-status_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(status_cli)
-main = status_cli.main
+
+
+def _load(name: str, script: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "launchers" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+main = _load("status_cli", "status.py").main
 
 
 @pytest.fixture
@@ -70,3 +81,69 @@ def test_an_unknown_only_filter_is_refused_listing_the_states(finished_run, caps
     err = capsys.readouterr().err
     assert "argument --only: invalid choice: 'faild'" in err
     assert all(f"'{state}'" in err for state in TASK_STATES)
+
+
+# -- progress lines of a followed run (cluster/status.TrainProgress) ------------------------------------
+
+def test_progress_is_steps_percent_rate_and_eta():
+    assert format_progress(1200, 2500, 2.1) == "step 1200/2500 (48%), 2.1 step/s, eta 10 min"
+    assert format_progress(5, 40) == "step 5/40 (12%)"
+    assert format_progress(40, 40, 25.0) == "step 40/40 (100%), 25 step/s"
+    assert format_progress(0, 100_000, 0.5).endswith("0.5 step/s, eta 55.6 h")
+
+
+@pytest.fixture
+def training_run(tmp_path, configs_dir):
+    """A run directory whose denoiser (40 steps of 64 samples in tiny.yaml) is training."""
+    cfg = load_config(configs_dir / "tiny.yaml")
+    paths = prepare_run_dir(cfg, tmp_path / "run")
+    pipeline = build_pipeline(cfg)
+    denoiser = next(t for t in pipeline.tasks if t.kind == "denoiser")
+    return pipeline, paths, denoiser
+
+
+def log_train(paths, task, step, mtime, samples_per_s=128.0, kind="train"):
+    """Append one record to ``task``'s train_log.jsonl, as if written at ``mtime``."""
+    path = train_log_path(paths, task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": step, "kind": kind, "loss": 1.0, "samples_per_s": samples_per_s}) + "\n")
+    os.utime(path, (mtime, mtime))
+
+
+def test_running_training_tasks_report_their_step_at_most_every_30_s(training_run):
+    pipeline, paths, denoiser = training_run
+    now = [0.0]
+    progress = TrainProgress(pipeline, paths, every_s=30, clock=lambda: now[0])
+    assert progress.lines(pipeline.tasks) == []  # nothing logged yet
+    log_train(paths, denoiser, 10, mtime=1000)
+    # First sighting: the rate is the log's own, 128 samples/s over batches of 64.
+    assert progress.lines(pipeline.tasks) == ["running denoiser: step 10/40 (25%), 2 step/s, eta 15 s"]
+    now[0] = 10
+    log_train(paths, denoiser, 20, mtime=1010)
+    assert progress.lines(pipeline.tasks) == []  # 10 s after the last line
+    now[0] = 31
+    # Now the rate observed between the two records: 10 steps in 10 s.
+    assert progress.lines([denoiser]) == ["running denoiser: step 20/40 (50%), 1 step/s, eta 20 s"]
+    now[0] = 100
+    log_train(paths, denoiser, 20, mtime=1015, kind="val")
+    assert progress.lines([denoiser]) == []  # the step did not move
+    log_train(paths, denoiser, 30, mtime=1030)
+    lines = progress.lines([denoiser])
+    assert lines == ["running denoiser: step 30/40 (75%), 0.67 step/s, eta 15 s"]
+    assert "\r" not in lines[0] and "\n" not in lines[0]
+
+
+def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, monkeypatch, capsys):
+    pipeline, paths, denoiser = training_run
+    submit_cli = _load("submit_cli", "submit.py")
+    states = {t.key: "running" if t is denoiser else "pending" for t in pipeline.tasks}
+    monkeypatch.setattr(submit_cli, "task_state", lambda p, pa, task, sub, st: states[task.key])
+    monkeypatch.setattr("gtl_dist.cluster.launch.slurm_job_states", lambda subs: {})
+    monkeypatch.setattr(submit_cli.time, "sleep", lambda s: states.update(dict.fromkeys(states, "done")))
+    log_train(paths, denoiser, 10, mtime=1000)
+    launcher = SimpleNamespace(pipeline=pipeline, paths=paths, subs=SubmissionLog(paths))
+    assert submit_cli._follow(paths.root, launcher, None, None) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  \d\d:\d\d:\d\d running denoiser: step 10/40 \(25%\), 2 step/s, eta 15 s$", out, re.M)
+    assert out.count("running denoiser: step") == 1

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from gtl_dist.cluster.dag import BIG, DATA, Group, Pipeline, Task
+from gtl_dist.cluster.progress import TrainProgress
 from gtl_dist.cluster.tasks import TaskRunner, marker_valid
 from gtl_dist.config import RunConfig
 from gtl_dist.io import atomic_write_json, read_json
@@ -340,7 +341,9 @@ class Launcher:
         """Run the remaining tasks on this machine. A task starts as soon as every task it reads
         has finished (not group by group), up to ``local_parallelism`` at a time (a multi-rank
         task takes one slot per rank); ``debug`` runs them one by one in this process. Returns
-        the failed tasks; their dependants are cancelled (not run) and reported."""
+        the failed tasks; their dependants are cancelled (not run) and reported. Running training
+        tasks report their step now and then (``progress.TrainProgress``)."""
+        progress = TrainProgress(self.pipeline, self.paths)
         failed: list[Task] = []
         cancelled: set[Task] = set()
         pending = [t for t in self.pipeline.tasks if t in plan.to_run]
@@ -352,7 +355,7 @@ class Launcher:
                 deps = self.pipeline.task_deps(task)
                 for dep in deps:
                     if dep in plan.in_flight:  # a local job of an earlier, interrupted launch
-                        if self._await_local(dep, plan.in_flight.pop(dep), failed, on_event):
+                        if self._await_local(dep, plan.in_flight.pop(dep), failed, on_event, progress):
                             unfinished.discard(dep)
                 bad = [d for d in deps if d in failed or d in cancelled]
                 if bad:
@@ -375,6 +378,8 @@ class Launcher:
                 else:
                     failed.append(task)
                     on_event(f"  FAILED {task.key}: {error}")
+            for line in progress.lines(running):
+                on_event(f"  {line}")
             if running and self.opts.cluster != "debug":
                 time.sleep(0.5)
         return failed
@@ -426,9 +431,11 @@ class Launcher:
             return f"{_first_line(exc)} (log: {job.paths.stderr})"
 
     def _await_local(self, task: Task, sub: Submission, failed: list[Task],
-                     on_event: Callable[[str], None]) -> bool:
+                     on_event: Callable[[str], None], progress: TrainProgress) -> bool:
         on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
         while pid_alive(sub.job_id):
+            for line in progress.lines([task]):
+                on_event(f"  {line}")
             time.sleep(2)
         if marker_valid(self.pipeline, self.paths, task):
             return True

@@ -34,7 +34,7 @@ from typing import Optional
 
 from gtl_dist.cluster.dag import BIG, Group, Pipeline, Task
 from gtl_dist.cluster.launch import LaunchOptions, Plan, slurm_parameters, world_size
-from gtl_dist.cluster.status import train_log_path, train_log_records
+from gtl_dist.cluster.progress import train_log_path, train_log_records
 from gtl_dist.config import STAGES, ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
 

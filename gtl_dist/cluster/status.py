@@ -1,12 +1,12 @@
 """A run's state at a glance: one row per task (stage × target × fraction).
 
 State comes from the completion markers, the launcher's submission log and SLURM (``squeue``,
-which works without accounting); progress comes from each training stage's ``train_log.jsonl``.
+which works without accounting); progress from each training stage's ``train_log.jsonl``
+(gtl_dist/cluster/progress.py, which also prints a following launcher's progress lines).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +15,7 @@ import yaml
 
 from gtl_dist.cluster.dag import Pipeline, Task, build_pipeline
 from gtl_dist.cluster.launch import SubmissionLog, slurm_job_states, task_state
+from gtl_dist.cluster.progress import last_train_record
 from gtl_dist.cluster.tasks import TRAIN_KINDS
 from gtl_dist.config import config_from_dict
 from gtl_dist.paths import RunPaths, fraction_name
@@ -34,32 +35,10 @@ class StatusRow:
     log: str
 
 
-def train_log_records(paths: RunPaths, task: Task) -> list[dict]:
-    """The records of a task's train_log.jsonl, without a last line being written right now (or cut
-    short by a kill); none when the task has not logged yet."""
-    path = train_log_path(paths, task)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def train_log_path(paths: RunPaths, task: Task) -> Path:
-    return paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
-
-
 def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
     """Last logged training step and loss."""
-    step, loss = None, None
-    for rec in train_log_records(paths, task):
-        if rec.get("kind") == "train":
-            step, loss = rec.get("step"), rec.get("loss")
-    return step, loss
+    rec = last_train_record(paths, task) or {}
+    return rec.get("step"), rec.get("loss")
 
 
 def load_run(run_dir: str | Path) -> tuple[Pipeline, RunPaths]:

@@ -5,7 +5,7 @@ step. A resumed job reopens the same directory with ``purge_step`` = first step 
 TensorBoard hides what the killed run logged after its last committed checkpoint and the curves
 carry no duplicate points (docs/operations.md); the JSONL log is truncated the same way.
 ``flush()`` runs before every checkpoint and on preemption, since the writer otherwise buffers
-up to two minutes.
+up to two minutes; the JSONL log is line-buffered, each record on disk as soon as it is logged.
 
 Tags: ``train/{loss,lr,grad_norm,tokens_per_s,samples_per_s}``, ``val/*``,
 ``sys/{rss_gb,peak_rss_gb,cuda_max_allocated_gb}``, the config as text, and hparams at the end.
@@ -74,7 +74,8 @@ class StageMetrics:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(log_path, start_step)
         self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1)
-        self._log = open(log_path, "a")
+        # Line-buffered: the launcher following the run reads the step from it (cluster/status.py).
+        self._log = open(log_path, "a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
