@@ -1,6 +1,9 @@
 """Configuration: presets load, unknown keys are named with their file, overrides work, hashing."""
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from gtl_dist.config import ConfigError, RunConfig, load_config, parse_override
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["markov", "tiny", "demo"])
+@pytest.mark.parametrize("name", ["markov", "tiny", "demo", "jsonl_example"])
 def test_presets_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, RunConfig)
@@ -24,6 +27,24 @@ def test_arxiv_preset_needs_a_path_and_has_paper_sizes():
     assert cfg.models.denoiser.hidden == 512 and cfg.models.ratio.hidden == 96
     assert cfg.data.source_domains == ["cs", "math"] and cfg.data.target_domains == ["physics"]
     assert cfg.data.target_fractions == [1.0, 0.3, 0.05, 0.01]
+
+
+def test_jsonl_example_reads_a_users_corpus_and_plans_offline(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{d} document number {i}.", "domain": d, "id": f"{d}{i}"}) + "\n"
+                              for d in ("news", "legal", "medical") for i in range(5)))
+    cfg = load_config(CONFIGS / "jsonl_example.yaml", [f"data.path={corpus}"])
+    assert (cfg.data.corpus, cfg.data.path) == ("jsonl", str(corpus))
+    assert cfg.sample.methods == ["gtl", "source", "vanilla", "finetune"]
+    from gtl_dist.data.corpus import read_corpus
+    assert {k: len(v) for k, v in read_corpus(cfg).items()} == {"news": 5, "legal": 5, "medical": 5}
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "launchers/submit.py", "--config", "configs/jsonl_example.yaml",
+                          "--set", f"data.path={corpus}", "--plan", "--cluster", "local", "--run-dir", str(run_dir)],
+                         cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "preflight: passed" in res.stdout and "edit_ratio" in res.stdout and "finetune" in res.stdout
+    assert not run_dir.exists()  # --plan writes nothing
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

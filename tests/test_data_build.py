@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from gtl_dist.config import load_config
+from gtl_dist.config import ConfigError, load_config
 from gtl_dist.data import Manifest, ManifestError, markov, prepare_data, sets
 from gtl_dist.data.build import BuildError, data_hash
 from gtl_dist.data.shards import read_shard
@@ -141,6 +141,15 @@ def test_text_build_packs_documents_exactly(tmp_path, configs_dir, corpus_file):
     # Every token of every document is in a chunk, except the dropped tail of each (unit, domain).
     stored = sum(e.num_samples for e in m.sets.values()) * 32
     assert stored + m.info["tokens_dropped"] == total_tokens
+    # Per set and domain: documents, and tokens before chunking (without BOS/EOS), as inspect.py shows them.
+    for name in m.sets:
+        stem = m.root / "corpus" / sets.file_stem(name)
+        ids = [json.loads(x)["id"] for x in stem.with_suffix(".jsonl").read_text().splitlines()]
+        assert m.info["domain_documents"][name] == dict(Counter(corpus[i][1] for i in ids))
+        assert m.info["tokens"][name] == {d: sum(len(t) for i, t in zip(ids, tok.encode([corpus[i][0] for i in ids]))
+                                                 if corpus[i][1] == d) for d in m.sets[name].domains}
+    assert sum(n for by in m.info["tokens"].values() for n in by.values()) + 2 * len(corpus) == total_tokens
+    assert m.info["corpus_lines"] == {"file": str(corpus_file), "lines": 150, "skipped": 0, "reasons": {}}
     assert m.info["tokens_dropped"] < 32 * sum(len(p["units"]) * 2 for p in json.loads(
         (m.root / "plan.json").read_text())["sets"].values())
     # Splits are disjoint; overlap moved round(0.2 * 40) = 8 target documents into the source.
@@ -191,12 +200,32 @@ def test_up_to_date_build_is_reused_and_config_changes_need_rebuild(tmp_path, co
 
 def test_a_fraction_with_no_target_samples_is_an_error(tmp_path, configs_dir, corpus_file):
     with pytest.raises(ManifestError, match=r"target 'sticky' at fraction 0\.01 keeps round\(0\.01 \* 40\) = 0 "
-                                            r"of its N=40"):
+                                            r"of its N=40 training samples \(n_T = 0: .*\); raise 0\.01 in "
+                                            r"data\.target_fractions \(to at least 0\.025\), drop it, or add "
+                                            r"target data"):
         prepare_data(_markov_cfg(configs_dir, "data.markov.num_target=40", "data.target_fractions=[1.0, 0.01]"),
                      tmp_path / "m")
     with pytest.raises(ManifestError, match=r"target 't' at fraction 0\.001 keeps .* = 0 of its N="):
         prepare_data(_text_cfg(configs_dir, corpus_file, "data.target_fractions=[1.0, 0.001]"), tmp_path / "t")
     assert not (tmp_path / "t" / "data" / "manifest.json").exists()
+
+
+def test_a_fraction_the_holdout_leaves_without_training_data_is_an_error(tmp_path, configs_dir, corpus_file):
+    m = prepare_data(_text_cfg(configs_dir, corpus_file), tmp_path)
+    assert m.sets["t/train"].fractions == {"1": 29, "0.5": 14, "0.1": 3}
+    # The protocol is no part of the data hash: the same build, now checked with holdout_min=3.
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{m.path}: target 't' at fraction 0.1 has n_T = round(0.1 * 29) = 3 training sequences and "
+            f"protocol.selection=holdout holds out 3 of them (max(protocol.holdout_min=3, "
+            f"round(protocol.holdout_fraction=0.2 * 3))), which leaves none to train on. Fix: raise 0.1 in "
+            f"data.target_fractions to at least 0.14 (n_T >= 4; then rebuild the data with --rebuild), or "
+            f"lower protocol.holdout_min, or set protocol.selection=budget")):
+        prepare_data(_text_cfg(configs_dir, corpus_file, "protocol.holdout_min=3"), tmp_path)
+    with pytest.raises(ConfigError, match=r"fraction 1\.0 has n_T = round\(1\.0 \* 29\) = 29 .* holds out 29 .* "
+                                          r"Fix: add target data \(even fraction 1 has only N = 29\)"):
+        prepare_data(_text_cfg(configs_dir, corpus_file, "protocol.holdout_min=29"), tmp_path)
+    assert prepare_data(_text_cfg(configs_dir, corpus_file, "protocol.holdout_min=3", "protocol.selection=budget"),
+                        tmp_path) == m
 
 
 @pytest.mark.resume
@@ -233,7 +262,11 @@ def test_killed_build_leaves_no_partial_shard_and_resumes_without_rewriting(tmp_
 
 
 def test_inspect_cli_verifies_and_decodes(tmp_path, configs_dir, corpus_file):
-    m = prepare_data(_text_cfg(configs_dir, corpus_file, "data.overlap=0.0"), tmp_path)
+    # The corpus with two malformed lines (151, 152), skipped and reported.
+    with_bad = tmp_path / "corpus.jsonl"
+    with_bad.write_text(corpus_file.read_text() + '{"text": "cut\n{"domain": "t"}\n')
+    cfg = _text_cfg(configs_dir, with_bad, "data.overlap=0.0")
+    m = prepare_data(cfg, tmp_path)
     # No overlap: the tokenizer saw only source text, so a frequent target-only word is no piece.
     tok = Tokenizer(m.tokenizer_path)
     assert tok.sp.piece_to_id("▁alpha") != tok.unk_id and tok.sp.piece_to_id("▁zyxwvu") == tok.unk_id
@@ -243,6 +276,29 @@ def test_inspect_cli_verifies_and_decodes(tmp_path, configs_dir, corpus_file):
     assert ok.returncode == 0, ok.stderr
     assert f"sha256: {n}/{n} shards OK" in ok.stdout and "[t/train #0 t]" in ok.stdout
     assert any(w in ok.stdout for w in VOCAB["t"])  # decoded text
+    # Per domain and set: documents (a 80/20 split), tokens before chunking, sequences.
+    docs = {("a", "source/train"): 48, ("a", "source/test"): 12, ("b", "source/train"): 32,
+            ("b", "source/test"): 8, ("t", "t/train"): 40, ("t", "t/test"): 10}
+    rows = re.findall(r"^  (\S+) +(\S+/\S+) +(\d+) +(\d+) +(\d+)$", ok.stdout, re.M)
+    assert rows == [(d, name, str(docs[d, name]), str(m.info["tokens"][name][d]), str(m.sets[name].domains[d]))
+                    for d, name in docs]
+    fractions = m.sets["t/train"].fractions
+    assert (f"  t                1 -> n_T {fractions['1']}, 0.5 -> n_T {fractions['0.5']}, 0.1 -> n_T "
+            f"{fractions['0.1']}\n") in ok.stdout
+    assert (f"corpus lines of {with_bad}: skipped 2 of 152 lines: 1 not JSON (line 151); 1 key 'text' missing "
+            f"(line 152)\n") in ok.stdout
+    # With the run's config: each fraction's training and held-out sequences; none left is flagged (exit 1).
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    held = fractions["0.1"]
+    checked = subprocess.run(script + [str(m.root), "--samples", "0", "--no-verify", "--config", str(cfg_file),
+                                       "--override", f"protocol.holdout_min={held}"],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1, checked.stderr
+    assert re.search(rf"t +0\.5  n_T +{fractions['0.5']} = +{fractions['0.5'] - held} train \+ +{held} held out "
+                     rf"\(protocol\.selection=holdout\)\n", checked.stdout)
+    assert re.search(rf"t +0\.1  n_T +{held} = +0 train \+ +{held} held out \(protocol\.selection=holdout\)  NO "
+                     rf"TRAINING SEQUENCE", checked.stdout)
     victim = m.root / m.sets["t/train"].shards[1].name
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF

@@ -6,7 +6,7 @@ import pytest
 
 from gtl_dist.config import load_config
 from gtl_dist.data import demo, sets
-from gtl_dist.data.corpus import CorpusError, Document, arxiv_domain, read_arxiv, read_corpus
+from gtl_dist.data.corpus import CorpusError, Document, LineReport, arxiv_domain, read_arxiv, read_corpus
 
 
 def _cfg(configs_dir, *overrides):
@@ -61,20 +61,131 @@ def test_bad_corpora_name_the_file_and_the_problem(tmp_path, configs_dir):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(CorpusError, match=r"empty\.jsonl: the corpus is empty"):
         read_corpus(cfg(tmp_path / "empty.jsonl"))
-    (tmp_path / "garbled.jsonl").write_text('{"text": "x", "domain": "a"}\n{not json\n')
-    with pytest.raises(CorpusError, match=r"garbled\.jsonl:2: not a JSON object"):
+    # Every non-empty line malformed: an error naming the file, each reason with its lines, and a good line.
+    (tmp_path / "garbled.jsonl").write_text('{not json\n\n["text", "domain"]\n{"text": "x", "domain": 3}\n')
+    with pytest.raises(CorpusError, match=r"garbled\.jsonl: no usable line \(skipped 3 of 3 lines: 1 not JSON "
+                                          r"\(line 1\); 1 not a JSON object \(an array\) \(line 3\); 1 key "
+                                          r"'domain' is a number, not a string \(line 4\)\); a data\.corpus=jsonl "
+                                          r"file holds one JSON object a line with string keys \"text\" and "
+                                          r"\"domain\""):
         read_corpus(cfg(tmp_path / "garbled.jsonl"))
     _jsonl(tmp_path / "nokey.jsonl", [{"body": "x", "domain": "a"}])
-    with pytest.raises(CorpusError, match=r"nokey\.jsonl:1: key 'text' is missing"):
+    with pytest.raises(CorpusError, match=r"nokey\.jsonl: no usable line \(skipped 1 of 1 lines: 1 key 'text' "
+                                          r"missing \(line 1\)\)"):
         read_corpus(cfg(tmp_path / "nokey.jsonl"))
     path = _jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "domain": d} for d in ("a", "b") for i in range(3)])
     with pytest.raises(CorpusError, match=r"c\.jsonl: domain 'physics' has 0 document.*Domains found: a \(3\), b \(3\)"):
         read_corpus(cfg(path, targets="[physics]"))
+    # A domain left short by skipped lines: the error says so.
+    (tmp_path / "short.jsonl").write_text(path.read_text() + '{"text": "t3", "domain": "b"\n' * 2)
+    with pytest.raises(CorpusError, match=r"short\.jsonl: domain 'physics' has 0 document.*Domains found: a \(3\), "
+                                          r"b \(3\) \(skipped 2 of 8 lines: 2 not JSON \(lines 7, 8\)\)"):
+        read_corpus(cfg(tmp_path / "short.jsonl", targets="[physics]"))
     (tmp_path / "txt" / "a").mkdir(parents=True)
     with pytest.raises(CorpusError, match=r"txt/b: no folder for domain 'b'"):
         read_corpus(cfg(tmp_path / "txt", corpus="txt"))
     with pytest.raises(CorpusError, match="arxiv-snapshot.json: corpus file not found"):
         read_corpus(cfg(tmp_path / "arxiv-snapshot.json", corpus="arxiv"))
+
+
+def test_malformed_jsonl_lines_are_skipped_counted_and_reported(tmp_path, configs_dir, caplog):
+    good = [json.dumps({"text": f" doc {i} ", "domain": "ab"[i % 2], "id": f"d{i}"}) for i in range(6)]
+    bad = ['{"text": "cut off', '"just a string"', '{"domain": "a"}', '{"text": "   ", "domain": "b"}',
+           '{"text": ["x"], "domain": "a"}', "not json at all"]
+    lines = [good[0], bad[0], good[1], "", bad[1], good[2], bad[2], good[3], bad[3], bad[4], good[4], bad[5],
+             good[5]]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = _cfg(configs_dir, "data.corpus=jsonl", f"data.path={path}", "data.source_domains=[a]",
+               "data.target_domains=[b]")
+    report = LineReport()
+    with caplog.at_level("WARNING", logger="gtl_dist.data.corpus"):
+        docs = read_corpus(cfg, report)
+    assert [d.doc_id for d in docs["a"]] == ["d0", "d2", "d4"] and [d.doc_id for d in docs["b"]] == ["d1", "d3", "d5"]
+    assert docs["a"][0].text == "doc 0"
+    summary = ("skipped 6 of 12 lines: 2 not JSON (lines 2, 12); 1 not a JSON object (a string) (line 5); "
+               "1 key 'text' missing (line 7); 1 empty text (line 9); 1 key 'text' is an array, not a "
+               "string (line 10)")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: {summary}; these lines are left out (fix them to use them)"]
+    assert report.summary() == summary
+    assert report.to_info() == {"file": str(path), "lines": 12, "skipped": 6, "reasons": {
+        "not JSON": {"count": 2, "lines": [2, 12]}, "not a JSON object (a string)": {"count": 1, "lines": [5]},
+        "key 'text' missing": {"count": 1, "lines": [7]}, "empty text": {"count": 1, "lines": [9]},
+        "key 'text' is an array, not a string": {"count": 1, "lines": [10]}}}
+
+
+def test_skip_report_shows_the_first_ten_lines_of_a_reason():
+    report = LineReport("big.jsonl")
+    report.lines = 100
+    for lineno in range(1, 26):
+        report.skip("not JSON", lineno * 3)
+    assert report.summary() == "skipped 25 of 100 lines: 25 not JSON (lines 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, ...)"
+
+
+# The Kaggle arXiv metadata snapshot (arxiv-metadata-oai-snapshot.json): one record a line, every
+# key present, abstracts with hard line wraps and leading spaces, versions and parsed authors.
+def _arxiv_record(arxiv_id, categories, abstract, **changes):
+    record = {
+        "id": arxiv_id, "submitter": "Pavel Nadolsky",
+        "authors": "C. Bal\\'azs, E. L. Berger, P. M. Nadolsky, C.-P. Yuan",
+        "title": "Calculation of prompt diphoton production cross sections at Tevatron and\n  LHC energies",
+        "comments": "37 pages, 15 figures; minor changes", "journal-ref": "Phys.Rev.D76:013009,2007",
+        "doi": "10.1103/PhysRevD.76.013009", "report-no": "ANL-HEP-PR-07-12", "categories": categories,
+        "license": None, "abstract": abstract,
+        "versions": [{"version": "v1", "created": "Mon, 2 Apr 2007 19:18:42 GMT"},
+                     {"version": "v2", "created": "Tue, 24 Jul 2007 20:10:27 GMT"}],
+        "update_date": "2008-11-13", "authors_parsed": [["Balázs", "C.", ""], ["Berger", "E. L.", ""]]}
+    record.update(changes)
+    return json.dumps(record)
+
+
+def test_arxiv_snapshot_schema_domains_ids_whitespace_and_skipped_lines(tmp_path, configs_dir, caplog):
+    wrapped = "  A fully differential calculation in perturbative quantum chromodynamics is\n  presented for the " \
+              "production of massive photon pairs.\n"
+    lines = [
+        _arxiv_record("0704.0001", "hep-ph", wrapped),
+        _arxiv_record("0704.0002", "math.CO cs.CG", "  We describe a new algorithm, the $(k,\\ell)$-pebble game\n"
+                                                   "  with colors.\n"),
+        _arxiv_record("0704.0003", "physics.optics hep-th", "  The evolution of Earth-Moon system is\n  described.\n"),
+        _arxiv_record("0704.0004", "math.CO", "  We show that a determinant of Stirling\n  cycle numbers counts.\n"),
+        _arxiv_record("0704.0005", "math.CA math.FA", "  In this paper we show how to compute the\n  norm.\n")[:90],
+        _arxiv_record("0704.0006", "cond-mat.mes-hall", "  We study the two-particle wave function.\n"),
+        json.dumps(["0704.0007", "physics.gen-ph"]),
+        _arxiv_record("0704.0008", "physics.gen-ph", "  A method for calculating the sum.\n"),
+        json.dumps({k: v for k, v in json.loads(_arxiv_record("0704.0009", "cs.NE", "x")).items() if k != "abstract"}),
+        _arxiv_record("0704.0010", "cs.LG stat.ML", "  \n   \n"),
+        _arxiv_record("0704.0011", "hep-th", "  Black holes\n  radiate.\n"),
+        _arxiv_record("0704.0012", "cs.DS", "  Sorting in\n   linear time.\n"),
+    ]
+    path = tmp_path / "arxiv-metadata-oai-snapshot.json"
+    path.write_text("\n".join(lines) + "\n")
+    docs = list(read_arxiv(path))
+    assert [(d.doc_id, d.domain) for d in docs] == [
+        ("0704.0001", "hep-ph"), ("0704.0002", "math"), ("0704.0003", "physics"), ("0704.0004", "math"),
+        ("0704.0006", "cond-mat"), ("0704.0008", "physics"), ("0704.0011", "hep-th"), ("0704.0012", "cs")]
+    assert docs[0].text == ("A fully differential calculation in perturbative quantum chromodynamics is presented "
+                            "for the production of massive photon pairs.")
+    assert docs[1].text == "We describe a new algorithm, the $(k,\\ell)$-pebble game with colors."
+    assert docs[-1].text == "Sorting in linear time."
+
+    cfg = _cfg(configs_dir, "data.corpus=arxiv", f"data.path={path}", "data.source_domains=[math]",
+               "data.target_domains=[physics]")
+    with caplog.at_level("WARNING", logger="gtl_dist.data.corpus"):
+        by_domain = read_corpus(cfg)
+    assert [d.doc_id for d in by_domain["math"]] == ["0704.0002", "0704.0004"]
+    assert [d.doc_id for d in by_domain["physics"]] == ["0704.0003", "0704.0008"]
+    assert caplog.text.count("WARNING") == 1
+    assert (f"{path}: skipped 4 of 12 lines: 1 not JSON (line 5); 1 not a JSON object (an array) (line 7); "
+            f"1 key 'abstract' missing (line 9); 1 empty abstract (line 10)") in caplog.text
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("\n".join([lines[4], lines[6], lines[8], lines[9]]) + "\n")
+    with pytest.raises(CorpusError, match=r"bad\.json: no usable line \(skipped 4 of 4 lines: .*\); a "
+                                          r"data\.corpus=arxiv file holds one JSON object a line with string keys "
+                                          r"\"abstract\" and \"categories\""):
+        read_corpus(_cfg(configs_dir, "data.corpus=arxiv", f"data.path={bad}", "data.source_domains=[math]",
+                         "data.target_domains=[physics]"))
 
 
 def _docs(domain, n):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import Counter
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 
 from gtl_dist.config import RunConfig
 from gtl_dist.data import markov, sets
-from gtl_dist.data.corpus import read_corpus
+from gtl_dist.data.corpus import LineReport, read_corpus
 from gtl_dist.data.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardInfo, ShardSet,
                                     build_command, fraction_count, shard_problem)
 from gtl_dist.data.shards import Chunk, pack_documents, token_dtype, write_shard
@@ -165,18 +166,23 @@ def _prepare(cfg: RunConfig, root: Path) -> dict[str, Any]:
     if not done.is_file():
         info: dict[str, Any] = {}
         if cfg.uses_tokenizer:
-            built = sets.build_text_sets(cfg, read_corpus(cfg))
+            lines = LineReport()
+            built = sets.build_text_sets(cfg, read_corpus(cfg, lines))
             for name in names:
                 sets.write_text_set(corpus_dir, name, built[name])
             if cfg.data.corpus == "demo":
                 from gtl_dist.data.demo import corpus_versions
                 info["versions"] = corpus_versions(list(cfg.data.source_domains) + list(cfg.data.target_domains))
+            if cfg.data.corpus in ("jsonl", "arxiv"):
+                info["corpus_lines"] = lines.to_info()  # malformed lines skipped, by reason
         else:
             built = sets.build_markov_sets(cfg)
             for name in names:
                 sets.write_markov_set(corpus_dir, name, built[name])
-        info["documents"] = {name: len(built[name].domains) if isinstance(built[name], sets.MarkovSet)
-                             else len(built[name]) for name in names}
+        domains = {name: [d.domain for d in built[name]] if isinstance(built[name], list) else built[name].domains
+                   for name in names}
+        info["documents"] = {name: len(domains[name]) for name in names}
+        info["domain_documents"] = {name: dict(Counter(domains[name])) for name in names}
         atomic_write_json(done, {"data_hash": want, **info})
     info = read_json(done)
     info.pop("data_hash")
@@ -259,15 +265,18 @@ def part_key(unit_name: str, part: int) -> str:
 
 # -- slices -----------------------------------------------------------------------------------
 
-def unit_chunks(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None) -> tuple[list[Chunk], int]:
-    """The unit's chunks in their final, seeded random order, and the tokens dropped."""
+def unit_chunks(plan: dict[str, Any], root: Path, unit: Unit,
+                tokenizer: Tokenizer | None) -> tuple[list[Chunk], int, dict[str, int]]:
+    """The unit's chunks in their final, seeded random order, the tokens dropped, and the tokens of
+    each domain before chunking (the tokenizer's ids of its documents, without BOS/EOS)."""
     corpus_dir = root / CORPUS_DIR
     seq_len = plan["seq_len"]
     chunks: list[Chunk] = []
-    dropped = 0
+    dropped, tokens = 0, {}
     if tokenizer is None:
         data = sets.read_markov_range(corpus_dir, unit.set_name, unit.start, unit.stop)
         chunks = [Chunk(row, dom, [str(unit.start + i)]) for i, (row, dom) in enumerate(zip(data.states, data.domains))]
+        tokens = {dom: n * seq_len for dom, n in Counter(data.domains).items()}
     else:
         docs = sets.read_text_range(corpus_dir, unit.set_name, unit.start, unit.stop)
         ids = tokenizer.encode([d.text for d in docs])
@@ -278,8 +287,9 @@ def unit_chunks(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokeniz
                                           seq_len, plan["bos_id"], plan["eos_id"])
             chunks += packed
             dropped += lost
+            tokens[domain] = sum(len(ids[i]) for i in keep)
     order = sets.seeded_rng(plan["split_seed"], "unit", unit.name).permutation(len(chunks))
-    return [chunks[i] for i in order], dropped
+    return [chunks[i] for i in order], dropped, tokens
 
 
 def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None) -> dict[str, Any]:
@@ -287,7 +297,7 @@ def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenize
     marker = parts / f"{unit.name}.json"
     if marker.is_file():
         return read_json(marker)
-    chunks, dropped = unit_chunks(plan, root, unit, tokenizer)
+    chunks, dropped, tokens = unit_chunks(plan, root, unit, tokenizer)
     per, dtype = plan["samples_per_shard"], np.dtype(plan["dtype"])
     shards = []
     for j, lo in enumerate(range(0, len(chunks), per)):
@@ -300,7 +310,7 @@ def build_unit(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenize
     for c in chunks:
         domains[c.domain] = domains.get(c.domain, 0) + 1
     result = {"unit": unit.name, "set": unit.set_name, "documents": unit.stop - unit.start,
-              "shards": shards, "domains": domains, "tokens_dropped": dropped}
+              "shards": shards, "domains": domains, "tokens_dropped": dropped, "tokens": tokens}
     atomic_write_json(marker, result)
     return result
 
@@ -353,7 +363,9 @@ def _check_fractions(plan: dict[str, Any], totals: dict[str, int], root: Path) -
             if counts[fraction_name(f)] == 0:
                 raise ManifestError(
                     f"{root}: target '{set_name.split('/')[0]}' at fraction {f} keeps round({f} * {total}) = 0 "
-                    f"of its N={total} training samples; drop {f} from data.target_fractions or add target data")
+                    f"of its N={total} training samples (n_T = 0: nothing to train on, nothing to hold out); "
+                    f"raise {f} in data.target_fractions (to at least {1 / total if total else 1:.3g}), drop "
+                    f"it, or add target data")
         out[set_name] = counts
     return out
 
@@ -377,11 +389,13 @@ def _finalize(root: Path, plan: dict[str, Any]) -> Manifest:
     results = [read_json(root / PARTS_DIR / f"{u.name}.json") for u in units]
     entries: dict[str, ShardSet] = {name: ShardSet([], {}) for name in sets.set_names(plan["targets"])}
     dropped = 0
+    tokens: dict[str, Counter] = {name: Counter() for name in entries}
     for unit, res in zip(units, results):
         entry = entries[unit.set_name]
         for d, n in res["domains"].items():
             entry.domains[d] = entry.domains.get(d, 0) + n
         dropped += res["tokens_dropped"]
+        tokens[unit.set_name].update(res.get("tokens", {}))  # absent in units built before it was recorded
         for j, shard in enumerate(res["shards"]):
             final = f"{sets.file_stem(unit.set_name)}-{len(entry.shards):06d}.tar"
             entry.shards.append(ShardInfo(final, shard["samples"], shard["bytes"], shard["sha256"], unit.name, j))
@@ -399,7 +413,7 @@ def _finalize(root: Path, plan: dict[str, Any]) -> Manifest:
         if entry.num_samples == 0:
             raise BuildError(f"{root}: set '{name}' has no samples (its documents are shorter than one "
                              f"chunk of {plan['seq_len']} tokens); lower shards.seq_len or add data")
-    info = dict(plan["info"], tokens_dropped=dropped)
+    info = dict(plan["info"], tokens_dropped=dropped, tokens={k: dict(v) for k, v in tokens.items()})
     manifest = Manifest(seq_len=plan["seq_len"], vocab_size=plan["vocab_size"], mask_id=plan["mask_id"],
                         pad_id=plan["pad_id"], bos_id=plan["bos_id"], eos_id=plan["eos_id"],
                         tokenizer_hash=plan["tokenizer_hash"], data_hash=plan["data_hash"], dtype=plan["dtype"],
@@ -453,7 +467,7 @@ def _damaged(manifest: Manifest, shards: list[ShardInfo]) -> list[tuple[ShardInf
 
 def _rebuild_shards(plan: dict[str, Any], root: Path, unit: Unit, tokenizer: Tokenizer | None,
                     shards: list[ShardInfo]) -> None:
-    chunks, _ = unit_chunks(plan, root, unit, tokenizer)
+    chunks, _, _ = unit_chunks(plan, root, unit, tokenizer)
     per = plan["samples_per_shard"]
     for shard in shards:
         path = root / shard.name

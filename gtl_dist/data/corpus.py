@@ -1,6 +1,6 @@
 """Text corpora as ``(text, domain, doc_id)`` records, read into one list of documents per domain.
 
-Readers (docs/architecture.md "Data contracts"):
+Readers (docs/architecture.md "Data contracts", docs/own_corpus.md):
   arxiv  the Kaggle arXiv metadata snapshot, one JSON object a line with ``abstract`` and
          ``categories``; the domain is the archive of the FIRST category ("physics.optics hep-th"
          -> "physics", "hep-th" -> "hep-th"), as in the paper's code.
@@ -8,6 +8,11 @@ Readers (docs/architecture.md "Data contracts"):
   txt    ``<root>/<domain>/*.txt``, one document per file.
   demo   the built-in offline corpus of documentation prose (gtl_dist/data/demo.py).
 The Markov corpus produces token ids directly and lives in gtl_dist/data/markov.py.
+
+The JSON-lines readers (arxiv, jsonl) skip a malformed line (not JSON, not a JSON object, a needed
+key missing or not a string, empty text) and record it in a ``LineReport``; ``read_corpus`` logs
+one warning with the count and the first line numbers per reason, and refuses a file in which
+every non-empty line is malformed.
 """
 
 from __future__ import annotations
@@ -15,12 +20,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from gtl_dist.config import RunConfig
 from gtl_dist.log import get_logger
 
 log = get_logger("data.corpus")
+
+# What a good line of each JSON-lines corpus looks like (quoted in errors).
+GOOD_LINE = {
+    "jsonl": 'string keys "text" and "domain" (optional "id"), e.g. '
+             '{"text": "One document ...", "domain": "physics", "id": "doc-1"}',
+    "arxiv": 'string keys "abstract" and "categories" (optional "id"), e.g. '
+             '{"id": "0704.0001", "abstract": "  We study ...", "categories": "hep-ph physics.optics"}',
+}
 
 
 class CorpusError(ValueError):
@@ -40,51 +53,108 @@ def arxiv_domain(categories: str) -> str:
     return first.split(".")[0]
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+class LineReport:
+    """The non-empty lines of a JSON-lines corpus and those skipped as malformed, by reason
+    (a count and the first ``SHOWN`` line numbers of each)."""
+
+    SHOWN = 10
+
+    def __init__(self, path: str | Path = "") -> None:
+        self.path = str(path)
+        self.lines = 0
+        self.skipped: dict[str, dict[str, Any]] = {}
+
+    def skip(self, reason: str, lineno: int) -> None:
+        entry = self.skipped.setdefault(reason, {"count": 0, "lines": []})
+        entry["count"] += 1
+        if len(entry["lines"]) < self.SHOWN:
+            entry["lines"].append(lineno)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(e["count"] for e in self.skipped.values())
+
+    def to_info(self) -> dict[str, Any]:
+        """What the data build records in the manifest's info (``corpus_lines``)."""
+        return {"file": self.path, "lines": self.lines, "skipped": self.num_skipped, "reasons": self.skipped}
+
+    def summary(self) -> str:
+        return skip_summary(self.to_info())
+
+
+def skip_summary(info: dict[str, Any]) -> str:
+    """"skipped 3 of 120 lines: 2 not JSON (lines 4, 9); 1 key 'text' missing (line 12)"."""
+    parts = []
+    for reason, entry in sorted(info["reasons"].items(), key=lambda kv: kv[1]["lines"][:1]):  # first seen first
+        shown = ", ".join(map(str, entry["lines"]))
+        more = ", ..." if entry["count"] > len(entry["lines"]) else ""
+        parts.append(f"{entry['count']} {reason} (line{'s' if entry['count'] > 1 else ''} {shown}{more})")
+    return f"skipped {info['skipped']} of {info['lines']} lines" + (": " + "; ".join(parts) if parts else "")
+
+
+def _json_lines(path: Path, report: LineReport) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every line that holds a JSON object; other non-empty lines are
+    recorded in ``report`` and skipped."""
     if not path.is_file():
         raise CorpusError(f"{path}: corpus file not found (set data.path to an existing file)")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            report.lines += 1
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: not a JSON object ({exc.msg}); every line must be "
-                                  f"one JSON object") from None
-            if not isinstance(record, dict):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+            except json.JSONDecodeError:
+                report.skip("not JSON", lineno)
+                continue
+            if isinstance(record, dict):
+                yield lineno, record
+            else:
+                report.skip(f"not a JSON object ({_json_kind(record)})", lineno)
 
 
-def _field(record: dict, key: str, path: Path, lineno: int) -> str:
-    value = record.get(key)
-    if not isinstance(value, str):
-        found = "missing" if key not in record else f"a {type(value).__name__}"
-        raise CorpusError(f"{path}:{lineno}: key '{key}' is {found}; expected a string "
-                          f"(keys present: {', '.join(sorted(record)) or 'none'})")
-    return value
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
-def read_arxiv(path: str | Path) -> Iterator[Document]:
+def _fields(record: dict, keys: tuple[str, ...], lineno: int, report: LineReport) -> Optional[list[str]]:
+    """The string values of ``keys``, or None (the line recorded as skipped) if one is not a string."""
+    for key in keys:
+        if not isinstance(record.get(key), str):
+            found = "missing" if key not in record else f"is {_json_kind(record[key])}, not a string"
+            report.skip(f"key '{key}' {found}", lineno)
+            return None
+    return [record[key] for key in keys]
+
+
+def read_arxiv(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
     """Abstracts with their first category's archive; whitespace (hard line wraps) collapsed."""
     path = Path(path)
-    for lineno, record in _json_lines(path):
-        abstract = " ".join(_field(record, "abstract", path, lineno).split())
-        domain = arxiv_domain(_field(record, "categories", path, lineno))
-        doc_id = str(record.get("id", f"line{lineno}"))
-        if abstract and domain:
-            yield Document(abstract, domain, doc_id)
+    report = report if report is not None else LineReport(path)
+    for lineno, record in _json_lines(path, report):
+        values = _fields(record, ("abstract", "categories"), lineno, report)
+        if values is None:
+            continue
+        abstract, domain = " ".join(values[0].split()), arxiv_domain(values[1])
+        if not abstract or not domain:
+            report.skip("empty abstract" if not abstract else "empty categories", lineno)
+            continue
+        yield Document(abstract, domain, str(record.get("id", f"line{lineno}")))
 
 
-def read_jsonl(path: str | Path) -> Iterator[Document]:
+def read_jsonl(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
     path = Path(path)
-    for lineno, record in _json_lines(path):
-        text = _field(record, "text", path, lineno).strip()
-        domain = _field(record, "domain", path, lineno)
-        doc_id = str(record.get("id", f"line{lineno}"))
-        if text:
-            yield Document(text, domain, doc_id)
+    report = report if report is not None else LineReport(path)
+    for lineno, record in _json_lines(path, report):
+        values = _fields(record, ("text", "domain"), lineno, report)
+        if values is None:
+            continue
+        text, domain = values[0].strip(), values[1].strip()
+        if not text or not domain:
+            report.skip("empty text" if not text else "empty domain", lineno)
+            continue
+        yield Document(text, domain, str(record.get("id", f"line{lineno}")))
 
 
 def read_txt_folder(root: str | Path, domains: Iterable[str]) -> Iterator[Document]:
@@ -103,44 +173,65 @@ def read_txt_folder(root: str | Path, domains: Iterable[str]) -> Iterator[Docume
                 yield Document(text, domain, f"{domain}/{file.name}")
 
 
-def read_corpus(cfg: RunConfig) -> dict[str, list[Document]]:
+def _records(cfg: RunConfig, wanted: list[str], report: LineReport) -> tuple[Iterable[Document], str]:
+    d = cfg.data
+    if d.corpus == "demo":
+        from gtl_dist.data.demo import demo_corpus
+        return demo_corpus(wanted), "the built-in demo corpus"
+    if d.corpus == "arxiv":
+        return read_arxiv(d.path, report), str(d.path)
+    if d.corpus == "jsonl":
+        return read_jsonl(d.path, report), str(d.path)
+    if d.corpus == "txt":
+        return read_txt_folder(d.path, wanted), str(d.path)
+    raise CorpusError(f"data.corpus: '{d.corpus}' is not a text corpus")
+
+
+def _check_lines(report: LineReport, corpus: str, total: int) -> None:
+    """Warn about skipped lines; refuse a file whose every non-empty line was skipped."""
+    if not report.num_skipped:
+        return
+    if total == 0:
+        raise CorpusError(f"{report.path}: no usable line ({report.summary()}); a data.corpus={corpus} "
+                          f"file holds one JSON object a line with {GOOD_LINE[corpus]}")
+    log.warning("%s: %s; these lines are left out (fix them to use them)", report.path, report.summary())
+
+
+def _too_few(where: str, name: str, n: int, seen: dict[str, int], report: LineReport) -> CorpusError:
+    common = sorted(seen, key=lambda k: -seen[k])[:8]
+    skipped = f" ({report.summary()})" if report.num_skipped else ""
+    return CorpusError(
+        f"{where}: domain '{name}' has {n} document(s); it needs at least 2 (train and test). Domains "
+        f"found: {', '.join(f'{k} ({seen[k]})' for k in common)}{', ...' if len(seen) > 8 else ''}"
+        f"{skipped}. Fix data.source_domains / data.target_domains.")
+
+
+def read_corpus(cfg: RunConfig, report: Optional[LineReport] = None) -> dict[str, list[Document]]:
     """The documents of every configured (source and target) domain, in corpus order.
 
-    Fails if the corpus is empty or a configured domain has fewer than two documents (one for
-    training, one for testing); the error names the domain and the file.
+    Malformed lines of a JSON-lines corpus are skipped and recorded in ``report`` (pass one to
+    keep the counts), with one warning. Fails if no line is usable, if the corpus is empty, or if
+    a configured domain has fewer than two documents (one for training, one for testing); the
+    error names the file and the domain.
     """
     d = cfg.data
     wanted = list(d.source_domains) + list(d.target_domains)
-    if d.corpus == "demo":
-        from gtl_dist.data.demo import demo_corpus
-        records: Iterable[Document] = demo_corpus(wanted)
-        where = "the built-in demo corpus"
-    elif d.corpus == "arxiv":
-        records, where = read_arxiv(d.path), str(d.path)
-    elif d.corpus == "jsonl":
-        records, where = read_jsonl(d.path), str(d.path)
-    elif d.corpus == "txt":
-        records, where = read_txt_folder(d.path, wanted), str(d.path)
-    else:
-        raise CorpusError(f"data.corpus: '{d.corpus}' is not a text corpus")
-
+    report = report if report is not None else LineReport()
+    report.path = str(d.path or "")
+    records, where = _records(cfg, wanted, report)
     docs: dict[str, list[Document]] = {name: [] for name in wanted}
     seen_domains: dict[str, int] = {}
-    total = 0
     for doc in records:
-        total += 1
         seen_domains[doc.domain] = seen_domains.get(doc.domain, 0) + 1
         bucket = docs.get(doc.domain)
         if bucket is not None and (d.max_docs_per_domain is None or len(bucket) < d.max_docs_per_domain):
             bucket.append(doc)
+    total = sum(seen_domains.values())
+    _check_lines(report, d.corpus, total)
     if total == 0:
         raise CorpusError(f"{where}: the corpus is empty (no documents with text)")
     for name in wanted:
         if len(docs[name]) < 2:
-            common = sorted(seen_domains, key=lambda k: -seen_domains[k])[:8]
-            raise CorpusError(
-                f"{where}: domain '{name}' has {len(docs[name])} document(s); it needs at least 2 "
-                f"(train and test). Domains found: {', '.join(f'{k} ({seen_domains[k]})' for k in common)}. "
-                f"Fix data.source_domains / data.target_domains.")
+            raise _too_few(where, name, len(docs[name]), seen_domains, report)
     log.info("corpus %s: %s", where, ", ".join(f"{k}={len(v)}" for k, v in docs.items()))
     return docs

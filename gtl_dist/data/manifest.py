@@ -87,7 +87,9 @@ class Manifest:
     targets: list[str] = field(default_factory=list)
     # Tokenizer file next to the manifest (None for Markov data, whose ids are chain states).
     tokenizer_file: Optional[str] = None
-    info: dict[str, Any] = field(default_factory=dict)  # provenance: document counts, versions
+    # Provenance: documents per set (and per set and domain), tokens per set and domain before
+    # chunking, tokens dropped, corpus lines skipped as malformed (by reason), corpus versions.
+    info: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)  # the folder that holds the manifest
 
     # -- loading and saving -------------------------------------------------------------------
