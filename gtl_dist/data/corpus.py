@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from gtl_dist.config import RunConfig
 from gtl_dist.log import get_logger
@@ -128,33 +128,31 @@ def _fields(record: dict, keys: tuple[str, ...], lineno: int, report: LineReport
     return [record[key] for key in keys]
 
 
-def read_arxiv(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
-    """Abstracts with their first category's archive; whitespace (hard line wraps) collapsed."""
+def _documents(path: str | Path, report: Optional[LineReport], keys: tuple[str, str],
+               clean: Callable[[str, str], tuple[str, str]]) -> Iterator[Document]:
+    """Documents from JSON lines holding the string ``keys`` (text, domain), made by ``clean``; a
+    line without them, or empty after ``clean``, is skipped and reported."""
     path = Path(path)
     report = report if report is not None else LineReport(path)
     for lineno, record in _json_lines(path, report):
-        values = _fields(record, ("abstract", "categories"), lineno, report)
+        values = _fields(record, keys, lineno, report)
         if values is None:
             continue
-        abstract, domain = " ".join(values[0].split()), arxiv_domain(values[1])
-        if not abstract or not domain:
-            report.skip("empty abstract" if not abstract else "empty categories", lineno)
+        text, domain = clean(*values)
+        if not text or not domain:
+            report.skip(f"empty {keys[0] if not text else keys[1]}", lineno)
             continue
-        yield Document(abstract, domain, str(record.get("id", f"line{lineno}")))
+        yield Document(text, domain, str(record.get("id", f"line{lineno}")))
+
+
+def read_arxiv(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
+    """Abstracts with their first category's archive; whitespace (hard line wraps) collapsed."""
+    return _documents(path, report, ("abstract", "categories"),
+                      lambda abstract, categories: (" ".join(abstract.split()), arxiv_domain(categories)))
 
 
 def read_jsonl(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
-    path = Path(path)
-    report = report if report is not None else LineReport(path)
-    for lineno, record in _json_lines(path, report):
-        values = _fields(record, ("text", "domain"), lineno, report)
-        if values is None:
-            continue
-        text, domain = values[0].strip(), values[1].strip()
-        if not text or not domain:
-            report.skip("empty text" if not text else "empty domain", lineno)
-            continue
-        yield Document(text, domain, str(record.get("id", f"line{lineno}")))
+    return _documents(path, report, ("text", "domain"), lambda text, domain: (text.strip(), domain.strip()))
 
 
 def read_txt_folder(root: str | Path, domains: Iterable[str]) -> Iterator[Document]:
