@@ -30,6 +30,7 @@ from collections import defaultdict
 from gtl_dist.cluster.dag import GUIDE_STAGE, build_pipeline
 from gtl_dist.config import load_config
 from gtl_dist.data.tokenizer import MASK_ID, PAD_ID
+from gtl_dist.log import setup_logging
 from gtl_dist.models.heads import VocabSpec, build_model, count_parameters
 from gtl_dist.train.jobs import ROLE
 
@@ -105,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -23,6 +23,7 @@ import torch
 
 from gtl_dist.config import ModelConfig, NoiseConfig
 from gtl_dist.diffusion import NoiseSchedule
+from gtl_dist.log import setup_logging
 from gtl_dist.models import ARLM, Denoiser, VocabSpec
 from gtl_dist.sample import unguided_sampler
 from gtl_dist.sample.ar import sample_ar
@@ -98,4 +99,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

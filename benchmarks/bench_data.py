@@ -22,6 +22,7 @@ from gtl_dist.data import make_loader
 from gtl_dist.data.build import MANIFEST_NAME, PARTS_DIR, data_dir, finalize, prepare
 from gtl_dist.data.manifest import Manifest
 from gtl_dist.data.prepare import run_slices
+from gtl_dist.log import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,4 +97,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -22,6 +22,7 @@ import numpy as np
 
 from gtl_dist.eval.features import principal_components, tfidf_matrix
 from gtl_dist.eval.mauve import default_num_buckets, mauve_from_features, quantize
+from gtl_dist.log import setup_logging
 
 
 def zipf_texts(prefix: str, n: int, words: int, rng: np.random.Generator, vocab: int = 5000) -> list[str]:
@@ -85,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gtl_dist.config import ModelConfig  # noqa: E402
 from gtl_dist.diffusion import LogLinearSchedule  # noqa: E402
+from gtl_dist.log import setup_logging  # noqa: E402
 from gtl_dist.models import Denoiser, Planner, RatioNet, VocabSpec, count_parameters  # noqa: E402
 from gtl_dist.sample import AncestralSampler, PlannerSampler, SampleResult, unguided_sampler  # noqa: E402
 
@@ -205,4 +206,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -258,4 +258,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from gtl_dist.log import setup_logging
+    setup_logging()
     sys.exit(main())

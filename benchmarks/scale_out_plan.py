@@ -36,6 +36,7 @@ from gtl_dist.config import check_holdout, load_config
 from gtl_dist.data import build, loader, sets
 from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
 from gtl_dist.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+from gtl_dist.log import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", "configs/arxiv.yaml", "--set", "data.path=/data/arxiv.json", "--cluster", "slurm",
@@ -143,4 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -10,32 +10,43 @@ import logging
 import os
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
 
-T = TypeVar("T")
+# Who is logging, added to every line once known: the rank (set where torch.distributed starts)
+# and the pipeline task (set where a task starts), e.g. "[12:00:01 r1 ratio/physics/0.05]".
+_CONTEXT: dict[str, str] = {}
 
-_CONFIGURED = False
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.where = "".join(f" {_CONTEXT[k]}" for k in ("rank", "task") if k in _CONTEXT)
+        return True
 
 
-def setup_logging(level: str | int | None = None, rank: int | None = None) -> None:
-    """Configure the root ``gtl_dist`` logger once: ``[time rank] message`` on stderr."""
-    global _CONFIGURED
-    if level is None:
-        level = os.environ.get("GTL_LOG_LEVEL", "INFO")
+def setup_logging(level: str | int | None = None) -> None:
+    """Send the ``gtl_dist`` loggers to stderr as ``[time rank task] message``.
+
+    Programs call this once, in their ``main`` (launchers, scripts, a pipeline task's process);
+    importing gtl_dist configures no handler. The level defaults to $GTL_LOG_LEVEL or INFO.
+    """
     logger = logging.getLogger("gtl_dist")
-    logger.setLevel(level)
-    if _CONFIGURED:
+    logger.setLevel(level or os.environ.get("GTL_LOG_LEVEL", "INFO"))
+    if any(isinstance(f, _ContextFilter) for h in logger.handlers for f in h.filters):
         return
-    prefix = "" if rank is None else f" r{rank}"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[%(asctime)s{prefix}] %(message)s", "%H:%M:%S"))
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(logging.Formatter("[%(asctime)s%(where)s] %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
-    logger.propagate = False
-    _CONFIGURED = True
+
+
+def set_log_context(*, rank: int | None = None, task: str | None = None) -> None:
+    """Name the rank and/or the task in every later log line of this process."""
+    if rank is not None:
+        _CONTEXT["rank"] = f"r{rank}"
+    if task is not None:
+        _CONTEXT["task"] = task
 
 
 def get_logger(name: str) -> logging.Logger:
-    setup_logging()
     return logging.getLogger(name if name.startswith("gtl_dist") else f"gtl_dist.{name}")
 
 
@@ -92,16 +103,3 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.tty and (self.total is None or self.n < self.total):
             sys.stderr.write("\n")
-
-
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
-             unit: str = "it", enabled: bool = True) -> Iterator[T]:
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    bar = Progress(total, desc, unit, enabled=enabled)
-    try:
-        for item in iterable:
-            yield item
-            bar.update()
-    finally:
-        bar.close()

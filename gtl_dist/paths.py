@@ -29,6 +29,15 @@ def fraction_name(fraction: float) -> str:
     return f"{fraction:g}"
 
 
+def task_name(kind: str, method: Optional[str] = None, target: Optional[str] = None,
+              fraction: Optional[float] = None, seed: int = 0, shard: Optional[int] = None) -> str:
+    """A pipeline task's one name, in logs, the launcher and status: e.g. ``ratio/physics/0.05``,
+    ``sample/gtl/physics/1/seed2/shard0``."""
+    parts = [kind, method, target, None if fraction is None else fraction_name(fraction),
+             f"seed{seed}" if seed else None, None if shard is None else f"shard{shard}"]
+    return "/".join(p for p in parts if p is not None)
+
+
 def seed_folder(path: Path, seed: Optional[int]) -> Path:
     """Replicate ``seed`` of a per-target stage or sample set: seed 0 (and None) keep the plain
     path, so a run that adds seeds to pipeline.seeds keeps everything it already has."""

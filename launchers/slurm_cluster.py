@@ -16,6 +16,7 @@ import textwrap
 
 from gtl_dist.cluster.slurm_local import (DEFAULT_CONTROLLER_PORT, ClusterError, ClusterSpec,
                                           LocalSlurmCluster, default_state_dir)
+from gtl_dist.log import setup_logging
 
 DESCRIPTION = """\
 Runs a small but real SLURM cluster on this one machine, so that `launchers/submit.py
@@ -145,4 +146,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

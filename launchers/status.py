@@ -17,6 +17,7 @@ import sys
 
 from gtl_dist.cluster.launch import TASK_STATES
 from gtl_dist.cluster.status import format_table, status_rows
+from gtl_dist.log import setup_logging
 from gtl_dist.paths import RunPaths
 
 FAILED_STATES = ("failed", "cancelled")
@@ -44,4 +45,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

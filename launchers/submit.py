@@ -53,7 +53,7 @@ from gtl_dist.cluster.preflight import Report, gather_facts, preflight
 from gtl_dist.cluster.run_dir import prepare_run_dir
 from gtl_dist.cluster.run_lock import RunDirBusy, hold_run_dir
 from gtl_dist.config import STAGES, ConfigError, load_config
-from gtl_dist.log import get_logger
+from gtl_dist.log import get_logger, setup_logging
 
 log = get_logger("submit")
 
@@ -270,4 +270,5 @@ def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None,
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

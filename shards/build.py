@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 from gtl_dist.config import ConfigError, load_config  # noqa: E402
 from gtl_dist.data.build import BuildError, clean, data_dir, finalize, prepare, run_slice  # noqa: E402
 from gtl_dist.data.prepare import describe, prepare_data  # noqa: E402
+from gtl_dist.log import setup_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -73,4 +74,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

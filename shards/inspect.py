@@ -28,7 +28,7 @@ from gtl_dist.data.manifest import Manifest, ManifestError, verify_shard  # noqa
 from gtl_dist.data.prepare import describe, fraction_sizes  # noqa: E402
 from gtl_dist.data.shards import ShardError, read_shard  # noqa: E402
 from gtl_dist.data.tokenizer import Tokenizer  # noqa: E402
-from gtl_dist.log import Progress  # noqa: E402
+from gtl_dist.log import Progress, setup_logging  # noqa: E402
 
 
 SHOWN_INFO = ("documents", "domain_documents", "tokens", "tokens_dropped", "corpus_lines")
@@ -157,4 +157,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -3,7 +3,6 @@ determinism, bad input, and workers that survive preemption signals; splits with
 samples) than readers, read by sample, and finite passes that read every sample exactly once."""
 
 import json
-import logging
 import os
 import signal
 import time
@@ -357,9 +356,7 @@ def test_real_workers_deliver_a_finite_pass_in_order_and_resume_it(uneven):
 def test_training_with_fewer_shards_than_readers_strides_and_logs_once(five, caplog):
     """3 ranks over 2 shards: each rank's first batch of 5 is its share of passes 0-2, so together
     they hold every sample exactly 3 times; only rank 0 logs the fallback, and only then."""
-    logger = logging.getLogger("gtl_dist")
-    logger.addHandler(caplog.handler)
-    try:
+    with caplog.at_level("INFO", logger="gtl_dist"):
         seen = Counter()
         for rank in range(3):
             loader = make_loader(five, "tgt/train", 5, rank=rank, world_size=3, seed=2)
@@ -372,8 +369,6 @@ def test_training_with_fewer_shards_than_readers_strides_and_logs_once(five, cap
         caplog.clear()
         assert not make_loader(five, "tgt/train", 5, world_size=2, infinite=True).by_sample  # 2 shards, 2 readers
         assert not [r for r in caplog.records if "read by sample" in r.getMessage()]
-    finally:
-        logger.removeHandler(caplog.handler)
 
 
 def test_a_set_with_fewer_samples_than_readers_still_trains(five, monkeypatch):

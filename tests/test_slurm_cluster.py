@@ -312,12 +312,13 @@ def square_in_array(x: int) -> dict:
 
 
 def report_placement() -> dict:
-    from gtl_dist.cluster.slurm_query import master_addr
+    from gtl_dist.train.dist import default_node_addr, first_host
 
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
     return {"procid": int(os.environ["SLURM_PROCID"]), "nodeid": int(os.environ["SLURM_NODEID"]),
             "node": os.environ["SLURMD_NODENAME"], "hostname": socket.gethostname(),
             "nodelist": os.environ["SLURM_JOB_NODELIST"],
-            "master_addr": master_addr(os.environ["SLURM_JOB_NODELIST"])}
+            "master_addr": default_node_addr(first_host(nodelist))}  # as the trainer finds it
 
 
 def _executor(tmp_path: Path, **params) -> submitit.AutoExecutor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_dist_env_command_prints_the_resolution():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
                 "MASTER_PORT": "999"})
-    out = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "gtl_dist.train.dist", "env"],
+    out = subprocess.run([sys.executable, "-m", "gtl_dist.train.dist", "env"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=h MASTER_PORT=999 (from env)" in out.stdout
@@ -380,7 +381,7 @@ def test_stage_input_hash_covers_upstream_but_not_sampling(tiny):
 
 
 def test_cli_rejects_bad_arguments_with_exit_code_2(tmp_path):
-    out = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "gtl_dist.train", "--config",
+    out = subprocess.run([sys.executable, "-m", "gtl_dist.train", "--config",
                           str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path),
                           "--stage", "vanilla"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
@@ -433,7 +434,7 @@ def test_missing_jit_op_inside_slurm_fails_fast_with_the_fix(tmp_path):
     env.update({"SLURM_JOB_ID": "42", "GTL_TORCH_EXTENSIONS_DIR": str(tmp_path / "empty")})
     env.pop("TORCH_EXTENSIONS_DIR", None)
     code = "import os; from gtl_dist.train.dist import require_ops; require_ops(os.environ)"
-    out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], env=env,
+    out = subprocess.run([sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "DeepSpeed's JIT op is not built in" in out.stderr

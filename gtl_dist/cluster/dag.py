@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Iterable, Optional
 
 from gtl_dist.config import RunConfig, dict_hash
-from gtl_dist.paths import RunPaths, fraction_name
+from gtl_dist.paths import RunPaths, task_name
 
 # The network that guides each GTL method (docs/method.md §5).
 GUIDE_STAGE = {"gtl": "edit_ratio", "gtl_paper": "ratio"}
@@ -43,18 +43,7 @@ class Task:
 
     @property
     def key(self) -> str:
-        parts = [self.kind]
-        if self.method is not None:
-            parts.append(self.method)
-        if self.target is not None:
-            parts.append(self.target)
-        if self.fraction is not None:
-            parts.append(fraction_name(self.fraction))
-        if self.seed:
-            parts.append(f"seed{self.seed}")
-        if self.shard is not None:
-            parts.append(f"shard{self.shard}")
-        return "/".join(parts)
+        return task_name(self.kind, self.method, self.target, self.fraction, self.seed, self.shard)
 
     def marker(self, paths: RunPaths):
         """Where this task's completion marker lives."""

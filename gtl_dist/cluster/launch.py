@@ -119,7 +119,10 @@ def _job_setup(cfg: RunConfig) -> list[str]:
 
 def render_sbatch(group: Group, cfg: RunConfig, opts: LaunchOptions, run_dir: str | Path,
                   dependency: Optional[str] = None) -> str:
-    """The sbatch script submitit would submit for ``group``, without submitting it."""
+    """The sbatch script submitit would submit for ``group``, without submitting it.
+
+    submitit has no public API for this; its private ``_make_sbatch_string`` is used, which is why
+    pyproject.toml pins submitit exactly (tests/test_preflight.py renders scripts with it)."""
     from submitit.slurm.slurm import _make_sbatch_string
     params = slurm_parameters(group, cfg, opts, RunPaths(run_dir).root.name, dependency)
     if group.is_array:

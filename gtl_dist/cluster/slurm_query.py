@@ -142,18 +142,3 @@ def node_addr(node_name: str, env: Optional[Mapping[str, str]] = None,
         raise SlurmCommandError(f"scontrol show node {node_name}: record has no NodeAddr: "
                                 f"{proc.stdout.strip()[:200]}")
     return addr
-
-
-def expand_nodelist(nodelist: str, env: Optional[Mapping[str, str]] = None,
-                    timeout_s: float = 30.0) -> list[str]:
-    """``"n[1-2],gpu07"`` -> ``["n1", "n2", "gpu07"]`` (SLURM's own hostlist expansion)."""
-    proc = run_slurm(["scontrol", "show", "hostnames", nodelist], env=env, timeout_s=timeout_s)
-    return proc.stdout.split()
-
-
-def master_addr(nodelist: str, env: Optional[Mapping[str, str]] = None) -> str:
-    """torch.distributed's MASTER_ADDR for a job on ``nodelist``: the first node's NodeAddr."""
-    hosts = expand_nodelist(nodelist, env=env)
-    if not hosts:
-        raise SlurmCommandError(f"scontrol show hostnames {nodelist!r}: empty node list")
-    return node_addr(hosts[0], env=env)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from gtl_dist.cluster.dag import GUIDE_STAGE, Pipeline, Task, evaluator_classifier_fraction
 from gtl_dist.config import STAGES, RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
-from gtl_dist.log import get_logger
+from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
 
 log = get_logger("cluster.tasks")
@@ -215,6 +215,8 @@ class TaskRunner:
         self.run_dir = run_dir
 
     def __call__(self, task: Task) -> str:
+        setup_logging()
+        set_log_context(task=task.key)
         _export_local_distributed_env()
         _limit_threads()
         cfg = config_from_dict(self.cfg_dict, source=f"{self.run_dir}/config.yaml")

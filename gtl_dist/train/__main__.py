@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from gtl_dist.config import STAGES, ConfigError, load_config
+from gtl_dist.log import set_log_context, setup_logging
+from gtl_dist.paths import task_name
 from gtl_dist.train.preempt import EXIT_PREEMPTED
 
 EPILOG = f"""\
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
+    set_log_context(task=task_name(args.stage, target=args.target, fraction=args.fraction, seed=args.seed))
     from gtl_dist.data import ManifestError
     from gtl_dist.train.checkpoint import CheckpointError
     from gtl_dist.train.dist import DistError

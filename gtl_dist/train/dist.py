@@ -39,7 +39,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from gtl_dist.log import get_logger
+from gtl_dist.log import get_logger, set_log_context
 
 log = get_logger("train.dist")
 
@@ -292,6 +292,7 @@ def init_distributed(env: Optional[Mapping[str, str]] = None, timeout_s: float =
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s),
                                    rank=dist_env.rank, world_size=dist_env.world_size)
+    set_log_context(rank=dist_env.rank)
     log.debug("rank %d/%d (local %d) via %s, rendezvous %s:%d, backend %s", dist_env.rank,
               dist_env.world_size, dist_env.local_rank, dist_env.source, dist_env.master_addr,
               dist_env.master_port, backend)

@@ -43,7 +43,7 @@ from torch import nn
 
 from gtl_dist.config import RunConfig, TrainConfig
 from gtl_dist.log import Progress, get_logger
-from gtl_dist.paths import RunPaths
+from gtl_dist.paths import RunPaths, task_name
 from gtl_dist.train import dist
 from gtl_dist.train.checkpoint import Checkpointer
 from gtl_dist.train.dist import DistEnv
@@ -185,8 +185,7 @@ class StageContext:
 
     @property
     def label(self) -> str:
-        parts = [self.stage, self.target, self.fraction] + ([f"seed{self.seed}"] if self.seed else [])
-        return "/".join(str(x) for x in parts if x is not None)
+        return task_name(self.stage, target=self.target, fraction=self.fraction, seed=self.seed)
 
     @property
     def run_seed(self) -> int:

@@ -25,6 +25,7 @@ from gtl_dist.data import read_samples
 from gtl_dist.data.manifest import Manifest
 from gtl_dist.diffusion import mask_tokens
 from gtl_dist.eval.ladder import MarkovRun
+from gtl_dist.log import setup_logging
 from gtl_dist.paths import RunPaths
 
 GAMMAS = (0.6, 0.8, 1.0, 1.2, 1.4)  # held-out NLL picks among these; errors at each
@@ -72,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()
