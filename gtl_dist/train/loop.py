@@ -214,7 +214,8 @@ def seed_rngs(seed: int) -> None:
 
 
 def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    """The global RNGs (the CPU's, and ``device``'s if it is a GPU) as they were, on leaving."""
+    """A block whose draws leave the global RNGs (the CPU's, and ``device``'s if it is a GPU) as
+    they were."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
@@ -401,7 +402,8 @@ def setup(task: Task, ctx: StageContext) -> TrainState:
     state = TrainState(engine, ema, loaders, val_loaders, eval_model, geometry, precision,
                        tokens_per_step=geometry.global_batch * task.seq_len,
                        checkpointer=checkpointer)
-    checkpointer.attach(StatefulParts(engine, state, ema, loaders, device))
+    checkpointer.attach(StatefulParts(engine, train_state=state, ema=ema, loaders=loaders,
+                                      device=device))
     rng = resume(task, ctx, state, point) if point is not None else None
     state.iterators = {name: iter(loader) for name, loader in loaders.items()}
     # Only now: set-up above (model builds, DataLoader iterators) draws from the global RNGs.
