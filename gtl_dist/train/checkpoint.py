@@ -27,6 +27,8 @@ Rules:
 - A different world size with ZeRO 1-3 goes through ``ds_to_universal`` (V2, V3), run once by
   rank 0 before the engine loads. Data cursors and RNG states are per rank and do not carry
   over: the loop then starts the data on a fresh shuffle and says so.
+- The loop hands the checkpointer its stateful parts once (:class:`StatefulParts`); then
+  ``save(step)`` writes them all and ``load(point)`` restores them.
 - ``keep_last`` newest committed checkpoints are kept. The best-validation weights are kept
   separately as ``best/step-N.pt`` (consolidated fp32: exactly what the export needs), so
   pruning DeepSpeed checkpoints never loses them; a best file is deleted only when no kept
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -49,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from gtl_dist.io import atomic_path, atomic_write_json, sha256_file
@@ -150,6 +154,35 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's global python, numpy, torch (and ``device``'s CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass(frozen=True)
+class StatefulParts:
+    """What a checkpoint holds besides its bookkeeping. ``train_state``, ``ema`` and every loader
+    have ``state_dict``/``load_state_dict``."""
+    engine: Any              # DeepSpeed's: weights, optimiser, scheduler (sharded by DeepSpeed)
+    train_state: Any         # the loop's counters and best-validation bookkeeping (shared)
+    ema: Optional[Any]       # the same on every rank (shared)
+    loaders: dict[str, Any]  # the data cursors (per rank)
+    device: torch.device     # whose RNG states are saved with the CPU's (per rank)
+
+
 class Checkpointer:
     def __init__(self, root: Path, dist_env: DistEnv, *, zero_stage: int, config_hash: str,
                  tokenizer_hash: str, keep_last: int, label: str):
@@ -160,6 +193,11 @@ class Checkpointer:
         self.tokenizer_hash = tokenizer_hash
         self.keep_last = keep_last
         self.label = label  # e.g. "finetune/physics/0.3", for messages
+        self.parts: Optional[StatefulParts] = None
+
+    def attach(self, parts: StatefulParts) -> None:
+        """Hand over, once, what ``save`` writes and ``load`` restores."""
+        self.parts = parts
 
     # -- finding what to resume from ---------------------------------------------------------
     def committed_steps(self) -> list[int]:
@@ -261,14 +299,28 @@ class Checkpointer:
         return ResumePoint(commit, step_dir, self.root / "universal", tag, universal=True)
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, engine: Any, step: int, *, rank_state: dict, shared_state: dict,
-             summary: dict[str, Any]) -> Path:
-        """Collective save of ``step``; returns once the commit marker exists."""
+    def save(self, step: int) -> Path:
+        """Collective save of the attached parts at ``step``; returns once the commit marker
+        exists."""
+        parts = self.parts
+        train = parts.train_state.state_dict()
+        shared_state = {"train": train,
+                        "ema": parts.ema.state_dict() if parts.ema is not None else None}
+        rank_state = {"step": step, "rank": self.dist.rank, "world_size": self.dist.world_size,
+                      "loaders": {n: l.state_dict() for n, l in parts.loaders.items()},
+                      "rng": rng_state(parts.device)}
+        summary = {k: train[k] for k in ("tokens_seen", "best_step", "best_val", "last_val")}
+        return self._write(step, rank_state, shared_state, summary)
+
+    def _write(self, step: int, rank_state: dict, shared_state: dict,
+               summary: dict[str, Any]) -> Path:
+        """DeepSpeed's files, this rank's state, the shared state (rank 0), then the commit
+        marker once every rank's files are on disk."""
         tag = step_dir_name(step)
         step_dir = self.root / tag
         client_state = {"universal_checkpoint_info": {}, "iteration": step}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state,
-                               save_latest=False)
+        self.parts.engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state,
+                                          save_latest=False)
         with atomic_path(step_dir / rank_state_name(self.dist.rank)) as tmp:
             torch.save(rank_state, tmp)
         if self.dist.is_main:
@@ -319,10 +371,32 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, engine: Any, point: ResumePoint) -> tuple[Optional[dict], dict]:
-        """Load ``point`` into ``engine``; return (this rank's state or None, the shared state).
+    def load(self, point: ResumePoint) -> Optional[dict[str, Any]]:
+        """Restore ``point`` into the attached parts: the engine, the train state, the EMA and,
+        at the same world size, the data cursors. Returns this rank's RNG states for the caller
+        to set once the rest of its set-up (which may draw from the global RNGs) is done; None
+        when the world size changed (the per-rank states describe other ranks)."""
+        parts = self.parts
+        self._load_engine(point)
+        shared = _load(point.step_dir / SHARED_STATE)
+        parts.train_state.load_state_dict(shared["train"])
+        if parts.ema is not None:
+            parts.ema.load_state_dict(shared["ema"])
+        if self.dist.is_main:
+            self.drop_best_after(point.step)
+        if shared["train"]["step"] != point.step:
+            raise RuntimeError(f"{point.step_dir}: its shared state is at step "
+                               f"{shared['train']['step']}, its commit marker at {point.step}")
+        if point.commit.world_size != self.dist.world_size:
+            return None
+        rank_state = _load(point.step_dir / rank_state_name(self.dist.rank))
+        for name, loader in parts.loaders.items():
+            loader.load_state_dict(rank_state["loaders"][name])
+        return rank_state["rng"]
 
-        The per-rank state is None when the world size changed (it describes other ranks)."""
+    def _load_engine(self, point: ResumePoint) -> None:
+        """DeepSpeed's part of ``point``: weights, optimiser and scheduler states."""
+        engine = self.parts.engine
         path, _ = engine.load_checkpoint(str(point.load_dir), tag=point.tag,
                                          load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
@@ -332,11 +406,6 @@ class Checkpointer:
         if engine.global_steps != point.step:
             raise CheckpointError(f"{point.step_dir}: DeepSpeed restored global step "
                                   f"{engine.global_steps}, the commit marker says {point.step}")
-        shared = _load(point.step_dir / SHARED_STATE)
-        rank_state = None
-        if point.commit.world_size == self.dist.world_size:
-            rank_state = _load(point.step_dir / rank_state_name(self.dist.rank))
-        return rank_state, shared
 
     # -- best-validation weights -----------------------------------------------------------------
     def _best_files(self) -> list[Path]:

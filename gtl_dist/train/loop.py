@@ -6,6 +6,11 @@ runs its validation pass. Everything else happens here, once, in this order:
     signals -> process group -> resume point -> model (same init on every rank) -> DeepSpeed
     -> checkpoint load -> loaders (+ cursors) -> RNG states -> loop -> export
 
+:func:`execute` sets up the signals and the process group; :func:`setup` builds the rest up to the
+RNG states into one :class:`TrainState`, whose stateful parts the checkpointer is given once;
+:func:`train` runs the loop (:func:`train_step`, :func:`log_train`, :func:`maybe_validate`,
+``checkpointer.save``) and ends in :func:`export`, or in :func:`stop_for_requeue` when preempted.
+
 Per optimiser step: ``grad_accum`` micro-batches (forward through the engine, backward, step),
 the EMA update, then ONE all-reduce that carries the preemption flag, the loss and the task's
 statistics. Validation every ``val_every`` steps and at the last step, on EMA weights when
@@ -45,11 +50,11 @@ from gtl_dist.config import RunConfig, TrainConfig
 from gtl_dist.log import Progress, get_logger
 from gtl_dist.paths import RunPaths, task_name
 from gtl_dist.train import dist
-from gtl_dist.train.checkpoint import Checkpointer
+from gtl_dist.train.checkpoint import Checkpointer, ResumePoint, StatefulParts, set_rng_state
 from gtl_dist.train.dist import DistEnv
 from gtl_dist.train.ema import WeightEMA
-from gtl_dist.train.engine import (Hardware, batch_geometry, build_engine, detect_hardware,
-                                   full_fp32_state, resolve_precision)
+from gtl_dist.train.engine import (BatchGeometry, Hardware, batch_geometry, build_engine,
+                                   detect_hardware, full_fp32_state, resolve_precision)
 from gtl_dist.train.export import read_export_meta, write_export
 from gtl_dist.train.metrics import StageMetrics, memory_stats
 from gtl_dist.train.preempt import PreemptionGuard
@@ -198,29 +203,19 @@ class StageContext:
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG state
+# RNG
 # ----------------------------------------------------------------------------------------------
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
 
 def seed_rngs(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block whose draws leave the global RNGs (the CPU's, and ``device``'s if it is a GPU) as
+    they were."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,9 +261,78 @@ def plain_grad_norm(module: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic phase runs after ``step``: every ``every`` steps and after the last."""
+    return step % every == 0 or step == last
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """One stage's training, as :func:`setup` builds it and the loop advances it: the counters
+    every rank shares (``state_dict``, saved with the EMA as a checkpoint's shared state), the
+    stateful parts the checkpointer saves beside them, and what the phases use."""
+    engine: Any                               # DeepSpeed's, around a LossModule
+    ema: Optional[WeightEMA]
+    loaders: dict[str, Any]                   # training loaders; their cursors are per rank
+    val_loaders: Optional[dict[str, Any]]     # None: the stage has no validation data
+    eval_model: nn.Module                     # the copy validation loads the weights into
+    geometry: BatchGeometry
+    precision: str
+    tokens_per_step: int
+    checkpointer: Checkpointer
+    iterators: dict[str, Iterator] = field(default_factory=dict)  # started after the cursors
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: Optional[float] = None
+    best_step: Optional[int] = None
+    last_val: Optional[float] = None
+    val_metrics: dict[str, float] = field(default_factory=dict)   # this process's last validation
+    val_weights: Optional[dict[str, torch.Tensor]] = None         # and the weights it validated
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained network."""
+        return self.engine.module.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters every rank shares, as a checkpoint stores them."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "best_step": self.best_step, "last_val": self.last_val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self.last_val = state["last_val"]
+
+
+@dataclass
+class StepOutcome:
+    """What one optimiser step reports, summed over the ranks in its one all-reduce."""
+    values: dict[str, float]    # the loss and the task's statistics, averaged over the batch
+    data_crc: float             # fingerprint of every batch the step read
+    signals: list[int]          # the preemption signals any rank received
+    grad_norm: Optional[float]  # only where DeepSpeed keeps none; else the engine has it
+    seconds: float
+
+
+@dataclass
+class Throughput:
+    """Optimiser steps, and their seconds, since the last train record."""
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def rate(self, per_step: int) -> float:
+        """Per second, of a quantity ``per_step`` every step."""
+        return per_step * self.steps / self.seconds
+
 
 def finished_export(ctx: StageContext) -> Optional[dict[str, Any]]:
     """The export's metadata if this stage already finished with the current inputs."""
@@ -279,219 +343,308 @@ def finished_export(ctx: StageContext) -> Optional[dict[str, Any]]:
 
 
 def train(task: Task, ctx: StageContext) -> StageResult:
-    cfg, d, tc = ctx.cfg, ctx.dist_env, task.train_config
-    device = ctx.hardware.device
-    geometry = batch_geometry(tc, d.world_size, ctx.stage)
+    """Train a stage from its newest checkpoint (or from scratch) to ``steps`` and export it; on
+    preemption, save and hand the signal over instead."""
+    tc = task.train_config
+    state = setup(task, ctx)
+    metrics = open_metrics(ctx, state.step)
+    progress = Progress(tc.steps, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
+                        initial=state.step)
+    window, signals = Throughput(), []
+    while state.step < tc.steps:
+        # One optimiser step: the micro-batches, the EMA update, then one all-reduce that also
+        # carries the preemption flags, so that every rank stops after the same step.
+        out = train_step(task, ctx, state)
+        signals = out.signals
+        window.add(out.seconds)
+        progress.update(1, postfix=f"loss {out.values['loss']:.4f}")
+
+        # Log every log_every steps, after the last step and on preemption.
+        if due(state.step, tc.log_every, tc.steps) or signals:
+            log_train(ctx, state, metrics, out, window)
+            window = Throughput()
+
+        # Validate every val_every steps and after the last step; keep the best weights.
+        maybe_validate(task, ctx, state, metrics)
+
+        # Checkpoint every save_every steps, after the last step and on preemption.
+        if due(state.step, tc.save_every, tc.steps) or signals:
+            metrics.flush()
+            state.checkpointer.save(state.step)
+        if signals:
+            break
+    progress.close()
+
+    if signals and state.step < tc.steps:  # a signal during the last step: just finish
+        return stop_for_requeue(ctx, state, metrics, signals)
+    return export(task, ctx, state, metrics)
+
+
+# -- set-up ----------------------------------------------------------------------------------
+
+def setup(task: Task, ctx: StageContext) -> TrainState:
+    """The training state at the newest usable checkpoint, or at step 0. Built in the order the
+    module docstring gives: every draw from the global RNGs happens where a resumed run repeats
+    it, and the RNG states are set last."""
+    tc, device = task.train_config, ctx.hardware.device
+    geometry = batch_geometry(tc, ctx.dist_env.world_size, ctx.stage)
     precision = resolve_precision(tc, ctx.hardware, ctx.stage)
-    seed = ctx.run_seed
-    ckpt = Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed), d,
-                        zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
+    checkpointer = stage_checkpointer(task, ctx)
+    point = checkpointer.find_resume_point()
+    # Loaders first: an unreadable data set fails before the engine is built.
+    loaders = task.train_loaders(geometry.micro_batch, ctx.dist_env, data_seed(ctx, point))
+    val_loaders = task.validation_loaders(geometry.micro_batch, ctx.dist_env)
+    engine = build_trained_engine(task, ctx, point, geometry, precision)
+    ema = WeightEMA(tc.ema, engine.module.model, tc.zero_stage) if tc.ema > 0 else None
+    with forked_rng(device):
+        eval_model = task.build_model().to(device).eval()
+    state = TrainState(engine, ema, loaders, val_loaders, eval_model, geometry, precision,
+                       tokens_per_step=geometry.global_batch * task.seq_len,
+                       checkpointer=checkpointer)
+    checkpointer.attach(StatefulParts(engine, train_state=state, ema=ema, loaders=loaders,
+                                      device=device))
+    rng = resume(task, ctx, state, point) if point is not None else None
+    state.iterators = {name: iter(loader) for name, loader in loaders.items()}
+    # Only now: set-up above (model builds, DataLoader iterators) draws from the global RNGs.
+    if rng is not None:
+        set_rng_state(rng, device)
+    else:
+        seed_rngs(derive_seed(ctx.run_seed, "rank", ctx.dist_env.rank, state.step))
+    return state
+
+
+def stage_checkpointer(task: Task, ctx: StageContext) -> Checkpointer:
+    """The checkpoints of this stage (and replicate), under its config and tokenizer hashes."""
+    tc = task.train_config
+    return Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed),
+                        ctx.dist_env, zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
                         tokenizer_hash=task.tokenizer_hash, keep_last=tc.keep_last,
                         label=ctx.label)
-    point = ckpt.find_resume_point()
-    step = point.step if point is not None else 0
 
-    # Loaders first: an unreadable data set fails before the engine is built. Cursors and RNG
-    # states are per rank, so they carry over only at the same world size.
-    same_world = point is not None and point.commit.world_size == d.world_size
-    if point is not None and not same_world:
-        data_seed = derive_seed(seed, "reshuffle", step, d.world_size) % 2**31
-        if d.is_main:
-            log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
-                        "per-rank data cursors and RNG states do not apply: the data restarts on "
-                        "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
-                        point.commit.world_size, d.world_size, data_seed)
-    else:
-        data_seed = seed
-    loaders = task.train_loaders(geometry.micro_batch, d, data_seed)
-    val_loaders = task.validation_loaders(geometry.micro_batch, d)
-    validates = val_loaders is not None
 
-    seed_rngs(seed)  # identical initial weights on every rank
+def data_seed(ctx: StageContext, point: Optional[ResumePoint]) -> int:
+    """The seed of the training data order. Cursors and RNG states are per rank, so they carry
+    over only at the same world size; at another, the data restarts on a fresh shuffle."""
+    d = ctx.dist_env
+    if point is None or point.commit.world_size == d.world_size:
+        return ctx.run_seed
+    seed = derive_seed(ctx.run_seed, "reshuffle", point.step, d.world_size) % 2**31
+    if d.is_main:
+        log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
+                    "per-rank data cursors and RNG states do not apply: the data restarts on "
+                    "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
+                    point.commit.world_size, d.world_size, seed)
+    return seed
+
+
+def build_trained_engine(task: Task, ctx: StageContext, point: Optional[ResumePoint],
+                         geometry: BatchGeometry, precision: str) -> Any:
+    """DeepSpeed's engine around the task's network, initialised alike on every rank: from the
+    stage's seed, or on a fresh start from the task's initial weights if it has any."""
+    device = ctx.hardware.device
+    seed_rngs(ctx.run_seed)  # identical initial weights on every rank
     model = task.build_model()
     if point is None:
         init = task.initial_weights()
         if init is not None:
             model.load_state_dict(init)
     task.prepare(device)
-    engine = build_engine(LossModule(model, task).to(device), tc, geometry, precision,
-                          load_universal=point is not None and point.universal)
-    trained = engine.module.model
-    ema = WeightEMA(tc.ema, trained, tc.zero_stage) if tc.ema > 0 else None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        eval_model = task.build_model().to(device).eval()
+    return build_engine(LossModule(model, task).to(device), task.train_config, geometry, precision,
+                        load_universal=point is not None and point.universal)
 
-    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val": None, "best_step": None,
-                             "last_val": None}
-    rank_state = None
-    if point is not None:
-        rank_state, shared = ckpt.load(engine, point)
-        state.update(shared["train"])
-        if ema is not None:
-            ema.load_state_dict(shared["ema"])
-        # Logged so that a resume can be checked against the checkpoint it came from. Keep the
-        # format: tests/test_resume.py and tests/test_pipeline_slurm.py (the requeued SLURM job)
-        # parse "resumed from <step dir> (step N of M, weights fingerprint XXXXXXXX)".
-        params = {n for n, _ in trained.named_parameters()}
-        weights_crc = fingerprint({n: v for n, v in full_fp32_state(trained).items() if n in params})
-        if d.is_main:
-            ckpt.drop_best_after(point.step)
-            log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
-                     point.step_dir, point.step, tc.steps, weights_crc)
-    if state["step"] != step:
-        raise RuntimeError(f"{point.step_dir}: its shared state is at step {state['step']}, its "
-                           f"commit marker at {step}")
-    if rank_state is not None:
-        for name, loader in loaders.items():
-            loader.load_state_dict(rank_state["loaders"][name])
-    iterators: dict[str, Iterator] = {name: iter(loader) for name, loader in loaders.items()}
-    # Only now: set-up above (model builds, DataLoader iterators) draws from the global RNGs.
-    if rank_state is not None:
-        set_rng_state(rank_state["rng"], device)
-    else:
-        seed_rngs(derive_seed(seed, "rank", d.rank, step))
 
-    metrics = StageMetrics(ctx.paths.tb(ctx.stage, ctx.target, ctx.fraction, ctx.seed),
-                           ctx.paths.stage(ctx.stage, ctx.target, ctx.fraction, ctx.seed) / "train_log.jsonl",
-                           enabled=d.is_main, start_step=step)
+def resume(task: Task, ctx: StageContext, state: TrainState,
+           point: ResumePoint) -> Optional[dict[str, Any]]:
+    """Restore ``point`` into the attached parts and say so; returns what
+    :meth:`Checkpointer.load` does (this rank's RNG states, or None)."""
+    rng = state.checkpointer.load(point)
+    # Logged so that a resume can be checked against the checkpoint it came from. Keep the
+    # format: tests/test_resume.py and tests/test_pipeline_slurm.py (the requeued SLURM job)
+    # parse "resumed from <step dir> (step N of M, weights fingerprint XXXXXXXX)".
+    params = {n for n, _ in state.model.named_parameters()}
+    weights_crc = fingerprint({n: v for n, v in full_fp32_state(state.model).items() if n in params})
+    if ctx.dist_env.is_main:
+        log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
+                 point.step_dir, point.step, task.train_config.steps, weights_crc)
+    return rng
+
+
+def open_metrics(ctx: StageContext, step: int) -> StageMetrics:
+    """The stage's TensorBoard and train_log.jsonl from ``step`` on (rank 0 writes them); a
+    fresh start records the config first."""
+    where = (ctx.stage, ctx.target, ctx.fraction, ctx.seed)
+    metrics = StageMetrics(ctx.paths.tb(*where), ctx.paths.stage(*where) / "train_log.jsonl",
+                           enabled=ctx.dist_env.is_main, start_step=step)
     if step == 0:
-        metrics.text("config", "```\n" + cfg.to_yaml() + "\n```", 0)
-    samples_per_step = geometry.global_batch
-    tokens_per_step = samples_per_step * task.seq_len
+        metrics.text("config", "```\n" + ctx.cfg.to_yaml() + "\n```", 0)
+    return metrics
 
-    def evaluate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
-        eval_model.load_state_dict(weights)
-        # Outside the training RNG stream: a resumed run validates at other points in it.
-        with torch.no_grad(), autocast(device, precision), \
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            values = task.validate(eval_model, StepRandom.for_validation(seed, d, device),
-                                   val_loaders, d)
-        return values, weights
 
-    def save(at: int) -> None:
-        metrics.flush()
-        shared = {"train": dict(state), "ema": ema.state_dict() if ema is not None else None}
-        rank_blob = {"step": at, "rank": d.rank, "world_size": d.world_size,
-                     "loaders": {n: l.state_dict() for n, l in loaders.items()},
-                     "rng": rng_state(device)}
-        ckpt.save(engine, at, rank_state=rank_blob, shared_state=shared,
-                  summary={k: state[k] for k in ("tokens_seen", "best_step", "best_val", "last_val")})
+# -- one optimiser step ----------------------------------------------------------------------
 
-    progress = Progress(tc.steps, ctx.label, unit="step", enabled=d.is_main, initial=step)
-    window_time, window_steps = 0.0, 0
-    last_weights: Optional[dict[str, torch.Tensor]] = None
-    last_val: dict[str, float] = {}
-    preempted, signals = False, []
-    untracked_norm = tc.zero_stage == 0 and precision == "fp32"
-    grad_norm: Optional[float] = None
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        loss_sum, stats_sum, crc = 0.0, {}, 0
-        for micro in range(geometry.grad_accum):
-            # Data loading must not draw from the training RNG: a DataLoader takes its base seed
-            # from it whenever it (re)starts, which a resumed run does at another step.
-            with torch.random.fork_rng(devices=[]):
-                batches = {name: next(it) for name, it in iterators.items()}
-            crc += fingerprint(batches)
-            rng = StepRandom.for_step(seed, step, micro, geometry.grad_accum, d, device)
-            loss, stats = engine(to_device(batches, device), rng)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and untracked_norm:
-                grad_norm = plain_grad_norm(trained)
-            engine.step()
-            loss_sum += float(loss.item())
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-        step += 1
-        if engine.global_steps != step:
-            raise RuntimeError(f"DeepSpeed counts {engine.global_steps} optimiser steps, the loop "
-                               f"{step}: the micro-batch geometry and the engine disagree")
-        if ema is not None:
-            ema.update(trained)
-        keys = sorted(stats_sum)
-        flags = ctx.guard.flags()
-        reduced = dist.all_reduce([*flags, loss_sum, *(stats_sum[k] for k in keys), float(crc)],
-                                  "sum")
-        signals = ctx.guard.agreed(reduced[:len(flags)])
-        preempted = bool(signals)
-        reduced = reduced[len(flags):]
-        n = geometry.grad_accum * d.world_size
-        train_values = {"loss": reduced[0] / n, **{k: v / n for k, v in zip(keys, reduced[1:-1])}}
-        state["step"] = step
-        state["tokens_seen"] += tokens_per_step
-        window_time += time.perf_counter() - t0
-        window_steps += 1
-        progress.update(1, postfix=f"loss {train_values['loss']:.4f}")
+def train_step(task: Task, ctx: StageContext, state: TrainState) -> StepOutcome:
+    """One optimiser step, gradient accumulation included, then the EMA update and ONE
+    all-reduce of the preemption flags, the loss, the task's statistics and the data
+    fingerprint."""
+    t0 = time.perf_counter()
+    loss_sum, stats_sum, crc, grad_norm = accumulate_gradients(task, ctx, state)
+    state.step += 1
+    if state.engine.global_steps != state.step:
+        raise RuntimeError(f"DeepSpeed counts {state.engine.global_steps} optimiser steps, the "
+                           f"loop {state.step}: the micro-batch geometry and the engine disagree")
+    if state.ema is not None:
+        state.ema.update(state.model)
+    keys = sorted(stats_sum)
+    flags = ctx.guard.flags()
+    reduced = dist.all_reduce([*flags, loss_sum, *(stats_sum[k] for k in keys), float(crc)],
+                              "sum")
+    signals = ctx.guard.agreed(reduced[:len(flags)])
+    reduced = reduced[len(flags):]
+    n = state.geometry.grad_accum * ctx.dist_env.world_size
+    values = {"loss": reduced[0] / n, **{k: v / n for k, v in zip(keys, reduced[1:-1])}}
+    state.tokens_seen += state.tokens_per_step
+    return StepOutcome(values, reduced[-1], signals, grad_norm, time.perf_counter() - t0)
 
-        if step % tc.log_every == 0 or step == tc.steps or preempted:
-            lr = engine.get_lr()[0]
-            if not untracked_norm:
-                grad_norm = _grad_norm(engine)
-            record = {**train_values, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step * window_steps / window_time,
-                      "samples_per_s": samples_per_step * window_steps / window_time,
-                      "tokens_seen": float(state["tokens_seen"]), "data_crc": reduced[-1]}
-            record.update({f"sys/{k}": v for k, v in memory_stats(device).items()})
-            metrics.scalars(step, record, "train")
-            window_time, window_steps = 0.0, 0
 
-        if validates and (step % tc.val_every == 0 or step == tc.steps):
-            last_val, last_weights = evaluate()
-            state["last_val"] = last_val["loss"]
-            metrics.scalars(step, last_val, "val")
-            report = task.validation_report()
-            if report:
-                metrics.text("val/report", report, step)
-            if tc.select_best and (state["best_val"] is None or last_val["loss"] < state["best_val"]):
-                state["best_val"], state["best_step"] = last_val["loss"], step
-                if d.is_main:
-                    ckpt.save_best(step, {"step": step, "val": last_val, "state_dict": last_weights})
+def accumulate_gradients(task: Task, ctx: StageContext,
+                         state: TrainState) -> tuple[float, dict[str, float], int, Optional[float]]:
+    """The step's ``grad_accum`` micro-batches through the engine, each with the random streams
+    of its (step, micro-step, rank); DeepSpeed steps the optimiser after the last. Returns this
+    rank's summed loss and statistics, the data fingerprint and, where DeepSpeed keeps none,
+    the gradient norm."""
+    d, device, accum = ctx.dist_env, ctx.hardware.device, state.geometry.grad_accum
+    untracked_norm = task.train_config.zero_stage == 0 and state.precision == "fp32"
+    loss_sum, stats_sum, crc, grad_norm = 0.0, {}, 0, None
+    for micro in range(accum):
+        batches = next_batches(state.iterators)
+        crc += fingerprint(batches)
+        rng = StepRandom.for_step(ctx.run_seed, state.step, micro, accum, d, device)
+        loss, stats = state.engine(to_device(batches, device), rng)
+        state.engine.backward(loss)
+        if state.engine.is_gradient_accumulation_boundary() and untracked_norm:
+            grad_norm = plain_grad_norm(state.model)
+        state.engine.step()
+        loss_sum += float(loss.item())
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+    return loss_sum, stats_sum, crc, grad_norm
 
-        if step % tc.save_every == 0 or step == tc.steps or preempted:
-            save(step)
-        if preempted:
-            break
-    progress.close()
 
-    if preempted and step < tc.steps:  # a signal during the last step: just finish
-        log.warning("%s: preempted; saved step %d, exiting so the job can be requeued",
-                    ctx.label, step)
-        metrics.close()
-        # Every rank leaves the process group before rank 0 hands over: submitit's handler
-        # requeues and exits, and a rank still waiting in a collective for it would hang.
-        dist.shutdown()
-        ctx.guard.hand_over(d.is_main, signals)
-        return StageResult("preempted", ctx.stage, ctx.target, ctx.fraction, step, ctx.input_hash,
-                           val_loss=state["last_val"], best_step=state["best_step"])
+def next_batches(iterators: dict[str, Iterator]) -> dict[str, Any]:
+    """One batch from every training loader. Fetched outside the training RNG stream: a
+    DataLoader takes its base seed from it whenever it (re)starts, which a resumed run does at
+    another step."""
+    with torch.random.fork_rng(devices=[]):
+        return {name: next(it) for name, it in iterators.items()}
 
-    # Export: the best-validation weights, else the EMA, else the final weights.
-    if tc.select_best and state["best_step"] is not None:
-        weights = ckpt.load_best(state["best_step"])["state_dict"] if d.is_main else {}
-        which, exp_step, exp_val = "best", state["best_step"], state["best_val"]
-    else:
-        if last_weights is None:  # resumed at the very end: nothing computed in this process
-            last_weights = ema.weights(trained) if ema is not None else full_fp32_state(trained)
-        weights, which = last_weights, ("ema" if ema is not None else "final")
-        exp_step, exp_val = step, state["last_val"]
-    export_path = ctx.export_path()
+
+def log_train(ctx: StageContext, state: TrainState, metrics: StageMetrics, out: StepOutcome,
+              window: Throughput) -> None:
+    """The step's train record: loss and statistics, learning rate, gradient norm, throughput
+    since the last record, tokens seen, data fingerprint, memory."""
+    grad_norm = out.grad_norm if out.grad_norm is not None else _grad_norm(state.engine)
+    record = {**out.values, "lr": state.engine.get_lr()[0], "grad_norm": grad_norm,
+              "tokens_per_s": window.rate(state.tokens_per_step),
+              "samples_per_s": window.rate(state.geometry.global_batch),
+              "tokens_seen": float(state.tokens_seen), "data_crc": out.data_crc}
+    record.update({f"sys/{k}": v for k, v in memory_stats(ctx.hardware.device).items()})
+    metrics.scalars(state.step, record, "train")
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def maybe_validate(task: Task, ctx: StageContext, state: TrainState,
+                   metrics: StageMetrics) -> None:
+    """Validate every ``val_every`` steps and after the last step (if the stage has validation
+    data), and keep the weights of a new best validation loss when ``select_best``."""
+    tc = task.train_config
+    if state.val_loaders is None or not due(state.step, tc.val_every, tc.steps):
+        return
+    values, weights = validate(task, ctx, state)
+    state.val_metrics, state.val_weights, state.last_val = values, weights, values["loss"]
+    metrics.scalars(state.step, values, "val")
+    report = task.validation_report()
+    if report:
+        metrics.text("val/report", report, state.step)
+    if tc.select_best and (state.best_val is None or values["loss"] < state.best_val):
+        state.best_val, state.best_step = values["loss"], state.step
+        if ctx.dist_env.is_main:
+            state.checkpointer.save_best(state.step, {"step": state.step, "val": values,
+                                                      "state_dict": weights})
+
+
+def validate(task: Task, ctx: StageContext,
+             state: TrainState) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The task's validation metrics of the current weights, and those weights."""
+    device = ctx.hardware.device
+    weights = current_weights(state)
+    state.eval_model.load_state_dict(weights)
+    # Outside the training RNG stream: a resumed run validates at other points in it.
+    with torch.no_grad(), autocast(device, state.precision), forked_rng(device):
+        values = task.validate(state.eval_model,
+                               StepRandom.for_validation(ctx.run_seed, ctx.dist_env, device),
+                               state.val_loaders, ctx.dist_env)
+    return values, weights
+
+
+def current_weights(state: TrainState) -> dict[str, torch.Tensor]:
+    """The EMA weights if any, else the trained ones (consolidated fp32); collective."""
+    return state.ema.weights(state.model) if state.ema is not None else full_fp32_state(state.model)
+
+
+# -- the end -----------------------------------------------------------------------------------
+
+def stop_for_requeue(ctx: StageContext, state: TrainState, metrics: StageMetrics,
+                     signals: list[int]) -> StageResult:
+    """After the preemption's checkpoint: leave the process group and hand the signal over to
+    the handler installed before ours (submitit's requeues the job)."""
+    log.warning("%s: preempted; saved step %d, exiting so the job can be requeued",
+                ctx.label, state.step)
+    metrics.close()
+    # Every rank leaves the process group before rank 0 hands over: submitit's handler
+    # requeues and exits, and a rank still waiting in a collective for it would hang.
+    dist.shutdown()
+    ctx.guard.hand_over(ctx.dist_env.is_main, signals)
+    return StageResult("preempted", ctx.stage, ctx.target, ctx.fraction, state.step,
+                       ctx.input_hash, val_loss=state.last_val, best_step=state.best_step)
+
+
+def export(task: Task, ctx: StageContext, state: TrainState,
+           metrics: StageMetrics) -> StageResult:
+    """Write the finished stage's export (rank 0) and its hparams record."""
+    tc, d = task.train_config, ctx.dist_env
+    weights, which, step, val = exported_weights(task, ctx, state)
+    path = ctx.export_path()
     if d.is_main:
         meta = {**task.export_info(), "stage": ctx.stage, "target": ctx.target,
                 "fraction": ctx.fraction, "seed": ctx.seed, "input_hash": ctx.input_hash,
-                "tokenizer_hash": task.tokenizer_hash, "step": exp_step, "val_loss": exp_val,
-                "weights": which, "trained_steps": step, "world_size": d.world_size,
-                "zero_stage": tc.zero_stage, "precision": precision, "finished": True}
-        write_export(export_path, weights, meta)
+                "tokenizer_hash": task.tokenizer_hash, "step": step, "val_loss": val,
+                "weights": which, "trained_steps": state.step, "world_size": d.world_size,
+                "zero_stage": tc.zero_stage, "precision": state.precision, "finished": True}
+        write_export(path, weights, meta)
         metrics.hparams({"stage": ctx.label, "zero_stage": tc.zero_stage,
                          "world_size": d.world_size, "global_batch": tc.global_batch,
                          "lr": tc.lr, "steps": tc.steps, "ema": tc.ema},
-                        {"val_loss": exp_val if exp_val is not None else float("nan")})
+                        {"val_loss": val if val is not None else float("nan")})
         log.info("%s: finished at step %d; exported %s weights (step %s, val loss %s) to %s",
-                 ctx.label, step, which, exp_step, exp_val, export_path)
+                 ctx.label, state.step, which, step, val, path)
     metrics.close()
-    return StageResult("finished", ctx.stage, ctx.target, ctx.fraction, step, ctx.input_hash,
-                       export=export_path, val_loss=exp_val, best_step=state["best_step"],
-                       val_metrics=last_val)
+    return StageResult("finished", ctx.stage, ctx.target, ctx.fraction, state.step,
+                       ctx.input_hash, export=path, val_loss=val, best_step=state.best_step,
+                       val_metrics=state.val_metrics)
+
+
+def exported_weights(task: Task, ctx: StageContext, state: TrainState
+                     ) -> tuple[dict[str, torch.Tensor], str, Optional[int], Optional[float]]:
+    """What the export holds: the best-validation weights (rank 0 reads them), else the EMA,
+    else the final weights; with their kind, step and validation loss."""
+    if task.train_config.select_best and state.best_step is not None:
+        weights = (state.checkpointer.load_best(state.best_step)["state_dict"]
+                   if ctx.dist_env.is_main else {})
+        return weights, "best", state.best_step, state.best_val
+    # The last validated weights; resumed at the very end, nothing was computed in this process.
+    weights = state.val_weights if state.val_weights is not None else current_weights(state)
+    return weights, "ema" if state.ema is not None else "final", state.step, state.last_val
 
 
 def stage_input_hash(cfg: RunConfig, stage: str, target: Optional[str],
