@@ -8,28 +8,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
+from text_corpus import write_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-
-WORDS = {
-    "recipes": "stir the flour with butter and sugar then bake the dough in a hot oven until golden "
-               "add salt pepper garlic onion simmer the sauce serve warm with bread".split(),
-    "gardening": "water the seedlings in spring prune the roses after bloom dig compost into the soil "
-                 "plant tomato seeds in sunny beds mulch weeds harvest beans".split(),
-}
-
-
-def write_corpus(path: Path, docs_per_domain: int = 160) -> None:
-    rng = random.Random(0)
-    with open(path, "w") as fh:
-        for domain, words in WORDS.items():
-            for _ in range(docs_per_domain):
-                text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 40))) + "."
-                fh.write(json.dumps({"text": text, "domain": domain}) + "\n")
 
 
 def test_text_pipeline_runs_in_process_to_a_report(tmp_path):
