@@ -31,8 +31,10 @@ SETTINGS = [
 DRIVER = """
 import json, os, sys
 from gtl_dist.config import load_config
+from gtl_dist.log import setup_logging
 from gtl_dist.train import load_exported, run_stage
 from gtl_dist.train.export import ExportError
+setup_logging()  # a program of its own: importing gtl_dist configures no logging
 cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
 out = []
 try:  # fails after the process group is up, as a crashing task does in the debug launcher
