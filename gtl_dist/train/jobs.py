@@ -49,6 +49,7 @@ inputs -> which stage to re-run.
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,7 +112,6 @@ class ShardTask(Task):
             raise ConfigError(f"{self.manifest.path}: shards hold sequences of {self.seq_len} tokens "
                               f"but the config's sequence length is {ctx.cfg.seq_len}")
         self.tokenizer_hash = self.manifest.tokenizer_hash
-        self.schedule = NoiseSchedule.from_config(ctx.cfg.noise)
         self.target, self.fraction = ctx.target, ctx.fraction
         self._report: Optional[str] = None
         # The fraction's n_T target sequences: the first n_train are trained on, the last
@@ -122,6 +122,11 @@ class ShardTask(Task):
             self.n_train, self.held_out = check_holdout(
                 n, ctx.cfg.protocol, f"target '{self.target}' at fraction {self.fraction} "
                                      f"(n_T = {n}, {self.manifest.path})")
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule, read from the config by the kinds that use it (not the AR ones)."""
+        return NoiseSchedule.from_config(self.cfg.noise)
 
     # -- sets and loaders ----------------------------------------------------------------------
     def target_train(self) -> str:
