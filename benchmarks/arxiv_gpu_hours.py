@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from gtl_dist.cluster.dag import GUIDE_STAGE, build_pipeline
+from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.config import load_config
 from gtl_dist.data.tokenizer import MASK_ID, PAD_ID
 from gtl_dist.log import setup_logging
 from gtl_dist.models.heads import VocabSpec, build_model, count_parameters
-from gtl_dist.train.jobs import ROLE
+from gtl_dist.stages import GUIDE_STAGE, STAGES
 
 MEASURED_TOKENS_PER_S = 258_000  # the 59.8M denoiser, L = 512, one H100, eager (see above)
-TRAIN_KINDS = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio", "edit_ratio",
-               "planner", "ar_pretrain", "ar2diff", "reference_lm")
 
 
 def flops_per_token(model, seq_len: int, train: bool) -> float:
@@ -50,10 +48,10 @@ def stage_hours(cfg, models, flops_per_s: float) -> dict[str, tuple[int, float]]
     pipeline, L = build_pipeline(cfg), cfg.seq_len
     out = {}
     for group in pipeline.groups:
-        if group.name not in TRAIN_KINDS:
+        if group.name not in STAGES:
             continue
         tc = getattr(cfg.train, group.name)
-        per_token = flops_per_token(models[ROLE[group.name]], L, train=True)
+        per_token = flops_per_token(models[STAGES[group.name].role], L, train=True)
         if group.name == "edit_ratio":  # it reads the frozen source denoiser every step
             per_token += flops_per_token(models["denoiser"], L, train=False)
         tokens = tc.steps * tc.global_batch * L
@@ -90,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, ["data.path=/data/arxiv.json", *args.set])
     vocab = VocabSpec(size=cfg.tokenizer.vocab_size, mask_id=MASK_ID, pad_id=PAD_ID)  # SentencePiece ids
-    roles = set(ROLE.values()) | {"planner", "edit_ratio"}
+    roles = {spec.role for spec in STAGES.values()}
     models = {role: build_model(role, cfg, vocab) for role in roles}
     flops_per_s = args.tokens_per_s * flops_per_token(models["denoiser"], cfg.seq_len, train=True)
     print(f"{args.config} {' '.join(args.set)}: denoiser {count_parameters(models['denoiser']) / 1e6:.1f}M "

@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
-import json
 import re
 import types
 import typing
@@ -24,19 +22,12 @@ from typing import Any, Optional
 
 import yaml
 
+from gtl_dist.io import dict_hash
 from gtl_dist.log import get_logger
+from gtl_dist.stages import STAGES
 
 log = get_logger(__name__)
 
-# Every job kind the training loop knows (docs/method.md / docs/architecture.md); each has its
-# train.<stage> section. reference_lm is the evaluation's causal LM (generative perplexity).
-STAGES = ("denoiser", "vanilla", "finetune", "classifier_ti", "classifier_td", "ratio",
-          "edit_ratio", "planner", "ar_pretrain", "ar2diff", "reference_lm")
-# Stages trained once per (target, fraction) and per seed of pipeline.seeds.
-PER_TARGET_STAGES = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio", "edit_ratio")
-# Stages trained once per target, on no fraction of its training data. The rest (and the planner
-# unless pipeline.planner_scope=per_target) are trained once per run.
-TARGET_ONLY_STAGES = ("reference_lm",)
 CORPORA = ("markov", "demo", "arxiv", "jsonl", "txt")
 SAMPLERS = ("planner", "ancestral", "exact")
 # gtl: the default recipe (edit-ratio network, docs/method.md §5); gtl_paper: the paper's
@@ -190,19 +181,11 @@ def _stage(**kw: Any) -> Any:
     return field(default_factory=lambda: TrainConfig(**kw))
 
 
-@dataclass
-class StagesConfig:
-    denoiser: TrainConfig = _stage(steps=50_000, ema=0.9999)
-    vanilla: TrainConfig = _stage(steps=50_000, ema=0.9999, select_best=True)
-    finetune: TrainConfig = _stage(steps=10_000, ema=0.9999, select_best=True)
-    classifier_ti: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
-    classifier_td: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
-    ratio: TrainConfig = _stage(steps=30_000, val_every=1000, select_best=True)
-    edit_ratio: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
-    planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
-    ar_pretrain: TrainConfig = _stage(steps=50_000)
-    ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
-    reference_lm: TrainConfig = _stage(steps=5_000, val_every=500, select_best=True, num_workers=0)
+# One train.<stage> section per row of the stage table (gtl_dist/stages.py), with that stage's
+# defaults (its row's ``train``).
+StagesConfig = dataclasses.make_dataclass(
+    "StagesConfig", [(name, TrainConfig, _stage(**spec.train)) for name, spec in STAGES.items()])
+StagesConfig.__module__ = __name__
 
 
 @dataclass
@@ -361,10 +344,6 @@ class RunConfig:
     def data_hash(self) -> str:
         """What the shards hold: the hash every manifest, loader cursor and checkpoint checks."""
         return self.section_hash("data", "tokenizer", "shards")
-
-
-def dict_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _get_path(d: Any, keys: list[str]) -> Any:

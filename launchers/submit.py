@@ -52,8 +52,9 @@ from gtl_dist.cluster.launch import (LaunchError, LaunchOptions, Launcher, Plan,
 from gtl_dist.cluster.preflight import Report, gather_facts, preflight
 from gtl_dist.cluster.run_dir import prepare_run_dir
 from gtl_dist.cluster.run_lock import RunDirBusy, hold_run_dir
-from gtl_dist.config import STAGES, ConfigError, load_config
+from gtl_dist.config import ConfigError, load_config
 from gtl_dist.log import get_logger, setup_logging
+from gtl_dist.stages import TASK_KINDS
 
 log = get_logger("submit")
 
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "samples, TensorBoard events and the report. On SLURM it must be on a "
                         "filesystem that every node shares")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                   help=f"run only these stages ({' '.join(('data',) + STAGES + ('sample', 'eval'))})")
+                   help=f"run only these stages ({' '.join(TASK_KINDS)})")
     p.add_argument("--wait", action="store_true",
                    help="SLURM: follow the run until every task finished or one failed")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="MIN",

@@ -24,7 +24,7 @@ import pytest
 from gtl_dist.cluster.slurm_local import (INSTALL_HINT, ClusterError, ClusterSpec,
                                           LocalSlurmCluster, find_free_controller_port,
                                           missing_programs)
-from gtl_dist.cluster.slurm_query import TERMINAL_STATES, job_states
+from gtl_dist.slurm_query import TERMINAL_STATES, job_states
 
 REQUIRE_ENV = "GTL_REQUIRE_SLURM"
 # A task's result pickle is written before its process exits; allow the file system a moment.

@@ -2,8 +2,9 @@
 
 import pytest
 
-from gtl_dist.cluster.dag import BIG, Task, build_pipeline
+from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.config import load_config
+from gtl_dist.stages import BIG, Task
 
 
 def _cfg(configs_dir, name="tiny", *overrides):

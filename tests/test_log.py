@@ -7,8 +7,8 @@ import re
 import subprocess
 import sys
 
-from gtl_dist.cluster.dag import Task
 from gtl_dist.paths import task_name
+from gtl_dist.stages import Task
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gtl_dist.cluster.slurm_query import job_states, parse_record, run_slurm
+from gtl_dist.slurm_query import job_states, parse_record, run_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 # Long enough for the preemption to land mid-run with a checkpoint to resume from.

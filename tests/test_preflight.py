@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from gtl_dist.cluster import preflight as pf
-from gtl_dist.cluster.dag import Task, build_pipeline
+from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import LaunchOptions, Launcher, world_size
-from gtl_dist.cluster.slurm_query import SlurmCommandError
 from gtl_dist.config import ConfigError, load_config
 from gtl_dist.paths import RunPaths
+from gtl_dist.slurm_query import SlurmCommandError
+from gtl_dist.stages import Task
 from gtl_dist.train.engine import batch_geometry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,7 @@ import submitit
 from gtl_dist.cluster.slurm_local import (MARKER_VAR, ClusterError, ClusterSpec,
                                           LocalSlurmCluster, find_free_controller_port,
                                           render_slurm_conf)
-from gtl_dist.cluster.slurm_query import (UNKNOWN, SlurmCommandError, job_states, node_addr,
-                                          parse_record)
+from gtl_dist.slurm_query import UNKNOWN, SlurmCommandError, job_states, node_addr, parse_record
 from slurm_fixtures import wait_for_results
 
 REPO = Path(__file__).resolve().parents[1]

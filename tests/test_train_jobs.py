@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gtl_dist.config import STAGES
+from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES
 from train_helpers import PYTHON, REPO, Ranks, deepspeed_ops, train_records  # noqa: F401
 
 pytestmark = pytest.mark.distributed
@@ -30,8 +30,6 @@ MODELS = ["models.reference_lm={hidden: 48, blocks: 1, heads: 2, cond_dim: 16, d
 STEPS = {"denoiser": 80, "vanilla": 80, "finetune": 80, "ar_pretrain": 80, "ar2diff": 80,
          "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "edit_ratio": 160, "planner": 160,
          "reference_lm": 80}
-PER_TARGET = ("vanilla", "finetune", "classifier_ti", "classifier_td", "ratio", "edit_ratio")
-TARGET_ONLY = ("reference_lm",)
 
 
 def train_settings() -> list[str]:
@@ -54,17 +52,17 @@ def cli(run_dir: Path, stage: str, *extra: str) -> list[str]:
            "--run-dir", str(run_dir), "--stage", stage]
     for s in DATA + MODELS + train_settings() + list(extra):
         cmd += ["--set", s]
-    if stage in PER_TARGET:
+    if STAGES[stage].scope == PER_FRACTION:
         cmd += ["--target", TARGET, "--fraction", str(FRACTION)]
-    elif stage in TARGET_ONLY:
+    elif STAGES[stage].scope == PER_TARGET:
         cmd += ["--target", TARGET]
     return cmd
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
-    if stage in PER_TARGET:
+    if STAGES[stage].scope == PER_FRACTION:
         return run_dir / stage / TARGET / f"{FRACTION:g}"
-    if stage in TARGET_ONLY:
+    if STAGES[stage].scope == PER_TARGET:
         return run_dir / stage / TARGET
     return run_dir / stage
 

@@ -63,7 +63,7 @@ def test_slurm_env_uses_node_address_and_job_port():
 def test_slurm_node_address_falls_back_to_the_name(monkeypatch):
     from gtl_dist.train import dist
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol anywhere
-    monkeypatch.setattr("gtl_dist.cluster.slurm_query.slurm_program", lambda name: None)
+    monkeypatch.setattr("gtl_dist.slurm_query.slurm_program", lambda name: None)
     assert dist.default_node_addr("n1") == "n1"
 
 
@@ -333,22 +333,22 @@ def fake_ctx(cfg, run_dir: Path, stage="finetune", target="sticky", fraction=1.0
 
 def test_finetune_without_a_source_export_names_the_path_and_the_stage(tiny, tmp_path):
     from gtl_dist.train.export import ExportError
-    from gtl_dist.cluster.dag import Pipeline
+    from gtl_dist.stages import StageGraph
     from gtl_dist.train.jobs import upstream_export
     ctx = fake_ctx(tiny, tmp_path)
     with pytest.raises(ExportError) as err:
-        upstream_export(ctx, Pipeline(tiny).source_stage)
+        upstream_export(ctx, StageGraph(tiny).source_stage)
     text = str(err.value)
     assert str(tmp_path / "denoiser" / "export" / "model.pt") in text
     assert "run stage denoiser first" in text and "--stage denoiser" in text
     ar = load_config(REPO / "configs" / "tiny.yaml", ["pipeline.ar2diff=true"])
-    assert Pipeline(ar).source_stage == "ar2diff"
+    assert StageGraph(ar).source_stage == "ar2diff"
 
 
 def test_stale_upstream_export_asks_to_rerun_it(tiny, tmp_path):
     from gtl_dist.train.export import ExportError, write_export
     from gtl_dist.train.jobs import upstream_export
-    from gtl_dist.train.loop import stage_input_hash
+    from gtl_dist.stages import stage_input_hash
     path = tmp_path / "denoiser" / "export" / "model.pt"
     write_export(path, {"w": torch.zeros(1)}, {"stage": "denoiser", "input_hash": "0123abcd"})
     with pytest.raises(ExportError, match=r"trained with inputs hash 0123abcd, the current "
@@ -371,7 +371,7 @@ def test_damaged_export_is_reported(tmp_path):
 
 
 def test_stage_input_hash_covers_upstream_but_not_sampling(tiny):
-    from gtl_dist.train.loop import stage_input_hash
+    from gtl_dist.stages import stage_input_hash
     base = stage_input_hash(tiny, "finetune", "sticky", 1.0)
     changed_source = load_config(REPO / "configs" / "tiny.yaml", ["train.denoiser.lr=0.5"])
     changed_sampler = load_config(REPO / "configs" / "tiny.yaml", ["sample.gamma=9"])

@@ -172,7 +172,8 @@ def toy_main(argv: Optional[list[str]] = None) -> int:
     import argparse
     from gtl_dist.config import load_config
     from gtl_dist.log import setup_logging
-    from gtl_dist.train.loop import execute, stage_input_hash
+    from gtl_dist.stages import stage_input_hash
+    from gtl_dist.train.loop import execute
     from gtl_dist.train.preempt import EXIT_PREEMPTED
 
     setup_logging()  # a program of its own, as a pipeline task's process is

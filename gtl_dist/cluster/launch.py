@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from gtl_dist.cluster.dag import BIG, DATA, Group, Pipeline, Task
+from gtl_dist.cluster.dag import Group, Pipeline
 from gtl_dist.cluster.progress import TrainProgress
 from gtl_dist.cluster.tasks import TaskRunner, marker_valid
 from gtl_dist.config import RunConfig
@@ -35,6 +35,8 @@ from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.locks import flocked, pid_alive
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
+from gtl_dist.slurm_query import job_states
+from gtl_dist.stages import BIG, DATA, STAGES, Task
 
 log = get_logger("cluster.launch")
 
@@ -195,7 +197,6 @@ class SubmissionLog:
 # -- task states --------------------------------------------------------------------------------------
 
 def slurm_job_states(subs: list[Submission]) -> dict[str, str]:
-    from gtl_dist.cluster.slurm_query import job_states
     ids = sorted({s.job_id for s in subs if s.cluster == "slurm"})
     return job_states(ids) if ids else {}
 
@@ -287,10 +288,9 @@ class Launcher:
     def retire_stale_checkpoints(self, plan: Plan, on_event: Callable[[str], None] = print) -> None:
         """Training tasks about to run whose checkpoints were written with other inputs (after
         --update-config) start afresh; their old checkpoint folders are kept, renamed."""
-        from gtl_dist.cluster.tasks import TRAIN_KINDS
         from gtl_dist.train.checkpoint import retire_stale
         for task in plan.to_run:
-            if task.kind not in TRAIN_KINDS:
+            if task.kind not in STAGES:
                 continue
             # The pipeline's input hash is the one the stage's checkpoints carry (stage_input_hash).
             moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction,

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from gtl_dist.cluster.dag import BIG, Group, Pipeline, Task
+from gtl_dist.cluster.dag import Group, Pipeline
 from gtl_dist.cluster.launch import LaunchOptions, Plan, slurm_parameters, world_size
 from gtl_dist.cluster.progress import train_log_path, train_log_records
-from gtl_dist.config import STAGES, ConfigError, RunConfig, TrainConfig, check_holdout
+from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
+from gtl_dist.slurm_query import SlurmCommandError, run_slurm
+from gtl_dist.stages import BIG, STAGES, Task
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")
 # A DeepSpeed checkpoint holds fp32 weights and two fp32 Adam moments (bf16 weights with an fp32
@@ -111,7 +113,6 @@ class Context:
 
 def gather_facts(opts: LaunchOptions, run_dir: str | Path) -> Facts:
     """Free disk space and, for --cluster slurm, the nodes sinfo lists (or why it could not)."""
-    from gtl_dist.cluster.slurm_query import SlurmCommandError
     facts = Facts(free_bytes=free_bytes(run_dir))
     if opts.cluster == "slurm":
         try:
@@ -124,7 +125,6 @@ def gather_facts(opts: LaunchOptions, run_dir: str | Path) -> Facts:
 
 def sinfo_nodes() -> list[Node]:
     """Every node of every partition, as the SLURM controller sees them now."""
-    from gtl_dist.cluster.slurm_query import run_slurm
     return parse_sinfo(run_slurm(["sinfo", "-h", "-N", "-o", "%N|%P|%G"]).stdout)
 
 
@@ -351,13 +351,12 @@ def parameter_count(cfg: RunConfig, stage: str, vocab) -> int:
     import torch
 
     from gtl_dist.models import build_model, count_parameters
-    from gtl_dist.train.jobs import ROLE
     models_log = logging.getLogger("gtl_dist.models")
     level = models_log.level
     models_log.setLevel(logging.WARNING)  # build_model logs every size; the plan needs none of it
     try:
         with torch.device("meta"):
-            return count_parameters(build_model(ROLE[stage], cfg, vocab))
+            return count_parameters(build_model(STAGES[stage].role, cfg, vocab))
     finally:
         models_log.setLevel(level)
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from gtl_dist.cluster.dag import Pipeline, Task
-from gtl_dist.cluster.tasks import TRAIN_KINDS
+from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import STAGES, Task
 
 
 def train_log_records(paths: RunPaths, task: Task) -> list[dict]:
@@ -73,7 +73,7 @@ class TrainProgress:
 
     def lines(self, tasks: Iterable[Task]) -> list[str]:
         now = self.clock()
-        return [line for t in tasks if t.kind in TRAIN_KINDS and (line := self._line(t, now))]
+        return [line for t in tasks if t.kind in STAGES and (line := self._line(t, now))]
 
     def _line(self, task: Task, now: float) -> Optional[str]:
         shown = self._shown.get(task.key)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from gtl_dist.cluster.slurm_query import SlurmCommandError, run_slurm, slurm_program
+from gtl_dist.slurm_query import SlurmCommandError, run_slurm, slurm_program
 from gtl_dist.io import atomic_write_json, atomic_write_text, read_json
 
 DAEMON_PROGRAMS = ("munged", "slurmctld", "slurmd")
@@ -144,7 +144,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
-# No accounting: sacct fails; use gtl_dist.cluster.slurm_query.job_states instead.
+# No accounting: sacct fails; use gtl_dist.slurm_query.job_states instead.
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SelectType=select/cons_tres

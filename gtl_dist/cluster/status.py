@@ -13,12 +13,12 @@ from typing import Optional
 
 import yaml
 
-from gtl_dist.cluster.dag import Pipeline, Task, build_pipeline
+from gtl_dist.cluster.dag import Pipeline, build_pipeline
 from gtl_dist.cluster.launch import SubmissionLog, slurm_job_states, task_state
 from gtl_dist.cluster.progress import last_train_record
-from gtl_dist.cluster.tasks import TRAIN_KINDS
 from gtl_dist.config import config_from_dict
 from gtl_dist.paths import RunPaths, fraction_name
+from gtl_dist.stages import STAGES, Task
 
 
 @dataclass
@@ -64,7 +64,7 @@ def status_rows(run_dir: str | Path) -> list[StatusRow]:
         sub = subs.get(task)
         state = task_state(pipeline, paths, task, sub, states)
         step = loss = total = None
-        if task.kind in TRAIN_KINDS:
+        if task.kind in STAGES:
             total = getattr(pipeline.cfg.train, task.kind).steps
             step, loss = _progress(paths, task)
             if state == "done":

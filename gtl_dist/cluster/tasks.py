@@ -3,7 +3,7 @@
 ``run_task(cfg, run_dir, task)`` dispatches on the task kind (data, a training stage, a sample
 shard, evaluation), and on success rank 0 writes the task's completion marker
 (``DONE.json``-style, atomically) with the task's input hash. The launcher decides what to
-(re)submit from these markers alone; see ``gtl_dist.cluster.dag``.
+(re)submit from these markers alone; see ``gtl_dist.cluster.dag`` and ``gtl_dist.stages``.
 
 ``TaskRunner`` wraps ``run_task`` for submitit: it is ``Checkpointable``, so a preemption or
 time-limit signal requeues the job (the training loop first saves a checkpoint collectively,
@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from gtl_dist.cluster.dag import GUIDE_STAGE, Pipeline, Task, evaluator_classifier_fraction
-from gtl_dist.config import STAGES, RunConfig, config_from_dict
+from gtl_dist.cluster.dag import Pipeline
+from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import GUIDE_STAGE, STAGES, Task, evaluator_classifier_fraction
 
 log = get_logger("cluster.tasks")
-
-# Training kinds run through gtl_dist.train.run_stage: every job kind the training loop knows.
-TRAIN_KINDS = STAGES
 
 
 class TaskFailed(RuntimeError):
@@ -71,7 +69,7 @@ def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
         from gtl_dist.data import prepare_data
         manifest = prepare_data(cfg, run_dir)
         info["data_hash"] = manifest.data_hash
-    elif task.kind in TRAIN_KINDS:
+    elif task.kind in STAGES:  # gtl_dist.train.run_stage
         from gtl_dist.train import run_stage
         result = run_stage(cfg, run_dir, task.kind, task.target, task.fraction, task.seed)
         if result.status != "finished":
@@ -119,7 +117,7 @@ def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: T
         return MethodNetworks(load_export(paths, method, target, fraction, device, seed))
     planner = None
     if cfg.sample.sampler == "planner" and cfg.sample.planner_mode != "uniform":
-        pt = pipeline.planner_task(target, fraction, seed)
+        pt = pipeline.stage_task("planner", target, fraction, seed)
         planner = load_export(paths, "planner", pt.target, pt.fraction, device, pt.seed)
     return MethodNetworks(load_export(paths, pipeline.source_stage, device=device),
                           ratio_net=load_export(paths, GUIDE_STAGE[method], target, fraction, device, seed),

@@ -31,7 +31,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import RunConfig
 from gtl_dist.data.markov import SOURCE, sample_sequences, transition_matrices
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
@@ -42,6 +41,7 @@ from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
+from gtl_dist.stages import StageGraph
 from gtl_dist.train.export import load_exported
 
 log = get_logger("eval.ladder")
@@ -95,7 +95,7 @@ class MarkovRun:
 def ladder_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
     run = MarkovRun.load(cfg, paths)
     methods, seeds = cfg.sample.methods, cfg.pipeline.seeds
-    learned_source = run.export(Pipeline(cfg).source_stage)
+    learned_source = run.export(StageGraph(cfg).source_stage)
     rows = []
     for target, chain in run.targets.items():
         exact_p = run.source_denoiser

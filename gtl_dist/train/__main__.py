@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
-from gtl_dist.config import STAGES, ConfigError, load_config
+from gtl_dist.config import ConfigError, load_config
 from gtl_dist.log import set_log_context, setup_logging
 from gtl_dist.paths import task_name
+from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES
 from gtl_dist.train.preempt import EXIT_PREEMPTED
 
+
+
+def _scopes() -> str:
+    """Which stages take --target, --fraction and --seed, from the stage table."""
+    def named(scope: str) -> str:
+        return ", ".join(name for name, spec in STAGES.items() if spec.scope == scope)
+    switchable = "".join(f"; {name} too when {spec.scope_key}=per_target"
+                         for name, spec in STAGES.items() if spec.scope_key)
+    text = (f"stages: {', '.join(STAGES)}. Trained per target and fraction (--target/--fraction), "
+            f"once per seed of pipeline.seeds (--seed; default 0): {named(PER_FRACTION)}{switchable}. "
+            f"Trained once per target, on no fraction of its training data (--target, no "
+            f"--fraction): {named(PER_TARGET)}. The others are trained once per run.")
+    return textwrap.fill(text, 98, subsequent_indent="  ")
+
+
 EPILOG = f"""\
-stages: {', '.join(STAGES)}
-  vanilla, finetune, classifier_ti, classifier_td, ratio and edit_ratio are trained per target and
-  fraction (--target/--fraction), once per seed of pipeline.seeds (--seed; default 0); planner too
-  when pipeline.planner_scope=per_target. reference_lm, the
-  causal LM the evaluation scores generated text with, is trained once per target on its held-out
-  text (--target, no --fraction). The others are trained once per run.
+{_scopes()}
 
 ranks: one process per rank. The rank comes from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
   MASTER_PORT (torchrun, submitit) or from SLURM (srun: SLURM_PROCID, ...); without either it

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from gtl_dist.log import get_logger, set_log_context
+from gtl_dist import slurm_query
 
 log = get_logger("train.dist")
 
@@ -117,10 +118,9 @@ def slurm_port(job_id: str) -> int:
 
 def default_node_addr(node: str) -> str:
     """``NodeAddr`` of a SLURM node from ``scontrol show node``, or the name when unavailable."""
-    from gtl_dist.cluster.slurm_query import SlurmCommandError, node_addr
     try:
-        return node_addr(node, timeout_s=20.0)
-    except SlurmCommandError as exc:
+        return slurm_query.node_addr(node, timeout_s=20.0)
+    except slurm_query.SlurmCommandError as exc:
         log.warning("MASTER_ADDR: could not ask SLURM for the address of %s (%s); using the "
                     "node name, which must then resolve on every node", node, exc)
         return node

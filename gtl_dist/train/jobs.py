@@ -40,7 +40,8 @@ Target sets are small (often one shard, read by sample at any world size), so ta
 in the main process (``num_workers=0``); source loaders use ``train.<stage>.num_workers``.
 
 The source denoiser of ``finetune`` and ``planner`` is the export of the pipeline's source stage
-(``Pipeline.source_stage``: ``ar2diff`` when ``pipeline.ar2diff`` is set, else ``denoiser``).
+(``StageGraph.source_stage`` in gtl_dist/stages.py: ``ar2diff`` when ``pipeline.ar2diff`` is set,
+else ``denoiser``).
 Upstream exports are checked before training: missing -> which stage to run; trained from other
 inputs -> which stage to re-run.
 """
@@ -48,15 +49,14 @@ inputs -> which stage to re-run.
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from gtl_dist.cluster.dag import Pipeline
-from gtl_dist.config import (PER_TARGET_STAGES, STAGES, TARGET_ONLY_STAGES, ConfigError, RunConfig,
-                             TrainConfig, check_holdout)
+from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
 from gtl_dist.log import get_logger
@@ -64,17 +64,13 @@ from gtl_dist.models import VocabSpec, build_model
 from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, edit_ratio_loss, freeze,
                                  overlap_report, planner_loss, ratio_loss)
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
 from gtl_dist.train.export import ExportError, load_exported, read_export
-from gtl_dist.train.loop import StageContext, StageResult, StepRandom, Task, execute, stage_input_hash
+from gtl_dist.train.loop import StageContext, StageResult, StepRandom, Task, execute
 
 log = get_logger("train.jobs")
-
-ROLE = {"denoiser": "denoiser", "vanilla": "denoiser", "finetune": "denoiser",
-        "classifier_ti": "classifier_ti", "classifier_td": "classifier_td", "ratio": "ratio",
-        "edit_ratio": "edit_ratio", "planner": "planner", "ar_pretrain": "ar", "ar2diff": "denoiser",
-        "reference_lm": "reference_lm"}
 
 
 def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
@@ -107,7 +103,7 @@ class ShardTask(Task):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.stage = ctx.stage
-        self.role = ROLE[ctx.stage]
+        self.role = STAGES[ctx.stage].role
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
         self.manifest = load_run_manifest(ctx.cfg, ctx.paths.root)
         self.vocab = VocabSpec.from_manifest(self.manifest)
@@ -116,7 +112,6 @@ class ShardTask(Task):
             raise ConfigError(f"{self.manifest.path}: shards hold sequences of {self.seq_len} tokens "
                               f"but the config's sequence length is {ctx.cfg.seq_len}")
         self.tokenizer_hash = self.manifest.tokenizer_hash
-        self.schedule = NoiseSchedule.from_config(ctx.cfg.noise)
         self.target, self.fraction = ctx.target, ctx.fraction
         self._report: Optional[str] = None
         # The fraction's n_T target sequences: the first n_train are trained on, the last
@@ -127,6 +122,11 @@ class ShardTask(Task):
             self.n_train, self.held_out = check_holdout(
                 n, ctx.cfg.protocol, f"target '{self.target}' at fraction {self.fraction} "
                                      f"(n_T = {n}, {self.manifest.path})")
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule, read from the config by the kinds that use it (not the AR ones)."""
+        return NoiseSchedule.from_config(self.cfg.noise)
 
     # -- sets and loaders ----------------------------------------------------------------------
     def target_train(self) -> str:
@@ -223,7 +223,7 @@ class DiffusionTask(ShardTask):
         self.train_set = self.target_train() if self.per_target else "source/train"
         self.init_from: Optional[dict] = None
         if ctx.stage == "finetune":
-            self.init_from = upstream_export(ctx, Pipeline(ctx.cfg).source_stage)
+            self.init_from = upstream_export(ctx, StageGraph(ctx.cfg).source_stage)
         elif ctx.stage == "ar2diff":
             self.init_from = upstream_export(ctx, "ar_pretrain")
         if self.init_from is not None:
@@ -292,7 +292,7 @@ class ARTask(ShardTask):
 
 def check_classifier_micro_batch(tc: TrainConfig, stage: str, micro_batch: int) -> None:
     """A classifier micro-batch must hold a source and a target sequence, half and half when
-    balanced (also checked at submit time, gtl_dist/cluster/preflight.py)."""
+    balanced (also checked at submit time, by the launcher's preflight)."""
     key = f"train.{stage}"
     if micro_batch < 2:
         raise ConfigError(f"{key}.global_batch: a classifier micro-batch of {micro_batch} cannot hold "
@@ -426,7 +426,7 @@ class EditRatioTask(ShardTask):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.denoiser = frozen_export(ctx, Pipeline(ctx.cfg).source_stage)
+        self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
 
     def prepare(self, device):
         self.denoiser.to(device)
@@ -453,7 +453,7 @@ class EditRatioTask(ShardTask):
 class PlannerTask(ShardTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.denoiser = frozen_export(ctx, Pipeline(ctx.cfg).source_stage)
+        self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
         # Source-only by default (docs/method.md §6); pipeline.planner_scope=per_target trains one
         # per (target, fraction) on target data.
         self.train_set = self.target_train() if ctx.target else "source/train"
@@ -496,20 +496,20 @@ def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
         raise ConfigError(f"--stage {stage!r}: not a job kind; choose one of {', '.join(STAGES)}")
     targets = f"one of {', '.join(cfg.targets)}"
     fractions = f"one of {', '.join(map(str, cfg.data.target_fractions))}"
-    if stage in PER_TARGET_STAGES or (stage == "planner" and
-                                      cfg.pipeline.planner_scope == "per_target"):
+    scope = StageGraph(cfg).scope(stage)
+    if scope == PER_FRACTION:
         if target is None or fraction is None:
             raise ConfigError(f"stage {stage} is trained per target and fraction: pass --target "
                               f"({targets}) and --fraction ({fractions})")
-    elif stage in TARGET_ONLY_STAGES:
+    elif scope == PER_TARGET:
         if target is None or fraction is not None:
             raise ConfigError(f"stage {stage} is trained once per target, on its held-out text "
                               f"and no fraction of its training data: pass --target ({targets}) "
                               f"and no --fraction")
     elif target is not None or fraction is not None:
+        key = STAGES[stage].scope_key
         raise ConfigError(f"stage {stage} is trained once per run (on source data); drop --target and "
-                          f"--fraction" + (" (or set pipeline.planner_scope=per_target)"
-                                           if stage == "planner" else ""))
+                          f"--fraction" + (f" (or set {key}=per_target)" if key else ""))
     if target is not None and target not in cfg.targets:
         raise ConfigError(f"--target {target!r}: this config's targets are {', '.join(cfg.targets)}")
     if fraction is not None and fraction not in cfg.data.target_fractions:

@@ -647,16 +647,6 @@ def exported_weights(task: Task, ctx: StageContext, state: TrainState
     return weights, "ema" if state.ema is not None else "final", state.step, state.last_val
 
 
-def stage_input_hash(cfg: RunConfig, stage: str, target: Optional[str],
-                     fraction: Optional[float], seed: int = 0) -> str:
-    """The hash a stage's checkpoints and export carry: the config sections it reads plus,
-    recursively, those of its upstream stages (the pipeline DAG's definition, so the launcher's
-    completion markers and the checkpoints agree)."""
-    from gtl_dist.cluster.dag import Pipeline
-    from gtl_dist.cluster.dag import Task as DagTask
-    return Pipeline(cfg).input_hash(DagTask(stage, target, fraction, seed=seed))
-
-
 def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
             fraction: Optional[float], input_hash: str,
             make_task: Callable[[StageContext], Task], seed: int = 0) -> StageResult:

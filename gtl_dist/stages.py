@@ -1,0 +1,292 @@
+"""The stage table, and the pipeline's tasks, their dependencies and input hashes.
+
+Every training stage is one row of :data:`STAGES` (a :class:`StageSpec`): the network it trains,
+how many copies a run trains (its scope), the config sections that are its inputs, the stages
+whose exports it reads, its size on the cluster and its ``train.<stage>`` defaults. The rest of
+the package reads the table: ``config`` builds the ``train`` section from it, ``train.jobs`` looks
+up each job kind's network, ``cluster.dag`` groups the tasks into jobs and ``launchers/submit.py``
+lists the stages ``--stages`` accepts. Adding a stage is one row here plus one task class in
+``gtl_dist/train/jobs.py`` (docs/architecture.md, "Adding a stage").
+
+:class:`StageGraph` turns one configuration into tasks: the tasks it runs (:attr:`StageGraph.plan`),
+the tasks each one reads (:meth:`StageGraph.task_deps`) and each task's *input hash*: the config
+sections the task reads and, recursively, the input hashes of the tasks it reads. Completion
+markers, checkpoints and exports record that hash, so changing the denoiser's model size
+invalidates fine-tuning, the planner and every sample drawn from them, while changing γ only
+invalidates GTL samples and the report.
+
+This module sits below ``gtl_dist.train`` and ``gtl_dist.cluster``, which both use it. It needs
+nothing from ``gtl_dist.config`` at run time (it reads the :class:`~gtl_dist.config.RunConfig` it
+is given), and config builds its ``train`` section from the table, so the import goes that way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property, reduce
+from typing import TYPE_CHECKING, Any, Optional
+
+from gtl_dist.io import dict_hash
+from gtl_dist.paths import RunPaths, task_name
+
+if TYPE_CHECKING:  # annotations only: config imports this module
+    from gtl_dist.config import RunConfig
+
+# How many copies of a stage a run trains.
+SHARED = "shared"              # one per run, on source data
+PER_FRACTION = "per_fraction"  # one per (target, fraction, seed of pipeline.seeds)
+PER_TARGET = "per_target"      # one per target, on no fraction of its training data
+
+# How a group of tasks is sized on the cluster.
+BIG = "big"        # spans --nodes nodes, one rank per GPU (or per node on CPU)
+SMALL = "small"    # one task, at most one GPU: packed many to a node
+DATA = "data"      # one task, CPU only, shards.build_workers processes
+EVAL = "eval"      # one task, at most one GPU
+
+# In a row's deps: the pipeline's source stage, denoiser or ar2diff (StageGraph.source_stage).
+SOURCE = "source_stage"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage."""
+    name: str
+    # The network it trains: a role of gtl_dist.models.build_model.
+    role: str
+    # SHARED, PER_FRACTION or PER_TARGET.
+    scope: str
+    # The config sections (dotted paths) that are its inputs: changing one retrains it. What it
+    # reads of its upstream stages' sections is covered by their input hashes.
+    sections: tuple[str, ...]
+    # What it reads: "data" (the shards), SOURCE, or stages of earlier rows. The task it reads of
+    # a stage is the one for the same (target, fraction, seed), as far as that stage's scope has them.
+    deps: tuple[str, ...]
+    # BIG or SMALL.
+    size: str
+    # Its train.<name> defaults: TrainConfig fields that differ from TrainConfig's own defaults.
+    train: dict[str, Any] = field(default_factory=dict)
+    # A config key that, set to "per_target", makes a SHARED stage PER_FRACTION.
+    scope_key: Optional[str] = None
+
+
+# Rows in submission order: every stage comes after the stages it reads.
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
+    StageSpec("denoiser", role="denoiser", scope=SHARED, size=BIG, deps=("data",),
+              sections=("seed", "noise", "models.denoiser", "train.denoiser"),
+              train=dict(steps=50_000, ema=0.9999)),
+    # AR2Diff (pipeline.ar2diff): the source denoiser as a causal LM first, then run bidirectionally.
+    StageSpec("ar_pretrain", role="ar", scope=SHARED, size=BIG, deps=("data",),
+              sections=("seed", "models.denoiser", "train.ar_pretrain"),
+              train=dict(steps=50_000)),
+    StageSpec("ar2diff", role="denoiser", scope=SHARED, size=BIG, deps=("ar_pretrain",),
+              sections=("seed", "noise", "models.denoiser", "train.ar2diff"),
+              train=dict(steps=10_000, ema=0.9999)),
+    StageSpec("planner", role="planner", scope=SHARED, size=SMALL, deps=(SOURCE,),
+              sections=("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope",
+                        "protocol"),
+              train=dict(steps=10_000, val_every=500, select_best=True),
+              scope_key="pipeline.planner_scope"),
+    StageSpec("edit_ratio", role="edit_ratio", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
+              sections=("seed", "noise", "models.edit_ratio", "train.edit_ratio", "protocol"),
+              train=dict(steps=10_000, val_every=500, select_best=True)),
+    StageSpec("classifier_ti", role="classifier_ti", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.classifier", "train.classifier_ti", "protocol"),
+              train=dict(steps=5_000, val_every=1000, select_best=True)),
+    StageSpec("classifier_td", role="classifier_td", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.classifier", "train.classifier_td", "protocol"),
+              train=dict(steps=5_000, val_every=1000, select_best=True)),
+    StageSpec("ratio", role="ratio", scope=PER_FRACTION, size=SMALL,
+              deps=("classifier_ti", "classifier_td"),
+              sections=("seed", "noise", "models.ratio", "train.ratio", "protocol"),
+              train=dict(steps=30_000, val_every=1000, select_best=True)),
+    StageSpec("vanilla", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.denoiser", "train.vanilla", "protocol"),
+              train=dict(steps=50_000, ema=0.9999, select_best=True)),
+    StageSpec("finetune", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
+              sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"),
+              train=dict(steps=10_000, ema=0.9999, select_best=True)),
+    # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
+    StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
+              sections=("seed", "models.reference_lm", "train.reference_lm"),
+              train=dict(steps=5_000, val_every=500, select_best=True, num_workers=0)),
+)}
+
+# Every task kind, in submission order: the data, the stages, the sample shards, the evaluation.
+TASK_KINDS = ("data", *STAGES, "sample", "eval")
+
+# The network that guides each GTL method (docs/method.md §5).
+GUIDE_STAGE = {"gtl": "edit_ratio", "gtl_paper": "ratio"}
+
+# Config sections the other task kinds read (besides their dependencies).
+DATA_SECTIONS = ("seed", "data", "tokenizer", "shards")
+# Baselines draw with the unguided sampler; only GTL reads the guidance settings. The list of
+# methods is never an input: adding a method must not redraw the others.
+SAMPLE_SECTIONS = ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
+                   "sample.t_end", "sample.seed")
+GUIDED_SAMPLE_SECTIONS = {
+    "gtl": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
+            "sample.t_end", "sample.seed", "sample.sampler", "sample.gamma", "sample.n_ratio",
+            "sample.ratio_batch_size", "sample.planner_temperature", "sample.planner_mode",
+            "sample.stabilise"),
+    "gtl_paper": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
+                  "sample.t_end", "sample.seed", "sample.sampler", "sample.paper_gamma",
+                  "sample.n_ratio", "sample.ratio_batch_size", "sample.planner_temperature",
+                  "sample.planner_mode", "sample.stabilise"),
+}
+EVAL_SECTIONS = ("eval", "sample.num_samples")
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    target: Optional[str] = None
+    fraction: Optional[float] = None
+    method: Optional[str] = None
+    shard: Optional[int] = None
+    # Replicate of a per-target stage or sample set (pipeline.seeds); 0 for the shared stages.
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return task_name(self.kind, self.method, self.target, self.fraction, self.seed, self.shard)
+
+    def marker(self, paths: RunPaths):
+        """Where this task's completion marker lives."""
+        if self.kind == "sample":
+            folder = paths.samples(self.method, self.target, self.fraction, self.seed)
+            return folder / f"DONE-{self.shard:04d}.json"
+        if self.kind == "data":
+            return paths.data / "DONE.json"
+        if self.kind == "eval":
+            return paths.eval / "DONE.json"
+        return paths.marker(self.kind, self.target, self.fraction, self.seed)
+
+
+def task_sections(task: Task) -> tuple[str, ...]:
+    """The config sections ``task`` reads itself (its dependencies' are theirs)."""
+    if task.kind in STAGES:
+        return STAGES[task.kind].sections
+    if task.kind == "sample":
+        return GUIDED_SAMPLE_SECTIONS.get(task.method, SAMPLE_SECTIONS)
+    return {"data": DATA_SECTIONS, "eval": EVAL_SECTIONS}[task.kind]
+
+
+def evaluator_classifier_fraction(cfg: RunConfig) -> float:
+    """The fraction whose (seed-0) time-independent classifier scores every text sample set's
+    domain: the largest, trained on the most target data. It is the evaluator's instrument, the
+    same for every method and fraction, so no method's score depends on its own data budget."""
+    return max(cfg.data.target_fractions)
+
+
+@dataclass
+class StageGraph:
+    """The tasks of one configuration and what each reads; pure (reads no files)."""
+    cfg: RunConfig
+    _hashes: dict[Task, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def source_stage(self) -> str:
+        """The stage whose export is the frozen source denoiser."""
+        return "ar2diff" if self.cfg.pipeline.ar2diff else "denoiser"
+
+    def scope(self, stage: str) -> str:
+        """The stage's scope under this configuration (its row's, or PER_FRACTION where its
+        scope_key says per_target)."""
+        spec = STAGES[stage]
+        if spec.scope_key and reduce(getattr, spec.scope_key.split("."), self.cfg) == "per_target":
+            return PER_FRACTION
+        return spec.scope
+
+    def stage_task(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+                   seed: int = 0) -> Task:
+        """The task of ``stage`` that serves (target, fraction, seed)."""
+        scope = self.scope(stage)
+        if scope == SHARED:
+            return Task(stage)
+        if scope == PER_TARGET:
+            return Task(stage, target)
+        return Task(stage, target, fraction, seed=seed)
+
+    @cached_property
+    def sample_tasks(self) -> list[Task]:
+        """One per (method, target, fraction, seed, shard); the source's have no target."""
+        cfg = self.cfg
+        shards, seeds = range(cfg.sample.shards), cfg.pipeline.seeds
+        replicas = [(t, f, s) for t in cfg.targets for f in cfg.data.target_fractions for s in seeds]
+        tasks = []
+        for m in cfg.sample.methods:
+            if m == "source":
+                tasks += [Task("sample", None, None, m, i, s) for s in seeds for i in shards]
+            else:
+                tasks += [Task("sample", t, f, m, i, s) for t, f, s in replicas for i in shards]
+        return tasks
+
+    def task_deps(self, task: Task) -> list[Task]:
+        """The tasks whose outputs ``task`` reads."""
+        cfg = self.cfg
+        k, t, f, s = task.kind, task.target, task.fraction, task.seed
+        if k == "data":
+            return []
+        if k in STAGES:
+            return [Task("data") if d == "data" else
+                    self.stage_task(self.source_stage if d == SOURCE else d, t, f, s)
+                    for d in STAGES[k].deps]
+        source = Task(self.source_stage)
+        if k == "sample":
+            m = task.method
+            if m == "source":
+                return [source]
+            if m in ("vanilla", "finetune"):
+                return [self.stage_task(m, t, f, s)]
+            # gtl (edit-ratio network) or gtl_paper (sequence-level ratio network)
+            deps = [source, self.stage_task(GUIDE_STAGE[m], t, f, s)]
+            if cfg.sample.sampler == "planner":
+                deps.append(self.stage_task("planner", t, f, s))
+            return deps
+        if k == "eval":
+            deps = list(self.sample_tasks)
+            if cfg.uses_tokenizer:  # the text metrics score with these networks
+                scorer = evaluator_classifier_fraction(cfg)
+                deps += [Task("classifier_ti", t, scorer) for t in cfg.targets]
+                deps += [Task("reference_lm", t) for t in cfg.targets]
+            return deps
+        raise ValueError(f"unknown task kind '{k}'")
+
+    @cached_property
+    def plan(self) -> dict[str, list[Task]]:
+        """The tasks this configuration runs, by kind in submission order: the source stage, every
+        sample shard and the evaluation, and every task they read (a stage runs only when a method
+        or the evaluation needs it)."""
+        needed: dict[Task, None] = {}  # in the order first met
+
+        def visit(task: Task) -> None:
+            if task not in needed:
+                needed[task] = None
+                for dep in self.task_deps(task):
+                    visit(dep)
+
+        for root in (Task(self.source_stage), *self.sample_tasks, Task("eval")):
+            visit(root)
+        by_kind: dict[str, list[Task]] = {kind: [] for kind in TASK_KINDS}
+        for task in needed:
+            by_kind[task.kind].append(task)
+        return {kind: tasks for kind, tasks in by_kind.items() if tasks}
+
+    def input_hash(self, task: Task) -> str:
+        """Hash of everything the task's output depends on (config sections + upstream hashes)."""
+        if task not in self._hashes:
+            own = self.cfg.section_hash(*task_sections(task))
+            ups = sorted((d.key, self.input_hash(d)) for d in self.task_deps(task))
+            ident = {"task": task.key, "own": own, "deps": ups}
+            if task.kind == "sample":
+                # Which samples a shard holds depends on the sharding, not just the sampler.
+                ident["shards"] = self.cfg.sample.shards
+            self._hashes[task] = dict_hash(ident)
+        return self._hashes[task]
+
+
+def stage_input_hash(cfg: RunConfig, stage: str, target: Optional[str], fraction: Optional[float],
+                     seed: int = 0) -> str:
+    """The hash a stage's checkpoints and export carry: the pipeline's input hash of its task, so
+    the launcher's completion markers and the checkpoints agree."""
+    return StageGraph(cfg).input_hash(Task(stage, target, fraction, seed=seed))

@@ -1,0 +1,192 @@
+"""The stage table (gtl_dist/stages.py): its rows agree with the code, and each stage reads only the
+config keys its input hash covers.
+
+A stage's input hash covers the config sections of its row and, through its dependencies, those of
+every task upstream of it. A key it reads outside all of them could change what it trains without
+making it train again. ``test_every_stage_reads_only_its_inputs`` trains every stage for two steps
+in one process (as the debug launcher runs them), records each read of a RunConfig field while a
+stage runs, and compares the keys with the sections its hash covers. It runs configs/tiny.yaml,
+a Markov run, with the planner shared.
+
+Run as a script, this file is that process: it prints ``READS {stage: [dotted keys]}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gtl_dist.config import BUILD_ONLY_KEYS, RunConfig, StagesConfig, load_config
+from gtl_dist.stages import SOURCE, STAGES, TASK_KINDS, StageGraph, task_sections
+from train_helpers import PYTHON, REPO, deepspeed_ops, rank_env  # noqa: F401
+
+TARGET, FRACTION = "sticky", 1.0
+SETTINGS = [
+    "data.markov.target_diagonals={sticky: 0.95}",
+    "models.reference_lm={hidden: 32, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}",
+] + [f"train.{stage}.{key}={value}" for stage in STAGES for key, value in
+     {"steps": 2, "val_every": 1, "save_every": 2, "log_every": 1, "val_batches": 1}.items()]
+
+# Keys a stage may read outside its inputs, and why reading them leaves what it trains unchanged.
+NOT_INPUTS = {
+    "pipeline.seeds": "check_stage_args refuses a --seed outside it; each replicate is a task of its "
+                      "own, with its own input hash",
+    "pipeline.ar2diff": "picks the source stage (denoiser or ar2diff) whose export a stage reads; that "
+                        "task's key and input hash are part of the reader's",
+    "shards.dir": "where the shards are (config.BUILD_ONLY_KEYS: excluded from every hash)",
+}
+
+# Keys that do change what a stage writes but are not among its inputs. They are left out of the
+# stage's sections on purpose: adding them changes the input hash of that stage and of everything
+# downstream of it for every existing configuration, so every run directory would retrain them.
+_OVERLAP = ("the threshold of the overlap report's poor_overlap flag and its warning (validation "
+            "metrics, TensorBoard's val/report): changing it does not retrain the classifier, so "
+            "a finished classifier keeps the flag of the threshold it was trained with. Weights "
+            "and checkpoint selection do not depend on it")
+KNOWN_GAPS = {
+    "classifier_ti": {"eval.overlap_warn_accuracy": _OVERLAP},
+    "classifier_td": {"eval.overlap_warn_accuracy": _OVERLAP},
+}
+
+
+def test_rows_come_after_the_stages_they_read():
+    for i, (name, spec) in enumerate(STAGES.items()):
+        assert spec.name == name
+        earlier = ("data", SOURCE) + tuple(STAGES)[:i]
+        assert set(spec.deps) <= set(earlier), f"{name}: reads {spec.deps}, not all of them earlier rows"
+
+
+def test_every_stage_has_a_train_section_a_network_and_a_task_class():
+    from gtl_dist.models import ROLES
+    from gtl_dist.train.jobs import TASKS
+    assert [f.name for f in dataclasses.fields(StagesConfig)] == list(STAGES)
+    assert set(TASKS) == set(STAGES)
+    assert {spec.role for spec in STAGES.values()} <= set(ROLES)
+    for name, spec in STAGES.items():
+        assert f"train.{name}" in spec.sections and "seed" in spec.sections, name
+    assert TASK_KINDS == ("data", *STAGES, "sample", "eval")
+
+
+def test_the_configs_default_train_sections_come_from_the_rows():
+    defaults = RunConfig().train
+    for name, spec in STAGES.items():
+        tc = getattr(defaults, name)
+        assert {k: getattr(tc, k) for k in spec.train} == spec.train, name
+
+
+def hashed_sections(cfg: RunConfig, stage: str) -> set[str]:
+    """The config sections a stage's input hash covers: its own and every upstream task's."""
+    graph = StageGraph(cfg)
+    todo, sections = [graph.stage_task(stage, TARGET, FRACTION)], set()
+    while todo:
+        task = todo.pop()
+        sections.update(task_sections(task))
+        todo += graph.task_deps(task)
+    return sections
+
+
+def covered(key: str, sections: set[str]) -> bool:
+    """Whether the hash of ``sections`` changes with ``key`` (build-only keys never count)."""
+    return key not in BUILD_ONLY_KEYS and any(key == s or key.startswith(s + ".") for s in sections)
+
+
+@pytest.mark.distributed
+def test_every_stage_reads_only_its_inputs(tmp_path, deepspeed_ops):  # noqa: F811
+    from gtl_dist.data import prepare_data
+    config = REPO / "configs" / "tiny.yaml"
+    cfg = load_config(config, SETTINGS)
+    prepare_data(cfg, tmp_path / "run")
+    env = {k: v for k, v in rank_env(0, 1, 0).items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([PYTHON, __file__, str(config), str(tmp_path / "run"), json.dumps(SETTINGS)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("READS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reads = json.loads(lines[0][len("READS "):])
+    assert list(reads) == list(STAGES)
+    for stage, keys in reads.items():
+        sections = hashed_sections(cfg, stage)
+        gaps = KNOWN_GAPS.get(stage, {})
+        outside = [k for k in keys if not covered(k, sections) and k not in NOT_INPUTS and k not in gaps]
+        assert not outside, (
+            f"stage {stage} reads {outside}, which its input hash does not cover (its sections and "
+            f"its upstream tasks': {sorted(sections)}). Add the section to its row in "
+            f"gtl_dist/stages.py (this changes its input hash: existing runs retrain it and "
+            f"everything downstream), or, if reading it cannot change what the stage writes, list "
+            f"it in NOT_INPUTS here with the reason")
+        assert set(gaps) <= set(keys), (
+            f"{stage} no longer reads {set(gaps) - set(keys)}: drop it from KNOWN_GAPS")
+    read_anywhere = {k for keys in reads.values() for k in keys}
+    assert set(NOT_INPUTS) <= read_anywhere, f"no stage reads {set(NOT_INPUTS) - read_anywhere}: drop it"
+
+
+# ----------------------------------------------------------------------------------------------
+# The recording process
+# ----------------------------------------------------------------------------------------------
+
+def record_reads(cfg: RunConfig) -> tuple[set[str], dict[str, bool]]:
+    """Make every read of a field of ``cfg`` (and of its sections) add its dotted key to the
+    returned set while ``switch["on"]``. RunConfig.to_dict copies the whole config for hashes and
+    export metadata, so it records nothing; what a stage reads of those copies does not show."""
+    paths: dict[int, str] = {}
+    fields: dict[type, set[str]] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        paths[id(node)] = prefix  # cfg stays alive, so the ids stay its nodes'
+        fields[type(node)] = {f.name for f in dataclasses.fields(node)}
+        for name in fields[type(node)]:
+            value = getattr(node, name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{name}.")
+
+    walk(cfg, "")
+    reads: set[str] = set()
+    switch = {"on": False}
+
+    def getattribute(self: object, name: str) -> object:
+        value = object.__getattribute__(self, name)
+        if switch["on"] and name in fields[type(self)] and not dataclasses.is_dataclass(value):
+            prefix = paths.get(id(self))
+            if prefix is not None:
+                reads.add(prefix + name)
+        return value
+
+    for cls in fields:
+        cls.__getattribute__ = getattribute
+    to_dict = RunConfig.to_dict
+
+    def quiet_to_dict(self: RunConfig) -> dict:
+        on, switch["on"] = switch["on"], False
+        try:
+            return to_dict(self)
+        finally:
+            switch["on"] = on
+
+    RunConfig.to_dict = quiet_to_dict
+    return reads, switch
+
+
+def main(config: str, run_dir: str, settings: str) -> None:
+    from gtl_dist.stages import PER_FRACTION, PER_TARGET
+    from gtl_dist.train import run_stage
+    cfg = load_config(config, json.loads(settings))
+    reads, switch = record_reads(cfg)
+    out = {}
+    for stage, spec in STAGES.items():  # in table order: every stage after those it reads
+        target = TARGET if spec.scope in (PER_FRACTION, PER_TARGET) else None
+        fraction = FRACTION if spec.scope == PER_FRACTION else None
+        reads.clear()
+        switch["on"] = True
+        result = run_stage(cfg, run_dir, stage, target, fraction)
+        switch["on"] = False
+        assert result.status == "finished", (stage, result)
+        out[stage] = sorted(reads)
+    print("READS " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
