@@ -74,7 +74,7 @@ def test_compare_runs_both_routes_and_reuses_them(tmp_path):
     assert "target fraction **0.25**" in readme and "S_ar = 2" in readme and "S_diff = 2" in readme
     # The validation curve of route ar2diff starts where its AR pretraining ends.
     compare = _module()
-    from gtl_dist.cluster.dag import Task
+    from gtl_dist.stages import Task
     from gtl_dist.paths import RunPaths
     assert [s for s, _ in compare.val_curve(RunPaths(runs / "ar2diff"), Task("ar2diff"), 2)] == [3, 4]
     assert [s for s, _ in compare.val_curve(RunPaths(runs / "scratch"), Task("denoiser"), 0)] == [1, 2, 3, 4]

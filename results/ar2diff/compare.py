@@ -52,13 +52,14 @@ from typing import Optional, Sequence
 
 import yaml
 
-from gtl_dist.cluster.dag import Task, build_pipeline
+from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.progress import train_log_path, train_log_records
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import ConfigError, RunConfig, load_config, parse_override
 from gtl_dist.eval.results import ResultRow, read_results_csv
 from gtl_dist.io import atomic_path, atomic_write_text
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import Task
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "launchers" / "submit.py"
