@@ -157,7 +157,7 @@ def _launch(argv: list[str] | None, held: ExitStack) -> int:
                                      ": every task is done"))
         if preview:
             return 0
-        return _finish(run_dir, cfg, launcher, args, cluster, follow=bool(busy) and args.wait)
+        return _finish(run_dir, launcher, args, cluster, follow=bool(busy) and args.wait)
 
     if preview:
         if args.dry_run and cluster == "slurm":
@@ -182,7 +182,7 @@ def _launch(argv: list[str] | None, held: ExitStack) -> int:
         for name, ids in submitted.items():
             shown = ", ".join(ids[:4]) + (f", ... ({len(ids)} tasks)" if len(ids) > 4 else "")
             print(f"  submitted {name:<14} {shown}")
-        return _finish(run_dir, cfg, launcher, args, cluster, follow=args.wait)
+        return _finish(run_dir, launcher, args, cluster, follow=args.wait)
 
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     failed = launcher.run_here(plan, on_event=lambda line: print(line, flush=True))  # logs see it now
@@ -213,7 +213,7 @@ def _print_report(report: Report) -> bool:
     return report.refused
 
 
-def _finish(run_dir: Path, cfg, launcher: Launcher, args, cluster: str, follow: bool) -> int:
+def _finish(run_dir: Path, launcher: Launcher, args, cluster: str, follow: bool) -> int:
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     print(f"status:     python launchers/status.py --run-dir {run_dir}")
     if not follow or cluster != "slurm":

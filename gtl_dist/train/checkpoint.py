@@ -22,9 +22,9 @@ Rules:
   one is reported and the previous committed step is used instead. Uncommitted step folders
   (a save killed half-way) are deleted.
 - Per-rank state lives in per-rank files because DeepSpeed's ``client_state`` is rank 0's only
-  for ZeRO 0-2 (V4). The client state still carries ``universal_checkpoint_info`` and
-  ``iteration`` so that any checkpoint can be converted to a universal one later (V3).
-- A different world size with ZeRO 1-3 goes through ``ds_to_universal`` (V2, V3), run once by
+  for ZeRO 0-2. The client state still carries ``universal_checkpoint_info`` and
+  ``iteration`` so that any checkpoint can be converted to a universal one later.
+- A different world size with ZeRO 1-3 goes through ``ds_to_universal``, run once by
   rank 0 before the engine loads. Data cursors and RNG states are per rank and do not carry
   over: the loop then starts the data on a fresh shuffle and says so.
 - The loop hands the checkpointer its stateful parts once (:class:`StatefulParts`); then
@@ -281,7 +281,7 @@ class Checkpointer:
     def _resume_point(self, commit: Commit, step_dir: Path) -> ResumePoint:
         tag = step_dir.name
         if commit.world_size == self.dist.world_size or commit.zero_stage == 0:
-            # ZeRO-0 checkpoints hold the full optimiser state and load at any world size (V2).
+            # ZeRO-0 checkpoints hold the full optimiser state and load at any world size.
             return ResumePoint(commit, step_dir, self.root, tag, universal=False)
         out = self.root / "universal" / tag
         error = None

@@ -19,7 +19,7 @@ DeepSpeed through :func:`import_deepspeed`.
 
 On CPU DeepSpeed's process-group wrapper JIT-compiles a C++ op (``deepspeed_shm_comm``) the first
 time it starts, about 40 s. SLURM's preemption signal reaches every process of a job step, the
-compiler included, so a build inside a job can be killed half-way (V6). Build it once at set-up::
+compiler included, so a build inside a job can be killed half-way. Build it once at set-up::
 
     python -m gtl_dist.train.dist prebuild
 

@@ -9,8 +9,8 @@ Every job kind trains through :func:`build_engine`; what varies is only the modu
 - Precision ``auto``: bf16 on GPUs that have it, fp32 otherwise (CPU). bf16 keeps fp32 master
   weights in the optimiser.
 - Optimiser: AdamW with ``torch_adam`` everywhere. DeepSpeed's own fused/CPU Adam are JIT-built
-  C++/CUDA ops, and a JIT build inside a preemptible job is the failure of V6; torch's AdamW
-  needs no build and is what DeepSpeed's CPU tests use (V1).
+  C++/CUDA ops, and a JIT build inside a preemptible job can be killed half-way by the
+  preemption signal; torch's AdamW needs no build and is what DeepSpeed's own CPU tests use.
 - LR: linear warm-up over ``warmup_frac`` of the steps, then cosine down to ``min_lr``
   (docs/method.md: "cosine with 10% warm-up"), as a client scheduler whose state DeepSpeed saves.
 """

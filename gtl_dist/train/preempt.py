@@ -8,7 +8,7 @@ stops everyone), saves at that step on every rank, flushes its logs, and then:
 
 - if another handler was installed before ours (submitit installs one for USR2 that, on global
   rank 0, calls the job's ``checkpoint()`` and requeues it), rank 0 calls it now, after the
-  collective save — the V7/V8 pattern;
+  collective save (save first, then hand over, so the requeued job finds the checkpoint);
 - otherwise ``run_stage`` returns ``StageResult(status="preempted")`` and the CLI exits with
   :data:`EXIT_PREEMPTED` so a wrapper script (or SLURM's ``RequeueExit``) can requeue.
 """
