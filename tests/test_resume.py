@@ -145,7 +145,7 @@ def test_tensorboard_has_no_duplicate_steps_after_resume(case):
 
 def test_world_size_2_to_1_continues_training(case, tmp_path):
     """ZeRO 1-3 go through DeepSpeed's universal conversion; ZeRO-0 checkpoints hold the whole
-    optimiser state and load directly at any world size (V2)."""
+    optimiser state and load directly at any world size."""
     run = case.for_world_1
     one = Ranks(toy_cmd(run, *settings(case.zero)), 1, tmp_path, tag="world1")
     one.expect(0)

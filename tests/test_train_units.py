@@ -130,7 +130,7 @@ def test_precision_auto_and_explicit():
     assert resolve_precision(TrainConfig(precision="auto"), CPU, "denoiser") == "fp32"
     assert resolve_precision(TrainConfig(precision="auto"), NEW_GPU, "denoiser") == "bf16"
     assert resolve_precision(TrainConfig(precision="auto"), OLD_GPU, "denoiser") == "fp32"
-    assert resolve_precision(TrainConfig(precision="bf16"), CPU, "denoiser") == "bf16"  # V1: runs
+    assert resolve_precision(TrainConfig(precision="bf16"), CPU, "denoiser") == "bf16"  # runs
 
 
 def test_impossible_precision_names_the_key():
