@@ -111,7 +111,10 @@ class Evaluation:
     fingerprints: dict[str, list[str]] = field(default_factory=dict)  # tokens' hash -> set labels
 
     def saw(self, label: str, tokens: Sequence[Sequence[int]]) -> None:
-        self.fingerprints.setdefault(_fingerprint(tokens), []).append(label)
+        """Record one sample set (the source's, scored against every target, once)."""
+        labels = self.fingerprints.setdefault(_fingerprint(tokens), [])
+        if label not in labels:
+            labels.append(label)
 
     def finish(self) -> "Evaluation":
         self.findings += identical_set_findings(self.fingerprints)
@@ -141,8 +144,9 @@ def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, H
         if heldout is None or not heldout.texts:
             raise ValueError(f"no reference texts for target '{target}': pass its held-out test text")
         scorer = classifier(target) if classifier is not None else None
-        out.rows += _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
-        out.findings += _calibration_findings(out.rows, target)
+        held = _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
+        out.rows += held
+        out.findings += _calibration_findings(held, target)
         instruments = _Instruments(heldout, scorer, reference_lm(target) if reference_lm else None,
                                    eos_id, bos_id)
         for cell in sample_cells(cfg, target):
@@ -177,7 +181,7 @@ def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
         mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, ins.heldout.texts, ins.lm,
                                                      ins.eos_id, ins.bos_id)
         if ins.scorer is not None:
-            per_seed[seed].update(text.domain_score(text.domain_counts(tokens, ins.scorer, cfg.eval.batch_size)))
+            per_seed[seed].update(_domain_score(cfg, tokens, ins.scorer))
     if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
         out.rows.append(mauve_row(method, target, fraction, mauve_result))
         per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
@@ -196,18 +200,25 @@ def _sample_set(cfg: RunConfig, folder) -> tuple[list[str], list[list[int]]]:
 def _heldout_rows(cfg: RunConfig, target: str, heldout: HeldOut, source: Optional[HeldOut],
                   scorer: Optional[text.Model], eos_id: Optional[int]) -> list[ResultRow]:
     """Diversity of the held-out target text, and the domain score of both domains' held-out text."""
-    ev = cfg.eval
-    metrics = text.diversity(text.diversity_counts(
-        [text.truncate_at_eos(t, eos_id) for t in heldout.tokens], ev.diversity_max_n, ev.repetition_n))
+    metrics = _diversity(cfg, heldout.tokens, eos_id)
     if scorer is not None:
-        metrics.update(text.domain_score(text.domain_counts(heldout.tokens, scorer, ev.batch_size)))
+        metrics.update(_domain_score(cfg, heldout.tokens, scorer))
     rows = rows_from_metrics(HELDOUT_TARGET, target, None, metrics, n=len(heldout.tokens),
                              notes="the target's held-out test text itself")
     if scorer is not None and source is not None:
-        rows += rows_from_metrics(HELDOUT_SOURCE, target, None,
-                                  text.domain_score(text.domain_counts(source.tokens, scorer, ev.batch_size)),
+        rows += rows_from_metrics(HELDOUT_SOURCE, target, None, _domain_score(cfg, source.tokens, scorer),
                                   n=len(source.tokens), notes="the source's held-out test text")
     return rows
+
+
+def _diversity(cfg: RunConfig, tokens: Sequence[Sequence[int]], eos_id: Optional[int]) -> dict[str, float]:
+    ev = cfg.eval
+    return text.diversity(text.diversity_counts([text.truncate_at_eos(t, eos_id) for t in tokens],
+                                                ev.diversity_max_n, ev.repetition_n))
+
+
+def _domain_score(cfg: RunConfig, tokens: Sequence[Sequence[int]], scorer: text.Model) -> dict[str, float]:
+    return text.domain_score(text.domain_counts(tokens, scorer, cfg.eval.batch_size))
 
 
 # The domain score is read as a score only if held-out target text is called target-like this much
@@ -215,9 +226,8 @@ def _heldout_rows(cfg: RunConfig, target: str, heldout: HeldOut, source: Optiona
 MIN_DOMAIN_SEPARATION = 50.0
 
 
-def _calibration_findings(rows: Sequence[ResultRow], target: str) -> list[str]:
-    pct = {r.method: r.value for r in rows
-           if r.target == target and r.metric == "domain_pct_target" and r.method in (HELDOUT_TARGET, HELDOUT_SOURCE)}
+def _calibration_findings(heldout_rows: Sequence[ResultRow], target: str) -> list[str]:
+    pct = {r.method: r.value for r in heldout_rows if r.metric == "domain_pct_target"}
     if len(pct) < 2 or pct[HELDOUT_TARGET] - pct[HELDOUT_SOURCE] >= MIN_DOMAIN_SEPARATION:
         return []
     return [f"target {target}: the domain classifier calls {pct[HELDOUT_TARGET]:.0f}% of held-out {target} "
@@ -237,9 +247,9 @@ def _set_label(method: str, target: Optional[str], fraction: Optional[float], se
 def identical_set_findings(fingerprints: Mapping[str, Sequence[str]]) -> list[str]:
     """One finding per group of sample sets with the same tokens: every set is drawn from its own
     networks or seed, so equal sets mean guidance or training changed nothing."""
-    return [f"identical samples: {', '.join(dict.fromkeys(labels))} drew exactly the same token "
+    return [f"identical samples: {', '.join(labels)} drew exactly the same token "
             f"sequences; whatever distinguishes them (guidance, target, fraction, seed) changed nothing"
-            for labels in fingerprints.values() if len(dict.fromkeys(labels)) > 1]
+            for labels in fingerprints.values() if len(labels) > 1]
 
 
 def _text_metrics(cfg: RunConfig, texts: Sequence[str], tokens: list[list[int]], references: Sequence[str],
@@ -251,9 +261,7 @@ def _text_metrics(cfg: RunConfig, texts: Sequence[str], tokens: list[list[int]],
                    length_bins=ev.mauve_length_bins, scaling=ev.mauve_scaling,
                    num_buckets=ev.mauve_num_buckets or None, explained_variance=ev.mauve_explained_variance,
                    max_features=ev.mauve_max_features, seed=cfg.seed)
-    metrics = {result.metric: result.mean}
-    metrics.update(text.diversity(text.diversity_counts(
-        [text.truncate_at_eos(t, eos_id) for t in tokens], ev.diversity_max_n, ev.repetition_n)))
+    metrics = {result.metric: result.mean, **_diversity(cfg, tokens, eos_id)}
     if lm is not None:
         nll = text.generative_nll(tokens, lm, eos_id=eos_id, bos_id=bos_id, batch_size=ev.batch_size)
         metrics["gen_ppl"] = text.perplexity(nll)
