@@ -156,11 +156,16 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
 SAMPLES_MD = "samples.md"
 
 
+def quoted(texts: Sequence[str]) -> str:
+    """Decoded samples as markdown quotes, one paragraph each."""
+    return "\n\n".join(f"> {t}" for t in texts)
+
+
 def render_examples(examples: Mapping[str, Sequence[str]]) -> str:
     """A few decoded samples per sample set, as quoted paragraphs."""
     parts = ["# Decoded samples\n\nThe first samples of each set (seed 0), as the tokenizer decodes them.\n"]
     for label, texts in examples.items():
-        parts.append(f"## {label}\n\n" + "\n\n".join(f"> {t}" for t in texts) + "\n")
+        parts.append(f"## {label}\n\n{quoted(texts)}\n")
     return "\n".join(parts)
 
 
@@ -379,6 +384,6 @@ def write_tensorboard(rows: Sequence[ResultRow], tables: Mapping[str, str], tb_d
         for target, table in tables.items():
             writer.add_text(f"report/{target}", table, 0)
         for label, texts in (examples or {}).items():
-            writer.add_text(f"samples/{label}", "\n\n".join(f"> {t}" for t in texts), 0)
+            writer.add_text(f"samples/{label}", quoted(texts), 0)
         writer.close()
     return Path(tb_dir)
