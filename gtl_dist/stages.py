@@ -67,6 +67,9 @@ class StageSpec:
     train: dict[str, Any] = field(default_factory=dict)
     # A config key that, set to "per_target", makes a SHARED stage PER_FRACTION.
     scope_key: Optional[str] = None
+    # Its initial weights are a model worth keeping (the source itself): checkpoint selection
+    # validates them before the first step and exports them if no trained step beats them.
+    init_is_candidate: bool = False
 
 
 # Rows in submission order: every stage comes after the stages it reads.
@@ -86,9 +89,10 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
                         "protocol"),
               train=dict(steps=10_000, val_every=500, select_best=True),
               scope_key="pipeline.planner_scope"),
+    # Its edit network starts at zero: at step 0 the guided model is the source exactly.
     StageSpec("edit_ratio", role="edit_ratio", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.edit_ratio", "train.edit_ratio", "protocol"),
-              train=dict(steps=10_000, val_every=500, select_best=True)),
+              train=dict(steps=10_000, val_every=500, select_best=True), init_is_candidate=True),
     StageSpec("classifier_ti", role="classifier_ti", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.classifier", "train.classifier_ti", "protocol"),
               train=dict(steps=5_000, val_every=1000, select_best=True)),
@@ -104,7 +108,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               train=dict(steps=50_000, ema=0.9999, select_best=True)),
     StageSpec("finetune", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"),
-              train=dict(steps=10_000, ema=0.9999, select_best=True)),
+              train=dict(steps=10_000, ema=0.9999, select_best=True), init_is_candidate=True),
     # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
     StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
               sections=("seed", "models.reference_lm", "train.reference_lm"),
@@ -281,6 +285,9 @@ class StageGraph:
             if task.kind == "sample":
                 # Which samples a shard holds depends on the sharding, not just the sampler.
                 ident["shards"] = self.cfg.sample.shards
+            if task.kind in STAGES and STAGES[task.kind].init_is_candidate:
+                # Whether selection may keep the initial weights is part of what the export is.
+                ident["init_is_candidate"] = True
             self._hashes[task] = dict_hash(ident)
         return self._hashes[task]
 

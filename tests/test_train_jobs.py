@@ -83,9 +83,12 @@ def run_dir(tmp_path_factory, deepspeed_ops) -> Path:  # noqa: F811
 
 
 def val_curve(run_dir: Path, stage: str) -> list[dict]:
+    """The stage's validation records in step order: every quarter of its steps, after step 0
+    for a stage whose initial weights compete in checkpoint selection."""
     records = train_records(stage_dir(run_dir, stage), "val")
     quarter = STEPS[stage] // 4
-    assert sorted(records) == [quarter, 2 * quarter, 3 * quarter, 4 * quarter], stage
+    start = [0] if STAGES[stage].init_is_candidate else []
+    assert sorted(records) == start + [quarter, 2 * quarter, 3 * quarter, 4 * quarter], stage
     return [records[s] for s in sorted(records)]
 
 
@@ -121,12 +124,12 @@ def test_classifiers_separate_the_domains_and_report_overlap(run_dir):
 
 
 def test_finetune_starts_from_the_source_denoiser(run_dir):
-    """Fine-tuning begins where the source denoiser ended; vanilla starts from scratch."""
+    """Fine-tuning begins where the source denoiser ended (its step-0 validation scores the
+    source itself); vanilla starts from scratch."""
     from gtl_dist.config import load_config
     from gtl_dist.models import VocabSpec, build_model
-    first_finetune = val_curve(run_dir, "finetune")[0]["loss"]
-    first_vanilla = val_curve(run_dir, "vanilla")[0]["loss"]
-    assert first_finetune < first_vanilla
+    start, first_trained = val_curve(run_dir, "finetune")[:2]
+    assert start["step"] == 0 and first_trained["loss"] < val_curve(run_dir, "vanilla")[0]["loss"]
     source = torch.load(run_dir / "denoiser" / "export" / "model.pt", weights_only=True)
     cfg = load_config(REPO / "configs" / "tiny.yaml", DATA)
     model = build_model("denoiser", cfg, VocabSpec(**source["meta"]["vocab"]))
@@ -168,6 +171,28 @@ def test_tensorboard_logs_train_val_and_system_metrics(run_dir):
         assert tag in tags, tag
     assert "config" in "".join(events.Tags()["tensors"])
     assert [e.step for e in events.Scalars("train/loss")] == [20, 40, 60, 80]
+
+
+def test_a_stage_that_training_only_hurts_exports_its_initial_weights(run_dir, tmp_path):
+    """Low data can leave every trained step worse on the held-out split than the start. The
+    ratio net starts as no guidance (the source exactly), so selection must be able to keep it:
+    with a learning rate that wrecks the network, the export is step 0, an all-zero edit."""
+    from gtl_dist.config import load_config
+    from gtl_dist.train import load_exported
+    other = tmp_path / "run"
+    other.mkdir()
+    for shared in ("data", "denoiser"):  # same inputs: the same data and source denoiser
+        (other / shared).symlink_to(run_dir / shared)
+    wreck = ["train.edit_ratio.lr=5"]
+    Ranks(cli(other, "edit_ratio", *wreck), 1, tmp_path / "logs", tag="wreck").expect(0, timeout=400)
+    curve = train_records(stage_dir(other, "edit_ratio"), "val")
+    assert min(curve[s]["loss"] for s in curve if s > 0) > curve[0]["loss"], curve
+    model = load_exported(stage_dir(other, "edit_ratio") / "export" / "model.pt")
+    assert model.export_meta["weights"] == "best" and model.export_meta["step"] == 0
+    assert model.export_meta["val_loss"] == curve[0]["loss"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", DATA)
+    z = torch.full((2, cfg.seq_len), cfg.data.markov.num_states)  # all masked
+    assert torch.count_nonzero(model(z)) == 0
 
 
 def test_finished_stage_is_not_retrained(run_dir, tmp_path):

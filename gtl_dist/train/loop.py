@@ -49,6 +49,7 @@ from torch import nn
 from gtl_dist.config import RunConfig, TrainConfig
 from gtl_dist.log import Progress, get_logger
 from gtl_dist.paths import RunPaths, task_name
+from gtl_dist.stages import STAGES
 from gtl_dist.train import dist
 from gtl_dist.train.checkpoint import Checkpointer, ResumePoint, StatefulParts, set_rng_state
 from gtl_dist.train.dist import DistEnv
@@ -351,6 +352,9 @@ def train(task: Task, ctx: StageContext) -> StageResult:
     progress = Progress(tc.steps, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
                         initial=state.step)
     window, signals = Throughput(), []
+    # A stage that starts from a model worth keeping scores it first, so selection can keep it.
+    if state.step == 0 and STAGES[ctx.stage].init_is_candidate:
+        validate_and_select(task, ctx, state, metrics)
     while state.step < tc.steps:
         # One optimiser step: the micro-batches, the EMA update, then one all-reduce that also
         # carries the preemption flags, so that every rank stops after the same step.
@@ -556,9 +560,18 @@ def log_train(ctx: StageContext, state: TrainState, metrics: StageMetrics, out: 
 def maybe_validate(task: Task, ctx: StageContext, state: TrainState,
                    metrics: StageMetrics) -> None:
     """Validate every ``val_every`` steps and after the last step (if the stage has validation
-    data), and keep the weights of a new best validation loss when ``select_best``."""
+    data)."""
     tc = task.train_config
-    if state.val_loaders is None or not due(state.step, tc.val_every, tc.steps):
+    if due(state.step, tc.val_every, tc.steps):
+        validate_and_select(task, ctx, state, metrics)
+
+
+def validate_and_select(task: Task, ctx: StageContext, state: TrainState,
+                        metrics: StageMetrics) -> None:
+    """Validate the current weights (if the stage has validation data) and keep them as the
+    best when ``select_best`` and their validation loss is a new best."""
+    tc = task.train_config
+    if state.val_loaders is None:
         return
     values, weights = validate(task, ctx, state)
     state.val_metrics, state.val_weights, state.last_val = values, weights, values["loss"]
