@@ -42,7 +42,7 @@ def test_compare_runs_both_routes_and_reuses_them(tmp_path):
     write_corpus(corpus)
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--config", "configs/tiny.yaml", "--config", "tests/configs/tiny_text.yaml",
-            "--total-steps", "4", "--fraction", "0.25", "--cluster", "debug",
+            "--total-steps", "4", "--fraction", "0.5", "--cluster", "debug",
             "--run-root", str(runs), "--out", str(out),
             "--set", f"data.path={corpus}",
             # As little as makes every stage run: the unguided-style sampler (no planner), a few
@@ -71,7 +71,7 @@ def test_compare_runs_both_routes_and_reuses_them(tmp_path):
     assert (out / "val_nelbo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (out / "README.md").read_text()
     assert "results/ar2diff/compare.py" in readme and "--total-steps 4" in readme
-    assert "target fraction **0.25**" in readme and "S_ar = 2" in readme and "S_diff = 2" in readme
+    assert "target fraction **0.5**" in readme and "S_ar = 2" in readme and "S_diff = 2" in readme
     # The validation curve of route ar2diff starts where its AR pretraining ends.
     compare = _module()
     from gtl_dist.stages import Task
@@ -110,7 +110,8 @@ def test_arguments_that_break_the_protocol_are_refused(tmp_path, capsys):
                          (["--total-steps", "4", "--set", "train.denoiser.steps=9"], "train.denoiser.steps"),
                          (["--total-steps", "4", "--set", "train.ar2diff.lr=0.1"], "train.denoiser.<key>"),
                          (["--total-steps", "4", "--set", "sample.methods=[gtl]"], "sample.methods"),
-                         (["--total-steps", "4", "--target", "nope"], "--target nope")):
+                         (["--total-steps", "4", "--target", "nope"], "--target nope"),
+                         (["--total-steps", "4", "--fraction", "0.3"], "not one of the config's data.target_fractions")):
         assert compare.main([*common, *extra]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
@@ -120,13 +121,14 @@ def test_harness_overrides_copy_the_denoiser_recipe():
     compare = _module()
     from gtl_dist.config import load_config
     base = load_config([REPO / "configs/demo.yaml"], ["train.denoiser.min_lr=1e-7"])
-    sets = compare.harness_overrides(base, 300, 700, 0.05)
+    sets = compare.harness_overrides(base, 300, 700)
     cfg = load_config([REPO / "configs/demo.yaml"], ["train.denoiser.min_lr=1e-7", *sets, "pipeline.ar2diff=true"])
     denoiser = {k: v for k, v in vars(cfg.train.denoiser).items() if k != "steps"}
     for stage, steps in (("ar_pretrain", 300), ("ar2diff", 700)):
         tc = getattr(cfg.train, stage)
         assert tc.steps == steps and {k: v for k, v in vars(tc).items() if k != "steps"} == denoiser
-    assert cfg.train.denoiser.steps == 1000 and cfg.data.target_fractions == [0.05]
+    # The data section is the config's own: both routes read the shards a plain run builds.
+    assert cfg.train.denoiser.steps == 1000 and cfg.data == base.data
     assert cfg.sample.methods == ["gtl", "source"]
 
 
