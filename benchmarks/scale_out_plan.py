@@ -91,7 +91,7 @@ def split(manifest: Manifest, set_name: str, ranks: int, workers: int, finite: b
 
 
 def reads(cfg, manifest: Manifest):
-    """(label, set, finite, loader cut, workers at 1 rank) per read, as jobs.py's ShardTask.loader makes it."""
+    """(label, set, finite, loader cut, workers at 1 rank) per read, as jobs.py's ShardRecipe.loader makes it."""
     yield "source/train", "source/train", False, {}, cfg.train.classifier_ti.num_workers
     yield "source/test (validation)", "source/test", True, {}, 0
     for t in cfg.targets:

@@ -3,7 +3,7 @@
 A run is described by one :class:`RunConfig`. It is built from one or more YAML files (later
 files override earlier ones) and ``key.path=value`` overrides, and validated as it is built:
 unknown keys are rejected naming the key and the file, values are type-checked, and cross-field
-rules (fractions in (0, 1], ZeRO stage in 0..3, ...) are checked in one place.
+rules (fractions in (0, 1], micro-batch dividing the batch, ...) sit in each section's ``check``.
 
 Defaults are the paper's text settings (docs/method.md); the presets in ``configs/`` shrink them.
 """
@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -27,19 +27,6 @@ from gtl_dist.log import get_logger
 from gtl_dist.stages import STAGES
 
 log = get_logger(__name__)
-
-CORPORA = ("markov", "demo", "arxiv", "jsonl", "txt")
-SAMPLERS = ("planner", "ancestral", "exact")
-# gtl: the default recipe (edit-ratio network, docs/method.md §5); gtl_paper: the paper's
-# (domain classifiers -> sequence-level ratio network); then the unguided models.
-METHODS = ("gtl", "gtl_paper", "source", "vanilla", "finetune")
-# Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
-# n_T target sequences, or a fixed budget with no selection.
-SELECTIONS = ("holdout", "budget")
-
-
-_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
 
 # Settings that change how shards are built or where they go, but not a byte of what they hold
 # (the build is independent of its worker count): excluded from every hash.
@@ -51,8 +38,57 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The schema
+# The schema: each section's fields, with the rules on them in its ``check`` (run on the merged
+# config, so layered files may be incomplete on their own), and the choices as Literal types
+# (checked as the YAML is read, naming the file and the key).
 # ----------------------------------------------------------------------------------------------
+
+Corpus = Literal["markov", "demo", "arxiv", "jsonl", "txt"]
+TokenizerModel = Literal["unigram", "bpe"]
+Attention = Literal["bidirectional", "causal"]
+Precision = Literal["auto", "fp32", "bf16"]
+ZeroStage = Literal[0, 1, 2, 3]
+Schedule = Literal["loglinear", "geometric"]
+# gtl: the default recipe (edit-ratio network, docs/method.md §5); gtl_paper: the paper's
+# (domain classifiers -> sequence-level ratio network); then the unguided models.
+Method = Literal["gtl", "gtl_paper", "source", "vanilla", "finetune"]
+Sampler = Literal["planner", "ancestral", "exact"]
+PlannerMode = Literal["sample", "argmax", "uniform"]
+MauveFeaturizer = Literal["auto", "tfidf", "mauve-text"]
+PlannerScope = Literal["shared", "per_target"]
+# Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
+# n_T target sequences, or a fixed budget with no selection.
+SELECTIONS = ("holdout", "budget")
+
+CORPORA: tuple[str, ...] = typing.get_args(Corpus)
+METHODS: tuple[str, ...] = typing.get_args(Method)
+PLANNER_MODES: tuple[str, ...] = typing.get_args(PlannerMode)
+ATTENTION_MODES: tuple[str, ...] = typing.get_args(Attention)
+FEATURIZER_CHOICES: tuple[str, ...] = typing.get_args(MauveFeaturizer)
+# The domain classifiers' label smoothing: Beta(a, b) with mean 0.1 and variance 0.005
+# (docs/method.md §4).
+DEFAULT_LABEL_SMOOTHING = (1.7, 15.3)
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def require(ok: bool, key: str, msg: str) -> None:
+    """A rule of a section: ``key`` (relative to the section) and what is wrong, with the fix."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def require_at_least(section: Any, minimum: int, *keys: str) -> None:
+    for key in keys:
+        require(getattr(section, key) >= minimum, key, f"must be at least {minimum}")
+
+
+def require_in(value: float, lo: float, hi: float, key: str, closed: str = "()") -> None:
+    """``value`` in the interval from ``lo`` to ``hi``, ``closed`` saying which ends belong."""
+    above = value >= lo if closed[0] == "[" else value > lo
+    below = value <= hi if closed[1] == "]" else value < hi
+    require(above and below, key, f"{value} is outside {closed[0]}{lo:g}, {hi:g}{closed[1]}")
+
 
 @dataclass
 class MarkovConfig:
@@ -60,62 +96,138 @@ class MarkovConfig:
     num_states: int = 5
     length: int = 20
     source_diagonal: float = 0.10
-    # One entry per target domain: name -> diagonal (off-diagonal mass is spread uniformly).
     target_diagonals: dict[str, float] = field(default_factory=lambda: {"sticky": 0.80})
-    # Full matrices override the diagonals when given (rows must sum to 1).
+    """One entry per target domain: name -> diagonal (off-diagonal mass is spread uniformly)."""
     source_matrix: Optional[list[list[float]]] = None
+    """A full matrix overrides the diagonal when given (rows must sum to 1)."""
     target_matrices: Optional[dict[str, list[list[float]]]] = None
-    # Random chains: every row drawn from a symmetric Dirichlet with this concentration (small:
-    # peaked rows, large: near-uniform rows), from dirichlet_seed and the chain's name. A full
-    # matrix wins over Dirichlet rows, which win over a diagonal.
     source_dirichlet: Optional[float] = None
+    """Random chains: every row drawn from a symmetric Dirichlet with this concentration (small:
+    peaked rows, large: near-uniform rows), from dirichlet_seed and the chain's name. A full
+    matrix wins over Dirichlet rows, which win over a diagonal."""
     target_dirichlet: Optional[dict[str, float]] = None
     dirichlet_seed: int = 0
     num_source: int = 10_000
     num_target: int = 1_000
-    num_test: int = 5_000  # held-out sequences per domain
+    num_test: int = 5_000
+    """Held-out sequences per domain."""
+
+    @property
+    def targets_key(self) -> str:
+        """The key that names the target chains."""
+        return ("target_matrices" if self.target_matrices else
+                "target_dirichlet" if self.target_dirichlet else "target_diagonals")
+
+    def check(self) -> None:
+        require_at_least(self, 2, "num_states", "length")
+        require_at_least(self, 1, "num_source", "num_target", "num_test")
+        require(not (self.target_matrices and self.target_dirichlet), "target_dirichlet",
+                "the targets are given twice (also by data.markov.target_matrices); keep one of the two")
+        for name, conc in [("source_dirichlet", self.source_dirichlet)] + [
+                (f"target_dirichlet.{k}", v) for k, v in (self.target_dirichlet or {}).items()]:
+            require(conc is None or conc > 0, name, f"{conc}: a Dirichlet concentration must be > 0 "
+                                                    f"(e.g. 1.0 for rows drawn uniformly from the simplex)")
+        for name, diag in [("source_diagonal", self.source_diagonal)] + [
+                (f"target_diagonals.{k}", v) for k, v in self.target_diagonals.items()]:
+            require_in(diag, 0.0, 1.0, name, "[]")
+        for name, mat in [("source_matrix", self.source_matrix)] + [
+                (f"target_matrices.{k}", v) for k, v in (self.target_matrices or {}).items()]:
+            if mat is not None:
+                self.check_matrix(name, mat)
+
+    def check_matrix(self, name: str, mat: list[list[float]]) -> None:
+        n = self.num_states
+        require(len(mat) == n and all(len(row) == n for row in mat), name,
+                f"expected a {n}x{n} matrix (data.markov.num_states={n})")
+        for i, row in enumerate(mat):
+            require(min(row) >= 0 and abs(sum(row) - 1.0) <= 1e-6, name,
+                    f"row {i} = {row} must be non-negative and sum to 1")
 
 
 @dataclass
 class DataConfig:
-    corpus: str = "markov"
-    # File or folder for arxiv / jsonl / txt corpora; unused for markov and demo.
+    corpus: Corpus = "markov"
     path: Optional[str] = None
+    """File or folder for arxiv / jsonl / txt corpora; unused for markov and demo."""
     source_domains: list[str] = field(default_factory=lambda: ["cs", "math"])
     target_domains: list[str] = field(default_factory=lambda: ["physics"])
     test_fraction: float = 0.1
     split_seed: int = 42
-    # Fractions of each target's training set; nested subsets (1% ⊂ 5% ⊂ 30% ⊂ 100%).
     target_fractions: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.05, 0.01])
-    # Overlap knob r (docs/method.md §8): this fraction of each target's training data moves to the source.
+    """Fractions of each target's training set; nested subsets (1% ⊂ 5% ⊂ 30% ⊂ 100%)."""
     overlap: float = 0.0
-    # Cap on documents read per domain (None: all). Useful for quick looks at big corpora.
+    """Overlap knob r (docs/method.md §8): this fraction of each target's training data moves to
+    the source."""
     max_docs_per_domain: Optional[int] = None
+    """Cap on documents read per domain (None: all). Useful for quick looks at big corpora."""
     markov: MarkovConfig = field(default_factory=MarkovConfig)
+
+    @property
+    def targets(self) -> list[str]:
+        """The target domains (for markov, the target chains' names)."""
+        if self.corpus == "markov":
+            return list(getattr(self.markov, self.markov.targets_key) or {})
+        return list(self.target_domains)
+
+    def check(self) -> None:
+        require(self.corpus not in ("arxiv", "jsonl", "txt") or bool(self.path), "path",
+                f"corpus '{self.corpus}' reads a file or folder; set data.path "
+                f"(e.g. --set data.path=/data/arxiv-metadata-oai-snapshot.json)")
+        fractions = self.target_fractions
+        require(bool(fractions), "target_fractions", "needs at least one fraction, e.g. [1.0]")
+        for f in fractions:
+            require_in(f, 0.0, 1.0, "target_fractions", "(]")
+        require(len(set(fractions)) == len(fractions), "target_fractions", f"{fractions} has duplicates")
+        require_in(self.overlap, 0.0, 1.0, "overlap", "[)")
+        require_in(self.test_fraction, 0.0, 1.0, "test_fraction")
+        if self.corpus == "markov":
+            require(bool(self.targets), f"markov.{self.markov.targets_key}", "needs at least one target chain")
+            named = {f"markov.{self.markov.targets_key}": self.targets}
+        else:
+            require(bool(self.source_domains), "source_domains", "needs at least one source domain")
+            require(bool(self.target_domains), "target_domains", "needs at least one target domain")
+            both = set(self.source_domains) & set(self.target_domains)
+            require(not both, "target_domains", f"{sorted(both)} are also source domains; use "
+                                                f"data.overlap to mix target data into the source")
+            named = {"source_domains": self.source_domains, "target_domains": self.target_domains}
+        # Set and domain names become file names and WebDataset keys (where a '.' would split the key).
+        for key, names in named.items():
+            for name in names:
+                require(bool(_DOMAIN_NAME.fullmatch(name)), key, f"'{name}' is not a valid domain name "
+                                                                f"(letters, digits, '_' and '-', no dots)")
+        require("source" not in self.targets, list(named)[-1],
+                "'source' is reserved for the source set; rename that target")
 
 
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 8000
-    model_type: str = "unigram"  # unigram | bpe
+    model_type: TokenizerModel = "unigram"
     character_coverage: float = 0.9995
-    # SentencePiece samples at most this many sentences from the source training text.
     max_sentences: int = 1_000_000
+    """SentencePiece samples at most this many sentences from the source training text."""
     num_threads: int = 2
+
+    def check(self) -> None:
+        require(self.vocab_size >= 16, "vocab_size", f"{self.vocab_size} is too small (at least 16)")
 
 
 @dataclass
 class ShardConfig:
     seq_len: int = 512
     samples_per_shard: int = 1000
-    # Parallel build processes (one input slice each).
     build_workers: int = 2
-    # Where shards go; default <run_dir>/data. Relative paths are taken from the run directory.
+    """Parallel build processes (one input slice each)."""
     dir: Optional[str] = None
-    # Text sets are cut into build units of whole documents holding about this many characters;
-    # each unit is packed and written on its own (its last partial chunk is dropped, its last shard
-    # may be short), which makes the shards independent of how many build workers ran.
+    """Where shards go; default <run_dir>/data. Relative paths are taken from the run directory."""
     unit_chars: int = 8_000_000
+    """Text sets are cut into build units of whole documents holding about this many characters;
+    each unit is packed and written on its own (its last partial chunk is dropped, its last shard
+    may be short), which makes the shards independent of how many build workers ran."""
+
+    def check(self) -> None:
+        require_at_least(self, 2, "seq_len")
+        require_at_least(self, 1, "samples_per_shard", "build_workers", "unit_chars")
 
 
 @dataclass
@@ -127,8 +239,15 @@ class ModelConfig:
     cond_dim: int = 128
     mlp_ratio: float = 4.0
     dropout: float = 0.1
-    attention: str = "bidirectional"  # bidirectional | causal
+    attention: Attention = "bidirectional"
     time_conditioning: bool = False
+
+    def check(self) -> None:
+        require(self.hidden % self.heads == 0, "hidden", f"{self.hidden} is not divisible by "
+                                                         f"heads={self.heads}")
+        require((self.hidden // self.heads) % 2 == 0, "hidden",
+                f"head size {self.hidden // self.heads} must be even for rotary positions")
+        require_in(self.dropout, 0.0, 1.0, "dropout", "[)")
 
 
 def _ratio_sized() -> ModelConfig:
@@ -142,9 +261,9 @@ class ModelsConfig:
     ratio: ModelConfig = field(default_factory=_ratio_sized)
     edit_ratio: ModelConfig = field(default_factory=_ratio_sized)
     planner: ModelConfig = field(default_factory=_ratio_sized)
-    # Causal LM the evaluation trains on held-out target text to score generative perplexity.
     reference_lm: ModelConfig = field(default_factory=lambda: ModelConfig(
         hidden=256, blocks=4, heads=4, cond_dim=64, attention="causal"))
+    """Causal LM the evaluation trains on held-out target text to score generative perplexity."""
 
 
 @dataclass
@@ -152,29 +271,51 @@ class TrainConfig:
     """One stage's optimisation and bookkeeping (AdamW, cosine with warm-up, docs/method.md)."""
     steps: int = 1000
     global_batch: int = 128
-    # Per-rank micro-batch; None = global_batch / world_size (no accumulation).
     micro_batch: Optional[int] = None
+    """Per-rank micro-batch; None = global_batch / world_size (no accumulation)."""
     lr: float = 3e-4
     min_lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
-    ema: float = 0.0  # EMA decay of the weights (0 = off)
-    zero_stage: int = 0
+    ema: float = 0.0
+    """EMA decay of the weights (0 = off)."""
+    zero_stage: ZeroStage = 0
     offload_optimizer: bool = False
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
     val_every: int = 500
     val_batches: int = 8
     save_every: int = 500
     keep_last: int = 2
     log_every: int = 10
-    select_best: bool = False  # keep the checkpoint with the best validation loss for export
-    num_workers: int = 1  # DataLoader workers per rank
-    # Stage-specific knobs.
-    eta_cycle: float = 0.1  # ratio: weight of the cycle loss (η₁)
-    balanced: bool = True  # classifiers: half source, half target per batch
-    label_smoothing: list[float] = field(default_factory=lambda: [1.7, 15.3])  # Beta(a, b); [] = off
+    select_best: bool = False
+    """Keep the checkpoint with the best validation loss for export."""
+    num_workers: int = 1
+    """DataLoader workers per rank."""
+    eta_cycle: float = 0.1
+    """ratio: weight of the cycle loss (η₁)."""
+    balanced: bool = True
+    """classifiers: half source, half target per batch."""
+    label_smoothing: list[float] = field(default_factory=lambda: list(DEFAULT_LABEL_SMOOTHING))
+    """classifiers: Beta(a, b) label smoothing; [] = off."""
+
+    def check(self) -> None:
+        require_at_least(self, 1, "steps", "global_batch", "val_every", "save_every", "log_every",
+                         "keep_last")
+        require_at_least(self, 0, "num_workers")
+        mb = self.micro_batch
+        require(mb is None or (mb >= 1 and self.global_batch % mb == 0), "micro_batch",
+                f"{mb} must divide global_batch={self.global_batch}")
+        require(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer",
+                "optimizer offload needs zero_stage 1, 2 or 3")
+        require_in(self.ema, 0.0, 1.0, "ema", "[)")
+        require_in(self.warmup_frac, 0.0, 1.0, "warmup_frac", "[)")
+        require(len(self.betas) == 2, "betas", f"expected two numbers, got {self.betas}")
+        ls = self.label_smoothing
+        require(not ls or (len(ls) == 2 and min(ls) > 0), "label_smoothing",
+                "expected [] (off) or two positive Beta parameters [a, b]")
 
 
 def _stage(**kw: Any) -> Any:
@@ -190,58 +331,94 @@ StagesConfig.__module__ = __name__
 
 @dataclass
 class NoiseConfig:
-    schedule: str = "loglinear"  # loglinear | geometric
-    eps: float = 1e-3  # loglinear: 1 - alpha_t = (1 - eps) t
-    sigma_min: float = 1e-4  # geometric
-    sigma_max: float = 20.0  # geometric
-    t_min: float = 1e-3  # t ~ U[t_min, 1]
+    schedule: Schedule = "loglinear"
+    eps: float = 1e-3
+    """loglinear: 1 - alpha_t = (1 - eps) t."""
+    sigma_min: float = 1e-4
+    """geometric."""
+    sigma_max: float = 20.0
+    """geometric."""
+    t_min: float = 1e-3
+    """t ~ U[t_min, 1]."""
     antithetic: bool = True
+
+    def check(self) -> None:
+        require_in(self.t_min, 0.0, 1.0, "t_min")
 
 
 @dataclass
 class SampleConfig:
-    methods: list[str] = field(default_factory=lambda: ["gtl", "source", "vanilla", "finetune"])
-    sampler: str = "planner"  # GTL sampler: planner | ancestral | exact
+    methods: list[Method] = field(default_factory=lambda: ["gtl", "source", "vanilla", "finetune"])
+    sampler: Sampler = "planner"
+    """The GTL sampler."""
     num_samples: int = 1024
     batch_size: int = 32
-    shards: int = 4  # sample shards per (method, target, fraction): array tasks
-    # Guidance strength of gtl: its edit-ratio network is fitted to the target's own likelihood,
-    # so 1 is the exact guided kernel (docs/method.md §3, §5).
+    shards: int = 4
+    """Sample shards per (method, target, fraction): array tasks."""
     gamma: float = 1.0
-    # Guidance strength of gtl_paper: its regressed ratio is shrunk, so the paper uses 2
-    # (synthetic) to 5 (text).
+    """Guidance strength of gtl: its edit-ratio network is fitted to the target's own likelihood,
+    so 1 is the exact guided kernel (docs/method.md §3, §5)."""
     paper_gamma: float = 5.0
+    """Guidance strength of gtl_paper: its regressed ratio is shrunk, so the paper uses 2
+    (synthetic) to 5 (text)."""
     n_ratio: int = 512
     top_k: int = 8
-    steps: int = 128  # ancestral samplers (unguided too)
+    steps: int = 128
+    """Steps of the ancestral samplers (unguided too)."""
     t_end: float = 1e-5
     planner_temperature: float = 0.5
-    planner_mode: str = "sample"  # sample | argmax | uniform
+    planner_mode: PlannerMode = "sample"
     seed: int = 1234
-    # Edited sequences scored per ratio-net pass (n_ratio candidates × positions, chunked).
     ratio_batch_size: int = 4096
-    # Ancestral samplers: reset P(stay masked) to the unguided value after guidance (docs/method.md §7).
-    # Off only to show the all-mask collapse it prevents.
+    """Edited sequences scored per ratio-net pass (n_ratio candidates × positions, chunked)."""
     stabilise: bool = True
+    """Ancestral samplers: reset P(stay masked) to the unguided value after guidance
+    (docs/method.md §7). Off only to show the all-mask collapse it prevents."""
+
+    def check(self) -> None:
+        for key in ("gamma", "paper_gamma"):
+            require(getattr(self, key) >= 0, key, f"{getattr(self, key)} < 0; guidance strength "
+                                                  f"must be >= 0 (0 = unguided)")
+        require_at_least(self, 1, "n_ratio", "top_k", "ratio_batch_size", "num_samples", "batch_size",
+                         "shards", "steps")
+        require(self.planner_temperature > 0, "planner_temperature", "must be > 0")
+        require_in(self.t_end, 0.0, 1.0, "t_end")
 
 
 @dataclass
 class EvalConfig:
     mauve_seeds: int = 5
-    # auto: the mauve-text package's quantiser if installed, else ours | tfidf | mauve-text
-    mauve_featurizer: str = "auto"
-    mauve_scaling: float = 5.0  # the constant c of MAUVE's divergence frontier
-    mauve_length_bins: int = 8  # quantile bins of generated lengths for length-matched references
-    mauve_num_buckets: int = 0  # k-means clusters; 0 = one per ten samples (the reference's rule)
-    mauve_max_features: int = 8192  # TF-IDF vocabulary cap (word uni/bi-grams by document frequency)
-    mauve_explained_variance: float = 0.9  # PCA components kept before k-means
-    diversity_max_n: int = 3  # distinct-1..n
-    repetition_n: int = 4  # n-gram order of the within-sample repetition rate
-    batch_size: int = 16  # sequences per classifier / reference-LM call
+    mauve_featurizer: MauveFeaturizer = "auto"
+    """auto: the mauve-text package's quantiser if installed, else ours."""
+    mauve_scaling: float = 5.0
+    """The constant c of MAUVE's divergence frontier."""
+    mauve_length_bins: int = 8
+    """Quantile bins of generated lengths for length-matched references."""
+    mauve_num_buckets: int = 0
+    """k-means clusters; 0 = one per ten samples (the reference's rule)."""
+    mauve_max_features: int = 8192
+    """TF-IDF vocabulary cap (word uni/bi-grams by document frequency)."""
+    mauve_explained_variance: float = 0.9
+    """PCA components kept before k-means."""
+    diversity_max_n: int = 3
+    """distinct-1..n."""
+    repetition_n: int = 4
+    """n-gram order of the within-sample repetition rate."""
+    batch_size: int = 16
+    """Sequences per classifier / reference-LM call."""
     overlap_warn_accuracy: float = 0.99
-    # Markov runs with a GTL method: add the oracle ladder and the calibration diagnostics
-    # (docs/method.md §12) to the report; they sample with exact networks (minutes on a CPU).
     ladder: bool = True
+    """Markov runs with a GTL method: add the oracle ladder and the calibration diagnostics
+    (docs/method.md §12) to the report; they sample with exact networks (minutes on a CPU)."""
+
+    def check(self) -> None:
+        require_at_least(self, 1, "mauve_seeds", "mauve_length_bins", "mauve_max_features",
+                         "diversity_max_n", "repetition_n", "batch_size")
+        require(self.mauve_scaling > 0, "mauve_scaling", f"{self.mauve_scaling} must be > 0 "
+                                                         f"(the paper uses 5)")
+        require(self.mauve_num_buckets == 0 or self.mauve_num_buckets >= 2, "mauve_num_buckets",
+                f"{self.mauve_num_buckets}: use 0 (automatic) or at least 2")
+        require_in(self.mauve_explained_variance, 0.0, 1.0, "mauve_explained_variance", "(]")
 
 
 @dataclass
@@ -254,22 +431,41 @@ class ProtocolConfig:
     ``budget`` it trains on all n_T for a fixed number of steps and keeps the final (or EMA)
     weights, as the paper's baselines do. The targets' test sets serve the final evaluation only.
     """
-    selection: str = "holdout"  # holdout | budget
+    selection: str = "holdout"
+    """holdout | budget: a plain string, so that its check can say why "test" is refused."""
     holdout_fraction: float = 0.2
     holdout_min: int = 2
-    # Each validation pass scores every held-out sequence this many times, masked afresh each
-    # time: a few sequences give a usable signal only over many masked views.
     holdout_views: int = 16
+    """Each validation pass scores every held-out sequence this many times, masked afresh each
+    time: a few sequences give a usable signal only over many masked views."""
+
+    def check(self) -> None:
+        require(self.selection not in ("test", "eval", "evaluation"), "selection",
+                f"'{self.selection}' would select checkpoints on the targets' test sets, which serve "
+                f"the final evaluation only (a method given n_T sequences may use no other target "
+                f"data); use holdout or budget")
+        require(self.selection in SELECTIONS, "selection",
+                f"'{self.selection}' is not one of {', '.join(SELECTIONS)}")
+        require_in(self.holdout_fraction, 0.0, 1.0, "holdout_fraction")
+        require(self.holdout_min >= 1, "holdout_min",
+                f"{self.holdout_min}: holdout selection needs at least one held-out sequence")
+        require_at_least(self, 1, "holdout_views")
 
 
 @dataclass
 class PipelineConfig:
-    planner_scope: str = "shared"  # shared (source-only, docs/method.md §6) | per_target
-    # Build the source denoiser through AR pretraining + AR2Diff instead of training it directly.
+    planner_scope: PlannerScope = "shared"
+    """shared: one source-only planner (docs/method.md §6); per_target: one per target fraction."""
     ar2diff: bool = False
-    # Replicates of every per-target stage and every sample set (mean ± std in the report). The
-    # data and the source stages are shared; seed 0 keeps the plain paths, seed s > 0 adds seed-s/.
+    """Build the source denoiser through AR pretraining + AR2Diff instead of training it directly."""
     seeds: list[int] = field(default_factory=lambda: [0])
+    """Replicates of every per-target stage and every sample set (mean ± std in the report). The
+    data and the source stages are shared; seed 0 keeps the plain paths, seed s > 0 adds seed-s/."""
+
+    def check(self) -> None:
+        seeds = self.seeds
+        require(bool(seeds) and len(set(seeds)) == len(seeds) and min(seeds) >= 0, "seeds",
+                f"{seeds}: need distinct non-negative integers, e.g. [0] or [0, 1, 2]")
 
 
 @dataclass
@@ -284,7 +480,8 @@ class ClusterConfig:
     array_parallelism: int = 16
     signal_delay_s: int = 120
     max_requeue: int = 5
-    setup: list[str] = field(default_factory=list)  # extra shell lines in every sbatch script
+    setup: list[str] = field(default_factory=list)
+    """Extra shell lines in every sbatch script."""
 
 
 @dataclass
@@ -314,10 +511,22 @@ class RunConfig:
 
     @property
     def targets(self) -> list[str]:
-        if self.data.corpus == "markov":
-            m = self.data.markov
-            return list(m.target_matrices or m.target_dirichlet or m.target_diagonals)
-        return list(self.data.target_domains)
+        return self.data.targets
+
+    def check(self) -> None:
+        """The rules across sections: a Markov config's protocol against its target counts (a
+        text corpus's n_T is known once the data stage has run, and is checked there and at
+        submit time)."""
+        if self.data.corpus != "markov":
+            return
+        n_train = self.data.markov.num_target - round(self.data.overlap * self.data.markov.num_target)
+        for f in self.data.target_fractions:
+            n = round(f * n_train)
+            if n >= 1:  # a fraction with no target data at all: refused at submit time, with its fix
+                try:
+                    check_holdout(n, self.protocol, f"fraction {f} (n_T = {n})")
+                except ConfigError as exc:
+                    raise ConfigError(f"protocol: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -376,6 +585,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of "
                           f"{', '.join(_type_name(a) for a in inner)}")
+    if origin is Literal:  # a choice: the value must be one of the options, of the same type
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -566,189 +779,24 @@ def load_config(paths: list[str | Path] | str | Path = (), overrides: list[str] 
 
 
 def validate(cfg: RunConfig, source: str = "<config>") -> None:
-    """Cross-field checks. Messages name the key and the fix."""
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{source}: {key}: {msg}")
+    """Every section's ``check``, innermost first, then the config's own; a broken rule is
+    reported as ``<source>: <section.key>: <what is wrong and the fix>``."""
+    try:
+        check_section(cfg, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
-    d = cfg.data
-    if d.corpus not in CORPORA:
-        bad("data.corpus", f"'{d.corpus}' is not one of {', '.join(CORPORA)}")
-    if d.corpus in ("arxiv", "jsonl", "txt") and not d.path:
-        bad("data.path", f"corpus '{d.corpus}' reads a file or folder; set data.path "
-                         f"(e.g. --set data.path=/data/arxiv-metadata-oai-snapshot.json)")
-    if not d.target_fractions:
-        bad("data.target_fractions", "needs at least one fraction, e.g. [1.0]")
-    for f in d.target_fractions:
-        if not 0.0 < f <= 1.0:
-            bad("data.target_fractions", f"{f} is outside (0, 1]")
-    if len(set(d.target_fractions)) != len(d.target_fractions):
-        bad("data.target_fractions", f"{d.target_fractions} has duplicates")
-    if not 0.0 <= d.overlap < 1.0:
-        bad("data.overlap", f"{d.overlap} is outside [0, 1)")
-    if not 0.0 < d.test_fraction < 1.0:
-        bad("data.test_fraction", f"{d.test_fraction} is outside (0, 1)")
-    if d.corpus != "markov":
-        if not d.source_domains:
-            bad("data.source_domains", "needs at least one source domain")
-        if not d.target_domains:
-            bad("data.target_domains", "needs at least one target domain")
-        both = set(d.source_domains) & set(d.target_domains)
-        if both:
-            bad("data.target_domains", f"{sorted(both)} are also source domains; use data.overlap "
-                                       f"to mix target data into the source")
-    m = d.markov
-    if m.num_states < 2:
-        bad("data.markov.num_states", "needs at least 2 states")
-    if m.length < 2:
-        bad("data.markov.length", "needs at least 2 tokens")
-    if d.corpus == "markov" and not (m.target_matrices or m.target_dirichlet or m.target_diagonals):
-        bad("data.markov.target_diagonals", "needs at least one target chain")
-    if m.target_matrices and m.target_dirichlet:
-        bad("data.markov.target_dirichlet", "the targets are given twice (also by "
-                                            "data.markov.target_matrices); keep one of the two")
-    for name, conc in [("source_dirichlet", m.source_dirichlet)] + [
-            (f"target_dirichlet.{k}", v) for k, v in (m.target_dirichlet or {}).items()]:
-        if conc is not None and not conc > 0:
-            bad(f"data.markov.{name}", f"{conc}: a Dirichlet concentration must be > 0 (e.g. 1.0 "
-                                       f"for rows drawn uniformly from the simplex)")
-    for key in ("num_source", "num_target", "num_test"):
-        if getattr(m, key) < 1:
-            bad(f"data.markov.{key}", "must be at least 1")
-    for name, diag in [("source_diagonal", m.source_diagonal)] + [
-            (f"target_diagonals.{k}", v) for k, v in m.target_diagonals.items()]:
-        if not 0.0 <= diag <= 1.0:
-            bad(f"data.markov.{name}", f"{diag} is outside [0, 1]")
-    matrices = [("source_matrix", m.source_matrix)] + [
-        (f"target_matrices.{k}", v) for k, v in (m.target_matrices or {}).items()]
-    for name, mat in matrices:
-        if mat is None:
-            continue
-        if len(mat) != m.num_states or any(len(row) != m.num_states for row in mat):
-            bad(f"data.markov.{name}", f"expected a {m.num_states}x{m.num_states} matrix "
-                                      f"(data.markov.num_states={m.num_states})")
-        for i, row in enumerate(mat):
-            if min(row) < 0 or abs(sum(row) - 1.0) > 1e-6:
-                bad(f"data.markov.{name}", f"row {i} = {row} must be non-negative and sum to 1")
-    # Set and domain names become file names and WebDataset keys (where a '.' would split the key).
-    if d.corpus == "markov":
-        target_key = ("data.markov.target_matrices" if m.target_matrices else
-                      "data.markov.target_dirichlet" if m.target_dirichlet else "data.markov.target_diagonals")
-        named = {target_key: cfg.targets}
-    else:
-        named = {"data.source_domains": d.source_domains, "data.target_domains": d.target_domains}
-    for key, names in named.items():
-        for name in names:
-            if not _DOMAIN_NAME.fullmatch(name):
-                bad(key, f"'{name}' is not a valid domain name (letters, digits, '_' and '-', no dots)")
-    target_key = list(named)[-1]
-    if "source" in cfg.targets:
-        bad(target_key, "'source' is reserved for the source set; rename that target")
 
-    t = cfg.tokenizer
-    if t.model_type not in ("unigram", "bpe"):
-        bad("tokenizer.model_type", f"'{t.model_type}' is not unigram or bpe")
-    if t.vocab_size < 16:
-        bad("tokenizer.vocab_size", f"{t.vocab_size} is too small (at least 16)")
-    if cfg.shards.seq_len < 2:
-        bad("shards.seq_len", "must be at least 2")
-    if cfg.shards.samples_per_shard < 1:
-        bad("shards.samples_per_shard", "must be at least 1")
-    if cfg.shards.build_workers < 1:
-        bad("shards.build_workers", "must be at least 1")
-    if cfg.shards.unit_chars < 1:
-        bad("shards.unit_chars", "must be at least 1")
-
-    for role in ("denoiser", "classifier", "ratio", "edit_ratio", "planner", "reference_lm"):
-        mc: ModelConfig = getattr(cfg.models, role)
-        key = f"models.{role}"
-        if mc.hidden % mc.heads:
-            bad(f"{key}.hidden", f"{mc.hidden} is not divisible by heads={mc.heads}")
-        if (mc.hidden // mc.heads) % 2:
-            bad(f"{key}.hidden", f"head size {mc.hidden // mc.heads} must be even for rotary positions")
-        if mc.attention not in ("bidirectional", "causal"):
-            bad(f"{key}.attention", f"'{mc.attention}' is not bidirectional or causal")
-        if not 0.0 <= mc.dropout < 1.0:
-            bad(f"{key}.dropout", f"{mc.dropout} is outside [0, 1)")
-
-    n = cfg.noise
-    if n.schedule not in ("loglinear", "geometric"):
-        bad("noise.schedule", f"'{n.schedule}' is not loglinear or geometric")
-    if not 0.0 < n.t_min < 1.0:
-        bad("noise.t_min", f"{n.t_min} is outside (0, 1)")
-
-    for stage in STAGES:
-        tc: TrainConfig = getattr(cfg.train, stage)
-        key = f"train.{stage}"
-        if tc.steps < 1:
-            bad(f"{key}.steps", "must be at least 1")
-        if tc.global_batch < 1:
-            bad(f"{key}.global_batch", "must be at least 1")
-        if tc.micro_batch is not None and (tc.micro_batch < 1 or tc.global_batch % tc.micro_batch):
-            bad(f"{key}.micro_batch", f"{tc.micro_batch} must divide global_batch={tc.global_batch}")
-        if tc.zero_stage not in (0, 1, 2, 3):
-            bad(f"{key}.zero_stage", f"{tc.zero_stage} is not 0, 1, 2 or 3")
-        if tc.offload_optimizer and tc.zero_stage == 0:
-            bad(f"{key}.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
-        if tc.precision not in ("auto", "fp32", "bf16"):
-            bad(f"{key}.precision", f"'{tc.precision}' is not auto, fp32 or bf16")
-        if not 0.0 <= tc.ema < 1.0:
-            bad(f"{key}.ema", f"{tc.ema} is outside [0, 1)")
-        if not 0.0 <= tc.warmup_frac < 1.0:
-            bad(f"{key}.warmup_frac", f"{tc.warmup_frac} is outside [0, 1)")
-        if len(tc.betas) != 2:
-            bad(f"{key}.betas", f"expected two numbers, got {tc.betas}")
-        if tc.label_smoothing and (len(tc.label_smoothing) != 2 or min(tc.label_smoothing) <= 0):
-            bad(f"{key}.label_smoothing", "expected [] (off) or two positive Beta parameters [a, b]")
-        for k in ("val_every", "save_every", "log_every", "keep_last"):
-            if getattr(tc, k) < 1:
-                bad(f"{key}.{k}", "must be at least 1")
-        if tc.num_workers < 0:
-            bad(f"{key}.num_workers", "must be >= 0")
-
-    s = cfg.sample
-    for mth in s.methods:
-        if mth not in METHODS:
-            bad("sample.methods", f"'{mth}' is not one of {', '.join(METHODS)}")
-    if s.sampler not in SAMPLERS:
-        bad("sample.sampler", f"'{s.sampler}' is not one of {', '.join(SAMPLERS)}")
-    for key in ("gamma", "paper_gamma"):
-        if getattr(s, key) < 0:
-            bad(f"sample.{key}", f"{getattr(s, key)} < 0; guidance strength must be >= 0 (0 = unguided)")
-    if s.n_ratio < 1:
-        bad("sample.n_ratio", "must be at least 1")
-    if s.top_k < 1:
-        bad("sample.top_k", "must be at least 1")
-    if s.planner_mode not in ("sample", "argmax", "uniform"):
-        bad("sample.planner_mode", f"'{s.planner_mode}' is not sample, argmax or uniform")
-    if s.planner_temperature <= 0:
-        bad("sample.planner_temperature", "must be > 0")
-    if s.ratio_batch_size < 1:
-        bad("sample.ratio_batch_size", "must be at least 1")
-    if not 0.0 < s.t_end < 1.0:
-        bad("sample.t_end", f"{s.t_end} is outside (0, 1)")
-    if s.num_samples < 1 or s.batch_size < 1 or s.shards < 1 or s.steps < 1:
-        bad("sample", "num_samples, batch_size, shards and steps must all be at least 1")
-    validate_protocol(cfg, bad)
-    seeds = cfg.pipeline.seeds
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        bad("pipeline.seeds", f"{seeds}: need distinct non-negative integers, e.g. [0] or [0, 1, 2]")
-    if cfg.pipeline.planner_scope not in ("shared", "per_target"):
-        bad("pipeline.planner_scope", f"'{cfg.pipeline.planner_scope}' is not shared or per_target")
-    ev = cfg.eval
-    if ev.mauve_featurizer not in ("auto", "tfidf", "mauve-text"):
-        bad("eval.mauve_featurizer", f"'{ev.mauve_featurizer}' is not auto, tfidf or mauve-text")
-    if ev.mauve_seeds < 1:
-        bad("eval.mauve_seeds", "must be at least 1")
-    if ev.mauve_scaling <= 0:
-        bad("eval.mauve_scaling", f"{ev.mauve_scaling} must be > 0 (the paper uses 5)")
-    if ev.mauve_num_buckets < 0 or ev.mauve_num_buckets == 1:
-        bad("eval.mauve_num_buckets", f"{ev.mauve_num_buckets}: use 0 (automatic) or at least 2")
-    if not 0.0 < ev.mauve_explained_variance <= 1.0:
-        bad("eval.mauve_explained_variance", f"{ev.mauve_explained_variance} is outside (0, 1]")
-    for key in ("mauve_length_bins", "mauve_max_features", "diversity_max_n", "repetition_n",
-                "batch_size"):
-        if getattr(ev, key) < 1:
-            bad(f"eval.{key}", "must be at least 1")
+def check_section(section: Any, where: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            check_section(value, f"{where}{f.name}.")
+    if hasattr(section, "check"):
+        try:
+            section.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
 
 
 def holdout_count(n_target: int, protocol: ProtocolConfig) -> int:
@@ -769,31 +817,3 @@ def check_holdout(n_target: int, protocol: ProtocolConfig, where: str) -> tuple[
             f"and leaves none to train on; lower protocol.holdout_min, use a larger fraction, or "
             f"set protocol.selection=budget (fixed training budget, no selection)")
     return n_target - held, held
-
-
-def validate_protocol(cfg: RunConfig, bad: Any) -> None:
-    p = cfg.protocol
-    if p.selection in ("test", "eval", "evaluation"):
-        bad("protocol.selection", f"'{p.selection}' would select checkpoints on the targets' test "
-                                  f"sets, which serve the final evaluation only (a method given n_T "
-                                  f"sequences may use no other target data); use holdout or budget")
-    if p.selection not in SELECTIONS:
-        bad("protocol.selection", f"'{p.selection}' is not one of {', '.join(SELECTIONS)}")
-    if not 0.0 < p.holdout_fraction < 1.0:
-        bad("protocol.holdout_fraction", f"{p.holdout_fraction} is outside (0, 1)")
-    if p.holdout_min < 1:
-        bad("protocol.holdout_min", f"{p.holdout_min}: holdout selection needs at least one "
-                                    f"held-out sequence")
-    if p.holdout_views < 1:
-        bad("protocol.holdout_views", "must be at least 1")
-    if cfg.data.corpus != "markov":
-        return  # text: n_T is known once the data stage has run (checked there and at submit time)
-    n_train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
-    for f in cfg.data.target_fractions:
-        n = round(f * n_train)
-        if n < 1:
-            continue  # a fraction with no target data at all: refused at submit time, with its fix
-        try:
-            check_holdout(n, p, f"fraction {f} (n_T = {n})")
-        except ConfigError as exc:
-            bad("protocol", str(exc))

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gtl_dist.config import DEFAULT_LABEL_SMOOTHING
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
 from gtl_dist.log import get_logger
 
 log = get_logger("objectives")
 
-# Beta(a, b) with mean 0.1 and variance 0.005 (docs/method.md §4); TrainConfig.label_smoothing.
-DEFAULT_LABEL_SMOOTHING = (1.7, 15.3)
 SOURCE_LABEL, TARGET_LABEL = 1.0, 0.0
 
 

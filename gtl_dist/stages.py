@@ -4,7 +4,7 @@ Every training stage is one row of :data:`STAGES` (a :class:`StageSpec`): the ne
 how many copies a run trains (its scope), the config sections that are its inputs, the stages
 whose exports it reads, its size on the cluster and its ``train.<stage>`` defaults. The rest of
 the package reads the table: ``config`` builds the ``train`` section from it, ``train.jobs`` looks
-up each job kind's network, ``cluster.dag`` groups the tasks into jobs and ``launchers/submit.py``
+up each stage's network, ``cluster.dag`` groups the tasks into jobs and ``launchers/submit.py``
 lists the stages ``--stages`` accepts. Adding a stage is one row here plus one task class in
 ``gtl_dist/train/jobs.py`` (docs/architecture.md, "Adding a stage").
 

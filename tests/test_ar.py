@@ -7,7 +7,7 @@ import torch
 
 from gtl_dist.config import ModelConfig
 from gtl_dist.models import ARLM, VocabSpec
-from gtl_dist.sample.ar import draw_categorical, sample_ar
+from gtl_dist.sample.ar import draw_next_token, sample_ar
 
 CFG = ModelConfig(hidden=32, blocks=2, heads=4, cond_dim=16, dropout=0.0)
 VOCAB = VocabSpec(9, mask_id=8, pad_id=0)
@@ -85,13 +85,13 @@ def test_mask_id_is_never_sampled():
 
 
 @pytest.mark.exact
-def test_draw_categorical_matches_the_tempered_top_k_distribution():
+def test_draw_next_token_matches_the_tempered_top_k_distribution():
     """Frequencies over 40,000 draws vs softmax(logits / T) restricted to the top K: every
     frequency within 4.5 binomial standard errors; tokens outside the top K never drawn."""
     logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, -3.0]])
     n, temperature, k = 40_000, 0.8, 4
     g = torch.Generator().manual_seed(0)
-    draws = torch.cat([draw_categorical(logits.expand(1000, -1), g, temperature=temperature, top_k=k)
+    draws = torch.cat([draw_next_token(logits.expand(1000, -1), g, temperature=temperature, top_k=k)
                        for _ in range(n // 1000)])
     scores = logits[0].double() / temperature
     keep = scores >= scores.topk(k).values[-1]

@@ -105,6 +105,30 @@ def test_cross_field_validation_names_the_key(override, key):
         load_config(CONFIGS / "tiny.yaml", [override])
 
 
+def test_a_choice_outside_its_options_is_refused_naming_file_key_and_options(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  planner: {precision: fp16}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.planner\.precision: 'fp16' is not "
+                                          r"one of auto, fp32, bf16$"):
+        load_config([CONFIGS / "tiny.yaml", path])
+    with pytest.raises(ConfigError, match=r"sample\.methods\[1\]: 'gtl2' is not one of gtl, gtl_paper"):
+        load_config(CONFIGS / "tiny.yaml", ["sample.methods=[source, gtl2]"])
+    with pytest.raises(ConfigError, match=r"zero_stage: True is not one of 0, 1, 2, 3"):
+        load_config(CONFIGS / "tiny.yaml", ["train.denoiser.zero_stage=true"])
+
+
+def test_a_layer_may_be_incomplete_until_merged(tmp_path):
+    """Rules run on the merged config: an overlay that names a file corpus may leave the path to a
+    later layer, and a micro-batch may come before the batch it divides."""
+    overlay = tmp_path / "text.yaml"
+    overlay.write_text("data: {corpus: jsonl, source_domains: [a], target_domains: [b]}\n"
+                       "train:\n  denoiser: {micro_batch: 24}\n")
+    cfg = load_config([CONFIGS / "tiny.yaml", overlay], ["data.path=/corpus.jsonl", "train.denoiser.global_batch=48"])
+    assert (cfg.data.path, cfg.train.denoiser.micro_batch) == ("/corpus.jsonl", 24)
+    with pytest.raises(ConfigError, match=r"data\.path: corpus 'jsonl' reads a file or folder"):
+        load_config([CONFIGS / "tiny.yaml", overlay], ["train.denoiser.global_batch=48"])
+
+
 def test_hash_is_stable_and_sections_are_independent():
     a = load_config(CONFIGS / "tiny.yaml")
     b = load_config(CONFIGS / "tiny.yaml", ["sample.gamma=3.0"])

@@ -62,9 +62,9 @@ def test_rows_come_after_the_stages_they_read():
 
 def test_every_stage_has_a_train_section_a_network_and_a_task_class():
     from gtl_dist.models import ROLES
-    from gtl_dist.train.jobs import TASKS
+    from gtl_dist.train.jobs import RECIPES
     assert [f.name for f in dataclasses.fields(StagesConfig)] == list(STAGES)
-    assert set(TASKS) == set(STAGES)
+    assert set(RECIPES) == set(STAGES)
     assert {spec.role for spec in STAGES.values()} <= set(ROLES)
     for name, spec in STAGES.items():
         assert f"train.{name}" in spec.sections and "seed" in spec.sections, name

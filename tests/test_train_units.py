@@ -290,7 +290,7 @@ def tiny():
     ("ratio", "nowhere", 1.0, "this config's targets are sticky"),
     ("classifier_ti", "sticky", 0.5, r"--fraction 0.5: not in data.target_fractions"),
     ("denoiser", "sticky", 1.0, "trained once per run"),
-    ("sampler", None, None, "not a job kind"),
+    ("sampler", None, None, "not a stage"),
     ("reference_lm", None, None, "trained once per target.*pass --target \\(one of sticky\\) and no --fraction"),
     ("reference_lm", "sticky", 1.0, "trained once per target, on its held-out text and no fraction"),
     ("reference_lm", "nowhere", None, "this config's targets are sticky"),

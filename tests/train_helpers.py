@@ -116,7 +116,7 @@ def toy_masked_loss(model: nn.Module, x0: torch.Tensor, shared: torch.Generator,
     return (nll * masked).sum() / masked.sum().clamp(min=1)
 
 
-class ToyTask:
+class ToyRecipe:
     """A job kind for the loop's own tests (see the module docstring)."""
 
     role = "toy"
@@ -192,7 +192,7 @@ def toy_main(argv: Optional[list[str]] = None) -> int:
     cfg = load_config([REPO / "configs" / "tiny.yaml"], args.set)
     stage = "denoiser"
     result = execute(cfg, args.run_dir, stage, None, None,
-                     stage_input_hash(cfg, stage, None, None), ToyTask)
+                     stage_input_hash(cfg, stage, None, None), ToyRecipe)
     print("RESULT " + json.dumps({"status": result.status, "step": result.step,
                                   "val_loss": result.val_loss}), flush=True)
     return EXIT_PREEMPTED if result.status == "preempted" else 0

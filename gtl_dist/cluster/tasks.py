@@ -89,21 +89,16 @@ def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
 # -- sampling ---------------------------------------------------------------------------------------
 
 def _device():
-    import torch
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    from gtl_dist.train.engine import detect_hardware
+    return detect_hardware().device
 
 
-def load_export(paths: RunPaths, stage: str, target: Optional[str] = None,
+def load_export(cfg: RunConfig, paths: RunPaths, needed_by: str, stage: str, target: Optional[str] = None,
                 fraction: Optional[float] = None, device: Any = "cpu", seed: int = 0):
-    """An exported model, or a clear error naming the stage that produces it."""
-    from gtl_dist.train import load_exported
-    path = paths.export(stage, target, fraction, seed)
-    if not path.is_file():
-        where = stage if target is None else f"{stage} for target '{target}', fraction {fraction}"
-        raise TaskFailed(f"{path}: missing; the {where} stage has not finished. Run it first "
-                         f"(python launchers/submit.py ... --stages {stage}).")
-    return load_exported(path, device)
+    """An export a task reads, checked like every upstream export (gtl_dist/train/export.py)."""
+    from gtl_dist.train.export import load_exported, upstream_export_path
+    return load_exported(upstream_export_path(cfg, paths, stage, target, fraction, seed,
+                                              needed_by=needed_by), device)
 
 
 def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task, device: Any):
@@ -111,16 +106,18 @@ def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: T
     guidance strength."""
     from gtl_dist.sample import MethodNetworks
     method, target, fraction, seed = task.method, task.target, task.fraction, task.seed
+    who = f"task {task.key}"
     if method == "source":
-        return MethodNetworks(load_export(paths, pipeline.source_stage, device=device))
+        return MethodNetworks(load_export(cfg, paths, who, pipeline.source_stage, device=device))
     if method in ("vanilla", "finetune"):
-        return MethodNetworks(load_export(paths, method, target, fraction, device, seed))
+        return MethodNetworks(load_export(cfg, paths, who, method, target, fraction, device, seed))
     planner = None
     if cfg.sample.sampler == "planner" and cfg.sample.planner_mode != "uniform":
         pt = pipeline.stage_task("planner", target, fraction, seed)
-        planner = load_export(paths, "planner", pt.target, pt.fraction, device, pt.seed)
-    return MethodNetworks(load_export(paths, pipeline.source_stage, device=device),
-                          ratio_net=load_export(paths, GUIDE_STAGE[method], target, fraction, device, seed),
+        planner = load_export(cfg, paths, who, "planner", pt.target, pt.fraction, device, pt.seed)
+    return MethodNetworks(load_export(cfg, paths, who, pipeline.source_stage, device=device),
+                          ratio_net=load_export(cfg, paths, who, GUIDE_STAGE[method], target, fraction,
+                                                device, seed),
                           planner=planner,
                           gamma=cfg.sample.gamma if method == "gtl" else cfg.sample.paper_gamma)
 
@@ -192,10 +189,13 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
         return call
 
     scorer_fraction = evaluator_classifier_fraction(cfg)
+    who = "the evaluation"
     return dict(references={target: heldout(f"{target}/test") for target in cfg.targets},
                 source_heldout=heldout("source/test"),
-                classifier=lambda t: as_callable(load_export(paths, "classifier_ti", t, scorer_fraction, device)),
-                reference_lm=lambda t: as_callable(load_export(paths, "reference_lm", t, None, device)),
+                classifier=lambda t: as_callable(load_export(cfg, paths, who, "classifier_ti", t,
+                                                             scorer_fraction, device)),
+                reference_lm=lambda t: as_callable(load_export(cfg, paths, who, "reference_lm", t,
+                                                               device=device)),
                 eos_id=manifest.eos_id, bos_id=manifest.bos_id)
 
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gtl_dist.config import FEATURIZER_CHOICES
 from gtl_dist.eval.features import FEATURIZER, principal_components, tfidf_matrix, words
 from gtl_dist.log import get_logger
 
@@ -32,7 +33,6 @@ log = get_logger("eval.mauve")
 
 SCALING = 5.0          # the constant c of the paper
 FRONTIER_POINTS = 25   # mixture weights on the frontier, as in the reference implementation
-FEATURIZER_CHOICES = ("auto", "tfidf", "mauve-text")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gtl_dist.config import ModelConfig
+from gtl_dist.config import ATTENTION_MODES, ModelConfig
 
-ATTENTION_MODES = ("bidirectional", "causal")
 # MDLM's timestep embedder: 256 sinusoidal features of sigma, then a 2-layer MLP to cond_dim.
 SIGMA_FEATURES = 256
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gtl_dist.models import ARLM
+from gtl_dist.sample.guidance import draw_categorical
 
 
 @dataclass
@@ -26,21 +27,19 @@ class ARStats:
     positions: int = 0
 
 
-def draw_categorical(logits: torch.Tensor, generator: torch.Generator | None, *,
-                     temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """One draw per row of logits [B, V]; temperature 0 is greedy (argmax)."""
+def draw_next_token(logits: torch.Tensor, generator: torch.Generator | None, *,
+                    temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """One token per row of logits [B, V]; temperature 0 is greedy (argmax). The uniforms come
+    from ``generator`` (on its own device), the draw is the samplers' inverse-CDF one."""
     if temperature == 0:
         return logits.argmax(-1)
     scores = logits.double() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
     gen_device = generator.device if generator is not None else "cpu"
-    u = torch.rand(scores.shape[0], 1, generator=generator, dtype=torch.float64,
-                   device=gen_device).to(scores.device) * cdf[:, -1:]
-    # The first index whose CDF exceeds u; "<=" skips zero-probability entries even when u = 0.
-    return (cdf <= u).sum(-1).clamp_max(scores.shape[-1] - 1)
+    u = torch.rand(scores.shape[0], generator=generator, dtype=torch.float64, device=gen_device)
+    return draw_categorical(scores, u.to(scores.device))
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def sample_ar(model: ARLM, prompt: torch.Tensor, num_tokens: int, *,
             stats.network_evals += 1
             if banned:
                 logits[:, list(banned)] = float("-inf")
-            nxt = draw_categorical(logits, generator, temperature=temperature, top_k=top_k)
+            nxt = draw_next_token(logits, generator, temperature=temperature, top_k=top_k)
             pending = nxt[:, None]
             tokens = torch.cat([tokens, pending], dim=1)
     finally:

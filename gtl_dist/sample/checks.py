@@ -11,9 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from gtl_dist.config import PLANNER_MODES
 from gtl_dist.models import check_compatible
-
-PLANNER_MODES = ("sample", "argmax", "uniform")
 
 
 class SamplerConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Training: one DeepSpeed-ZeRO loop for every job kind.
+"""Training: one DeepSpeed-ZeRO loop for every stage.
 
     run_stage(cfg, run_dir, stage, target=None, fraction=None) -> StageResult
     python -m gtl_dist.train --config X.yaml --run-dir D --stage S [--target T --fraction F]
@@ -7,7 +7,7 @@
 Modules: dist (rank/world from env or SLURM, DeepSpeed's process group and JIT op), engine
 (deepspeed.initialize from TrainConfig), ema, checkpoint (committed step folders), preempt
 (signals -> collective save), metrics (TensorBoard), export, loop (the shared loop), jobs (the
-job kinds).
+stages' recipes).
 """
 
 from typing import Any

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="the run directory (holds data/, the "
                         "stage folders and tb/)")
     parser.add_argument("--stage", required=True, choices=STAGES, metavar="STAGE",
-                        help="the job kind to train (see below)")
+                        help="the stage to train (see below)")
     parser.add_argument("--target", help="target domain, for per-target stages and reference_lm")
     parser.add_argument("--fraction", type=float, help="target-data fraction, for per-target "
                         "stages (not reference_lm)")

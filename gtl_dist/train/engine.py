@@ -1,6 +1,6 @@
 """The one wrapper around ``deepspeed.initialize``: batch geometry, precision, ZeRO, optimiser, LR.
 
-Every job kind trains through :func:`build_engine`; what varies is only the module it wraps
+Every stage trains through :func:`build_engine`; what varies is only the module it wraps
 (a :class:`~gtl_dist.train.loop.LossModule` around the stage's network). Choices made here:
 
 - Batch: ``micro_batch`` None -> ``global_batch / world`` per rank, no accumulation; otherwise

@@ -17,7 +17,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gtl_dist.config import RunConfig
 from gtl_dist.io import atomic_path, atomic_write_json
+from gtl_dist.paths import RunPaths
+from gtl_dist.stages import stage_input_hash
 
 EXPORT_FORMAT = "gtl_dist.export/1"
 
@@ -64,6 +67,29 @@ def read_export(path: Path, stage_hint: str = "") -> dict[str, Any]:
                           f"{payload.get('format') if isinstance(payload, dict) else '?'}, expected "
                           f"{EXPORT_FORMAT})")
     return payload
+
+
+def upstream_export_path(cfg: RunConfig, paths: RunPaths, stage: str, target: Optional[str] = None,
+                         fraction: Optional[float] = None, seed: int = 0, *, needed_by: str) -> Path:
+    """The export a downstream task (``needed_by``) reads, checked to exist and to come from the
+    inputs the current configuration gives its stage; else an ExportError naming the stage to
+    run or re-run, with the command."""
+    path = paths.export(stage, target, fraction, seed)
+    where = "/".join(str(x) for x in (stage, target, fraction) if x is not None)
+    command = (f"python -m gtl_dist.train --config <config> --run-dir {paths.root} --stage {stage}"
+               + (f" --target {target}" if target is not None else "")
+               + (f" --fraction {fraction}" if fraction is not None else "")
+               + (f" --seed {seed}" if seed else ""))
+    meta = read_export_meta(path)
+    if meta is None:
+        raise ExportError(f"{path}: {needed_by} needs the exported {where} model, which does not "
+                          f"exist; run stage {stage} first: {command}")
+    want = stage_input_hash(cfg, stage, target, fraction, seed)
+    if meta.get("input_hash") != want:
+        raise ExportError(f"{path}: exported {where} was trained with inputs hash "
+                          f"{meta.get('input_hash')}, the current configuration gives {want}; "
+                          f"re-run stage {stage} ({command}) before {needed_by}")
+    return path
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

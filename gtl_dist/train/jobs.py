@@ -1,7 +1,7 @@
-"""The job kinds: what each stage trains, on which shards, with which loss.
+"""The stages' recipes: what each stage trains, on which shards, with which loss.
 
-Every kind is a :class:`~gtl_dist.train.loop.Task` run by the one shared loop; they differ only in
-the network they build, the sets they read and the objective they call.
+Every stage's recipe is a :class:`~gtl_dist.train.loop.Recipe` run by the one shared loop; they
+differ only in the network they build, the sets they read and the objective they call.
 
 | stage          | network (role)   | trains on                        | validates on                |
 |----------------|------------------|----------------------------------|-----------------------------|
@@ -67,8 +67,8 @@ from gtl_dist.paths import RunPaths
 from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
-from gtl_dist.train.export import ExportError, load_exported, read_export
-from gtl_dist.train.loop import StageContext, StageResult, StepRandom, Task, execute
+from gtl_dist.train.export import ExportError, load_exported, read_export, upstream_export_path
+from gtl_dist.train.loop import Recipe, StageContext, StageResult, StepRandom, execute
 
 log = get_logger("train.jobs")
 
@@ -76,28 +76,23 @@ log = get_logger("train.jobs")
 def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
                     fraction: Optional[float] = None, seed: int = 0) -> dict[str, Any]:
     """The finished export of an upstream stage, checked against the current configuration."""
-    path = ctx.paths.export(stage, target, fraction, seed)
-    where = "/".join(str(x) for x in (stage, target, fraction) if x is not None)
-    command = (f"python -m gtl_dist.train --config <config> --run-dir {ctx.paths.root} "
-               f"--stage {stage}" + (f" --target {target}" if target is not None else "")
-               + (f" --fraction {fraction}" if fraction is not None else "")
-               + (f" --seed {seed}" if seed else ""))
-    if not path.is_file():
-        raise ExportError(f"{path}: stage {ctx.label} needs the exported {where} model, which does "
-                          f"not exist; run stage {stage} first: {command}")
-    payload = read_export(path, stage)
-    want = stage_input_hash(ctx.cfg, stage, target, fraction, seed)
-    if payload["meta"].get("input_hash") != want:
-        raise ExportError(f"{path}: exported {where} was trained with inputs hash "
-                          f"{payload['meta'].get('input_hash')}, the current configuration gives "
-                          f"{want}; re-run stage {stage} ({command}) before {ctx.label}")
-    return payload
+    return read_export(upstream_export_path(ctx.cfg, ctx.paths, stage, target, fraction, seed,
+                                            needed_by=f"stage {ctx.label}"))
 
 
-class ShardTask(Task):
-    """What the job kinds share: manifest, vocabulary, noise schedule, loaders, export info."""
+# In a task's ``val_sets``: the held-out part of the target's n_T sequences (docs/method.md §12).
+HELD_OUT = "<held-out>"
 
-    train_sets: dict[str, str]  # loader name -> set name (filled by subclasses)
+
+class ShardRecipe(Recipe):
+    """What the recipes share: manifest, vocabulary, noise schedule, loaders, export info.
+
+    A kind declares the sets it reads, loader name -> set name, in ``train_sets`` and
+    ``val_sets`` (``HELD_OUT`` for the held-out target sequences); the loaders follow from them.
+    """
+
+    train_sets: dict[str, str]
+    val_sets: dict[str, str]
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -125,7 +120,7 @@ class ShardTask(Task):
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
-        """The noise schedule, read from the config by the kinds that use it (not the AR ones)."""
+        """The noise schedule, read from the config by the recipes that use it (not the AR ones)."""
         return NoiseSchedule.from_config(self.cfg.noise)
 
     # -- sets and loaders ----------------------------------------------------------------------
@@ -144,6 +139,26 @@ class ShardTask(Task):
                            num_workers=self.train_config.num_workers if is_source and train else 0,
                            seed=seed, shuffle=train, infinite=train,
                            expected_tokenizer_hash=self.tokenizer_hash)
+
+    def batch_sizes(self, micro_batch: int, train: bool) -> dict[str, int]:
+        """Rows per micro-step of each loader: the whole micro-batch, unless a kind splits it."""
+        return {name: micro_batch for name in (self.train_sets if train else self.val_sets)}
+
+    def train_loaders(self, micro_batch: int, dist_env: DistEnv, seed: int) -> dict[str, Any]:
+        sizes = self.batch_sizes(micro_batch, train=True)
+        # The i-th loader shuffles with seed + i: two loaders of one kind draw unrelated orders.
+        return {name: self.loader(set_name, sizes[name], dist_env, seed + i, train=True)
+                for i, (name, set_name) in enumerate(self.train_sets.items())}
+
+    def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> Optional[dict[str, Any]]:
+        """The validation sets' loaders (held-out sequences as ready batches); None when a set
+        is the held-out part and the protocol holds nothing out (selection: budget)."""
+        if HELD_OUT in self.val_sets.values() and not self.held_out:
+            return None
+        sizes = self.batch_sizes(micro_batch, train=False)
+        return {name: self.holdout(sizes[name], dist_env) if set_name == HELD_OUT
+                else self.loader(set_name, sizes[name], dist_env, 0, train=False)
+                for name, set_name in self.val_sets.items()}
 
     def holdout(self, micro_batch: int, dist_env: DistEnv) -> Optional[list[torch.Tensor]]:
         """This rank's validation batches of the held-out target sequences, every sequence
@@ -173,7 +188,7 @@ class ShardTask(Task):
     def val_batches(self, loader: Any) -> int:
         return common_batches(loader, self.train_config.val_batches)
 
-    # -- Task ----------------------------------------------------------------------------------
+    # -- Recipe --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return build_model(self.role, self.cfg, self.vocab)
 
@@ -216,11 +231,12 @@ def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
 # Masked diffusion: denoiser, vanilla, finetune, ar2diff
 # ----------------------------------------------------------------------------------------------
 
-class DiffusionTask(ShardTask):
+class DiffusionRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.per_target = ctx.stage in ("vanilla", "finetune")
-        self.train_set = self.target_train() if self.per_target else "source/train"
+        per_target = ctx.stage in ("vanilla", "finetune")
+        self.train_sets = {"train": self.target_train() if per_target else "source/train"}
+        self.val_sets = {"val": HELD_OUT if per_target else "source/test"}
         self.init_from: Optional[dict] = None
         if ctx.stage == "finetune":
             self.init_from = upstream_export(ctx, StageGraph(ctx.cfg).source_stage)
@@ -237,19 +253,10 @@ class DiffusionTask(ShardTask):
         # AR2Diff: the causal LM's weights, now run bidirectionally (same parameter names).
         return None if self.init_from is None else self.init_from["state_dict"]
 
-    def train_loaders(self, micro_batch, dist_env, seed):
-        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
-
     def training_loss(self, model, batches, rng):
         x0 = batches["train"]["tokens"]
         return mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device), rng.local,
                          vocab=self.vocab)
-
-    def validation_loaders(self, micro_batch, dist_env):
-        if self.per_target:
-            held = self.holdout(micro_batch, dist_env)
-            return None if held is None else {"val": held}
-        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
 
     def validate(self, model, rng, loaders, dist_env):
         stats = []
@@ -259,25 +266,20 @@ class DiffusionTask(ShardTask):
         return mean_over_ranks(stats)
 
 
-class ARTask(ShardTask):
+class ARRecipe(ShardRecipe):
     """Next-token prediction: ``ar_pretrain`` on the source, ``reference_lm`` on the target's
     held-out text (training and validation alike; see the module docstring)."""
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         if ctx.stage == "reference_lm":
-            self.train_set = self.val_set = f"{self.target}/test"
+            self.train_sets = {"train": f"{self.target}/test"}
+            self.val_sets = {"val": f"{self.target}/test"}
         else:
-            self.train_set, self.val_set = "source/train", "source/test"
-
-    def train_loaders(self, micro_batch, dist_env, seed):
-        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
+            self.train_sets, self.val_sets = {"train": "source/train"}, {"val": "source/test"}
 
     def training_loss(self, model, batches, rng):
         return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
-
-    def validation_loaders(self, micro_batch, dist_env):
-        return {"val": self.loader(self.val_set, micro_batch, dist_env, 0, train=False)}
 
     def validate(self, model, rng, loaders, dist_env):
         loader = loaders["val"]
@@ -302,27 +304,25 @@ def check_classifier_micro_batch(tc: TrainConfig, stage: str, micro_batch: int) 
                           f"half, and {micro_batch} is odd; use an even micro-batch")
 
 
-class ClassifierTask(ShardTask):
+class ClassifierRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.time_dependent = ctx.stage == "classifier_td"
-        tc = self.train_config
-        self.smoothing = list(tc.label_smoothing) or None
+        self.smoothing = list(self.train_config.label_smoothing) or None
+        self.train_sets = {"source": "source/train", "target": self.target_train()}
+        self.val_sets = {"source": "source/test", "target": HELD_OUT}
 
-    def split(self, micro_batch: int) -> tuple[int, int]:
-        """Source and target rows of one micro-batch."""
+    def batch_sizes(self, micro_batch: int, train: bool) -> dict[str, int]:
+        """Source and target rows of one micro-batch; validation pairs half a micro-batch each."""
+        if not train:
+            return {"source": max(1, micro_batch // 2), "target": max(1, micro_batch // 2)}
         check_classifier_micro_batch(self.train_config, self.stage, micro_batch)
         if self.train_config.balanced:
-            return micro_batch // 2, micro_batch // 2
+            return {"source": micro_batch // 2, "target": micro_batch // 2}
         n_s = self.manifest.num_samples("source/train")
         n_t = self.manifest.num_samples(self.target_train(), self.fraction)
         n_source = min(micro_batch - 1, max(1, round(micro_batch * n_s / (n_s + n_t))))
-        return n_source, micro_batch - n_source
-
-    def train_loaders(self, micro_batch, dist_env, seed):
-        n_source, n_target = self.split(micro_batch)
-        return {"source": self.loader("source/train", n_source, dist_env, seed, train=True),
-                "target": self.loader(self.target_train(), n_target, dist_env, seed + 1, train=True)}
+        return {"source": n_source, "target": micro_batch - n_source}
 
     def objective(self, model, xs, xt, rng):
         if self.time_dependent:
@@ -341,13 +341,6 @@ class ClassifierTask(ShardTask):
 
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
-
-    def validation_loaders(self, micro_batch, dist_env):
-        half = max(1, micro_batch // 2)
-        held = self.holdout(half, dist_env)
-        if held is None:
-            return None
-        return {"source": self.loader("source/test", half, dist_env, 0, train=False), "target": held}
 
     def validate(self, model, rng, loaders, dist_env):
         stats, logits_s, logits_t = [], [], []
@@ -371,8 +364,8 @@ class ClassifierTask(ShardTask):
 
 def frozen_export(ctx: StageContext, stage: str, target: Optional[str] = None,
                   fraction: Optional[float] = None, seed: int = 0) -> nn.Module:
-    upstream_export(ctx, stage, target, fraction, seed)  # existence and input hash, with the fix
-    return freeze(load_exported(ctx.paths.export(stage, target, fraction, seed)))
+    return freeze(load_exported(upstream_export_path(ctx.cfg, ctx.paths, stage, target, fraction, seed,
+                                                     needed_by=f"stage {ctx.label}")))
 
 
 def paired_validation_batches(loaders: dict[str, Any], limit: int,
@@ -384,20 +377,17 @@ def paired_validation_batches(loaders: dict[str, Any], limit: int,
     return list(zip(sources, targets))
 
 
-class RatioTask(ShardTask):
+class RatioRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.classifier_ti = frozen_export(ctx, "classifier_ti", ctx.target, ctx.fraction, ctx.seed)
         self.classifier_td = frozen_export(ctx, "classifier_td", ctx.target, ctx.fraction, ctx.seed)
+        self.train_sets = {"source": "source/train", "target": self.target_train()}
+        self.val_sets = {"source": "source/test", "target": HELD_OUT}
 
     def prepare(self, device):
         self.classifier_ti.to(device)
         self.classifier_td.to(device)
-
-    def train_loaders(self, micro_batch, dist_env, seed):
-        return {"source": self.loader("source/train", micro_batch, dist_env, seed, train=True),
-                "target": self.loader(self.target_train(), micro_batch, dist_env, seed + 1,
-                                      train=True)}
 
     def objective(self, model, xs, xt, rng):
         t_source = self.t(xs.shape[0], rng, xs.device)
@@ -409,30 +399,22 @@ class RatioTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["source"]["tokens"], batches["target"]["tokens"], rng)
 
-    def validation_loaders(self, micro_batch, dist_env):
-        held = self.holdout(micro_batch, dist_env)
-        if held is None:
-            return None
-        return {"source": self.loader("source/test", micro_batch, dist_env, 0, train=False), "target": held}
-
     def validate(self, model, rng, loaders, dist_env):
         return mean_over_ranks([self.objective(model, xs, xt, rng)[1] for xs, xt in
                                 paired_validation_batches(loaders, self.train_config.val_batches, rng)])
 
 
-class EditRatioTask(ShardTask):
+class EditRatioRecipe(ShardRecipe):
     """gtl's edit-ratio network (docs/method.md §5): fitted so that the frozen source denoiser,
     reweighted by it, predicts the target's masked tokens."""
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
+        self.train_sets, self.val_sets = {"target": self.target_train()}, {"target": HELD_OUT}
 
     def prepare(self, device):
         self.denoiser.to(device)
-
-    def train_loaders(self, micro_batch, dist_env, seed):
-        return {"target": self.loader(self.target_train(), micro_batch, dist_env, seed, train=True)}
 
     def objective(self, model, x0, rng):
         return edit_ratio_loss(model, self.denoiser, x0, self.t(x0.shape[0], rng, x0.device), rng.local,
@@ -441,28 +423,22 @@ class EditRatioTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["target"]["tokens"], rng)
 
-    def validation_loaders(self, micro_batch, dist_env):
-        held = self.holdout(micro_batch, dist_env)
-        return None if held is None else {"target": held}
-
     def validate(self, model, rng, loaders, dist_env):
         return mean_over_ranks([self.objective(model, x0, rng)[1] for x0 in
                                 validation_batches(loaders["target"], self.train_config.val_batches, rng)])
 
 
-class PlannerTask(ShardTask):
+class PlannerRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
         # Source-only by default (docs/method.md §6); pipeline.planner_scope=per_target trains one
         # per (target, fraction) on target data.
-        self.train_set = self.target_train() if ctx.target else "source/train"
+        self.train_sets = {"train": self.target_train() if ctx.target else "source/train"}
+        self.val_sets = {"val": HELD_OUT if ctx.target else "source/test"}
 
     def prepare(self, device):
         self.denoiser.to(device)
-
-    def train_loaders(self, micro_batch, dist_env, seed):
-        return {"train": self.loader(self.train_set, micro_batch, dist_env, seed, train=True)}
 
     def objective(self, model, x0, rng):
         return planner_loss(model, self.denoiser, x0, self.schedule, self.t(x0.shape[0], rng, x0.device),
@@ -471,21 +447,15 @@ class PlannerTask(ShardTask):
     def training_loss(self, model, batches, rng):
         return self.objective(model, batches["train"]["tokens"], rng)
 
-    def validation_loaders(self, micro_batch, dist_env):
-        if self.target is not None:
-            held = self.holdout(micro_batch, dist_env)
-            return None if held is None else {"val": held}
-        return {"val": self.loader("source/test", micro_batch, dist_env, 0, train=False)}
-
     def validate(self, model, rng, loaders, dist_env):
         return mean_over_ranks([self.objective(model, x0, rng)[1] for x0 in
                                 validation_batches(loaders["val"], self.train_config.val_batches, rng)])
 
 
-TASKS = {"denoiser": DiffusionTask, "vanilla": DiffusionTask, "finetune": DiffusionTask,
-         "ar2diff": DiffusionTask, "ar_pretrain": ARTask, "reference_lm": ARTask,
-         "classifier_ti": ClassifierTask, "classifier_td": ClassifierTask, "ratio": RatioTask,
-         "edit_ratio": EditRatioTask, "planner": PlannerTask}
+RECIPES = {"denoiser": DiffusionRecipe, "vanilla": DiffusionRecipe, "finetune": DiffusionRecipe,
+           "ar2diff": DiffusionRecipe, "ar_pretrain": ARRecipe, "reference_lm": ARRecipe,
+           "classifier_ti": ClassifierRecipe, "classifier_td": ClassifierRecipe, "ratio": RatioRecipe,
+           "edit_ratio": EditRatioRecipe, "planner": PlannerRecipe}
 
 
 def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
@@ -493,7 +463,7 @@ def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
     """Refuse a stage/target/fraction combination the stage is not trained for, saying which
     arguments it takes."""
     if stage not in STAGES:
-        raise ConfigError(f"--stage {stage!r}: not a job kind; choose one of {', '.join(STAGES)}")
+        raise ConfigError(f"--stage {stage!r}: not a stage; choose one of {', '.join(STAGES)}")
     targets = f"one of {', '.join(cfg.targets)}"
     fractions = f"one of {', '.join(map(str, cfg.data.target_fractions))}"
     scope = StageGraph(cfg).scope(stage)
@@ -533,4 +503,4 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     check_stage_args(cfg, stage, target, fraction, seed)
     RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
     return execute(cfg, run_dir, stage, target, fraction,
-                   stage_input_hash(cfg, stage, target, fraction, seed), TASKS[stage], seed)
+                   stage_input_hash(cfg, stage, target, fraction, seed), RECIPES[stage], seed)

@@ -1,7 +1,7 @@
-"""The training loop every job kind shares.
+"""The training loop every stage shares.
 
-A job kind is a :class:`Task`: it builds its network, its training loaders and its loss, and
-runs its validation pass. Everything else happens here, once, in this order:
+A stage's :class:`Recipe` builds its network, its training loaders and its loss, and runs its
+validation pass. Everything else happens here, once, in this order:
 
     signals -> process group -> resume point -> model (same init on every rank) -> DeepSpeed
     -> checkpoint load -> loaders (+ cursors) -> RNG states -> loop -> export
@@ -12,7 +12,7 @@ RNG states into one :class:`TrainState`, whose stateful parts the checkpointer i
 ``checkpointer.save``) and ends in :func:`export`, or in :func:`stop_for_requeue` when preempted.
 
 Per optimiser step: ``grad_accum`` micro-batches (forward through the engine, backward, step),
-the EMA update, then ONE all-reduce that carries the preemption flag, the loss and the task's
+the EMA update, then ONE all-reduce that carries the preemption flag, the loss and the recipe's
 statistics. Validation every ``val_every`` steps and at the last step, on EMA weights when
 ``ema > 0``; a checkpoint every ``save_every`` steps, at the last step and on preemption.
 
@@ -112,8 +112,8 @@ class StepRandom:
                    dist_env.rank, dist_env.world_size)
 
 
-class Task(ABC):
-    """What one job kind contributes to the loop."""
+class Recipe(ABC):
+    """What one stage contributes to the loop (gtl_dist/train/jobs.py holds one per stage)."""
 
     stage: str
     role: str                 # the model role recorded in the export (build_model's role)
@@ -164,16 +164,16 @@ class Task(ABC):
 
 
 class LossModule(nn.Module):
-    """What DeepSpeed wraps: the trained network plus the task's loss. Frozen helper networks
-    stay outside (the task holds them), so they are neither partitioned nor optimised."""
+    """What DeepSpeed wraps: the trained network plus the recipe's loss. Frozen helper networks
+    stay outside (the recipe holds them), so they are neither partitioned nor optimised."""
 
-    def __init__(self, model: nn.Module, task: Task):
+    def __init__(self, model: nn.Module, recipe: Recipe):
         super().__init__()
         self.model = model
-        self._task = task
+        self._recipe = recipe
 
     def forward(self, batches: dict[str, Any], rng: StepRandom) -> tuple[torch.Tensor, dict]:
-        return self._task.training_loss(self.model, batches, rng)
+        return self._recipe.training_loss(self.model, batches, rng)
 
 
 @dataclass
@@ -313,7 +313,7 @@ class TrainState:
 @dataclass
 class StepOutcome:
     """What one optimiser step reports, summed over the ranks in its one all-reduce."""
-    values: dict[str, float]    # the loss and the task's statistics, averaged over the batch
+    values: dict[str, float]    # the loss and the recipe's statistics, averaged over the batch
     data_crc: float             # fingerprint of every batch the step read
     signals: list[int]          # the preemption signals any rank received
     grad_norm: Optional[float]  # only where DeepSpeed keeps none; else the engine has it
@@ -343,22 +343,22 @@ def finished_export(ctx: StageContext) -> Optional[dict[str, Any]]:
     return None
 
 
-def train(task: Task, ctx: StageContext) -> StageResult:
+def train(recipe: Recipe, ctx: StageContext) -> StageResult:
     """Train a stage from its newest checkpoint (or from scratch) to ``steps`` and export it; on
     preemption, save and hand the signal over instead."""
-    tc = task.train_config
-    state = setup(task, ctx)
+    tc = recipe.train_config
+    state = setup(recipe, ctx)
     metrics = open_metrics(ctx, state.step)
     progress = Progress(tc.steps, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
                         initial=state.step)
     window, signals = Throughput(), []
     # A stage that starts from a model worth keeping scores it first, so selection can keep it.
     if state.step == 0 and STAGES[ctx.stage].init_is_candidate:
-        validate_and_select(task, ctx, state, metrics)
+        validate_and_select(recipe, ctx, state, metrics)
     while state.step < tc.steps:
         # One optimiser step: the micro-batches, the EMA update, then one all-reduce that also
         # carries the preemption flags, so that every rank stops after the same step.
-        out = train_step(task, ctx, state)
+        out = train_step(recipe, ctx, state)
         signals = out.signals
         window.add(out.seconds)
         progress.update(1, postfix=f"loss {out.values['loss']:.4f}")
@@ -369,7 +369,7 @@ def train(task: Task, ctx: StageContext) -> StageResult:
             window = Throughput()
 
         # Validate every val_every steps and after the last step; keep the best weights.
-        maybe_validate(task, ctx, state, metrics)
+        maybe_validate(recipe, ctx, state, metrics)
 
         # Checkpoint every save_every steps, after the last step and on preemption.
         if due(state.step, tc.save_every, tc.steps) or signals:
@@ -381,33 +381,33 @@ def train(task: Task, ctx: StageContext) -> StageResult:
 
     if signals and state.step < tc.steps:  # a signal during the last step: just finish
         return stop_for_requeue(ctx, state, metrics, signals)
-    return export(task, ctx, state, metrics)
+    return export(recipe, ctx, state, metrics)
 
 
 # -- set-up ----------------------------------------------------------------------------------
 
-def setup(task: Task, ctx: StageContext) -> TrainState:
+def setup(recipe: Recipe, ctx: StageContext) -> TrainState:
     """The training state at the newest usable checkpoint, or at step 0. Built in the order the
     module docstring gives: every draw from the global RNGs happens where a resumed run repeats
     it, and the RNG states are set last."""
-    tc, device = task.train_config, ctx.hardware.device
+    tc, device = recipe.train_config, ctx.hardware.device
     geometry = batch_geometry(tc, ctx.dist_env.world_size, ctx.stage)
     precision = resolve_precision(tc, ctx.hardware, ctx.stage)
-    checkpointer = stage_checkpointer(task, ctx)
+    checkpointer = stage_checkpointer(recipe, ctx)
     point = checkpointer.find_resume_point()
     # Loaders first: an unreadable data set fails before the engine is built.
-    loaders = task.train_loaders(geometry.micro_batch, ctx.dist_env, data_seed(ctx, point))
-    val_loaders = task.validation_loaders(geometry.micro_batch, ctx.dist_env)
-    engine = build_trained_engine(task, ctx, point, geometry, precision)
+    loaders = recipe.train_loaders(geometry.micro_batch, ctx.dist_env, data_seed(ctx, point))
+    val_loaders = recipe.validation_loaders(geometry.micro_batch, ctx.dist_env)
+    engine = build_trained_engine(recipe, ctx, point, geometry, precision)
     ema = WeightEMA(tc.ema, engine.module.model, tc.zero_stage) if tc.ema > 0 else None
     with forked_rng(device):
-        eval_model = task.build_model().to(device).eval()
+        eval_model = recipe.build_model().to(device).eval()
     state = TrainState(engine, ema, loaders, val_loaders, eval_model, geometry, precision,
-                       tokens_per_step=geometry.global_batch * task.seq_len,
+                       tokens_per_step=geometry.global_batch * recipe.seq_len,
                        checkpointer=checkpointer)
     checkpointer.attach(StatefulParts(engine, train_state=state, ema=ema, loaders=loaders,
                                       device=device))
-    rng = resume(task, ctx, state, point) if point is not None else None
+    rng = resume(recipe, ctx, state, point) if point is not None else None
     state.iterators = {name: iter(loader) for name, loader in loaders.items()}
     # Only now: set-up above (model builds, DataLoader iterators) draws from the global RNGs.
     if rng is not None:
@@ -417,12 +417,12 @@ def setup(task: Task, ctx: StageContext) -> TrainState:
     return state
 
 
-def stage_checkpointer(task: Task, ctx: StageContext) -> Checkpointer:
+def stage_checkpointer(recipe: Recipe, ctx: StageContext) -> Checkpointer:
     """The checkpoints of this stage (and replicate), under its config and tokenizer hashes."""
-    tc = task.train_config
+    tc = recipe.train_config
     return Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed),
                         ctx.dist_env, zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
-                        tokenizer_hash=task.tokenizer_hash, keep_last=tc.keep_last,
+                        tokenizer_hash=recipe.tokenizer_hash, keep_last=tc.keep_last,
                         label=ctx.label)
 
 
@@ -441,23 +441,23 @@ def data_seed(ctx: StageContext, point: Optional[ResumePoint]) -> int:
     return seed
 
 
-def build_trained_engine(task: Task, ctx: StageContext, point: Optional[ResumePoint],
+def build_trained_engine(recipe: Recipe, ctx: StageContext, point: Optional[ResumePoint],
                          geometry: BatchGeometry, precision: str) -> Any:
-    """DeepSpeed's engine around the task's network, initialised alike on every rank: from the
-    stage's seed, or on a fresh start from the task's initial weights if it has any."""
+    """DeepSpeed's engine around the recipe's network, initialised alike on every rank: from the
+    stage's seed, or on a fresh start from the recipe's initial weights if it has any."""
     device = ctx.hardware.device
     seed_rngs(ctx.run_seed)  # identical initial weights on every rank
-    model = task.build_model()
+    model = recipe.build_model()
     if point is None:
-        init = task.initial_weights()
+        init = recipe.initial_weights()
         if init is not None:
             model.load_state_dict(init)
-    task.prepare(device)
-    return build_engine(LossModule(model, task).to(device), task.train_config, geometry, precision,
+    recipe.prepare(device)
+    return build_engine(LossModule(model, recipe).to(device), recipe.train_config, geometry, precision,
                         load_universal=point is not None and point.universal)
 
 
-def resume(task: Task, ctx: StageContext, state: TrainState,
+def resume(recipe: Recipe, ctx: StageContext, state: TrainState,
            point: ResumePoint) -> Optional[dict[str, Any]]:
     """Restore ``point`` into the attached parts and say so; returns what
     :meth:`Checkpointer.load` does (this rank's RNG states, or None)."""
@@ -469,7 +469,7 @@ def resume(task: Task, ctx: StageContext, state: TrainState,
     weights_crc = fingerprint({n: v for n, v in full_fp32_state(state.model).items() if n in params})
     if ctx.dist_env.is_main:
         log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
-                 point.step_dir, point.step, task.train_config.steps, weights_crc)
+                 point.step_dir, point.step, recipe.train_config.steps, weights_crc)
     return rng
 
 
@@ -486,12 +486,12 @@ def open_metrics(ctx: StageContext, step: int) -> StageMetrics:
 
 # -- one optimiser step ----------------------------------------------------------------------
 
-def train_step(task: Task, ctx: StageContext, state: TrainState) -> StepOutcome:
+def train_step(recipe: Recipe, ctx: StageContext, state: TrainState) -> StepOutcome:
     """One optimiser step, gradient accumulation included, then the EMA update and ONE
-    all-reduce of the preemption flags, the loss, the task's statistics and the data
+    all-reduce of the preemption flags, the loss, the recipe's statistics and the data
     fingerprint."""
     t0 = time.perf_counter()
-    loss_sum, stats_sum, crc, grad_norm = accumulate_gradients(task, ctx, state)
+    loss_sum, stats_sum, crc, grad_norm = accumulate_gradients(recipe, ctx, state)
     state.step += 1
     if state.engine.global_steps != state.step:
         raise RuntimeError(f"DeepSpeed counts {state.engine.global_steps} optimiser steps, the "
@@ -510,14 +510,14 @@ def train_step(task: Task, ctx: StageContext, state: TrainState) -> StepOutcome:
     return StepOutcome(values, reduced[-1], signals, grad_norm, time.perf_counter() - t0)
 
 
-def accumulate_gradients(task: Task, ctx: StageContext,
+def accumulate_gradients(recipe: Recipe, ctx: StageContext,
                          state: TrainState) -> tuple[float, dict[str, float], int, Optional[float]]:
     """The step's ``grad_accum`` micro-batches through the engine, each with the random streams
     of its (step, micro-step, rank); DeepSpeed steps the optimiser after the last. Returns this
     rank's summed loss and statistics, the data fingerprint and, where DeepSpeed keeps none,
     the gradient norm."""
     d, device, accum = ctx.dist_env, ctx.hardware.device, state.geometry.grad_accum
-    untracked_norm = task.train_config.zero_stage == 0 and state.precision == "fp32"
+    untracked_norm = recipe.train_config.zero_stage == 0 and state.precision == "fp32"
     loss_sum, stats_sum, crc, grad_norm = 0.0, {}, 0, None
     for micro in range(accum):
         batches = next_batches(state.iterators)
@@ -557,26 +557,26 @@ def log_train(ctx: StageContext, state: TrainState, metrics: StageMetrics, out: 
 
 # -- validation ------------------------------------------------------------------------------
 
-def maybe_validate(task: Task, ctx: StageContext, state: TrainState,
+def maybe_validate(recipe: Recipe, ctx: StageContext, state: TrainState,
                    metrics: StageMetrics) -> None:
     """Validate every ``val_every`` steps and after the last step (if the stage has validation
     data)."""
-    tc = task.train_config
+    tc = recipe.train_config
     if due(state.step, tc.val_every, tc.steps):
-        validate_and_select(task, ctx, state, metrics)
+        validate_and_select(recipe, ctx, state, metrics)
 
 
-def validate_and_select(task: Task, ctx: StageContext, state: TrainState,
+def validate_and_select(recipe: Recipe, ctx: StageContext, state: TrainState,
                         metrics: StageMetrics) -> None:
     """Validate the current weights (if the stage has validation data) and keep them as the
     best when ``select_best`` and their validation loss is a new best."""
-    tc = task.train_config
+    tc = recipe.train_config
     if state.val_loaders is None:
         return
-    values, weights = validate(task, ctx, state)
+    values, weights = validate(recipe, ctx, state)
     state.val_metrics, state.val_weights, state.last_val = values, weights, values["loss"]
     metrics.scalars(state.step, values, "val")
-    report = task.validation_report()
+    report = recipe.validation_report()
     if report:
         metrics.text("val/report", report, state.step)
     if tc.select_best and (state.best_val is None or values["loss"] < state.best_val):
@@ -586,15 +586,15 @@ def validate_and_select(task: Task, ctx: StageContext, state: TrainState,
                                                       "state_dict": weights})
 
 
-def validate(task: Task, ctx: StageContext,
+def validate(recipe: Recipe, ctx: StageContext,
              state: TrainState) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """The task's validation metrics of the current weights, and those weights."""
+    """The recipe's validation metrics of the current weights, and those weights."""
     device = ctx.hardware.device
     weights = current_weights(state)
     state.eval_model.load_state_dict(weights)
     # Outside the training RNG stream: a resumed run validates at other points in it.
     with torch.no_grad(), autocast(device, state.precision), forked_rng(device):
-        values = task.validate(state.eval_model,
+        values = recipe.validate(state.eval_model,
                                StepRandom.for_validation(ctx.run_seed, ctx.dist_env, device),
                                state.val_loaders, ctx.dist_env)
     return values, weights
@@ -622,16 +622,16 @@ def stop_for_requeue(ctx: StageContext, state: TrainState, metrics: StageMetrics
                        ctx.input_hash, val_loss=state.last_val, best_step=state.best_step)
 
 
-def export(task: Task, ctx: StageContext, state: TrainState,
+def export(recipe: Recipe, ctx: StageContext, state: TrainState,
            metrics: StageMetrics) -> StageResult:
     """Write the finished stage's export (rank 0) and its hparams record."""
-    tc, d = task.train_config, ctx.dist_env
-    weights, which, step, val = exported_weights(task, ctx, state)
+    tc, d = recipe.train_config, ctx.dist_env
+    weights, which, step, val = exported_weights(recipe, ctx, state)
     path = ctx.export_path()
     if d.is_main:
-        meta = {**task.export_info(), "stage": ctx.stage, "target": ctx.target,
+        meta = {**recipe.export_info(), "stage": ctx.stage, "target": ctx.target,
                 "fraction": ctx.fraction, "seed": ctx.seed, "input_hash": ctx.input_hash,
-                "tokenizer_hash": task.tokenizer_hash, "step": step, "val_loss": val,
+                "tokenizer_hash": recipe.tokenizer_hash, "step": step, "val_loss": val,
                 "weights": which, "trained_steps": state.step, "world_size": d.world_size,
                 "zero_stage": tc.zero_stage, "precision": state.precision, "finished": True}
         write_export(path, weights, meta)
@@ -647,11 +647,11 @@ def export(task: Task, ctx: StageContext, state: TrainState,
                        val_metrics=state.val_metrics)
 
 
-def exported_weights(task: Task, ctx: StageContext, state: TrainState
+def exported_weights(recipe: Recipe, ctx: StageContext, state: TrainState
                      ) -> tuple[dict[str, torch.Tensor], str, Optional[int], Optional[float]]:
     """What the export holds: the best-validation weights (rank 0 reads them), else the EMA,
     else the final weights; with their kind, step and validation loss."""
-    if task.train_config.select_best and state.best_step is not None:
+    if recipe.train_config.select_best and state.best_step is not None:
         weights = (state.checkpointer.load_best(state.best_step)["state_dict"]
                    if ctx.dist_env.is_main else {})
         return weights, "best", state.best_step, state.best_val
@@ -662,7 +662,7 @@ def exported_weights(task: Task, ctx: StageContext, state: TrainState
 
 def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
             fraction: Optional[float], input_hash: str,
-            make_task: Callable[[StageContext], Task], seed: int = 0) -> StageResult:
+            make_recipe: Callable[[StageContext], Recipe], seed: int = 0) -> StageResult:
     """Run one stage end to end in this process (one rank of the job)."""
     from gtl_dist.train.dist import init_distributed
 
@@ -682,7 +682,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
                                  val_loss=done.get("val_loss"),
                                  best_step=done["step"] if done.get("weights") == "best" else None)
         else:
-            result = train(make_task(ctx), ctx)
+            result = train(make_recipe(ctx), ctx)
         finished = True
         return result
     finally:
