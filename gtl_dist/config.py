@@ -68,6 +68,9 @@ FEATURIZER_CHOICES: tuple[str, ...] = typing.get_args(MauveFeaturizer)
 # The domain classifiers' label smoothing: Beta(a, b) with mean 0.1 and variance 0.005
 # (docs/method.md §4).
 DEFAULT_LABEL_SMOOTHING = (1.7, 15.3)
+# Balanced accuracy of a domain classifier at which source and target barely overlap (the ratio
+# q/p is then nearly unbounded): the classifiers' training logs warn at it.
+POOR_OVERLAP_ACCURACY = 0.99
 
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -406,7 +409,9 @@ class EvalConfig:
     """n-gram order of the within-sample repetition rate."""
     batch_size: int = 16
     """Sequences per classifier / reference-LM call."""
-    overlap_warn_accuracy: float = 0.99
+    overlap_warn_accuracy: float = POOR_OVERLAP_ACCURACY
+    """Text runs: the report flags a target whose held-out text the evaluator's domain classifier
+    tells from held-out source text with at least this balanced accuracy (poor overlap)."""
     ladder: bool = True
     """Markov runs with a GTL method: add the oracle ladder and the calibration diagnostics
     (docs/method.md §12) to the report; they sample with exact networks (minutes on a CPU)."""

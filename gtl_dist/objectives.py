@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gtl_dist.config import DEFAULT_LABEL_SMOOTHING
+from gtl_dist.config import DEFAULT_LABEL_SMOOTHING, POOR_OVERLAP_ACCURACY
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
 from gtl_dist.log import get_logger
 
@@ -262,7 +262,7 @@ def ar_loss(model: Any, x: torch.Tensor, *, pad_id: int | None = None
 # ----------------------------------------------------------------------------------------------
 
 def overlap_report(logits_source: torch.Tensor, logits_target: torch.Tensor,
-                   warn_accuracy: float = 0.99) -> dict[str, float | bool]:
+                   warn_accuracy: float = POOR_OVERLAP_ACCURACY) -> dict[str, float | bool]:
     """Validation accuracy of a domain classifier and the spread of its ratio targets -logit.
 
     ``accuracy`` is the balanced accuracy (mean of the per-domain accuracies), so unequal

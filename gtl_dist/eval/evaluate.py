@@ -147,6 +147,7 @@ def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, H
         held = _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
         out.rows += held
         out.findings += _calibration_findings(held, target)
+        out.findings += _overlap_findings(held, target, cfg.eval.overlap_warn_accuracy)
         instruments = _Instruments(heldout, scorer, reference_lm(target) if reference_lm else None,
                                    eos_id, bos_id)
         for cell in sample_cells(cfg, target):
@@ -233,6 +234,22 @@ def _calibration_findings(heldout_rows: Sequence[ResultRow], target: str) -> lis
     return [f"target {target}: the domain classifier calls {pct[HELDOUT_TARGET]:.0f}% of held-out {target} "
             f"text and {pct[HELDOUT_SOURCE]:.0f}% of held-out source text target-like; it does not separate "
             f"the domains, so domain_pct_target / domain_source_prob say nothing about the samples"]
+
+
+def _overlap_findings(heldout_rows: Sequence[ResultRow], target: str, warn_accuracy: float) -> list[str]:
+    """The poor-overlap guard: a domain classifier that tells held-out target text from held-out
+    source text almost always means the source model puts little mass where the target lives, the
+    regime in which guiding it helps least (docs/method.md §8)."""
+    pct = {r.method: r.value for r in heldout_rows if r.metric == "domain_pct_target"}
+    if len(pct) < 2:
+        return []
+    accuracy = (pct[HELDOUT_TARGET] + 100.0 - pct[HELDOUT_SOURCE]) / 200.0
+    if accuracy < warn_accuracy:
+        return []
+    return [f"target {target}: poor overlap with the source: the evaluator's domain classifier tells "
+            f"held-out {target} text from held-out source text with {accuracy:.1%} balanced accuracy "
+            f"(eval.overlap_warn_accuracy = {warn_accuracy:g}); guidance of the source model can only "
+            f"reweight what it already generates, so expect GTL's gain over the source to be small here"]
 
 
 def _fingerprint(tokens: Sequence[Sequence[int]]) -> str:

@@ -80,7 +80,10 @@ def shard_sizes(num_samples: int, shards: int) -> list[int]:
 
 def shard_seed(seed: int, shard: int, replicate: int = 0) -> int:
     """The generator seed of one shard: a hash of (seed, shard[, replicate]), so shards and
-    replicates draw unrelated streams (replicate 0 keeps the single-seed streams)."""
+    replicates draw unrelated streams (replicate 0 keeps the single-seed streams).
+
+    Not train.loop.derive_seed, though it does the same job: its formula fixes every sample
+    stream, so changing it would change every existing run's samples."""
     tag = f"gtl_dist.sample:{seed}:{shard}" + (f":{replicate}" if replicate else "")
     digest = hashlib.sha256(tag.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -352,7 +352,7 @@ class ClassifierRecipe(ShardRecipe):
         all_s = torch.cat(dist.all_gather_object(torch.cat(logits_s)))
         all_t = torch.cat(dist.all_gather_object(torch.cat(logits_t)))
         if dist_env.is_main:
-            report = overlap_report(all_s, all_t, self.cfg.eval.overlap_warn_accuracy)
+            report = overlap_report(all_s, all_t)
             values.update({f"overlap/{k}": float(v) for k, v in report.items()})
             self._report = "\n".join(f"- {k}: {v}" for k, v in report.items())
         return values
