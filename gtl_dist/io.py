@@ -118,6 +118,21 @@ def read_json(path: str | os.PathLike) -> Any:
                          f"delete it and re-run the step that writes it") from None
 
 
+def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a line being written, or cut short by a kill, is skipped,
+    and a log not started yet has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

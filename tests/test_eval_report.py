@@ -163,3 +163,36 @@ def test_bad_inputs_fail_with_the_file_named(tmp_path):
     from gtl_dist.eval.results import write_results_csv
     write_results_csv(nan, [ResultRow("gtl", "t", 0.5, "distinct_1", float("nan"))])
     assert np.isnan(read_results_csv(nan)[0].value)
+
+
+def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_path):
+    """Parameters from each export's state dict; minutes from the train logs' throughput (steps
+    since the previous record x global batch / samples_per_s), validation records ignored."""
+    import json
+
+    import torch
+
+    from gtl_dist.eval.cost import render_costs, stage_costs, training_seconds
+    from gtl_dist.train.export import write_export
+    log = [{"kind": "val", "step": 0, "loss": 1.0}, {"kind": "train", "step": 10, "samples_per_s": 20.0},
+           {"kind": "train", "step": 20, "samples_per_s": 40.0}, {"kind": "val", "step": 20, "loss": 0.5}]
+    assert training_seconds(log, global_batch=4) == pytest.approx(10 * 4 / 20 + 10 * 4 / 40)
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1]"])
+    paths = RunPaths(tmp_path)
+    sizes = {"denoiser": 1000, "edit_ratio": 50}
+    for stage, size in sizes.items():
+        cells = [(None, None, 0)] if stage == "denoiser" else [
+            ("sticky", f, s) for f in cfg.data.target_fractions for s in (0, 1)]
+        for target, fraction, seed in cells:
+            write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, {"stage": stage})
+            batch = getattr(cfg.train, stage).global_batch
+            (paths.stage(stage, target, fraction, seed) / "train_log.jsonl").write_text(
+                json.dumps({"kind": "train", "step": 60, "samples_per_s": batch}) + "\n")  # 60 s
+    costs = {c.stage: c for c in stage_costs(cfg, paths)}
+    assert set(costs) == set(sizes)  # stages without an export are left out
+    assert (costs["edit_ratio"].tasks, costs["edit_ratio"].parameters) == (4, 50)
+    assert costs["denoiser"].minutes == [pytest.approx(1.0)]
+    text = render_costs(list(costs.values()), "denoiser", ["gtl", "source", "vanilla"])
+    assert "| edit_ratio | 4 | 50 | 1.0 | 4.0 |" in text
+    assert "source denoiser's 1,000 parameters: gtl trains 50 (edit_ratio, 5.0%)." in text

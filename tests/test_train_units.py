@@ -250,7 +250,8 @@ def test_guard_without_a_previous_handler_does_not_hand_over():
 
 def test_metrics_purge_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from gtl_dist.train.metrics import StageMetrics, read_jsonl
+    from gtl_dist.io import read_json_lines
+    from gtl_dist.train.metrics import StageMetrics
     tb, log = tmp_path / "tb", tmp_path / "log.jsonl"
     first = StageMetrics(tb, log, enabled=True, start_step=0)
     for step in range(1, 9):
@@ -264,7 +265,7 @@ def test_metrics_purge_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert points == [(s, 10.0 + s) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 11)]
-    assert [r["step"] for r in read_jsonl(log)] == list(range(1, 11))
+    assert [r["step"] for r in read_json_lines(log)] == list(range(1, 11))
     off = StageMetrics(tmp_path / "tb2", tmp_path / "log2.jsonl", enabled=False, start_step=0)
     off.scalars(1, {"loss": 1.0})
     off.close()

@@ -1,15 +1,15 @@
-"""Progress of training tasks from their ``train_log.jsonl``: the one reader of that log (for
-``launchers/status.py``, the preflight's measured step time and a launcher following a run), and
-the plain progress lines a following launcher prints."""
+"""Progress of training tasks from their ``train_log.jsonl`` (for ``launchers/status.py``, the
+preflight's measured step time and a launcher following a run), and the plain progress lines a
+following launcher prints."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from gtl_dist.cluster.dag import Pipeline
+from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import STAGES, Task
 
@@ -17,16 +17,7 @@ from gtl_dist.stages import STAGES, Task
 def train_log_records(paths: RunPaths, task: Task) -> list[dict]:
     """The records of a task's train_log.jsonl, without a last line being written right now (or cut
     short by a kill); none when the task has not logged yet."""
-    path = train_log_path(paths, task)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_json_lines(train_log_path(paths, task))
 
 
 def train_log_path(paths: RunPaths, task: Task) -> Path:

@@ -27,6 +27,7 @@ import numpy as np
 from gtl_dist.config import RunConfig
 from gtl_dist.data.markov import SOURCE, transition_matrices
 from gtl_dist.eval import text
+from gtl_dist.eval.cost import render_costs, stage_costs
 from gtl_dist.eval.ladder import calibration_rows, ladder_rows
 from gtl_dist.eval.markov import empirical_transitions, expected_nll, markov_counts, markov_metrics
 from gtl_dist.eval.mauve import MauveResult, mauve
@@ -35,6 +36,7 @@ from gtl_dist.eval.results import ResultRow, mauve_row, rows_from_metrics, seed_
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import StageGraph
 
 log = get_logger("eval")
 
@@ -298,5 +300,6 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
         out = evaluate_markov(cfg, paths)
     else:
         out = evaluate_text(cfg, paths, **text_inputs)
+    cost = render_costs(stage_costs(cfg, paths), StageGraph(cfg).source_stage, cfg.sample.methods)
     return write_report(out.rows, paths, cfg, command=command, markov=out.matrices, findings=out.findings,
-                        examples=out.examples)
+                        examples=out.examples, cost=cost)

@@ -59,11 +59,12 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
                  markov: Optional[Mapping[str, MarkovMatrices]] = None,
                  findings: Optional[Sequence[str]] = None,
                  examples: Optional[Mapping[str, Sequence[str]]] = None,
-                 tensorboard: bool = True) -> ReportFiles:
+                 cost: str = "", tensorboard: bool = True) -> ReportFiles:
     """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
     reproduces the paper's set-up. ``command`` defaults to this process's command line.
     ``findings`` (problems the evaluation found, in words) head the report under "Checks";
-    ``examples`` (decoded samples per sample set) go to samples.md and TensorBoard as text."""
+    ``examples`` (decoded samples per sample set) go to samples.md and TensorBoard as text;
+    ``cost`` (gtl_dist/eval/cost.py's section) ends the report."""
     rows = list(rows)
     if not rows:
         raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
@@ -75,7 +76,7 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
     tables = {target: render_target(rows, paper, target) for target in _ordered(r.target for r in rows)}
     report_md = paths.eval / "report.md"
     atomic_write_text(report_md, render_header(cfg, command, date) + render_checks(findings)
-                      + "\n".join(tables.values()))
+                      + "\n".join(tables.values()) + cost)
     plots = [plot_metric(rows, paper, metric, paths.eval / "plots")
              for metric in _ordered(r.metric for r in rows)]
     for target, mats in (markov or {}).items():

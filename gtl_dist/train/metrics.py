@@ -56,10 +56,6 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 class StageMetrics:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
