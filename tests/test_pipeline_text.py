@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def test_text_pipeline_runs_in_process_to_a_report(tmp_path):
     heldout = {(r["method"], r["metric"]): float(r["value"]) for r in rows if r["method"].startswith("heldout_")}
     assert heldout[("heldout_target", "domain_pct_target")] > 90
     assert heldout[("heldout_source", "domain_pct_target")] < 10
+    # Every edit-ratio net is scored on the held-out text against the source alone.
+    gains = {r["fraction"]: float(r["value"]) for r in rows if r["metric"] == "guide_ce_gain"}
+    assert set(gains) == {"1.0", "0.5"} and all(math.isfinite(v) for v in gains.values()), gains
     report = (run_dir / "eval" / "report.md").read_text()
     assert "tfidf-svd" in report and "gardening" in report
     assert "## Checks" in report and "mauve[tfidf-svd] (higher is better)" in report
+    # Two word lists that share nothing: the poor-overlap guard fires.
+    assert "target gardening: poor overlap with the source" in report
+    assert "## Cost" in report and "| edit_ratio | 2 |" in report and "gtl trains" in report

@@ -196,7 +196,7 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
                                                              scorer_fraction, device)),
                 reference_lm=lambda t: as_callable(load_export(cfg, paths, who, "reference_lm", t,
                                                                device=device)),
-                eos_id=manifest.eos_id, bos_id=manifest.bos_id)
+                eos_id=manifest.eos_id, bos_id=manifest.bos_id, diagnose_guide=True)
 
 
 # -- submitit ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from gtl_dist.config import RunConfig
 from gtl_dist.data.markov import SOURCE, transition_matrices
 from gtl_dist.eval import text
 from gtl_dist.eval.cost import render_costs, stage_costs
+from gtl_dist.eval.guide_gain import guide_gain_rows
 from gtl_dist.eval.ladder import calibration_rows, ladder_rows
 from gtl_dist.eval.markov import empirical_transitions, expected_nll, markov_counts, markov_metrics
 from gtl_dist.eval.mauve import MauveResult, mauve
@@ -131,7 +132,8 @@ def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, H
                   source_heldout: Optional[HeldOut] = None,
                   classifier: Optional[Callable[[str], text.Model]] = None,
                   reference_lm: Optional[Callable[[str], text.Model]] = None,
-                  eos_id: Optional[int] = None, bos_id: Optional[int] = None) -> Evaluation:
+                  eos_id: Optional[int] = None, bos_id: Optional[int] = None,
+                  diagnose_guide: bool = False) -> Evaluation:
     """MAUVE against ``references[target]`` (held-out target text) and diversity over token ids
     for every sample set; where the networks are given, the domain score and generative perplexity.
 
@@ -139,6 +141,8 @@ def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, H
     one instrument for every method and fraction, calibrated by scoring the held-out text of both
     domains (rows ``heldout_target`` / ``heldout_source``). The findings name sample sets that are
     identical where they must differ, and a domain score that cannot tell the two domains apart.
+    With ``diagnose_guide`` (the run's exports are on disk) gtl's edit-ratio networks are scored on
+    the held-out text too (gtl_dist/eval/guide_gain.py).
     """
     out = Evaluation()
     for target in cfg.targets:
@@ -154,6 +158,8 @@ def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, H
                                    eos_id, bos_id)
         for cell in sample_cells(cfg, target):
             _score_text_cell(cfg, paths, target, cell, instruments, out)
+    if diagnose_guide:
+        out.rows += guide_gain_rows(cfg, paths, {t: references[t].tokens for t in cfg.targets})
     return out.finish()
 
 
@@ -292,7 +298,7 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
     """Score the run's samples and write results.csv, report.md, plots and TensorBoard.
 
     For text corpora pass ``references`` and optionally ``source_heldout``, ``classifier``,
-    ``reference_lm``, ``eos_id``, ``bos_id`` (see :func:`evaluate_text`).
+    ``reference_lm``, ``eos_id``, ``bos_id``, ``diagnose_guide`` (see :func:`evaluate_text`).
     """
     if cfg.data.corpus == "markov":
         if text_inputs:

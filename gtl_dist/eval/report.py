@@ -190,6 +190,8 @@ _DIRECTION = {
     "nll_source_per_seq": "higher is further from the source", "nll_source_per_token": "higher is further from the source",
     "ladder_mean_abs_err": "lower is better",
     "edit_slope": "1 is calibrated", "edit_corr": "higher is better",
+    "guide_ce_gain": "higher is better: nats per masked token the edit-ratio net saves the source "
+                     "on held-out target text",
 }
 _REFERENCE = ("distinct_", "unigram_entropy", "repetition_")
 
