@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from gtl_dist.config import load_config
-from gtl_dist.data import load_run_manifest, make_loader
+from gtl_dist.data import load_run_manifest, read_samples
 from gtl_dist.eval.guide_gain import guided_and_source_ce, masked_views
 from gtl_dist.objectives import freeze
 from gtl_dist.paths import RunPaths
@@ -40,10 +40,10 @@ class AsEdit(torch.nn.Module):
 
 
 def heldout_tokens(cfg, run_dir, target: str) -> list[list[int]]:
+    """The target's held-out test sequences, in shard order (the evaluation's references)."""
     manifest = load_run_manifest(cfg, run_dir)
-    loader = make_loader(manifest, f"{target}/test", 64, shuffle=False, infinite=False,
-                         expected_tokenizer_hash=manifest.tokenizer_hash)
-    return [row for batch in loader for row in batch["tokens"].tolist()]
+    name = f"{target}/test"
+    return read_samples(manifest, name, 0, manifest.num_samples(name), manifest.tokenizer_hash).tolist()
 
 
 def main() -> None:
