@@ -14,12 +14,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from gtl_dist.config import RunConfig
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import GUIDE_STAGE, STAGES, StageGraph, Task
+from gtl_dist.train.export import read_export
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,7 @@ def exported_parameters(path) -> Optional[int]:
     """Entries of an export's state dict, or None when the stage has not exported."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return sum(t.numel() for t in state.values())
+    return sum(t.numel() for t in read_export(path, "")["state_dict"].values())
 
 
 def stage_costs(cfg: RunConfig, paths: RunPaths) -> list[StageCost]:
