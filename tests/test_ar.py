@@ -43,6 +43,37 @@ def test_chunked_cached_forward_equals_the_full_forward():
         model.forward_cached(x[:, :1], cache)
 
 
+def test_a_decoding_step_never_reads_unwritten_cache_slots():
+    """The cache is attended over all its slots with a mask (fixed shapes for CUDA graphs): what
+    lies in slots not yet written must not change the logits."""
+    model = random_ar()
+    x = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(2))
+    clean, dirty = model.new_cache(2), model.new_cache(2)
+    for tensor in dirty.keys + dirty.values:
+        tensor.normal_(0.0, 100.0, generator=torch.Generator().manual_seed(3))
+    for cache in (clean, dirty):
+        model.forward_cached(x[:, :5], cache)
+    step = [model.logits_at(x[:, 5:], cache, torch.tensor([5])) for cache in (clean, dirty)]
+    torch.testing.assert_close(step[0], step[1], rtol=0, atol=0)
+    torch.testing.assert_close(step[0], model(x)[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_cache_is_preallocated_and_written_in_place():
+    model = random_ar()
+    cache = model.new_cache(2, 10)
+    assert [t.shape for t in cache.keys] == [(2, CFG.heads, 10, CFG.hidden // CFG.heads)] * CFG.blocks
+    storage = [t.data_ptr() for t in cache.keys + cache.values]
+    x = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(2))
+    model.forward_cached(x[:, :4], cache)
+    model.logits_at(x[:, 4:], cache, torch.tensor([4]))
+    assert [t.data_ptr() for t in cache.keys + cache.values] == storage
+    written = cache.keys[0][:, :, :5].abs().sum(dim=(0, 1, 3))
+    assert bool((written > 0).all()) and float(cache.keys[0][:, :, 5:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="cache length 17 must be in"):
+        model.new_cache(1, L + 1)
+
+
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 3)])
 def test_cached_and_uncached_decoding_give_the_same_tokens(temperature, top_k):
     model = random_ar()
@@ -113,3 +144,19 @@ def test_input_checks():
     model.train()
     sample_ar(model, prompt(), 2)
     assert model.training  # the caller's mode is restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+def test_cuda_graph_decoding_gives_the_eager_tokens():
+    model = random_ar().cuda()
+    p = prompt().cuda()
+    kwargs = dict(temperature=1.0, top_k=None)
+    eager, _ = sample_ar(model, p, L - 3, generator=torch.Generator("cuda").manual_seed(4), **kwargs)
+    graphed, _ = sample_ar(model, p, L - 3, generator=torch.Generator("cuda").manual_seed(4),
+                           cuda_graph=True, **kwargs)
+    assert torch.equal(eager, graphed)
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    with pytest.raises(ValueError, match="cuda_graph=True needs the KV cache and a model on a CUDA device"):
+        sample_ar(random_ar(), prompt(), 2, cuda_graph=True)

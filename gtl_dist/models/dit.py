@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +79,12 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq.to(device)[None]
-        angles = torch.cat([angles, angles], dim=-1)  # [L, head_dim]
+        return self.cos_sin_at(torch.arange(start, start + length, device=device))
+
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [len(positions), head_dim] at integer positions given as a tensor (no host sync)."""
+        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None]
+        angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
 
@@ -95,7 +100,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of every block for causal decoding: [B, heads, max_len, head_dim] each.
 
-    ``length`` is the number of positions already written; the next call writes at ``length``.
+    Preallocated once, in the blocks' compute dtype (bf16 under CUDA autocast), and written in
+    place: a cached call writes its new keys and values at their positions and attends over all
+    ``max_len`` slots with a mask, so every decoding step has the same shapes (the condition for
+    CUDA graphs) and never copies the cache. ``length`` is the number of positions written.
     """
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -108,6 +116,18 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    def attention(self, layer: int, positions: torch.Tensor, visible: torch.Tensor
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Attention for block ``layer`` whose new keys/values sit at ``positions`` [T]; query t
+        sees slot j where ``visible[t, j]`` (causal: j <= positions[t])."""
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = self.keys[layer], self.values[layer]
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                                  attn_mask=visible)
+        return attend
 
 
 class DiTBlock(nn.Module):
@@ -128,7 +148,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         B, L, H = x.shape
         mod = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -136,28 +156,10 @@ class DiTBlock(nn.Module):
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
         q, k, v = qkv.view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            attn = self._attend_cached(q, k, v, cache, layer)
-        attn = attn.transpose(1, 2).reshape(B, L, H)
+        attn = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
         x = x + gate_msa * self.dropout(self.attn_out(attn))
         x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
-
-    @staticmethod
-    def _attend_cached(q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
-        start, new = cache.length, q.shape[2]
-        cache.keys[layer][:, :, start:start + new] = k.to(cache.keys[layer].dtype)
-        cache.values[layer][:, :, start:start + new] = v.to(cache.values[layer].dtype)
-        keys = cache.keys[layer][:, :, :start + new].to(q.dtype)
-        values = cache.values[layer][:, :, :start + new].to(q.dtype)
-        if new == 1:  # one new query sees every cached position: no mask needed
-            return F.scaled_dot_product_attention(q, keys, values)
-        # SDPA's is_causal aligns the mask top-left, which is wrong once start > 0: build it.
-        qpos = torch.arange(start, start + new, device=q.device)[:, None]
-        kpos = torch.arange(start + new, device=q.device)[None, :]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=kpos <= qpos)
 
 
 class DiT(nn.Module):
@@ -224,34 +226,50 @@ class DiT(nn.Module):
             raise ValueError(f"sigma must have shape [batch]=[{batch}], got {tuple(sigma.shape)}")
         return F.silu(self.sigma_map(sigma.to(device)))
 
-    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        start = 0 if cache is None else cache.length
-        self.check_tokens(z, start)
-        if cache is not None and not self.causal:
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_tokens(z)
+        cos, sin = self.rotary.cos_sin(0, z.shape[1], z.device)
+        attend = partial(F.scaled_dot_product_attention, is_causal=self.causal)
+        return self._run_blocks(z, sigma, cos, sin, lambda layer: attend)
+
+    def forward_cached(self, z: torch.Tensor, cache: KVCache, positions: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal pass over new tokens z [B, T] placed at ``positions`` [T] (a tensor on z's
+        device), reading and extending ``cache``. No host synchronisation and no token check
+        (the decoder checks its prompt once), so one decoding step can be a CUDA graph; the
+        caller keeps ``cache.length``."""
+        if not self.causal:
             raise ValueError("a KV cache only makes sense with causal attention")
-        B, L = z.shape
+        cos, sin = self.rotary.cos_sin_at(positions)
+        visible = torch.arange(cache.max_len, device=z.device)[None, :] <= positions[:, None]
+        return self._run_blocks(z, None, cos, sin,
+                                lambda layer: cache.attention(layer, positions, visible))
+
+    def _run_blocks(self, z: torch.Tensor, sigma: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    attention: Callable[[int], Callable]) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.vocab_embed(z)
-        c = self.conditioning(sigma, B, z.device)
-        cos, sin = self.rotary.cos_sin(start, L, z.device)
+        c = self.conditioning(sigma, z.shape[0], z.device)
         autocast = z.device.type == "cuda" and x.dtype == torch.float32
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        # No cast cache: each weight is cast once per pass anyway, and a cached cast made while a
+        # CUDA graph is captured would outlive the graph's memory pool.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             for i, block in enumerate(self.blocks):
-                x = block(x, c, cos, sin, self.causal, cache, i)
-        if cache is not None:
-            cache.length = start + L
+                x = block(x, c, cos, sin, attention(i))
         return x, c
 
-    def new_cache(self, batch_size: int, max_len: int | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
-        max_len = self.seq_len if max_len is None else max_len
-        if max_len > self.seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's seq_len {self.seq_len}")
+    def compute_dtype(self) -> torch.dtype:
+        """The blocks' activation dtype: bf16 under CUDA autocast, else the parameters' dtype."""
         p = self.vocab_embed.weight
-        device = p.device if device is None else device
+        return torch.bfloat16 if p.device.type == "cuda" and p.dtype == torch.float32 else p.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        max_len = self.seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.seq_len:
+            raise ValueError(f"cache length {max_len} must be in [1, the model's seq_len {self.seq_len}]")
         shape = (batch_size, self.cfg.heads, max_len, self.cfg.hidden // self.cfg.heads)
-        return KVCache([torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.blocks],
-                       [torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.blocks])
+        device, dtype = self.vocab_embed.weight.device, self.compute_dtype()
+        return KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks],
+                       [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks])
 
 
 def float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

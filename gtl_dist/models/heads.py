@@ -178,13 +178,24 @@ class ARLM(_Network):
         return self.backbone.new_cache(batch_size, max_len)
 
     def forward_cached(self, x_new: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, T, V] for ``x_new`` placed at positions cache.length .. cache.length + T - 1."""
+        """Logits [B, T, V] for ``x_new`` placed at positions cache.length .. cache.length + T - 1;
+        checks the tokens and advances ``cache.length``."""
         if x_new.shape[0] != cache.batch_size:
             raise ValueError(f"batch size {x_new.shape[0]} does not match the cache's {cache.batch_size}")
         if cache.length + x_new.shape[1] > cache.max_len:
             raise ValueError(f"cache holds {cache.max_len} positions; {cache.length} used, "
                              f"{x_new.shape[1]} more requested")
-        h, c = self.backbone(x_new, cache=cache)
+        self.backbone.check_tokens(x_new, cache.length)
+        start = cache.length
+        positions = torch.arange(start, start + x_new.shape[1], device=x_new.device)
+        logits = self.logits_at(x_new, cache, positions)
+        cache.length = start + x_new.shape[1]
+        return logits
+
+    def logits_at(self, x_new: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """The decoding step: logits [B, T, V] at ``positions`` (a device tensor); unchecked, no
+        host synchronisation, ``cache.length`` left to the caller."""
+        h, c = self.backbone.forward_cached(x_new, cache, positions)
         return self.output(h, c)
 
 

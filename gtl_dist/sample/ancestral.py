@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from gtl_dist.sample import checks
-from gtl_dist.sample.guidance import (draw_categorical, guided_logits, joint_mask_kernel, keep_top_k,
-                                      score_edits, stabilise_mask_mass)
+from gtl_dist.sample.guidance import (draw_categorical, draw_uniforms, guided_logits, joint_mask_kernel,
+                                      keep_top_k, score_edits, stabilise_mask_mass)
 from gtl_dist.sample.stats import SampleResult, SamplerStats, counted, sample_in_batches
 
 
@@ -93,8 +93,10 @@ class AncestralSampler:
         return Proposals(ids, a, scores)
 
     # -- kernel side --------------------------------------------------------------------------------
-    def kernel(self, z: torch.Tensor, prop: Proposals, step: int) -> StepKernel:
-        rows, positions = torch.nonzero(z == self.vocab.mask_id, as_tuple=True)
+    def kernel(self, z: torch.Tensor, prop: Proposals, step: int,
+               masked_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> StepKernel:
+        """The kernel at the masked positions of z (``masked_at``: their nonzero(), if known)."""
+        rows, positions = masked_at or torch.nonzero(z == self.vocab.mask_id, as_tuple=True)
         ids, a = prop.ids[rows, positions], prop.logp[rows, positions]
         if prop.scores is None:
             logits = a.double()
@@ -116,37 +118,49 @@ class AncestralSampler:
     # -- the loop -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample_batch(self, batch: int, generator: torch.Generator) -> SampleResult:
+        """S steps. The host waits for the device twice per step: once for the decision that
+        needs it (which sequences changed, hence whether the networks run) and once for the
+        positions still masked (their number varies); refresh steps of a guided sampler add the
+        ratio net's own."""
         stats = SamplerStats(sequences=batch)
         mask_id = self.vocab.mask_id
         z = torch.full((batch, self.seq_len), mask_id, dtype=torch.long, device=self.device)
-        prop: Optional[Proposals] = None
-        stale = torch.ones(batch, dtype=torch.bool, device=self.device)
+        prop = self.proposals(z, stats)  # every sequence starts all-[MASK]
+        stale = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for step in range(self.steps):
             # One uniform per position per step from a CPU generator: the random stream is the
             # same whatever the device, the state or the network outputs.
-            u = torch.rand((batch, self.seq_len), generator=generator, dtype=torch.float64).to(self.device)
+            u = draw_uniforms((batch, self.seq_len), generator, self.device)
             stats.steps += 1
             masked = z == mask_id
             refresh = (stale if self.cache else True) & masked.any(dim=-1)
-            if prop is None:  # first step: every sequence is all-[MASK]
-                prop = self.proposals(z, stats)
-                stale[:] = False
-            elif refresh.any():
-                prop = self._refresh(z, prop, refresh, stats)
+            if step > 0:
+                prop = self._update(z, prop, refresh, stats)
                 stale &= ~refresh
-            else:
-                stats.cached_steps += 1
-            if not masked.any():
+            rows, positions = torch.nonzero(masked, as_tuple=True)
+            if not rows.numel():
                 continue
-            k = self.kernel(z, prop, step)
+            k = self.kernel(z, prop, step, (rows, positions))
             choice = draw_categorical(torch.cat([k.stay_logprob.unsqueeze(-1), k.token_logprobs], dim=-1),
-                                      u[k.positions[:, 0], k.positions[:, 1]])
+                                      u[rows, positions])
             picked = torch.gather(k.ids, -1, (choice - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            new = torch.where(choice == 0, torch.full_like(picked, mask_id), picked)
-            z[k.positions[:, 0], k.positions[:, 1]] = new
-            stale[k.positions[new != mask_id, 0]] = True
+            z[rows, positions] = torch.where(choice == 0, torch.full_like(picked, mask_id), picked)
+            revealed = torch.zeros(batch, dtype=torch.long, device=self.device)
+            revealed.index_add_(0, rows, (choice != 0).long())
+            stale |= revealed > 0
         self._fill_greedily(z, prop, stale, stats)
         return SampleResult(z.cpu(), stats)
+
+    def _update(self, z: torch.Tensor, prop: Proposals, refresh: torch.Tensor, stats: SamplerStats
+                ) -> Proposals:
+        """Re-run the networks on the sequences in ``refresh`` (one host wait to decide)."""
+        any_row, every_row = torch.stack([refresh.any(), refresh.all()]).tolist()
+        if every_row:
+            return self.proposals(z, stats)
+        if any_row:
+            return self._refresh(z, prop, refresh, stats)
+        stats.cached_steps += 1
+        return prop
 
     def _refresh(self, z: torch.Tensor, prop: Proposals, rows: torch.Tensor, stats: SamplerStats
                  ) -> Proposals:

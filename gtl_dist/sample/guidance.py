@@ -6,6 +6,7 @@
 - ``keep_top_k``: the top-K truncation used by guided and unguided samplers alike.
 - ``stabilise_mask_mass``: the stabiliser of the ancestral sampler.
 - ``draw_categorical``: inverse-CDF draws in float64 from pre-drawn uniforms.
+- ``draw_uniforms``: those uniforms, from a CPU generator, sent to the device without waiting.
 """
 
 from __future__ import annotations
@@ -121,3 +122,16 @@ def draw_categorical(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     positive = probs > 0
     last_positive = positive.shape[-1] - 1 - torch.argmax(positive.flip(-1).to(torch.int8), dim=-1)
     return torch.minimum(index, last_positive)
+
+
+def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """float64 U[0, 1) of ``shape`` from the caller's CPU generator, on ``device``.
+
+    Drawing on the CPU keeps the random stream the same on every device (samples do not depend
+    on where they are drawn). On a GPU the copy goes through pinned memory without blocking, so
+    it does not make the host wait for the kernels already queued.
+    """
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    if device.type != "cuda":
+        return u.to(device)
+    return u.pin_memory().to(device, non_blocking=True)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gtl_dist.sample import checks
-from gtl_dist.sample.guidance import draw_categorical, guided_logits, keep_top_k, score_edits
+from gtl_dist.sample.guidance import draw_categorical, draw_uniforms, guided_logits, keep_top_k, score_edits
 from gtl_dist.sample.stats import SampleResult, SamplerStats, counted, sample_in_batches
 
 
@@ -89,7 +89,7 @@ class PlannerSampler:
         for _ in range(self.seq_len):
             # Uniforms come from a CPU generator in a fixed shape per step, so the random stream
             # (and hence the samples) does not depend on the device or on the network outputs.
-            u = torch.rand((2, batch), generator=generator, dtype=torch.float64).to(self.device)
+            u = draw_uniforms((2, batch), generator, self.device)
             positions = self.choose_positions(z, u[0], stats)
             ids, logp = self.token_distribution(z, positions, stats)
             choice = draw_categorical(logp, u[1])
