@@ -33,14 +33,9 @@ from gtl_dist.data.tokenizer import MASK_ID, PAD_ID
 from gtl_dist.log import setup_logging
 from gtl_dist.models.heads import VocabSpec, build_model, count_parameters
 from gtl_dist.stages import GUIDE_STAGE, STAGES
+from gtl_dist.train.metrics import flops_per_token
 
 MEASURED_TOKENS_PER_S = 258_000  # the 59.8M denoiser, L = 512, one H100, eager (see above)
-
-
-def flops_per_token(model, seq_len: int, train: bool) -> float:
-    """6N + 12·B·H·L to train, 2N + 4·B·H·L for a forward pass (the package's MFU formula)."""
-    n, attention = count_parameters(model), model.cfg.blocks * model.cfg.hidden * seq_len
-    return 6 * n + 12 * attention if train else 2 * n + 4 * attention
 
 
 def stage_hours(cfg, models, flops_per_s: float) -> dict[str, tuple[int, float]]:

@@ -1,19 +1,46 @@
-"""Throughput of the DeepSpeed training loop against a plain PyTorch loop, measured in one run.
+"""Throughput and MFU of the DeepSpeed training loop against a plain PyTorch loop, eager and
+compiled, measured in one run.
 
     python benchmarks/bench_train.py [--steps 40] [--seq-len 256] [--hidden 128] [--batch 32]
                                      [--threads 2] [--worlds 1 2] [--zero 0 2 3] [--rounds 2]
+                                     [--device cpu|cuda] [--compile] [--peak-tflops T]
+                                     [--paper-size]
 
-What it measures, on one small denoiser config (the Markov task at a longer sequence length):
+What it measures, on one small denoiser config (the Markov task at a longer sequence length; 2
+blocks of --hidden), or with --paper-size on the arXiv preset's 59.8M denoiser (configs/arxiv.yaml's
+models.denoiser, 30522-token vocabulary and L = 512; micro-batch 64 unless --batch says otherwise)
+over a synthetic text corpus (random words of a lexicon twice the vocabulary's size, so that its
+tokenizer fills it):
 
 - plain:    a hand-written PyTorch loop — the same network (build_model), the same shard reader,
             MDLM loss, torch AdamW, the same clipping and LR schedule; no DeepSpeed, no
             checkpoints, no EMA;
 - ZeRO s:   ``python -m gtl_dist.train`` (the real loop) with 1 and 2 processes; tokens/s from its
             own log (time spent in training steps only, the first log window dropped as warm-up),
-            summed over ranks; peak RSS per rank;
+            summed over ranks; peak RSS per rank (peak GPU memory on cuda);
+- compiled: with --compile, each of the above again with the
+            network's forward and the MDLM loss compiled into one graph
+            (``train.denoiser.compile``; the plain loop calls the same ``engine.compile_step``).
+            The compile happens in the first log window, which is dropped. ZeRO-3 has none (the
+            config refuses it);
 - reader:   the shard reader alone at the training micro-batch.
 
-Targets (issue #4): DeepSpeed at 1 process >= 0.9 x plain; reader >= 20 x what training consumes.
+--device cpu (the default) hides any GPU from the runs. --device cuda runs every variant on GPUs,
+one rank per GPU (so --worlds at most the GPU count), as a training job does there: bf16
+(DeepSpeed's bf16 weights; the plain loop's fp32 weights under the network's bf16 autocast), TF32
+for fp32 matrix products and torch's fused AdamW in both loops.
+
+MFU = tokens/s x (6N + 12·B·H·L) / peak (``gtl_dist.train.metrics.flops_per_token``: N parameters,
+B blocks, H hidden, L sequence length), summed over ranks against one GPU's peak times the ranks;
+peak = --peak-tflops, by default 989 TFLOP/s on cuda (H100 SXM, bf16 dense); on cpu the column is
+printed only when --peak-tflops is given.
+
+Targets: issue #4, DeepSpeed at 1 process >= 0.9 x plain and the reader >= 20 x what training
+consumes; issue #13, >= 35 % MFU on one H100 for the 59.8M denoiser at L = 512 (micro-batch 64;
+benchmarks/gpu_suite.sh runs this with --zero 0 1 2):
+
+    python benchmarks/bench_train.py --device cuda --compile --paper-size --worlds 1 --zero 2 \
+        --steps 40 --rounds 1
 
 Timings on a shared machine are noisy, and load only ever slows a run down: every variant runs
 ``--rounds`` times, interleaved (plain, then each DeepSpeed variant, then again), each in its own
@@ -53,6 +80,7 @@ Where the time goes (py-spy on the 1-process runs at the default size, 200 Hz):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -61,25 +89,86 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+ARXIV = REPO / "configs" / "arxiv.yaml"
+H100_BF16_TFLOPS = 989.0  # dense bf16, SXM
+PAPER_BATCH = 64  # the micro-batch of the H100 measurement in benchmarks/arxiv_gpu_hours.py
 
 
-def overrides(args: argparse.Namespace, data_dir: Path) -> list[str]:
-    heads = max(1, args.hidden // 32)
+@dataclass(frozen=True)
+class Variant:
+    zero: Optional[int]  # None: the plain PyTorch loop
+    world: int
+    compiled: bool
+
+    @property
+    def name(self) -> str:
+        loop = "plain PyTorch" if self.zero is None else f"DeepSpeed ZeRO-{self.zero}"
+        return loop + (" compiled" if self.compiled else "")
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """Plain, then every (world, ZeRO stage); each eager and, with --compile, compiled."""
+    modes = [False, True] if args.compile else [False]
+    out = [Variant(None, 1, c) for c in modes]
+    for world in args.worlds:
+        out += [Variant(zero, world, c) for zero in args.zero for c in modes if not (c and zero == 3)]
+    return out
+
+
+def arxiv_config():
+    """The arXiv preset's config (its data path is never read here)."""
+    from gtl_dist.config import load_config
+    return load_config(ARXIV, ["data.path=unused"])
+
+
+def overrides(args: argparse.Namespace, root: Path) -> list[str]:
     tc = {"steps": args.steps, "global_batch": args.batch, "log_every": args.log_every,
           "val_every": args.steps, "save_every": args.steps, "val_batches": 1, "ema": 0.0,
           "num_workers": args.workers, "lr": 1e-3}
-    return ([f"data.markov.length={args.seq_len}", "data.markov.num_source=4000",
-             "data.markov.num_test=400",
-             "data.markov.source_diagonal=0.6", "shards.samples_per_shard=200",
-             f"shards.dir={data_dir}",
-             f"models.denoiser.hidden={args.hidden}", f"models.denoiser.heads={heads}",
-             "models.denoiser.blocks=2", f"models.denoiser.cond_dim={args.hidden // 2}"]
+    data = paper_task(args, root) if args.paper_size else markov_task(args)
+    return ([f"shards.dir={root / 'data'}", "shards.samples_per_shard=200"] + data
             + [f"train.denoiser.{k}={v}" for k, v in tc.items()])
+
+
+def markov_task(args: argparse.Namespace) -> list[str]:
+    """The Markov task at --seq-len, and a small denoiser of --hidden."""
+    heads = max(1, args.hidden // 32)
+    return [f"data.markov.length={args.seq_len}", "data.markov.num_source=4000",
+            "data.markov.num_test=400", "data.markov.source_diagonal=0.6",
+            f"models.denoiser.hidden={args.hidden}", f"models.denoiser.heads={heads}",
+            "models.denoiser.blocks=2", f"models.denoiser.cond_dim={args.hidden // 2}"]
+
+
+def paper_task(args: argparse.Namespace, root: Path) -> list[str]:
+    """The synthetic corpus (written by write_corpus) at --seq-len, and the arXiv preset's denoiser."""
+    arxiv = arxiv_config()
+    denoiser = yaml.safe_dump(dataclasses.asdict(arxiv.models.denoiser), default_flow_style=True)
+    return ["data.corpus=jsonl", f"data.path={root / 'corpus.jsonl'}",
+            "data.source_domains=[source]", "data.target_domains=[target]",
+            "data.target_fractions=[1.0]", f"shards.seq_len={args.seq_len}",
+            f"tokenizer.vocab_size={arxiv.tokenizer.vocab_size}",
+            f"models.denoiser={denoiser.strip()}"]
+
+
+def write_corpus(path: Path, vocab_size: int, docs: int = 1000, words: int = 1000) -> None:
+    """Random words of a lexicon of 2 x ``vocab_size`` letter strings, one document a line (every
+    tenth of domain "target"): text whose tokenizer fills ``vocab_size`` ids."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lexicon = sorted({"".join(rng.choice(letters, rng.integers(4, 9))) for _ in range(2 * vocab_size)})
+    with path.open("w") as fh:
+        for doc in range(docs):
+            text = " ".join(lexicon[i] for i in rng.integers(0, len(lexicon), words))
+            fh.write(json.dumps({"text": text, "domain": "target" if doc % 10 == 0 else "source"}) + "\n")
 
 
 def reader_tokens_per_s(manifest, micro: int, workers: int, batches: int) -> float:
@@ -95,44 +184,57 @@ def reader_tokens_per_s(manifest, micro: int, workers: int, batches: int) -> flo
 
 
 def plain_tokens_per_s(cfg, manifest, args: argparse.Namespace) -> float:
-    """The reference: what a minimal PyTorch loop does with the same pieces."""
+    """The reference: what a minimal PyTorch loop does with the same pieces (and, on a GPU, the
+    same TF32 and fused AdamW as the package's engine)."""
     from gtl_dist.data import make_loader
-    from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
+    from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, mdlm_terms, sample_t
     from gtl_dist.models import VocabSpec, build_model
-    from gtl_dist.train.engine import CosineWithWarmup
-    tc = cfg.train.denoiser
+    from gtl_dist.train.engine import (CosineWithWarmup, compile_step, detect_hardware, fused_adamw,
+                                       use_tensor_cores)
+    tc, hw = cfg.train.denoiser, detect_hardware()
+    use_tensor_cores(hw)
     torch.manual_seed(0)
-    model = build_model("denoiser", cfg, VocabSpec.from_manifest(manifest))
+    model = build_model("denoiser", cfg, VocabSpec.from_manifest(manifest)).to(hw.device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                            weight_decay=tc.weight_decay)
+                            weight_decay=tc.weight_decay, fused=fused_adamw(tc, hw))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineWithWarmup(tc.steps, tc.warmup_frac,
                                                                     tc.lr, tc.min_lr))
     schedule = NoiseSchedule.from_config(cfg.noise)
+    terms = compile_step(mdlm_terms) if args.plain_compiled else None
     it = iter(make_loader(manifest, "source/train", args.batch, num_workers=args.workers, seed=0))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(hw.device).manual_seed(0)
     elapsed, tokens = 0.0, 0
     for step in range(args.steps):
         t0 = time.perf_counter()
-        x0 = next(it)["tokens"]
+        x0 = next(it)["tokens"].to(hw.device)
         t = sample_t(x0.shape[0], gen, t_min=cfg.noise.t_min)
-        loss, _ = mdlm_loss(model, x0, schedule, t, gen)
+        loss, _ = mdlm_loss(model, x0, schedule, t, gen, terms=terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        loss.item()
+        loss.item()  # waits for the step's kernels
         if step >= args.log_every:  # the same warm-up window the DeepSpeed runs drop
             elapsed += time.perf_counter() - t0
             tokens += x0.numel()
     return tokens / elapsed
 
 
-def plain_in_subprocess(args: argparse.Namespace, root: Path) -> float:
+def run_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
+    """A run's environment: its CPU threads, and no GPU unless --device cuda."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"OMP_NUM_THREADS": str(threads), "GTL_NO_PROGRESS_BAR": "1"})
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def plain_in_subprocess(args: argparse.Namespace, root: Path, compiled: bool) -> float:
     """Run the plain loop in a fresh process with the same thread setting as a DeepSpeed rank."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--plain-in", str(root)],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--plain-in", str(root)]
+    out = subprocess.run(cmd + ["--plain-compiled"] * compiled, env=run_env(args, args.threads),
+                         capture_output=True, text=True, timeout=1200)
     if out.returncode != 0:
         raise RuntimeError(f"plain loop failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
@@ -144,55 +246,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_run(sets: list[str], run_dir: Path, world: int, zero: int,
-                  threads: int) -> dict[str, float]:
+def deepspeed_run(args: argparse.Namespace, sets: list[str], run_dir: Path, v: Variant) -> dict[str, float]:
     cmd = [sys.executable, "-m", "gtl_dist.train", "--config", str(REPO / "configs" / "tiny.yaml"),
            "--run-dir", str(run_dir), "--stage", "denoiser"]
-    for s in sets + [f"train.denoiser.zero_stage={zero}"]:
+    for s in sets + [f"train.denoiser.zero_stage={v.zero}", f"train.denoiser.compile={v.compiled}"]:
         cmd += ["--set", s]
     port = free_port()
     procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    "OMP_NUM_THREADS": str(threads), "GTL_NO_PROGRESS_BAR": "1"})
+    for rank in range(v.world):
+        env = run_env(args, max(1, args.threads // v.world))
+        env.update({"RANK": str(rank), "WORLD_SIZE": str(v.world), "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         log = open(run_dir.parent / f"{run_dir.name}-rank{rank}.log", "w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=1200) for p in procs]
     if any(codes):
         tail = (run_dir.parent / f"{run_dir.name}-rank0.log").read_text().splitlines()[-20:]
-        raise RuntimeError(f"ZeRO-{zero} x {world}: exit codes {codes}\n" + "\n".join(tail))
+        raise RuntimeError(f"{v.name} x {v.world}: exit codes {codes}\n" + "\n".join(tail))
     records = [json.loads(line) for line in (run_dir / "denoiser" / "train_log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"][1:]  # drop the warm-up window
     seconds = sum(1.0 / r["tokens_per_s"] for r in train)  # equal windows: harmonic mean
-    return {"tokens_per_s": len(train) / seconds,
-            "peak_rss_gb": max(r["sys/peak_rss_gb"] for r in train)}
+    memory = "sys/cuda_max_allocated_gb" if args.device == "cuda" else "sys/peak_rss_gb"
+    return {"tokens_per_s": len(train) / seconds, "peak_gb": max(r[memory] for r in train)}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
+    p.add_argument("--seq-len", type=int, help="default 256; 512 with --paper-size")
+    p.add_argument("--hidden", type=int, default=128, help="the small denoiser's width")
+    p.add_argument("--batch", type=int, help=f"global batch (sequences per step); default 32, "
+                                             f"{PAPER_BATCH} with --paper-size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total (split over ranks)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--zero", type=int, nargs="+", default=[0, 2, 3])
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best counts")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every loop compiled")
+    p.add_argument("--peak-tflops", type=float,
+                   help=f"one device's peak for MFU (default on cuda: {H100_BF16_TFLOPS:g}, H100 bf16)")
+    p.add_argument("--paper-size", action="store_true",
+                   help="the arXiv preset's 59.8M denoiser at its L = 512, on a synthetic text corpus")
     p.add_argument("--keep", help="keep the run directories here instead of a temporary folder")
     p.add_argument("--plain-in", help=argparse.SUPPRESS)  # internal: measure the plain loop only
+    p.add_argument("--plain-compiled", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    paper = arxiv_config() if args.paper_size else None
+    args.seq_len = args.seq_len or (paper.shards.seq_len if paper else 256)
+    args.batch = args.batch or (PAPER_BATCH if paper else 32)
+    if args.device == "cuda":
+        gpus = torch.cuda.device_count()
+        if not gpus or max(args.worlds) > gpus:
+            p.error(f"--device cuda runs one rank per GPU: {gpus} GPU(s) here, --worlds {args.worlds}")
+        args.peak_tflops = args.peak_tflops or H100_BF16_TFLOPS
+    return args
 
+
+def main() -> int:
+    args = parse_args()
     from gtl_dist.config import load_config
     from gtl_dist.data import prepare_data
+    from gtl_dist.models import VocabSpec, build_model
     from gtl_dist.train.dist import prebuild_ops
+    from gtl_dist.train.metrics import flops_per_token
 
     if args.plain_in:
         root = Path(args.plain_in)
-        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(args, root / "data"))
+        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(args, root))
         torch.set_num_threads(args.threads)
         print(plain_tokens_per_s(cfg, prepare_data(cfg, root / "base"), args))
         return 0
@@ -200,61 +323,84 @@ def main() -> int:
     prebuild_ops()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_train_"))
     root.mkdir(parents=True, exist_ok=True)
-    sets = overrides(args, root / "data")
+    if args.paper_size:
+        write_corpus(root / "corpus.jsonl", arxiv_config().tokenizer.vocab_size)
+    sets = overrides(args, root)
     cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
     manifest = prepare_data(cfg, root / "base")
     torch.set_num_threads(args.threads)
+    model = build_model("denoiser", cfg, VocabSpec.from_manifest(manifest))
+    flops = flops_per_token(model, cfg.seq_len)
 
-    variants = [("plain PyTorch", 1, None)] + [(f"DeepSpeed ZeRO-{zero}", world, zero)
-                                              for world in args.worlds for zero in args.zero]
-    tps: dict[tuple[str, int], list[float]] = {(name, world): [] for name, world, _ in variants}
-    rss: dict[tuple[str, int], float] = {}
+    tps: dict[Variant, list[float]] = {v: [] for v in variants(args)}
+    peak_gb: dict[Variant, float] = {}
     for r in range(args.rounds):
-        for name, world, zero in variants:
-            if zero is None:
-                tps[name, world].append(plain_in_subprocess(args, root))
-                continue
-            run_dir = root / f"zero{zero}-world{world}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            out = deepspeed_run(sets, run_dir, world, zero, max(1, args.threads // world))
-            tps[name, world].append(out["tokens_per_s"])
-            rss[name, world] = max(rss.get((name, world), 0.0), out["peak_rss_gb"])
-            print(f"round {r + 1}/{args.rounds}: {name} x {world}: {out['tokens_per_s']:.0f} "
-                  f"tokens/s", flush=True)
-    best = {key: max(values) for key, values in tps.items()}
-    plain = best["plain PyTorch", 1]
+        for v in tps:
+            if v.zero is None:
+                tps[v].append(plain_in_subprocess(args, root, v.compiled))
+            else:
+                run_dir = root / f"zero{v.zero}-world{v.world}{'-compiled' * v.compiled}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                out = deepspeed_run(args, sets, run_dir, v)
+                tps[v].append(out["tokens_per_s"])
+                peak_gb[v] = max(peak_gb.get(v, 0.0), out["peak_gb"])
+            print(f"round {r + 1}/{args.rounds}: {v.name} x {v.world}: {tps[v][-1]:.0f} tokens/s",
+                  flush=True)
+    best = {v: max(values) for v, values in tps.items()}
+    report(args, cfg, model, flops, tps, best, peak_gb)
     reader = reader_tokens_per_s(manifest, args.batch, args.workers, batches=200)
-
-    print(f"\nconfig: denoiser hidden {args.hidden}, 2 blocks, seq_len {args.seq_len}, global batch "
-          f"{args.batch}, {args.steps} steps, {args.threads} CPU threads, {args.workers} workers/rank, "
-          f"best of {args.rounds} interleaved rounds")
-    print(f"{'loop':<18} {'procs':>5} {'tokens/s':>10} {'rounds min..max':>17} {'vs plain':>9} "
-          f"{'peak RSS/rank':>14}")
-    for name, world, _ in variants:
-        values = tps[name, world]
-        rss_s = f"{rss[name, world]:.2f} GiB" if (name, world) in rss else "-"
-        print(f"{name:<18} {world:>5} {best[name, world]:>10.0f} "
-              f"{f'{min(values):.0f}..{max(values):.0f}':>17} {best[name, world] / plain:>9.2f} "
-              f"{rss_s:>14}")
-
-    print("\nDeepSpeed at 1 process vs the plain loop (target >= 0.90):")
-    for name, world, zero in variants:
-        if zero is not None and world == 1:
-            ratio = best[name, world] / plain
-            print(f"  {name}: {ratio:.2f} {'meets' if ratio >= 0.9 else 'misses'} the target")
-    tokens_per_step = args.batch * args.seq_len
-    if ("DeepSpeed ZeRO-3", 1) in best and ("DeepSpeed ZeRO-0", 1) in best:
-        z0, z3 = best["DeepSpeed ZeRO-0", 1], best["DeepSpeed ZeRO-3", 1]
-        print(f"  ZeRO-3 overhead: {1000 * tokens_per_step * (1 / z3 - 1 / z0):.0f} ms per step "
-              f"over ZeRO-0's {1000 * tokens_per_step / z0:.0f} ms (DeepSpeed's per-submodule "
-              f"parameter fetch/release and gradient partitioning hooks; see the docstring)")
-    fastest = max(best.values())
-    print(f"shard reader: {reader:.0f} tokens/s = {reader / fastest:.1f} x the fastest training "
-          f"loop; target >= 20")
+    print(f"shard reader: {reader:.0f} tokens/s = {reader / max(best.values()):.1f} x the fastest "
+          f"training loop; target >= 20")
     print(f"command: python benchmarks/bench_train.py {' '.join(sys.argv[1:])}".rstrip())
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def report(args, cfg, model, flops: float, tps, best, peak_gb) -> None:
+    """The table: one row a variant, against the plain loop of the same mode (eager, compiled)."""
+    m = cfg.models.denoiser
+    plain = {v.compiled: best[v] for v in best if v.zero is None}
+    print(f"\nconfig: denoiser {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"(hidden {m.hidden}, {m.blocks} blocks, vocab {model.vocab.size}), seq_len {cfg.seq_len}, "
+          f"global batch {args.batch}, {args.steps} steps, {args.device}, {args.threads} CPU threads, "
+          f"{args.workers} workers/rank, best of {args.rounds} interleaved rounds; "
+          f"{flops / 1e6:.3g} MFLOP a token (6N + 12·B·H·L)")
+    mfu_head = f" {'MFU':>6}" if args.peak_tflops else ""
+    memory = "peak GPU mem" if args.device == "cuda" else "peak RSS/rank"
+    print(f"{'loop':<27} {'procs':>5} {'tokens/s':>10} {'rounds min..max':>17} {'vs plain':>9}"
+          f"{mfu_head} {memory:>14}")
+    for v, values in tps.items():
+        mfu = (f" {100 * mfu_of(best[v], flops, v.world, args.peak_tflops):>5.1f}%"
+               if args.peak_tflops else "")
+        gb = f"{peak_gb[v]:.2f} GiB" if v in peak_gb else "-"
+        print(f"{v.name:<27} {v.world:>5} {best[v]:>10.0f} {f'{min(values):.0f}..{max(values):.0f}':>17} "
+              f"{best[v] / plain[v.compiled]:>9.2f}{mfu} {gb:>14}")
+    print_targets(args, cfg, best, plain)
+
+
+def print_targets(args, cfg, best, plain) -> None:
+    print("\nDeepSpeed at 1 process vs the plain loop of the same mode (target >= 0.90):")
+    for v in best:
+        if v.zero is not None and v.world == 1:
+            ratio = best[v] / plain[v.compiled]
+            print(f"  {v.name}: {ratio:.2f} {'meets' if ratio >= 0.9 else 'misses'} the target")
+    tokens_per_step = args.batch * cfg.seq_len
+    z0, z3 = Variant(0, 1, False), Variant(3, 1, False)
+    if z0 in best and z3 in best:
+        print(f"  ZeRO-3 overhead: {1000 * tokens_per_step * (1 / best[z3] - 1 / best[z0]):.0f} ms per "
+              f"step over ZeRO-0's {1000 * tokens_per_step / best[z0]:.0f} ms (DeepSpeed's per-submodule "
+              f"parameter fetch/release and gradient partitioning hooks; see the docstring)")
+    compiled = [v for v in best if v.compiled]
+    if compiled:
+        print("Compiled vs eager, the same loop:")
+    for v in compiled:
+        print(f"  {v.name} x {v.world}: {best[v] / best[dataclasses.replace(v, compiled=False)]:.2f} x")
+
+
+def mfu_of(tokens_per_s: float, flops_per_token: float, ranks: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of ``ranks`` devices of ``peak_tflops`` each."""
+    return tokens_per_s * flops_per_token / (ranks * peak_tflops * 1e12)
 
 
 if __name__ == "__main__":

@@ -168,22 +168,51 @@ def mask_tokens(x0: torch.Tensor, move_chance: torch.Tensor | float, mask_id: in
     return torch.where(u < move, torch.full_like(x0, mask_id), x0)
 
 
+# The statistics mdlm_loss reports, in the order of mdlm_terms' statistics tensor.
+MDLM_STATS = ("loss", "nll", "accuracy", "masked_fraction")
+
+
 def mdlm_loss(denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
-              generator: torch.Generator | None, *, vocab: Any = None
+              generator: torch.Generator | None, *, vocab: Any = None, terms: Any = None
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """The MDLM NELBO estimate for a batch (fp32): weighted masked-position cross-entropy,
     averaged over all valid tokens (tokens equal to vocab.pad_id, if any, are not counted).
 
     ``denoiser(z, sigma)`` returns SUBS log-probabilities; ``vocab`` defaults to denoiser.vocab.
+    The data check and the masking run here, eagerly; the network and the loss are ``terms``
+    (:func:`mdlm_terms`, or a compiled copy of it: ``train.<stage>.compile``).
     Stats: loss, nll (mean CE over masked positions), accuracy (greedy, masked positions),
     masked_fraction.
     """
     vocab = denoiser.vocab if vocab is None else vocab
-    if bool((x0 == vocab.mask_id).any()):
-        raise ValueError(f"clean data x0 contains the [MASK] id {vocab.mask_id}; the data and the "
-                         f"model disagree about the vocabulary (check the manifest's mask_id)")
+    check_clean(x0, vocab)
     t = t.to(x0.device, torch.float32)
     z = mask_tokens(x0, schedule.move_chance(t), vocab.mask_id, generator)
+    loss, stats = (terms or mdlm_terms)(denoiser, x0, z, t, schedule, vocab)
+    return loss, dict(zip(MDLM_STATS, stats.tolist()))
+
+
+def check_clean(x0: torch.Tensor, vocab: Any) -> None:
+    """Clean data must hold ids of the vocabulary and no [MASK]. Checked before the network runs,
+    so a compiled network, which skips its own id check (reading the ids on the host would break
+    its graph), still refuses data built with another vocabulary."""
+    if not x0.numel():
+        return
+    lo, hi, masks = torch.stack([*torch.aminmax(x0), (x0 == vocab.mask_id).sum()]).tolist()
+    if masks:
+        raise ValueError(f"clean data x0 contains the [MASK] id {vocab.mask_id}; the data and the "
+                         f"model disagree about the vocabulary (check the manifest's mask_id)")
+    if lo < 0 or hi >= vocab.size:
+        raise ValueError(f"token id {hi if hi >= vocab.size else lo} is outside the model's "
+                         f"vocabulary [0, {vocab.size}); the data and the model were built with "
+                         f"different vocabularies (check the manifest)")
+
+
+def mdlm_terms(denoiser: Any, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+               schedule: NoiseSchedule, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a masked batch ``z`` of ``x0`` at times ``t``, and its statistics as one tensor
+    (MDLM_STATS). Tensor code only, with no data-dependent Python: what train.<stage>.compile
+    compiles as one graph, the network's forward included."""
     logp = denoiser(z, schedule.sigma(t))
     masked = z == vocab.mask_id
     valid = torch.ones_like(masked) if vocab.pad_id is None else x0 != vocab.pad_id
@@ -198,5 +227,5 @@ def mdlm_loss(denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule, t: torch
         num_scored = scored.sum().clamp_min(1)
         correct = (logp.argmax(-1) == x0) & scored
         stats = torch.stack([loss.detach(), nll.sum() / num_scored, correct.sum() / num_scored,
-                             scored.sum() / num_valid]).tolist()
-    return loss, dict(zip(("loss", "nll", "accuracy", "masked_fraction"), stats))
+                             scored.sum() / num_valid])
+    return loss, stats

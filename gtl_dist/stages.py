@@ -70,20 +70,23 @@ class StageSpec:
     # Its initial weights are a model worth keeping (the source itself): checkpoint selection
     # validates them before the first step and exports them if no trained step beats them.
     init_is_candidate: bool = False
+    # Its recipe compiles the network's forward and the loss into one graph when
+    # train.<name>.compile is set (Recipe.compile); the config refuses the setting elsewhere.
+    compiles: bool = False
 
 
 # Rows in submission order: every stage comes after the stages it reads.
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("denoiser", role="denoiser", scope=SHARED, size=BIG, deps=("data",),
               sections=("seed", "noise", "models.denoiser", "train.denoiser"),
-              train=dict(steps=50_000, ema=0.9999)),
+              train=dict(steps=50_000, ema=0.9999), compiles=True),
     # AR2Diff (pipeline.ar2diff): the source denoiser as a causal LM first, then run bidirectionally.
     StageSpec("ar_pretrain", role="ar", scope=SHARED, size=BIG, deps=("data",),
               sections=("seed", "models.denoiser", "train.ar_pretrain"),
               train=dict(steps=50_000)),
     StageSpec("ar2diff", role="denoiser", scope=SHARED, size=BIG, deps=("ar_pretrain",),
               sections=("seed", "noise", "models.denoiser", "train.ar2diff"),
-              train=dict(steps=10_000, ema=0.9999)),
+              train=dict(steps=10_000, ema=0.9999), compiles=True),
     StageSpec("planner", role="planner", scope=SHARED, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope",
                         "protocol"),
@@ -105,10 +108,11 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               train=dict(steps=30_000, val_every=1000, select_best=True)),
     StageSpec("vanilla", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.denoiser", "train.vanilla", "protocol"),
-              train=dict(steps=50_000, ema=0.9999, select_best=True)),
+              train=dict(steps=50_000, ema=0.9999, select_best=True), compiles=True),
     StageSpec("finetune", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"),
-              train=dict(steps=10_000, ema=0.9999, select_best=True), init_is_candidate=True),
+              train=dict(steps=10_000, ema=0.9999, select_best=True), init_is_candidate=True,
+              compiles=True),
     # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
     StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
               sections=("seed", "models.reference_lm", "train.reference_lm"),

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gtl_dist.config import ConfigError, RunConfig, load_config, parse_override
 
@@ -152,6 +153,35 @@ def test_build_only_keys_do_not_change_what_the_data_hash_covers():
     c = load_config(CONFIGS / "demo.yaml", ["shards.seq_len=96"])
     assert a.data_hash() == b.data_hash() != c.data_hash()
     assert a.section_hash("shards") == b.section_hash("shards")
+
+
+def test_execution_only_keys_change_no_input_hash_and_may_change_in_a_run_dir(tmp_path):
+    """train.<stage>.compile says how a stage runs, not what it computes (EXECUTION_ONLY_KEYS):
+    switching it retrains nothing, and a run directory takes it on resubmission."""
+    from gtl_dist.cluster.run_dir import prepare_run_dir
+    from gtl_dist.stages import StageGraph, stage_input_hash
+    eager = load_config(CONFIGS / "tiny.yaml")
+    compiled = load_config(CONFIGS / "tiny.yaml", [f"train.{stage}.compile=true" for stage in
+                                                   ("denoiser", "vanilla", "finetune", "ar2diff")])
+    before, after = StageGraph(eager), StageGraph(compiled)
+    tasks = [task for kind in before.plan.values() for task in kind]
+    assert [before.input_hash(t) for t in tasks] == [after.input_hash(t) for t in tasks]
+    # The denoiser's input hash of configs/tiny.yaml from before train.<stage>.compile existed.
+    # Checkpoints and exports carry it: if a new config key changes it, every run in progress
+    # retrains its stages from scratch. Only a change to what a stage computes may change it.
+    assert stage_input_hash(eager, "denoiser", None, None) == "579b70eae2e0cbb3"
+
+    # A run directory made before the key existed (its config.yaml lacks it) takes it on.
+    saved = eager.to_dict()
+    for section in saved["train"].values():
+        del section["compile"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    paths = prepare_run_dir(compiled, run)
+    assert yaml.safe_load(paths.config_yaml.read_text())["train"]["denoiser"]["compile"] is True
+    with pytest.raises(ValueError, match=r"differing keys.*\n  seed: 0 -> 1"):
+        prepare_run_dir(load_config(CONFIGS / "tiny.yaml", ["seed=1"]), run)
 
 
 def test_a_section_overlays_its_own_stage_and_role_defaults(tmp_path):

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from gtl_dist.config import BUILD_ONLY_KEYS, RunConfig, StagesConfig, load_config
+from gtl_dist.config import BUILD_ONLY_KEYS, RunConfig, StagesConfig, execution_only, load_config
 from gtl_dist.stages import SOURCE, STAGES, TASK_KINDS, StageGraph, task_sections
 from train_helpers import PYTHON, REPO, deepspeed_ops, rank_env  # noqa: F401
 
@@ -38,6 +38,9 @@ NOT_INPUTS = {
     "pipeline.ar2diff": "picks the source stage (denoiser or ar2diff) whose export a stage reads; that "
                         "task's key and input hash are part of the reader's",
     "shards.dir": "where the shards are (config.BUILD_ONLY_KEYS: excluded from every hash)",
+    **{f"train.{stage}.compile": "whether the loop compiles the stage's network and loss: the same "
+                                 "computation (config.EXECUTION_ONLY_KEYS: excluded from every hash)"
+       for stage in STAGES},
 }
 
 def test_rows_come_after_the_stages_they_read():
@@ -50,11 +53,13 @@ def test_rows_come_after_the_stages_they_read():
 def test_every_stage_has_a_train_section_a_network_and_a_task_class():
     from gtl_dist.models import ROLES
     from gtl_dist.train.jobs import RECIPES
+    from gtl_dist.train.loop import Recipe
     assert [f.name for f in dataclasses.fields(StagesConfig)] == list(STAGES)
     assert set(RECIPES) == set(STAGES)
     assert {spec.role for spec in STAGES.values()} <= set(ROLES)
     for name, spec in STAGES.items():
         assert f"train.{name}" in spec.sections and "seed" in spec.sections, name
+        assert spec.compiles == (RECIPES[name].compile is not Recipe.compile), name
     assert TASK_KINDS == ("data", *STAGES, "sample", "eval")
 
 
@@ -77,8 +82,10 @@ def hashed_sections(cfg: RunConfig, stage: str) -> set[str]:
 
 
 def covered(key: str, sections: set[str]) -> bool:
-    """Whether the hash of ``sections`` changes with ``key`` (build-only keys never count)."""
-    return key not in BUILD_ONLY_KEYS and any(key == s or key.startswith(s + ".") for s in sections)
+    """Whether the hash of ``sections`` changes with ``key`` (build-only and execution-only keys
+    never count)."""
+    return (key not in BUILD_ONLY_KEYS and not execution_only(key)
+            and any(key == s or key.startswith(s + ".") for s in sections))
 
 
 @pytest.mark.distributed

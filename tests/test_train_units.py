@@ -19,7 +19,7 @@ from torch import nn
 from gtl_dist.config import ConfigError, TrainConfig, load_config
 from gtl_dist.train.dist import DistError, first_host, resolve_dist_env, slurm_port
 from gtl_dist.train.engine import (BatchGeometry, CosineWithWarmup, Hardware, batch_geometry,
-                                   deepspeed_config, resolve_precision)
+                                   deepspeed_config, fused_adamw, resolve_precision)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,6 +177,15 @@ def test_deepspeed_config_from_train_config():
     assert cfg["checkpoint"]["load_universal"] is True
     fp32 = deepspeed_config(TrainConfig(), BatchGeometry(128, 128, 1, 1), "fp32")
     assert "bf16" not in fp32 and fp32["checkpoint"]["load_universal"] is False
+    assert "fused" not in fp32["optimizer"]["params"]  # CPU: torch's AdamW exactly as before
+    fused = deepspeed_config(TrainConfig(), BatchGeometry(128, 128, 1, 1), "bf16", fused=True)
+    assert fused["optimizer"]["params"]["fused"] is True
+
+
+def test_fused_adamw_where_the_optimizer_state_lives_on_a_gpu():
+    assert fused_adamw(TrainConfig(), NEW_GPU) and fused_adamw(TrainConfig(), OLD_GPU)
+    assert not fused_adamw(TrainConfig(), CPU)
+    assert not fused_adamw(TrainConfig(zero_stage=2, offload_optimizer=True), NEW_GPU)
 
 
 # -- EMA ----------------------------------------------------------------------------------------

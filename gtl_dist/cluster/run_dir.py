@@ -2,8 +2,10 @@
 
 A run directory belongs to one configuration: ``config.yaml`` (the resolved config) and
 ``config.json`` (its hash) are written the first time, and a later submission with a different
-configuration is refused, naming the keys that differ. Only the ``cluster`` section may change
-between submissions (partition, time limits, ...): it says where jobs run, not what they compute.
+configuration is refused, naming the keys that differ. Only the ``cluster`` section (partition,
+time limits, ...) and the execution-only keys (``config.EXECUTION_ONLY_KEYS``, e.g.
+``train.<stage>.compile``) may change between submissions: they say where or how jobs run, not
+what they compute.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from gtl_dist.config import RunConfig, config_from_dict
+from gtl_dist.config import RunConfig, config_from_dict, execution_only
 from gtl_dist.io import atomic_write_json, atomic_write_text
 from gtl_dist.paths import RunPaths
 
@@ -31,11 +33,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every differing key outside the mutable sections."""
+    """``key: old -> new`` for every differing key outside the mutable sections and the
+    execution-only keys."""
     a, b = _flatten(old), _flatten(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in MUTABLE_SECTIONS:
+        if key.split(".")[0] in MUTABLE_SECTIONS or execution_only(key):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
@@ -66,7 +69,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False,
                 f"changes affect.")
         else:
             saved_cfg = config_from_dict(saved, str(paths.config_yaml), strict=False)
-            if saved_cfg.cluster == cfg.cluster:
+            if saved_cfg == cfg:  # else only mutable keys changed: record the new values
                 return paths
     if not write:
         return paths

@@ -202,14 +202,19 @@ class DiT(nn.Module):
         self.attention = mode
 
     def check_tokens(self, z: torch.Tensor, start: int = 0) -> None:
-        """Cheap input check: shape, dtype and id range, with an error that says what to fix."""
+        """Cheap input check: shape, dtype and id range, with an error that says what to fix.
+
+        Under torch.compile the id range is left out: reading it needs the ids on the host, which
+        would break the compiled graph. The compiled training step checks its batch before the
+        call instead (gtl_dist.diffusion.check_clean, train.<stage>.compile).
+        """
         if z.dim() != 2 or z.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected token ids as an integer tensor [batch, length], got "
                              f"{tuple(z.shape)} {z.dtype}")
         if start + z.shape[1] > self.seq_len:
             raise ValueError(f"sequence length {start + z.shape[1]} exceeds the model's seq_len "
                              f"{self.seq_len} (built from the config's sequence length)")
-        if z.numel():
+        if z.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(z)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.vocab_size:

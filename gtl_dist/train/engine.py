@@ -7,10 +7,17 @@ Every stage trains through :func:`build_engine`; what varies is only the module 
   ``grad_accum = global_batch / (micro_batch * world)``. Only micro-batch and accumulation are
   given to DeepSpeed, which derives ``train_batch_size`` (docs/operations.md).
 - Precision ``auto``: bf16 on GPUs that have it, fp32 otherwise (CPU). bf16 keeps fp32 master
-  weights in the optimiser.
+  weights in the optimiser. On GPUs, fp32 matrix products (the fp32 output projection, fp32
+  training) run on TF32 tensor cores; CPU math is untouched.
 - Optimiser: AdamW with ``torch_adam`` everywhere. DeepSpeed's own fused/CPU Adam are JIT-built
   C++/CUDA ops, and a JIT build inside a preemptible job can be killed half-way by the
   preemption signal; torch's AdamW needs no build and is what DeepSpeed's own CPU tests use.
+  Where its state lives on a GPU (no optimizer offload) it is torch's fused AdamW, one kernel per
+  update: DeepSpeed hands the ``fused`` flag to ``torch.optim.AdamW`` and wraps the result like any
+  torch AdamW (ZeRO 0-3, bf16). A checkpoint restores the optimiser settings it was saved with
+  (torch's ``load_state_dict``), so a run resumed from an unfused checkpoint stays unfused.
+- ``train.<stage>.compile``: :func:`compile_step` compiles the recipe's network forward and loss
+  into one graph (``Recipe.compile``).
 - LR: linear warm-up over ``warmup_frac`` of the steps, then cosine down to ``min_lr``
   (docs/method.md: "cosine with 10% warm-up"), as a client scheduler whose state DeepSpeed saves.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -121,8 +128,25 @@ class CosineWithWarmup:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fused_adamw(tc: TrainConfig, hw: Hardware) -> bool:
+    """Whether the optimiser is torch's fused AdamW: where its state lives on a GPU."""
+    return hw.device_type == "cuda" and not tc.offload_optimizer
+
+
+def use_tensor_cores(hw: Hardware) -> None:
+    """On GPUs, fp32 matrix products run on TF32 tensor cores; CPU math stays as it is."""
+    if hw.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def compile_step(fn: Callable) -> Callable:
+    """``fn`` compiled into ONE graph (``fullgraph``: a graph break fails the first step instead
+    of silently slowing every step), for fixed shapes (training micro-batches do not change)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
 def deepspeed_config(tc: TrainConfig, geometry: BatchGeometry, precision: str,
-                     load_universal: bool = False) -> dict[str, Any]:
+                     load_universal: bool = False, fused: bool = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -132,7 +156,7 @@ def deepspeed_config(tc: TrainConfig, geometry: BatchGeometry, precision: str,
         "gradient_clipping": tc.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": tc.lr, "betas": list(tc.betas), "eps": 1e-8, "weight_decay": tc.weight_decay,
-            "torch_adam": True}},
+            "torch_adam": True, **({"fused": True} if fused else {})}},
         "zero_optimization": zero,
         "checkpoint": {"load_universal": load_universal, "tag_validation": "Fail"},
         "steps_per_print": 1 << 62,
@@ -148,14 +172,15 @@ def deepspeed_config(tc: TrainConfig, geometry: BatchGeometry, precision: str,
 
 
 def build_engine(module: nn.Module, tc: TrainConfig, geometry: BatchGeometry, precision: str,
-                 load_universal: bool = False) -> Any:
+                 hw: Hardware, load_universal: bool = False) -> Any:
     """``deepspeed.initialize`` over ``module``'s trainable parameters with our config."""
     deepspeed = import_deepspeed()
+    use_tensor_cores(hw)
     schedule = CosineWithWarmup(tc.steps, tc.warmup_frac, tc.lr, tc.min_lr)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=deepspeed_config(tc, geometry, precision, load_universal),
+        config=deepspeed_config(tc, geometry, precision, load_universal, fused_adamw(tc, hw)),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine
 

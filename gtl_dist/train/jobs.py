@@ -51,14 +51,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.data import load_run_manifest
-from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, sample_t
+from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, mdlm_terms, sample_t
 from gtl_dist.log import get_logger
 from gtl_dist.models import VocabSpec, build_model
 from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, edit_ratio_loss, freeze,
@@ -67,6 +67,7 @@ from gtl_dist.paths import RunPaths
 from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
+from gtl_dist.train.engine import compile_step
 from gtl_dist.train.export import ExportError, load_exported, read_export, upstream_export_path
 from gtl_dist.train.loop import Recipe, StageContext, StageResult, StepRandom, execute
 
@@ -234,6 +235,7 @@ def mean_over_ranks(per_batch: list[dict[str, float]]) -> dict[str, float]:
 class DiffusionRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
+        self.terms: Optional[Callable] = None  # mdlm_loss's network and loss: compile() sets it
         per_target = ctx.stage in ("vanilla", "finetune")
         self.train_sets = {"train": self.target_train() if per_target else "source/train"}
         self.val_sets = {"val": HELD_OUT if per_target else "source/test"}
@@ -253,10 +255,14 @@ class DiffusionRecipe(ShardRecipe):
         # AR2Diff: the causal LM's weights, now run bidirectionally (same parameter names).
         return None if self.init_from is None else self.init_from["state_dict"]
 
+    def compile(self):
+        # Only the network and the loss: the masking draws and the data check stay eager.
+        self.terms = compile_step(mdlm_terms)
+
     def training_loss(self, model, batches, rng):
         x0 = batches["train"]["tokens"]
         return mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device), rng.local,
-                         vocab=self.vocab)
+                         vocab=self.vocab, terms=self.terms)
 
     def validate(self, model, rng, loaders, dist_env):
         stats = []

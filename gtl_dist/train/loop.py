@@ -132,6 +132,11 @@ class Recipe(ABC):
     def prepare(self, device: torch.device) -> None:
         """Move frozen helper networks to ``device``."""
 
+    def compile(self) -> None:
+        """From now on, run the training steps' network forward and loss as one compiled graph
+        (``train.<stage>.compile``; only stages whose row in the stage table ``compiles``)."""
+        raise NotImplementedError(f"stage {self.stage} has no compiled training step")
+
     @abstractmethod
     def train_loaders(self, micro_batch: int, dist_env: DistEnv, seed: int) -> dict[str, Any]:
         """Infinite loaders with ``state_dict``/``load_state_dict``, one batch per micro-step."""
@@ -399,6 +404,11 @@ def setup(recipe: Recipe, ctx: StageContext) -> TrainState:
     loaders = recipe.train_loaders(geometry.micro_batch, ctx.dist_env, data_seed(ctx, point))
     val_loaders = recipe.validation_loaders(geometry.micro_batch, ctx.dist_env)
     engine = build_trained_engine(recipe, ctx, point, geometry, precision)
+    if tc.compile:
+        recipe.compile()
+        if ctx.dist_env.is_main:
+            log.info("%s: train.%s.compile: the first step compiles the network and the loss",
+                     ctx.label, ctx.stage)
     ema = WeightEMA(tc.ema, engine.module.model, tc.zero_stage) if tc.ema > 0 else None
     with forked_rng(device):
         eval_model = recipe.build_model().to(device).eval()
@@ -454,7 +464,7 @@ def build_trained_engine(recipe: Recipe, ctx: StageContext, point: Optional[Resu
             model.load_state_dict(init)
     recipe.prepare(device)
     return build_engine(LossModule(model, recipe).to(device), recipe.train_config, geometry, precision,
-                        load_universal=point is not None and point.universal)
+                        ctx.hardware, load_universal=point is not None and point.universal)
 
 
 def resume(recipe: Recipe, ctx: StageContext, state: TrainState,

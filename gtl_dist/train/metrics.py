@@ -25,6 +25,14 @@ import torch
 from gtl_dist.io import atomic_write_text
 
 
+def flops_per_token(model: torch.nn.Module, seq_len: int, train: bool = True) -> float:
+    """The package's MFU formula: 6N + 12·B·H·L FLOPs a token to train a network of N parameters
+    (B blocks, hidden H) at sequence length L, 2N + 4·B·H·L for a forward pass."""
+    n = sum(p.numel() for p in model.parameters())
+    attention = model.cfg.blocks * model.cfg.hidden * seq_len
+    return 6 * n + 12 * attention if train else 2 * n + 4 * attention
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Resident memory of this process now (Linux /proc) and at its peak, and the CUDA
     allocator's peak."""
