@@ -105,10 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="CPU threads (default 1: steadier on a shared machine)")
     ap.add_argument("--out", type=Path, default=Path("results/decode_speed.csv"))
     ap.add_argument("--plot", type=Path, default=None, help="also draw the file's rows to this PNG")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw --plot from --out; measure nothing")
     args = ap.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    if args.plot_only and not args.plot:
+        ap.error("--plot-only needs --plot PNG")
     args.size = args.size or ("paper" if args.device.type == "cuda" else "small")
     bad = [s for s in args.diffusion_steps if s != "L" and not s.isdigit()]
     if bad:
@@ -296,8 +299,12 @@ def plot(csv_path: Path, png: Path) -> None:
         for key in sorted({_series(r) for r in mine}):
             points = sorted((int(r["seq_len"]), float(r["seconds_per_seq"])) for r in mine if _series(r) == key)
             ax.plot(*zip(*points), marker="o", label=key)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="seconds per sequence",
-               title=f"{device}, batch {batch}")
+        lengths = sorted({int(r["seq_len"]) for r in mine})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set(xlabel="sequence length", ylabel="seconds per sequence", title=f"{device}, batch {batch}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
@@ -315,6 +322,9 @@ def _series(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.plot_only:
+        plot(args.out, args.plot)
+        return
     torch.set_num_threads(args.threads)
     print(f"command: python benchmarks/bench_decode.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"device {args.device}, size {args.size}, {torch.get_num_threads()} CPU threads, "

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU suite: every device measurement of the package in one run, as plain text.
+#
+#     bash benchmarks/gpu_wheels.sh                   # here, once: wheels the GPU machine lacks -> .whl/
+#     bash benchmarks/gpu_suite.sh                    # on the GPU machine (carry .whl/): < 6 min on one H100
+#     bash benchmarks/gpu_suite.sh --device cpu --quick --out /tmp/suite   # the same steps, CI-sized, on a CPU
+#
+# Steps, each writing <out>/<step>.txt (default out: results/benchmarks/gpu/):
+#   tests     the model, AR, sampler and exact-guidance tests (their CUDA tests run on a GPU)
+#   parity    CPU-vs-device token parity of the samplers; CUDA-graph vs eager AR decoding
+#   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
+#             and compiled (benchmarks/bench_train.py)
+#   decode    the decoding-speed study (benchmarks/bench_decode.py -> <out>/decode_speed.csv)
+#   planner   the GTL planner sampler at paper size, n_ratio 64 and 512 (-> <out>/planner_cost.csv)
+# summary.txt lists each step's exit status and seconds. DeepSpeed, submitit and webdataset
+# come from .whl/ when they are not installed; without them the suite stops (it never skips the
+# DeepSpeed rows). The exit status is 0 only if every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+QUICK=0
+OUT=results/benchmarks/gpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+
+if ! "$PY" -c "import deepspeed, submitit, webdataset" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_suite.sh: deepspeed/submitit/webdataset are missing and there is no .whl/;" \
+         "run 'bash benchmarks/gpu_wheels.sh' where pip works and carry .whl/ here" >&2
+    exit 2
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gtl_site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/gtl_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "$QUICK" = 1 ]; then
+  TESTS=(tests/test_ar.py)
+  PARITY=(--sequences 2)
+  TRAIN=(--steps 6 --log-every 2 --hidden 32 --seq-len 32 --batch 8 --worlds 1 --zero 0 --rounds 1)
+  DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1)
+  PLANNER=(--size tiny --lengths 16 --batches 2 --n-ratio 8 --repeats 1)
+else
+  TESTS=(tests/test_models.py tests/test_ar.py tests/test_samplers.py tests/test_guidance_exact.py)
+  PARITY=()
+  TRAIN=(--paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
+  DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1)
+  PLANNER=(--lengths 128 --batches 16 --n-ratio 64 512 --repeats 1 --budget-s 60)
+fi
+
+: > "$OUT/summary.txt"
+FAILED=0
+step() {  # step NAME COMMAND...: run, keep its output, record status and time
+  local name=$1 start rc
+  shift
+  start=$(date +%s)
+  echo "== $name: $*" | tee -a "$OUT/summary.txt"
+  "$@" > "$OUT/$name.txt" 2>&1
+  rc=$?
+  echo "   rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+  [ $rc = 0 ] || FAILED=1
+}
+
+{ date -u; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+  command -v nvidia-smi >/dev/null && nvidia-smi -L; } >> "$OUT/summary.txt" 2>&1
+step tests "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step parity "$PY" benchmarks/bench_parity.py --device "$DEVICE" --min-parity 0.95 "${PARITY[@]}"
+step train "$PY" benchmarks/bench_train.py --device "$DEVICE" --compile "${TRAIN[@]}"
+step decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" --out "$OUT/decode_speed.csv" "${DECODE[@]}"
+step planner "$PY" benchmarks/bench_decode.py --device "$DEVICE" --methods gtl_planner \
+  --out "$OUT/planner_cost.csv" "${PLANNER[@]}"
+echo "suite $([ $FAILED = 0 ] && echo passed || echo FAILED): $OUT/summary.txt" | tee -a "$OUT/summary.txt"
+exit $FAILED

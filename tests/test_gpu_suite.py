@@ -1,0 +1,40 @@
+"""The GPU suite (benchmarks/gpu_suite.sh) runs every step end to end; here on the CPU, CI-sized.
+
+It will be run on a GPU machine by someone with a few minutes of device time, so each step must
+work the first time: this test runs the same script with --device cpu --quick.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("tests", "parity", "train", "decode", "planner")
+
+
+def test_the_gpu_suite_runs_every_step_on_a_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    result = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick",
+                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    logs = {step: (tmp_path / f"{step}.txt").read_text() if (tmp_path / f"{step}.txt").exists() else None
+            for step in STEPS}
+    assert result.returncode == 0, (result.stdout, result.stderr, logs)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.count("rc=0") == len(STEPS) and "suite passed" in summary
+    assert "token parity 1.0000" in logs["parity"]
+    for name, method in (("decode_speed.csv", "ar_cached"), ("planner_cost.csv", "gtl_planner")):
+        with open(tmp_path / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["method", "steps", "n_ratio", "seq_len", "batch", "device",
+                                 "seconds_per_seq", "network_evals"]
+        assert any(r["method"] == method and r["device"] == "cpu" and float(r["seconds_per_seq"]) > 0
+                   for r in rows)
+
+
+def test_the_gpu_suite_refuses_an_unknown_argument(tmp_path):
+    result = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--devcie", "cpu"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown argument '--devcie'" in result.stderr
