@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--naive-rows", type=int, default=4096,
                     help="rows of the naive first step actually timed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronise the device)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
@@ -71,15 +72,26 @@ def build_networks(vocab: VocabSpec, length: int) -> tuple[Denoiser, RatioNet, P
     return denoiser.eval(), RatioNet(small, vocab, length).eval(), Planner(small, vocab, length).eval()
 
 
+DEVICE = torch.device("cpu")  # set from --device in main()
+
+
+def sync() -> None:
+    """Wait for the device, so wall-clock timings cover the work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 class Timed:
-    """A network wrapper that adds up the wall time spent inside its calls (CPU: calls are synchronous)."""
+    """A network wrapper that adds up the wall time spent inside its calls."""
 
     def __init__(self, network: torch.nn.Module):
         self.network, self.vocab, self.seq_len, self.seconds = network, network.vocab, network.seq_len, 0.0
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        sync()
         t0 = time.perf_counter()
         out = self.network(z)
+        sync()
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -88,15 +100,19 @@ def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def run(sampler, num: int, seed: int) -> tuple[SampleResult, float]:
+    sync()
     t0 = time.perf_counter()
     out = sampler.sample(num, torch.Generator().manual_seed(seed), batch_size=num)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -105,15 +121,17 @@ def ratio_chunks(rows: int, chunk: int) -> list[int]:
 
 
 def main() -> None:
+    global DEVICE
     args = parse_args()
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     vocab = VocabSpec(size=args.vocab, mask_id=args.vocab - 1)
     L, B, V = args.length, args.sequences, args.vocab - 1  # V: ids a sequence may contain
-    denoiser, ratio_net, planner = build_networks(vocab, L)
+    denoiser, ratio_net, planner = (net.to(DEVICE) for net in build_networks(vocab, L))
     schedule = LogLinearSchedule()
     command = "python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:])
     print(f"command: {command}")
-    print(f"|V| = {args.vocab} (incl. [MASK]), L = {L}, {B} sequences per sampler in one batch, "
+    print(f"device {DEVICE}, |V| = {args.vocab} (incl. [MASK]), L = {L}, {B} sequences per sampler in one batch, "
           f"S = {args.steps}, top-K = {args.top_k}, gamma = {args.gamma}, "
           f"ratio batch = {args.ratio_batch_size}, {torch.get_num_threads()} threads")
     print(f"parameters: denoiser {count_parameters(denoiser):,}, ratio net {count_parameters(ratio_net):,}, "
@@ -133,11 +151,11 @@ def main() -> None:
     model_vs_wall = {}
     planner_ratio_rows = {}
     for n in args.n_ratio:
-        z = torch.randint(0, V, (B, L))
+        z = torch.randint(0, V, (B, L), device=DEVICE)
         with torch.inference_mode():
             step_model = median_time(lambda: denoiser(z)) + median_time(lambda: planner(z))
             for size in ratio_chunks(B * n, args.ratio_batch_size):
-                zc = torch.randint(0, V, (size, L))
+                zc = torch.randint(0, V, (size, L), device=DEVICE)
                 step_model += median_time(lambda: ratio_net(zc), repeats=3)
         model = L * step_model
         nets = [Timed(m) for m in (denoiser, ratio_net, planner)]
@@ -167,16 +185,18 @@ def main() -> None:
     naive_ratio_rows = still_masked * V
     first_step_rows = L * V
     timed = min(args.naive_rows, first_step_rows)
-    zc = torch.full((args.ratio_batch_size, L), vocab.mask_id)
-    zc[:, 0] = torch.randint(0, V, (args.ratio_batch_size,))
+    zc = torch.full((args.ratio_batch_size, L), vocab.mask_id, device=DEVICE)
+    zc[:, 0] = torch.randint(0, V, (args.ratio_batch_size,), device=DEVICE)
     passes = math.ceil(timed / args.ratio_batch_size)
     with torch.inference_mode():
+        sync()
         t0 = time.perf_counter()
         for _ in range(passes):
             ratio_net(zc)
+        sync()
         per_row = (time.perf_counter() - t0) / (passes * args.ratio_batch_size)
     with torch.inference_mode():
-        t_denoiser = median_time(lambda: denoiser(torch.randint(0, V, (1, L))))
+        t_denoiser = median_time(lambda: denoiser(torch.randint(0, V, (1, L), device=DEVICE)))
     naive_step = first_step_rows * per_row + t_denoiser
     naive_wall = naive_ratio_rows * per_row + args.steps * t_denoiser
     rows.append(("(d) naive guidance", float(args.steps), naive_ratio_rows, 0.0, naive_wall,
