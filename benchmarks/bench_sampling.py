@@ -131,7 +131,8 @@ def main() -> None:
     schedule = LogLinearSchedule()
     command = "python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:])
     print(f"command: {command}")
-    print(f"device {DEVICE}, |V| = {args.vocab} (incl. [MASK]), L = {L}, {B} sequences per sampler in one batch, "
+    print(f"device {DEVICE}, |V| = {args.vocab} (incl. [MASK]), L = {L}, "
+          f"{B} sequences per sampler in one batch, "
           f"S = {args.steps}, top-K = {args.top_k}, gamma = {args.gamma}, "
           f"ratio batch = {args.ratio_batch_size}, {torch.get_num_threads()} threads")
     print(f"parameters: denoiser {count_parameters(denoiser):,}, ratio net {count_parameters(ratio_net):,}, "
