@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per row; the best counts")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: steadier on a shared machine)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where one cached AR token's time goes (torch.profiler)")
     ap.add_argument("--out", type=Path, default=Path("results/decode_speed.csv"))
     ap.add_argument("--plot", type=Path, default=None, help="also draw the file's rows to this PNG")
     ap.add_argument("--plot-only", action="store_true", help="only redraw --plot from --out; measure nothing")
@@ -247,6 +249,25 @@ def token_vs_forward(args: argparse.Namespace) -> tuple[float, float]:
     return step, forward
 
 
+def profile_decoding(args: argparse.Namespace, tokens: int = 64) -> str:
+    """torch.profiler's table of ``tokens`` eager cached AR steps at batch 1: where a token's time
+    goes (operator count and host time per token against device time)."""
+    from torch.profiler import ProfilerActivity, profile
+    length = max(args.lengths)
+    tokens = min(tokens, length - 1)
+    nets = build_networks(args.size, length, args.device)
+    run = ar_runner(nets, tokens + 1, 1, args.device, graph=False)
+    run()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(args.device)
+    sort = "self_cuda_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return (f"profile of {tokens} cached AR tokens (eager, batch 1): {ops / tokens:.0f} aten operators "
+            f"per token\n" + prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
 def crossovers(rows: list[Row]) -> dict[int, int | None]:
     """Per batch: the shortest length from which 10-step diffusion beats the fastest AR row at
     every longer measured length (None: not reached)."""
@@ -335,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         step, forward = token_vs_forward(args)
         print(f"\none cached AR token step / one single-token forward (batch 1, cache {max(args.lengths)}): "
               f"{step * 1e3:.2f} ms / {forward * 1e3:.2f} ms = {step / forward:.2f}x (target <= 1.5x on CPU)")
+    if args.profile:
+        print(profile_decoding(args))
     for batch, length in crossovers(rows).items():
         print(f"crossover, batch {batch}: 10-step diffusion is faster than AR "
               + (f"from L = {length} on" if length else f"nowhere up to L = {max(args.lengths)}"))

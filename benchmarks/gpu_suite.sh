@@ -10,7 +10,8 @@
 #   parity    CPU-vs-device token parity of the samplers; CUDA-graph vs eager AR decoding
 #   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
 #             and compiled (benchmarks/bench_train.py)
-#   decode    the decoding-speed study (benchmarks/bench_decode.py -> <out>/decode_speed.csv)
+#   decode    the decoding-speed study (benchmarks/bench_decode.py -> <out>/decode_speed.csv), with a
+#             profile of where one cached AR token's time goes
 #   planner   the GTL planner sampler at paper size, n_ratio 64 and 512 (-> <out>/planner_cost.csv)
 # summary.txt lists each step's exit status and seconds. DeepSpeed, submitit and webdataset
 # come from .whl/ when they are not installed; without them the suite stops (it never skips the
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -49,13 +50,13 @@ if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_ar.py)
   PARITY=(--sequences 2)
   TRAIN=(--steps 6 --log-every 2 --hidden 32 --seq-len 32 --batch 8 --worlds 1 --zero 0 --rounds 1)
-  DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1)
+  DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1 --profile)
   PLANNER=(--size tiny --lengths 16 --batches 2 --n-ratio 8 --repeats 1)
 else
   TESTS=(tests/test_models.py tests/test_ar.py tests/test_samplers.py tests/test_guidance_exact.py)
   PARITY=()
   TRAIN=(--paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
-  DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1)
+  DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile)
   PLANNER=(--lengths 128 --batches 16 --n-ratio 64 512 --repeats 1 --budget-s 60)
 fi
 
