@@ -168,7 +168,7 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     """Held-out text and the networks the text metrics need, as plain callables."""
     import torch
 
-    from gtl_dist.data import load_run_manifest, make_loader
+    from gtl_dist.data import load_run_manifest, read_samples
     from gtl_dist.eval.evaluate import HeldOut
 
     device = _device()
@@ -176,10 +176,8 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     tok = _tokenizer(cfg, paths)
 
     def heldout(set_name: str) -> HeldOut:
-        n = manifest.num_samples(set_name)
-        loader = make_loader(manifest, set_name, min(64, n), shuffle=False, infinite=False,
-                             expected_tokenizer_hash=manifest.tokenizer_hash)
-        tokens = [row for batch in loader for row in batch["tokens"].tolist()]
+        tokens = read_samples(manifest, set_name, 0, manifest.num_samples(set_name),
+                              expected_tokenizer_hash=manifest.tokenizer_hash).tolist()
         return HeldOut([tok.decode(row) for row in tokens], tokens)
 
     def as_callable(model):
