@@ -10,8 +10,9 @@
 #   parity    CPU-vs-device token parity of the samplers; CUDA-graph vs eager AR decoding
 #   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
 #             and compiled (benchmarks/bench_train.py)
-#   decode    the decoding-speed study (benchmarks/bench_decode.py -> <out>/decode_speed.csv), with a
-#             profile of where one cached AR token's time goes
+#   decode    the decoding-speed study (benchmarks/bench_decode.py), with a profile of where one
+#             cached AR token's time goes; its rows are merged by device into
+#             results/decode_speed.csv and the plot redrawn (--quick: <out>/decode_speed.csv)
 #   planner   the GTL planner sampler at paper size, n_ratio 64 and 512 (-> <out>/planner_cost.csv)
 # summary.txt lists each step's exit status and seconds. DeepSpeed, submitit and webdataset
 # come from .whl/ when they are not installed; without them the suite stops (it never skips the
@@ -50,13 +51,14 @@ if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_ar.py)
   PARITY=(--sequences 2)
   TRAIN=(--steps 6 --log-every 2 --hidden 32 --seq-len 32 --batch 8 --worlds 1 --zero 0 --rounds 1)
-  DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1 --profile)
+  DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1 --profile --out "$OUT/decode_speed.csv")
   PLANNER=(--size tiny --lengths 16 --batches 2 --n-ratio 8 --repeats 1)
 else
   TESTS=(tests/test_models.py tests/test_ar.py tests/test_samplers.py tests/test_guidance_exact.py)
   PARITY=()
   TRAIN=(--paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
-  DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile)
+  DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile
+          --out results/decode_speed.csv --plot results/decode_speed.png)
   PLANNER=(--lengths 128 --batches 16 --n-ratio 64 512 --repeats 1 --budget-s 60)
 fi
 
@@ -78,7 +80,7 @@ step() {  # step NAME COMMAND...: run, keep its output, record status and time
 step tests "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 step parity "$PY" benchmarks/bench_parity.py --device "$DEVICE" --min-parity 0.95 "${PARITY[@]}"
 step train "$PY" benchmarks/bench_train.py --device "$DEVICE" --compile "${TRAIN[@]}"
-step decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" --out "$OUT/decode_speed.csv" "${DECODE[@]}"
+step decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" "${DECODE[@]}"
 step planner "$PY" benchmarks/bench_decode.py --device "$DEVICE" --methods gtl_planner \
   --out "$OUT/planner_cost.csv" "${PLANNER[@]}"
 echo "suite $([ $FAILED = 0 ] && echo passed || echo FAILED): $OUT/summary.txt" | tee -a "$OUT/summary.txt"
