@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gtl_dist.config import NoiseConfig
+from gtl_dist.models.dit import check_id_range
 
 
 class NoiseSchedule(abc.ABC):
@@ -202,10 +203,7 @@ def check_clean(x0: torch.Tensor, vocab: Any) -> None:
     if masks:
         raise ValueError(f"clean data x0 contains the [MASK] id {vocab.mask_id}; the data and the "
                          f"model disagree about the vocabulary (check the manifest's mask_id)")
-    if lo < 0 or hi >= vocab.size:
-        raise ValueError(f"token id {hi if hi >= vocab.size else lo} is outside the model's "
-                         f"vocabulary [0, {vocab.size}); the data and the model were built with "
-                         f"different vocabularies (check the manifest)")
+    check_id_range(lo, hi, vocab.size)
 
 
 def mdlm_terms(denoiser: Any, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor,

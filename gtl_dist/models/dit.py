@@ -215,12 +215,8 @@ class DiT(nn.Module):
             raise ValueError(f"sequence length {start + z.shape[1]} exceeds the model's seq_len "
                              f"{self.seq_len} (built from the config's sequence length)")
         if z.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(z)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token id {hi if hi >= self.vocab_size else lo} is outside the "
-                                 f"model's vocabulary [0, {self.vocab_size}); the data and the model "
-                                 f"were built with different vocabularies (check the manifest)")
+            lo, hi = torch.stack(torch.aminmax(z)).tolist()
+            check_id_range(lo, hi, self.vocab_size)
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         if sigma is None or not self.time_conditioning:
@@ -275,6 +271,14 @@ class DiT(nn.Module):
         device, dtype = self.vocab_embed.weight.device, self.compute_dtype()
         return KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks],
                        [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks])
+
+
+def check_id_range(lo: int, hi: int, vocab_size: int) -> None:
+    """Token ids spanning [lo, hi] must lie in the model's vocabulary [0, vocab_size)."""
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's "
+                         f"vocabulary [0, {vocab_size}); the data and the model were built with "
+                         f"different vocabularies (check the manifest)")
 
 
 def float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from gtl_dist.io import atomic_write_text
+from gtl_dist.models import count_parameters
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int, train: bool = True) -> float:
     """The package's MFU formula: 6N + 12·B·H·L FLOPs a token to train a network of N parameters
     (B blocks, hidden H) at sequence length L, 2N + 4·B·H·L for a forward pass."""
-    n = sum(p.numel() for p in model.parameters())
+    n = count_parameters(model)
     attention = model.cfg.blocks * model.cfg.hidden * seq_len
     return 6 * n + 12 * attention if train else 2 * n + 4 * attention
 
