@@ -24,6 +24,7 @@ import torch
 
 from gtl_dist.config import NoiseConfig
 from gtl_dist.models.dit import check_id_range
+from gtl_dist.models.heads import subs_token_log_probs
 
 
 class NoiseSchedule(abc.ABC):
@@ -210,20 +211,24 @@ def mdlm_terms(denoiser: Any, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor
                schedule: NoiseSchedule, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of a masked batch ``z`` of ``x0`` at times ``t``, and its statistics as one tensor
     (MDLM_STATS). Tensor code only, with no data-dependent Python: what train.<stage>.compile
-    compiles as one graph, the network's forward included."""
-    logp = denoiser(z, schedule.sigma(t))
+    compiles as one graph, the network's forward included.
+
+    Reads ``denoiser.logits(z, sigma)``, scores over V whose softmax without [MASK] is the
+    prediction at masked positions (a table of log-probabilities qualifies), and never builds the
+    SUBS log-probability tensor: only masked positions are scored, where SUBS is that softmax.
+    """
+    logits = denoiser.logits(z, schedule.sigma(t))
+    log_p_true, greedy = subs_token_log_probs(logits, x0, vocab.mask_id)
     masked = z == vocab.mask_id
     valid = torch.ones_like(masked) if vocab.pad_id is None else x0 != vocab.pad_id
     scored = masked & valid
-    log_p_true = logp.float().gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    # Where() rather than multiplying: a carried-over row is -inf off the observed token.
     nll = torch.where(scored, -log_p_true, torch.zeros_like(log_p_true))
     num_valid = valid.sum().clamp_min(1)
     loss = (schedule.loss_weight(t).to(nll.device)[:, None] * nll).sum() / num_valid
 
     with torch.no_grad():
         num_scored = scored.sum().clamp_min(1)
-        correct = (logp.argmax(-1) == x0) & scored
+        correct = (greedy == x0) & scored
         stats = torch.stack([loss.detach(), nll.sum() / num_scored, correct.sum() / num_scored,
                              scored.sum() / num_valid])
     return loss, stats

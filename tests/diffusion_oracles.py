@@ -96,6 +96,9 @@ class TableDenoiser(nn.Module):
         self.calls += 1
         return self.table[state_index(z, self.vocab.size)]
 
+    def logits(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        return self(z, sigma)  # log-probabilities are scores whose softmax is the prediction
+
 
 def table_of(denoiser: nn.Module, vocab: VocabSpec, length: int) -> np.ndarray:
     """Evaluate a (time-independent) denoiser on every state: its exact table [Z, L, V]."""

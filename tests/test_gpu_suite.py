@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "parity", "train", "decode", "planner")
+STEPS = ("tests", "parity", "train", "loss_head", "decode", "planner")
 
 
 def test_the_gpu_suite_runs_every_step_on_a_cpu(tmp_path):
@@ -25,6 +25,7 @@ def test_the_gpu_suite_runs_every_step_on_a_cpu(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.count("rc=0") == len(STEPS) and "suite passed" in summary
     assert "token parity 1.0000" in logs["parity"]
+    assert "bit-for-bit equal: yes" in logs["loss_head"]
     assert "aten operators per token" in logs["decode"]
     for name, method in (("decode_speed.csv", "ar_cached"), ("planner_cost.csv", "gtl_planner")):
         with open(tmp_path / name, newline="") as f:

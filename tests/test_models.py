@@ -8,6 +8,7 @@ import torch
 from gtl_dist.config import ModelConfig, load_config
 from gtl_dist.models import (ARLM, Denoiser, Planner, RatioNet, SequenceClassifier, VocabSpec,
                              build_model, check_compatible, count_parameters)
+from gtl_dist.models.heads import subs_log_probs, subs_token_log_probs
 
 SMALL = ModelConfig(hidden=32, blocks=2, heads=2, cond_dim=16, dropout=0.0)
 VOCAB = VocabSpec(7, mask_id=6, data_ids=6)
@@ -107,6 +108,36 @@ def test_subs_parameterisation():
     # The raw logits are the same network output without the SUBS constraints.
     torch.testing.assert_close(torch.log_softmax(model.logits(z)[masked][:, :-1], -1),
                                logp[masked][:, :-1])
+
+
+@pytest.mark.exact
+def test_the_training_loss_head_is_bit_for_bit_the_subs_tensor_at_masked_positions():
+    """subs_token_log_probs (what the MDLM loss reads) against gathering from subs_log_probs (what
+    the samplers read): equal values, equal greedy tokens and equal gradients, to the last bit."""
+    model = randomized(Denoiser(SMALL, VOCAB, L), std=0.5)
+    x0 = tokens(batch=4)
+    z = torch.where(torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.6, VOCAB.mask_id, x0)
+    masked = z == VOCAB.mask_id
+    weight = torch.rand(x0.shape, generator=torch.Generator().manual_seed(2))  # like w(t) / N
+
+    def loss_and_grads(route):
+        model.zero_grad()
+        log_p, greedy = route(model.logits(z))
+        loss = torch.where(masked, -weight * log_p, torch.zeros_like(log_p)).sum()
+        loss.backward()
+        return log_p.detach()[masked], greedy[masked], loss, [p.grad.clone() for p in model.parameters()]
+
+    def through_tensor(logits):
+        logp = subs_log_probs(logits, z, VOCAB.mask_id)
+        return logp.gather(-1, x0[..., None]).squeeze(-1), logp.detach().argmax(-1)
+
+    fused = loss_and_grads(lambda logits: subs_token_log_probs(logits, x0, VOCAB.mask_id))
+    reference = loss_and_grads(through_tensor)
+    assert torch.equal(fused[0], reference[0]) and torch.isfinite(fused[0]).all()
+    assert torch.equal(fused[1], reference[1]) and (fused[1] != VOCAB.mask_id).all()
+    assert torch.equal(fused[2], reference[2])
+    assert all(torch.equal(a, b) for a, b in zip(fused[3], reference[3]))
+    assert any(g.abs().sum() > 0 for g in fused[3])
 
 
 @pytest.mark.exact

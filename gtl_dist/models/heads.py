@@ -92,6 +92,42 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch
     return logp.scatter(-1, observed, zero_if_carried)
 
 
+def subs_token_log_probs(logits: torch.Tensor, x0: torch.Tensor, mask_id: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_θ(x0^ℓ | z) at every position as if it were masked, and the greedy prediction:
+    what the MDLM loss reads from :func:`subs_log_probs`, without building its [B, L, V] tensor.
+
+    At masked positions the value is bit-for-bit ``subs_log_probs(logits, z)[..., x0]``, and the
+    gradient to the logits is too (:class:`_TrueTokenLogProb`; docs/architecture.md, "Training",
+    the loss head). The tensor route costs one fp32 [B, L, V] copy per operation it passes
+    through (4 GB each for the paper-size model at micro-batch 64), forward and backward. Works
+    in place on ``logits`` (a fresh fp32 tensor), as subs_log_probs.
+    """
+    logits[..., mask_id] = float("-inf")
+    with torch.no_grad():
+        greedy = logits.argmax(-1)
+    return _TrueTokenLogProb.apply(logits, x0), greedy
+
+
+class _TrueTokenLogProb(torch.autograd.Function):
+    """logits[x0] − logsumexp(logits), with a backward that builds the logits' gradient in one
+    tensor: −g·softmax (in place), then +g at x0. Autograd through the same two operations makes
+    the same products and sums in separate tensors (logsumexp's backward: three; gather's: one;
+    their sum: one), so the bits agree, which the tests check."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, x0)
+        return logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, lse, x0 = ctx.saved_tensors
+        grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        return grad_logits.scatter_add_(-1, x0.unsqueeze(-1), grad.unsqueeze(-1)), None
+
+
 class DenoiserOutput(nn.Module):
     """MDLM's final layer: adaLN-modulated LayerNorm, then a zero-initialised projection to V."""
 
