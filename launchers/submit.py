@@ -157,6 +157,9 @@ def _launch(argv: list[str] | None, held: ExitStack) -> int:
                                      ": every task is done"))
         if preview:
             return 0
+        if busy and cluster == "local":  # an earlier launch's local jobs: hold the run until they end
+            return _report_end(run_dir, launcher.run_here(plan, on_event=lambda line: print(line, flush=True)),
+                               launcher, args.publish)
         return _finish(run_dir, launcher, args, cluster, follow=bool(busy) and args.wait)
 
     if preview:
@@ -186,7 +189,7 @@ def _launch(argv: list[str] | None, held: ExitStack) -> int:
 
     print(f"tensorboard --logdir {run_dir / 'tb'}")
     failed = launcher.run_here(plan, on_event=lambda line: print(line, flush=True))  # logs see it now
-    return _report_end(run_dir, failed, publish=args.publish)
+    return _report_end(run_dir, failed, launcher, args.publish)
 
 
 def _print_plan(run_dir: Path, launcher: Launcher, plan: Plan) -> None:

@@ -116,3 +116,72 @@ def test_concurrent_submission_log_writers_lose_no_entry(tmp_path):
     saved = json.loads((paths.jobs / "submissions.json").read_text())
     assert sorted(saved) == sorted(f"w{w}/t{i}" for w in range(4) for i in range(25))
     assert saved["w3/t7"]["job_id"] == "37"
+
+
+# -- jobs of an earlier launch ----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_launcher(tmp_path, configs_dir):
+    from gtl_dist.cluster.dag import build_pipeline
+    from gtl_dist.cluster.launch import LaunchOptions, Launcher
+    from gtl_dist.config import load_config
+
+    def make(*overrides: str, cluster: str = "local") -> Launcher:
+        cfg = load_config(configs_dir / "tiny.yaml", list(overrides))
+        return Launcher(cfg, tmp_path / "run", LaunchOptions(cluster=cluster), build_pipeline(cfg))
+    return make
+
+
+def _record_job(launcher, task, job_id: str, cluster: str = "local") -> None:
+    folder = str(launcher.paths.jobs / task.kind / "%j")
+    launcher.subs.record(task, Submission(job_id, task.kind, launcher.pipeline.input_hash(task), cluster, folder))
+    launcher.subs.save()
+
+
+def test_changed_inputs_are_refused_while_a_job_made_with_the_old_ones_runs(tiny_launcher, monkeypatch):
+    """--update-config must not start a second job on the directory of one that still runs."""
+    from gtl_dist.cluster.launch import LaunchError
+    old = tiny_launcher()
+    denoiser, sampled = (next(t for t in old.pipeline.tasks if t.kind == kind) for kind in ("denoiser", "sample"))
+    job = subprocess.Popen(["sleep", "60"])
+    try:
+        _record_job(old, denoiser, str(job.pid))
+        _record_job(old, sampled, "4242", cluster="slurm")
+        monkeypatch.setattr("gtl_dist.cluster.launch.slurm_job_states", lambda subs: {"4242": "RUNNING"})
+        changed = tiny_launcher("seed=7", cluster="slurm")  # every task's inputs change
+        plan = changed.plan()
+        assert denoiser in plan.to_run and set(plan.superseded) == {denoiser, sampled}
+        with pytest.raises(LaunchError) as err:
+            changed.check_prerequisites(plan)
+        message = str(err.value)
+        assert f"denoiser (local job, PID {job.pid})" in message and "(SLURM job 4242)" in message
+        assert "kill <PID> / scancel <job>" in message and "nothing was submitted" in message
+        same = tiny_launcher(cluster="slurm").plan()  # same inputs: the jobs are simply in flight
+        assert same.superseded == {} and {denoiser, sampled} <= set(same.in_flight)
+    finally:
+        job.kill()
+        job.wait()
+    monkeypatch.setattr("gtl_dist.cluster.launch.slurm_job_states", lambda subs: {"4242": "COMPLETED"})
+    plan = tiny_launcher("seed=7", cluster="slurm").plan()
+    assert plan.superseded == {} and denoiser in plan.to_run
+    tiny_launcher("seed=7", cluster="slurm").check_prerequisites(plan)
+
+
+def test_a_local_launcher_waits_for_an_earlier_launchs_job_that_nothing_here_reads(tiny_launcher):
+    """A launcher that died leaves its local jobs running; the next one holds the run directory
+    until they end, even when no task it runs reads theirs (here the last one, the report)."""
+    launcher = tiny_launcher()
+    report = next(t for t in launcher.pipeline.tasks if t.kind == "eval")
+    job = subprocess.Popen(["sleep", "1.5"])
+    threading.Thread(target=job.wait).start()  # reap it, as init reaps a dead launcher's jobs
+    _record_job(launcher, report, str(job.pid))
+    plan = launcher.plan()
+    assert report in plan.in_flight
+    plan.to_run.clear()  # nothing else to run: only the wait is tested
+    events: list[str] = []
+    start = time.monotonic()
+    failed = launcher.run_here(plan, on_event=events.append)
+    assert time.monotonic() - start >= 1.0
+    assert failed == [report]  # it ended without its completion marker
+    assert any(f"waiting for {report.key} (local job {job.pid} of an earlier launch)" in e for e in events)
+    assert any(f"FAILED {report.key}: its earlier job ended without finishing" in e for e in events)

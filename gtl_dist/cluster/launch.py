@@ -217,20 +217,25 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
     result = sub.result()
     if result is not None and result[0] == "error":
         return "failed"
+    if job_active(sub, slurm_states):
+        pending = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING")
+        return "pending" if slurm_states.get(sub.job_id) in pending else "running"
     if sub.cluster == "slurm":
         state = slurm_states.get(sub.job_id, "UNKNOWN")
-        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
-            return "pending"
-        if state in ACTIVE_STATES:
-            return "running"
         if state == "CANCELLED":
             return "cancelled"
         if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
             return "failed"
         return "failed" if result is None and state == "COMPLETED" else "not submitted"
-    if sub.cluster == "local" and pid_alive(sub.job_id):
-        return "running"
     return "failed" if result is not None else "not submitted"
+
+
+def job_active(sub: Submission, slurm_states: dict[str, str]) -> bool:
+    """Whether a recorded job may still write its task's files: queued, running or requeued on
+    SLURM (as far as ``slurm_states`` knows), or a local job whose process lives."""
+    if sub.cluster == "slurm":
+        return slurm_states.get(sub.job_id) in ACTIVE_STATES
+    return sub.cluster == "local" and pid_alive(sub.job_id)
 
 
 # -- the launcher ---------------------------------------------------------------------------------------
@@ -241,6 +246,9 @@ class Plan:
     done: list[Task] = field(default_factory=list)
     in_flight: dict[Task, Submission] = field(default_factory=dict)
     to_run: list[Task] = field(default_factory=list)
+    # Tasks whose inputs changed while a job made with the old ones still runs: check_prerequisites
+    # refuses them, since a new job would share that job's directory.
+    superseded: dict[Task, Submission] = field(default_factory=dict)
 
 
 class Launcher:
@@ -271,10 +279,15 @@ class Launcher:
                 plan.in_flight[task] = self.subs.get(task)
             elif task in selected:
                 plan.to_run.append(task)
+                if state == "stale" and job_active(self.subs.get(task), states):
+                    plan.superseded[task] = self.subs.get(task)
         return plan
 
     def check_prerequisites(self, plan: Plan) -> None:
-        """Every task to run must have its inputs done, in flight, or about to run."""
+        """Every task to run must have its inputs done, in flight, or about to run, and no job
+        made with its old inputs may still run."""
+        if plan.superseded:
+            raise LaunchError(superseded_message(plan.superseded, self.paths.root))
         available = set(plan.done) | set(plan.in_flight) | set(plan.to_run)
         for task in plan.to_run:
             for dep in self.pipeline.task_deps(task):
@@ -343,9 +356,11 @@ class Launcher:
     def run_here(self, plan: Plan, on_event: Callable[[str], None] = print) -> list[Task]:
         """Run the remaining tasks on this machine. A task starts as soon as every task it reads
         has finished (not group by group), up to ``local_parallelism`` at a time (a multi-rank
-        task takes one slot per rank); ``debug`` runs them one by one in this process. Returns
-        the failed tasks; their dependants are cancelled (not run) and reported. Running training
-        tasks report their step now and then (``progress.TrainProgress``)."""
+        task takes one slot per rank); ``debug`` runs them one by one in this process. Local jobs
+        of an earlier launch that still run are waited for, so the launcher holds the run
+        directory until they end. Returns the failed tasks; their dependants are cancelled (not
+        run) and reported. Running training tasks report their step now and then
+        (``progress.TrainProgress``)."""
         progress = TrainProgress(self.pipeline, self.paths)
         failed: list[Task] = []
         cancelled: set[Task] = set()
@@ -385,6 +400,9 @@ class Launcher:
                 on_event(f"  {line}")
             if running and self.opts.cluster != "debug":
                 time.sleep(0.5)
+        for task in self.pipeline.tasks:  # an earlier launch's jobs that no task here waited for
+            if task in plan.in_flight and plan.in_flight[task].cluster == "local":
+                self._await_local(task, plan.in_flight.pop(task), failed, on_event, progress)
         return failed
 
     def _ranks(self, task: Task) -> int:
@@ -446,6 +464,18 @@ class Launcher:
         on_event(f"  FAILED {task.key}: its earlier job ended without finishing "
                  f"(log: {sub.log_paths()[1]})")
         return False
+
+
+def superseded_message(jobs: dict[Task, Submission], run_dir: Path) -> str:
+    listed = [f"{task.key} ({'SLURM job' if sub.cluster == 'slurm' else 'local job, PID'} {sub.job_id})"
+              for task, sub in jobs.items()]
+    cancel = " / ".join(sorted({"scancel <job>" if sub.cluster == "slurm" else "kill <PID>"
+                                for sub in jobs.values()}))
+    return (f"{run_dir / 'jobs' / 'submissions.json'}: the inputs of {len(jobs)} task(s) changed "
+            f"while their jobs, made with the old ones, still run: {'; '.join(listed[:5])}"
+            f"{'; ...' if len(listed) > 5 else ''}. A new job would write into the same task "
+            f"directories. Wait for them to end (python launchers/status.py --run-dir {run_dir}) "
+            f"or cancel them ({cancel}), then launch again; nothing was submitted")
 
 
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt|Exit)\w*: ")
