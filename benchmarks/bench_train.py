@@ -4,7 +4,7 @@ compiled, measured in one run.
     python benchmarks/bench_train.py [--steps 40] [--seq-len 256] [--hidden 128] [--batch 32]
                                      [--threads 2] [--worlds 1 2] [--zero 0 2 3] [--rounds 2]
                                      [--device cpu|cuda] [--compile] [--peak-tflops T]
-                                     [--paper-size]
+                                     [--paper-size] [--profile]
 
 What it measures, on one small denoiser config (the Markov task at a longer sequence length; 2
 blocks of --hidden), or with --paper-size on the arXiv preset's 59.8M denoiser (configs/arxiv.yaml's
@@ -23,7 +23,10 @@ tokenizer fills it):
             (``train.denoiser.compile``; the plain loop calls the same ``engine.compile_step``).
             The compile happens in the first log window, which is dropped. ZeRO-3 has none (the
             config refuses it);
-- reader:   the shard reader alone at the training micro-batch.
+- reader:   the shard reader alone at the training micro-batch;
+- profile:  with --profile, torch.profiler's table of three steps of the plain loop (eager and,
+            with --compile, compiled), operators by self device time: where a step's time goes,
+            to explain an MFU below target.
 
 --device cpu (the default) hides any GPU from the runs. --device cuda runs every variant on GPUs,
 one rank per GPU (so --worlds at most the GPU count), as a training job does there: bf16
@@ -203,9 +206,8 @@ def plain_tokens_per_s(cfg, manifest, args: argparse.Namespace) -> float:
     terms = compile_step(mdlm_terms) if args.plain_compiled else None
     it = iter(make_loader(manifest, "source/train", args.batch, num_workers=args.workers, seed=0))
     gen = torch.Generator(hw.device).manual_seed(0)
-    elapsed, tokens = 0.0, 0
-    for step in range(args.steps):
-        t0 = time.perf_counter()
+
+    def train_step() -> int:
         x0 = next(it)["tokens"].to(hw.device)
         t = sample_t(x0.shape[0], gen, t_min=cfg.noise.t_min)
         loss, _ = mdlm_loss(model, x0, schedule, t, gen, terms=terms)
@@ -215,10 +217,30 @@ def plain_tokens_per_s(cfg, manifest, args: argparse.Namespace) -> float:
         opt.step()
         sched.step()
         loss.item()  # waits for the step's kernels
+        return x0.numel()
+
+    elapsed, tokens = 0.0, 0
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        n = train_step()
         if step >= args.log_every:  # the same warm-up window the DeepSpeed runs drop
             elapsed += time.perf_counter() - t0
-            tokens += x0.numel()
+            tokens += n
+    if args.profile:
+        print(profile_steps(train_step, hw.device))
     return tokens / elapsed
+
+
+def profile_steps(train_step, device: torch.device, steps: int = 3) -> str:
+    """torch.profiler's table of ``steps`` training steps, operators by self device time: where a
+    step's time goes (matrix products, attention, the loss head, the optimiser)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"profile of {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
 def run_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
@@ -230,14 +252,17 @@ def run_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
     return env
 
 
-def plain_in_subprocess(args: argparse.Namespace, root: Path, compiled: bool) -> float:
-    """Run the plain loop in a fresh process with the same thread setting as a DeepSpeed rank."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--plain-in", str(root)]
-    out = subprocess.run(cmd + ["--plain-compiled"] * compiled, env=run_env(args, args.threads),
-                         capture_output=True, text=True, timeout=1200)
+def plain_in_subprocess(args: argparse.Namespace, root: Path, compiled: bool, profile: bool
+                        ) -> tuple[float, str]:
+    """Run the plain loop in a fresh process with the same thread setting as a DeepSpeed rank:
+    its tokens/s and, with ``profile``, its profile table."""
+    cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--profile"], "--plain-in", str(root)]
+    out = subprocess.run(cmd + ["--plain-compiled"] * compiled + ["--profile"] * profile,
+                         env=run_env(args, args.threads), capture_output=True, text=True, timeout=1200)
     if out.returncode != 0:
         raise RuntimeError(f"plain loop failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    *table, tokens_per_s = out.stdout.strip().splitlines()
+    return float(tokens_per_s), "\n".join(table)
 
 
 def free_port() -> int:
@@ -290,6 +315,8 @@ def parse_args() -> argparse.Namespace:
                    help=f"one device's peak for MFU (default on cuda: {H100_BF16_TFLOPS:g}, H100 bf16)")
     p.add_argument("--paper-size", action="store_true",
                    help="the arXiv preset's 59.8M denoiser at its L = 512, on a synthetic text corpus")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where the plain loop's step time goes (torch.profiler, first round)")
     p.add_argument("--keep", help="keep the run directories here instead of a temporary folder")
     p.add_argument("--plain-in", help=argparse.SUPPRESS)  # internal: measure the plain loop only
     p.add_argument("--plain-compiled", action="store_true", help=argparse.SUPPRESS)
@@ -334,10 +361,12 @@ def main() -> int:
 
     tps: dict[Variant, list[float]] = {v: [] for v in variants(args)}
     peak_gb: dict[Variant, float] = {}
+    profiles: dict[Variant, str] = {}
     for r in range(args.rounds):
         for v in tps:
             if v.zero is None:
-                tps[v].append(plain_in_subprocess(args, root, v.compiled))
+                rate, profiles[v] = plain_in_subprocess(args, root, v.compiled, args.profile and r == 0)
+                tps[v].append(rate)
             else:
                 run_dir = root / f"zero{v.zero}-world{v.world}{'-compiled' * v.compiled}"
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -348,6 +377,9 @@ def main() -> int:
                   flush=True)
     best = {v: max(values) for v, values in tps.items()}
     report(args, cfg, model, flops, tps, best, peak_gb)
+    for v, table in profiles.items():
+        if table:
+            print(f"\n{v.name}, {table}")
     reader = reader_tokens_per_s(manifest, args.batch, args.workers, batches=200)
     print(f"shard reader: {reader:.0f} tokens/s = {reader / max(best.values()):.1f} x the fastest "
           f"training loop; target >= 20")

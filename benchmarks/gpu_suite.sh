@@ -9,7 +9,7 @@
 #   tests     the model, AR, sampler and exact-guidance tests (their CUDA tests run on a GPU)
 #   parity    CPU-vs-device token parity of the samplers; CUDA-graph vs eager AR decoding
 #   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
-#             and compiled (benchmarks/bench_train.py)
+#             and compiled, with a profile of the plain loop's step (benchmarks/bench_train.py)
 #   loss_head the MDLM loss head at the training micro-batch: through the SUBS log-prob tensor vs
 #             fused, time and peak memory (benchmarks/bench_loss_head.py)
 #   decode    the decoding-speed study (benchmarks/bench_decode.py), with a profile of where one
@@ -52,14 +52,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_ar.py)
   PARITY=(--sequences 2)
-  TRAIN=(--steps 6 --log-every 2 --hidden 32 --seq-len 32 --batch 8 --worlds 1 --zero 0 --rounds 1)
+  TRAIN=(--profile --steps 6 --log-every 2 --hidden 32 --seq-len 32 --batch 8 --worlds 1 --zero 0 --rounds 1)
   LOSS_HEAD=(--batch 2 --seq-len 16 --vocab 50 --hidden 32 --repeats 1)
   DECODE=(--size tiny --lengths 16 32 --batches 1 --repeats 1 --profile --out "$OUT/decode_speed.csv")
   PLANNER=(--size tiny --lengths 16 --batches 2 --n-ratio 8 --repeats 1)
 else
   TESTS=(tests/test_models.py tests/test_ar.py tests/test_samplers.py tests/test_guidance_exact.py)
   PARITY=()
-  TRAIN=(--paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
+  TRAIN=(--profile --paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
   LOSS_HEAD=(--batch 64 --repeats 5)
   DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile
           --out results/decode_speed.csv --plot results/decode_speed.png)

@@ -26,6 +26,7 @@ def test_the_gpu_suite_runs_every_step_on_a_cpu(tmp_path):
     assert summary.count("rc=0") == len(STEPS) and "suite passed" in summary
     assert "token parity 1.0000" in logs["parity"]
     assert "bit-for-bit equal: yes" in logs["loss_head"]
+    assert "plain PyTorch compiled, profile of 3 steps" in logs["train"]
     assert "aten operators per token" in logs["decode"]
     for name, method in (("decode_speed.csv", "ar_cached"), ("planner_cost.csv", "gtl_planner")):
         with open(tmp_path / name, newline="") as f:
