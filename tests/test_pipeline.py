@@ -15,6 +15,7 @@ from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import LaunchOptions, render_sbatch
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import load_config
+from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,3 +238,7 @@ def test_update_config_restarts_a_changed_training_stage_keeping_its_old_checkpo
         stale = list(ckpt.parent.glob("ckpt.stale-*"))
         assert len(stale) == 1 and any(stale[0].glob("step-*/COMMIT.json")), stale
         assert any(ckpt.glob("step-*/COMMIT.json"))
+        # The old run's log went with its checkpoints; the new log holds the new run only.
+        old_log, new_log = (read_json_lines(d / "train_log.jsonl") for d in (stale[0], ckpt.parent))
+        assert old_log and new_log and [r["step"] for r in new_log] == [r["step"] for r in old_log]
+        assert [r["lr"] for r in new_log if "lr" in r] != [r["lr"] for r in old_log if "lr" in r]

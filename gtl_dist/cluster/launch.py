@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from gtl_dist.cluster.dag import Group, Pipeline
-from gtl_dist.cluster.progress import TrainProgress
+from gtl_dist.cluster.progress import TrainProgress, train_log_path
 from gtl_dist.cluster.tasks import TaskRunner, marker_valid
 from gtl_dist.config import RunConfig
 from gtl_dist.io import atomic_write_json, read_json
@@ -300,7 +300,9 @@ class Launcher:
 
     def retire_stale_checkpoints(self, plan: Plan, on_event: Callable[[str], None] = print) -> None:
         """Training tasks about to run whose checkpoints were written with other inputs (after
-        --update-config) start afresh; their old checkpoint folders are kept, renamed."""
+        --update-config) start afresh; their old checkpoint folders are kept, renamed, with the
+        old run's train_log.jsonl inside (a fresh start would truncate it, and until then its
+        steps would show as the new run's progress)."""
         from gtl_dist.train.checkpoint import retire_stale
         for task in plan.to_run:
             if task.kind not in STAGES:
@@ -309,8 +311,11 @@ class Launcher:
             moved = retire_stale(self.paths.checkpoints(task.kind, task.target, task.fraction,
                                                         task.seed), self.pipeline.input_hash(task))
             if moved is not None:
+                old_log = train_log_path(self.paths, task)
+                if old_log.exists():
+                    old_log.rename(moved / old_log.name)
                 on_event(f"  {task.key}: its checkpoints were made with other inputs; kept as "
-                         f"{moved}, the stage starts afresh")
+                         f"{moved} with their train log, the stage starts afresh")
 
     # submission ------------------------------------------------------------------------------
     def submit(self, plan: Plan) -> dict[str, list[str]]:
