@@ -136,20 +136,15 @@ def build_networks(size: str, length: int, device: torch.device) -> Networks:
     return Networks(*(net.to(device).eval() for net in nets))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def best_time(run: Callable[[], float], repeats: int, device: torch.device) -> tuple[float, float]:
     """(best wall seconds, network evals per sequence) over ``repeats`` runs after one warm-up."""
     run()
     best, evals = float("inf"), 0.0
     for _ in range(repeats):
-        sync(device)
+        torch.get_device_module(device).synchronize(device)
         t0 = time.perf_counter()
         evals = run()
-        sync(device)
+        torch.get_device_module(device).synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best, evals
 
@@ -261,7 +256,7 @@ def profile_decoding(args: argparse.Namespace, tokens: int = 64) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
-        sync(args.device)
+        torch.get_device_module(args.device).synchronize(args.device)
     sort = "self_cuda_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return (f"profile of {tokens} cached AR tokens (eager, batch 1): {ops / tokens:.0f} aten operators "

@@ -66,11 +66,6 @@ def step(way: str, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch
     return loss.detach(), list(grads)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def peak_memory_gib(way: str, args: argparse.Namespace, device: torch.device) -> float:
     """Peak memory one forward + backward adds to its inputs."""
     if device.type == "cuda":
@@ -125,10 +120,10 @@ def main() -> int:
     times: dict[str, list[float]] = {way: [] for way in WAYS}
     for _ in range(args.repeats):
         for way in WAYS:
-            sync(device)
+            torch.get_device_module(device).synchronize(device)
             start = time.perf_counter()
             step(way, t)
-            sync(device)
+            torch.get_device_module(device).synchronize(device)
             times[way].append(1e3 * (time.perf_counter() - start))
 
     elements = args.batch * args.seq_len * args.vocab

@@ -77,8 +77,7 @@ DEVICE = torch.device("cpu")  # set from --device in main()
 
 def sync() -> None:
     """Wait for the device, so wall-clock timings cover the work (a no-op on the CPU)."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+    torch.get_device_module(DEVICE).synchronize(DEVICE)
 
 
 class Timed:
