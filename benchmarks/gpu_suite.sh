@@ -2,19 +2,22 @@
 # The GPU suite: every device measurement of the package in one run, as plain text.
 #
 #     bash benchmarks/gpu_wheels.sh                   # here, once: wheels the GPU machine lacks -> .whl/
-#     bash benchmarks/gpu_suite.sh                    # on the GPU machine (carry .whl/): < 6 min on one H100
+#     bash benchmarks/gpu_suite.sh --out "$OUT"       # on the GPU machine (carry .whl/): < 6 min on one H100
 #     bash benchmarks/gpu_suite.sh --device cpu --quick --out /tmp/suite   # the same steps, CI-sized, on a CPU
 #
-# Steps, each writing <out>/<step>.txt (default out: results/benchmarks/gpu/):
+# Everything it writes goes under --out (default results/benchmarks/gpu/), so a machine that only
+# hands back one folder ($OUT on the device tool's machines) hands back all of it. Steps, in this
+# order (a run cut short keeps the steps it finished), each writing <out>/<step>.txt:
 #   tests     the model, AR, sampler and exact-guidance tests (their CUDA tests run on a GPU)
 #   parity    CPU-vs-device token parity of the samplers; CUDA-graph vs eager AR decoding
-#   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
-#             and compiled, with a profile of the plain loop's step (benchmarks/bench_train.py)
 #   loss_head the MDLM loss head at the training micro-batch: through the SUBS log-prob tensor vs
 #             fused, time and peak memory (benchmarks/bench_loss_head.py)
 #   decode    the decoding-speed study (benchmarks/bench_decode.py), with a profile of where one
-#             cached AR token's time goes; its rows are merged by device into
-#             results/decode_speed.csv and the plot redrawn (--quick: <out>/decode_speed.csv)
+#             cached AR token's time goes: <out>/decode_speed.csv starts as a copy of
+#             results/decode_speed.csv, gets this device's rows merged in, and is drawn to
+#             <out>/decode_speed.png (both go back to results/ once the run is reviewed)
+#   train     training throughput and MFU: plain PyTorch vs the package's DeepSpeed loop, eager
+#             and compiled, with a profile of the plain loop's step (benchmarks/bench_train.py)
 #   planner   the GTL planner sampler at paper size, n_ratio 64 and 512 (-> <out>/planner_cost.csv)
 # summary.txt lists each step's exit status and seconds. DeepSpeed, submitit and webdataset
 # come from .whl/ when they are not installed; without them the suite stops (it never skips the
@@ -62,7 +65,8 @@ else
   TRAIN=(--profile --paper-size --steps 40 --worlds 1 --zero 2 --rounds 1)
   LOSS_HEAD=(--batch 64 --repeats 5)
   DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile
-          --out results/decode_speed.csv --plot results/decode_speed.png)
+          --out "$OUT/decode_speed.csv" --plot "$OUT/decode_speed.png")
+  [ -e "$OUT/decode_speed.csv" ] || cp results/decode_speed.csv "$OUT/decode_speed.csv"
   PLANNER=(--lengths 128 --batches 16 --n-ratio 64 512 --repeats 1 --budget-s 60)
 fi
 
@@ -83,9 +87,9 @@ step() {  # step NAME COMMAND...: run, keep its output, record status and time
   command -v nvidia-smi >/dev/null && nvidia-smi -L; } >> "$OUT/summary.txt" 2>&1
 step tests "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 step parity "$PY" benchmarks/bench_parity.py --device "$DEVICE" --min-parity 0.95 "${PARITY[@]}"
-step train "$PY" benchmarks/bench_train.py --device "$DEVICE" --compile "${TRAIN[@]}"
 step loss_head "$PY" benchmarks/bench_loss_head.py --device "$DEVICE" "${LOSS_HEAD[@]}"
 step decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" "${DECODE[@]}"
+step train "$PY" benchmarks/bench_train.py --device "$DEVICE" --compile "${TRAIN[@]}"
 step planner "$PY" benchmarks/bench_decode.py --device "$DEVICE" --methods gtl_planner \
   --out "$OUT/planner_cost.csv" "${PLANNER[@]}"
 echo "suite $([ $FAILED = 0 ] && echo passed || echo FAILED): $OUT/summary.txt" | tee -a "$OUT/summary.txt"
