@@ -18,6 +18,7 @@ import pytest
 from gtl_dist.cluster.launch import Submission, SubmissionLog
 from gtl_dist.cluster.run_lock import RECORD_NAME, RunDirBusy, hold_run_dir
 from gtl_dist.data import Manifest
+from gtl_dist.locks import pid_alive
 from gtl_dist.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +186,23 @@ def test_a_local_launcher_waits_for_an_earlier_launchs_job_that_nothing_here_rea
     assert failed == [report]  # it ended without its completion marker
     assert any(f"waiting for {report.key} (local job {job.pid} of an earlier launch)" in e for e in events)
     assert any(f"FAILED {report.key}: its earlier job ended without finishing" in e for e in events)
+
+
+def test_a_pid_the_kernel_gave_to_a_later_process_is_not_the_recorded_job(tiny_launcher):
+    """Local job ids are PIDs, which the kernel reuses: a process that started after the job was
+    recorded is another one, and a launcher must neither wait on it nor count its task as running."""
+    launcher = tiny_launcher()
+    report = next(t for t in launcher.pipeline.tasks if t.kind == "eval")
+    job = subprocess.Popen(["sleep", "60"])
+    try:
+        assert pid_alive(job.pid) and pid_alive(job.pid, started=time.time())
+        assert not pid_alive(job.pid, started=time.time() - 3600)
+        folder = str(launcher.paths.jobs / "eval" / "%j")
+        for submitted, in_flight in ((time.time() - 3600, False), (time.time(), True)):
+            launcher.subs.record(report, Submission(str(job.pid), "eval", launcher.pipeline.input_hash(report),
+                                                    "local", folder, submitted=submitted))
+            assert (report in launcher.plan().in_flight) is in_flight
+    finally:
+        job.kill()
+        job.wait()
+    assert not pid_alive(job.pid) and not pid_alive("not a pid")

@@ -235,7 +235,7 @@ def job_active(sub: Submission, slurm_states: dict[str, str]) -> bool:
     SLURM (as far as ``slurm_states`` knows), or a local job whose process lives."""
     if sub.cluster == "slurm":
         return slurm_states.get(sub.job_id) in ACTIVE_STATES
-    return sub.cluster == "local" and pid_alive(sub.job_id)
+    return sub.cluster == "local" and pid_alive(sub.job_id, started=sub.submitted)
 
 
 # -- the launcher ---------------------------------------------------------------------------------------
@@ -459,7 +459,7 @@ class Launcher:
     def _await_local(self, task: Task, sub: Submission, failed: list[Task],
                      on_event: Callable[[str], None], progress: TrainProgress) -> bool:
         on_event(f"  waiting for {task.key} (local job {sub.job_id} of an earlier launch)")
-        while pid_alive(sub.job_id):
+        while pid_alive(sub.job_id, started=sub.submitted):
             for line in progress.lines([task]):
                 on_event(f"  {line}")
             time.sleep(2)

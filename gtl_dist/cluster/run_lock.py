@@ -89,7 +89,7 @@ def _live_holder(record: Path) -> Optional[Holder]:
     times (2 s) first."""
     for _ in range(20):
         holder = _read_holder(record)
-        if holder is not None and (holder.host != socket.gethostname() or pid_alive(holder.pid)):
+        if holder is not None and (holder.host != socket.gethostname() or pid_alive(holder.pid, holder.started)):
             return holder
         time.sleep(0.1)
     return holder
