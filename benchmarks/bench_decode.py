@@ -257,7 +257,7 @@ def profile_decoding(args: argparse.Namespace, tokens: int = 64) -> str:
     with profile(activities=activities) as prof:
         run()
         torch.get_device_module(args.device).synchronize(args.device)
-    sort = "self_cuda_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return (f"profile of {tokens} cached AR tokens (eager, batch 1): {ops / tokens:.0f} aten operators "
             f"per token\n" + prof.key_averages().table(sort_by=sort, row_limit=15))

@@ -239,7 +239,7 @@ def profile_steps(train_step, device: torch.device, steps: int = 3) -> str:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             train_step()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return f"profile of {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
