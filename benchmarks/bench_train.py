@@ -40,7 +40,7 @@ printed only when --peak-tflops is given.
 
 Targets: issue #4, DeepSpeed at 1 process >= 0.9 x plain and the reader >= 20 x what training
 consumes; issue #13, >= 35 % MFU on one H100 for the 59.8M denoiser at L = 512 (micro-batch 64;
-benchmarks/gpu_suite.sh runs this with --zero 0 1 2):
+benchmarks/gpu_suite.sh runs this at ZeRO-2 with --profile):
 
     python benchmarks/bench_train.py --device cuda --compile --paper-size --worlds 1 --zero 2 \
         --steps 40 --rounds 1

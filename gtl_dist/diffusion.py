@@ -180,7 +180,8 @@ def mdlm_loss(denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule, t: torch
     """The MDLM NELBO estimate for a batch (fp32): weighted masked-position cross-entropy,
     averaged over all valid tokens (tokens equal to vocab.pad_id, if any, are not counted).
 
-    ``denoiser(z, sigma)`` returns SUBS log-probabilities; ``vocab`` defaults to denoiser.vocab.
+    ``denoiser.logits(z, sigma)`` gives the scores the loss reads (:func:`mdlm_terms`); ``vocab``
+    defaults to denoiser.vocab.
     The data check and the masking run here, eagerly; the network and the loss are ``terms``
     (:func:`mdlm_terms`, or a compiled copy of it: ``train.<stage>.compile``).
     Stats: loss, nll (mean CE over masked positions), accuracy (greedy, masked positions),
