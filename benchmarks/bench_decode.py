@@ -52,6 +52,7 @@ from gtl_dist.io import atomic_write_text  # noqa: E402
 from gtl_dist.models import ARLM, Denoiser, Planner, RatioNet, VocabSpec  # noqa: E402
 from gtl_dist.sample import PlannerSampler, unguided_sampler  # noqa: E402
 from gtl_dist.sample.ar import sample_ar  # noqa: E402
+from gtl_dist.train.metrics import profile_operators  # noqa: E402
 
 COLUMNS = ("method", "steps", "n_ratio", "seq_len", "batch", "device", "seconds_per_seq", "network_evals")
 SIZES = {  # (denoiser / AR, ratio net and planner, |V| without [MASK])
@@ -247,20 +248,15 @@ def token_vs_forward(args: argparse.Namespace) -> tuple[float, float]:
 def profile_decoding(args: argparse.Namespace, tokens: int = 64) -> str:
     """torch.profiler's table of ``tokens`` eager cached AR steps at batch 1: where a token's time
     goes (operator count and host time per token against device time)."""
-    from torch.profiler import ProfilerActivity, profile
     length = max(args.lengths)
     tokens = min(tokens, length - 1)
     nets = build_networks(args.size, length, args.device)
     run = ar_runner(nets, tokens + 1, 1, args.device, graph=False)
     run()  # warm-up
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run()
-        torch.get_device_module(args.device).synchronize(args.device)
-    sort = "self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    table, averages = profile_operators(run, args.device, rows=15)
+    ops = sum(e.count for e in averages if e.key.startswith("aten::"))
     return (f"profile of {tokens} cached AR tokens (eager, batch 1): {ops / tokens:.0f} aten operators "
-            f"per token\n" + prof.key_averages().table(sort_by=sort, row_limit=15))
+            f"per token\n" + table)
 
 
 def crossovers(rows: list[Row]) -> dict[int, int | None]:

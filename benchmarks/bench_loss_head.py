@@ -94,7 +94,7 @@ def rss_of(way: str, args: argparse.Namespace) -> None:
     print((high_water_kib() - before) / 2**20)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=8)
@@ -103,13 +103,18 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rss-of", choices=WAYS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if args.rss_of:
         rss_of(args.rss_of, args)
         return 0
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is visible")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as training sets it
 

@@ -61,15 +61,20 @@ def draw_all(nets: dict[str, torch.nn.Module], num: int, cuda_graph: bool = Fals
     return out
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--min-parity", type=float, default=0.0, help="fail (exit 1) below this parity")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
     reference = draw_all(random_networks(), args.sequences)
     on_device = {name: net.to(device) for name, net in random_networks().items()}
     tested = draw_all(on_device, args.sequences)

@@ -234,13 +234,12 @@ def plain_tokens_per_s(cfg, manifest, args: argparse.Namespace) -> float:
 def profile_steps(train_step, device: torch.device, steps: int = 3) -> str:
     """torch.profiler's table of ``steps`` training steps, operators by self device time: where a
     step's time goes (matrix products, attention, the loss head, the optimiser)."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    from gtl_dist.train.metrics import profile_operators
+
+    def run() -> None:
         for _ in range(steps):
             train_step()
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return f"profile of {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=25)
+    return f"profile of {steps} steps:\n" + profile_operators(run, device, rows=25)[0]
 
 
 def run_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
@@ -295,7 +294,7 @@ def deepspeed_run(args: argparse.Namespace, sets: list[str], run_dir: Path, v: V
     return {"tokens_per_s": len(train) / seconds, "peak_gb": max(r[memory] for r in train)}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--log-every", type=int, default=10)
@@ -320,7 +319,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", help="keep the run directories here instead of a temporary folder")
     p.add_argument("--plain-in", help=argparse.SUPPRESS)  # internal: measure the plain loop only
     p.add_argument("--plain-compiled", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     paper = arxiv_config() if args.paper_size else None
     args.seq_len = args.seq_len or (paper.shards.seq_len if paper else 256)
     args.batch = args.batch or (PAPER_BATCH if paper else 32)

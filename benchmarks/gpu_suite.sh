@@ -4,6 +4,7 @@
 #     bash benchmarks/gpu_wheels.sh                   # here, once: wheels the GPU machine lacks -> .whl/
 #     bash benchmarks/gpu_suite.sh --out "$OUT"       # on the GPU machine (carry .whl/): < 6 min on one H100
 #     bash benchmarks/gpu_suite.sh --device cpu --quick --out /tmp/suite   # the same steps, CI-sized, on a CPU
+#     bash benchmarks/gpu_suite.sh --dry-run          # print each step's command; run and write nothing
 #
 # Everything it writes goes under --out (default results/benchmarks/gpu/), so a machine that only
 # hands back one folder ($OUT on the device tool's machines) hands back all of it. Steps, in this
@@ -27,28 +28,45 @@ cd "$(dirname "$0")/.."
 
 DEVICE=cuda
 QUICK=0
+DRY_RUN=0
 OUT=results/benchmarks/gpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
     --out) OUT=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ {print} /^set /{exit}' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+FAILED=0
 
-if ! "$PY" -c "import deepspeed, submitit, webdataset" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_suite.sh: deepspeed/submitit/webdataset are missing and there is no .whl/;" \
-         "run 'bash benchmarks/gpu_wheels.sh' where pip works and carry .whl/ here" >&2
-    exit 2
+if [ "$DRY_RUN" = 1 ]; then
+  step() { shift; printf '%q ' "$@"; echo; }  # print the step's command, shell-quoted
+else
+  step() {  # step NAME COMMAND...: run, keep its output, record status and time
+    local name=$1 start rc
+    shift
+    start=$(date +%s)
+    echo "== $name: $*" | tee -a "$OUT/summary.txt"
+    "$@" > "$OUT/$name.txt" 2>&1
+    rc=$?
+    echo "   rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    [ $rc = 0 ] || FAILED=1
+  }
+  mkdir -p "$OUT"
+  if ! "$PY" -c "import deepspeed, submitit, webdataset" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+      echo "gpu_suite.sh: deepspeed/submitit/webdataset are missing and there is no .whl/;" \
+           "run 'bash benchmarks/gpu_wheels.sh' where pip works and carry .whl/ here" >&2
+      exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/gtl_site .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/gtl_site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gtl_site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/gtl_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -66,25 +84,14 @@ else
   LOSS_HEAD=(--batch 64 --repeats 5)
   DECODE=(--budget-s 20 --total-budget-s 120 --repeats 1 --profile
           --out "$OUT/decode_speed.csv" --plot "$OUT/decode_speed.png")
-  [ -e "$OUT/decode_speed.csv" ] || cp results/decode_speed.csv "$OUT/decode_speed.csv"
   PLANNER=(--lengths 128 --batches 16 --n-ratio 64 512 --repeats 1 --budget-s 60)
 fi
 
-: > "$OUT/summary.txt"
-FAILED=0
-step() {  # step NAME COMMAND...: run, keep its output, record status and time
-  local name=$1 start rc
-  shift
-  start=$(date +%s)
-  echo "== $name: $*" | tee -a "$OUT/summary.txt"
-  "$@" > "$OUT/$name.txt" 2>&1
-  rc=$?
-  echo "   rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
-  [ $rc = 0 ] || FAILED=1
-}
-
-{ date -u; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
-  command -v nvidia-smi >/dev/null && nvidia-smi -L; } >> "$OUT/summary.txt" 2>&1
+if [ "$DRY_RUN" = 0 ]; then
+  [ "$QUICK" = 1 ] || [ -e "$OUT/decode_speed.csv" ] || cp results/decode_speed.csv "$OUT/decode_speed.csv"
+  { date -u; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+    command -v nvidia-smi >/dev/null && nvidia-smi -L; } > "$OUT/summary.txt" 2>&1
+fi
 step tests "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 step parity "$PY" benchmarks/bench_parity.py --device "$DEVICE" --min-parity 0.95 "${PARITY[@]}"
 step loss_head "$PY" benchmarks/bench_loss_head.py --device "$DEVICE" "${LOSS_HEAD[@]}"
@@ -92,5 +99,6 @@ step decode "$PY" benchmarks/bench_decode.py --device "$DEVICE" "${DECODE[@]}"
 step train "$PY" benchmarks/bench_train.py --device "$DEVICE" --compile "${TRAIN[@]}"
 step planner "$PY" benchmarks/bench_decode.py --device "$DEVICE" --methods gtl_planner \
   --out "$OUT/planner_cost.csv" "${PLANNER[@]}"
+[ "$DRY_RUN" = 1 ] && exit 0
 echo "suite $([ $FAILED = 0 ] && echo passed || echo FAILED): $OUT/summary.txt" | tee -a "$OUT/summary.txt"
 exit $FAILED

@@ -5,7 +5,9 @@ work the first time: this test runs the same script with --device cpu --quick.
 """
 
 import csv
+import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,28 @@ def test_the_gpu_suite_runs_every_step_on_a_cpu(tmp_path):
                                  "seconds_per_seq", "network_evals"]
         assert any(r["method"] == method and r["device"] == "cpu" and float(r["seconds_per_seq"]) > 0
                    for r in rows)
+
+
+def test_the_full_size_steps_are_accepted_by_their_scripts(tmp_path, monkeypatch):
+    # The full-size arguments run nowhere but on the GPU machine: a typo there would cost the
+    # device run. The dry run prints each step's command; each script's own parser must take it.
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--device", "cpu",
+                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert len(commands) == len(STEPS) and not out.exists()  # a dry run writes nothing
+    tests, *benchmarks = commands
+    assert tests[1:3] == ["-m", "pytest"]
+    test_files = [a for a in tests if a.endswith(".py")]
+    assert test_files and all((REPO / f).is_file() for f in test_files)
+    for _, script, *argv in benchmarks:
+        spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up there
+        spec.loader.exec_module(module)
+        args = module.parse_args(argv)
+        assert str(args.device) == "cpu", script
 
 
 def test_the_gpu_suite_refuses_an_unknown_argument(tmp_path):

@@ -18,7 +18,7 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,6 +49,21 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def profile_operators(run: Callable[[], Any], device: torch.device, rows: int) -> tuple[str, Any]:
+    """Where the time of one call of ``run`` goes: torch.profiler's table of its operators by
+    their own time on the device (CUDA kernels on a GPU, host time on a CPU), ``rows`` rows, and
+    the per-operator averages the table is made of. The device is drained before the profile
+    closes, so queued kernels are counted."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        torch.get_device_module(device).synchronize(device)
+    averages = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return averages.table(sort_by=sort, row_limit=rows), averages
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:
