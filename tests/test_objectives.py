@@ -95,18 +95,20 @@ def test_label_smoothing_is_off_at_eval():
 def test_classifier_separates_two_chains_near_the_bayes_accuracy():
     """Source diag 0.1 vs target diag 0.8 (4 states, L = 8): equal marginals, so only adjacent
     pairs tell the domains apart. Bayes accuracy (0.985) by enumeration of all 4^8 sequences;
-    after 300 steps the trained classifier must come within 0.05 of it on 2,000 held-out
-    sequences per domain (binomial SE about 0.003; a bag-of-tokens classifier is at chance)."""
+    after 800 steps the trained classifier must come within 0.05 of it on 2,000 held-out
+    sequences per domain (binomial SE about 0.003; a bag-of-tokens classifier is at chance).
+    At 300 steps initialisations differ by up to 0.06 (0.90-0.96); at 800 they reach 0.972-0.982."""
     states, length = 4, 8
     P, Q = chain_matrix(states, 0.1), chain_matrix(states, 0.8)
     _, p = enumerate_chain(P, length)
     _, q = enumerate_chain(Q, length)
     bayes = 0.5 * np.maximum(p, q).sum()
     vocab = VocabSpec(states + 1, states, data_ids=states)
+    torch.manual_seed(0)
     clf = SequenceClassifier(TINY, vocab, length, time_dependent=False)
     g = torch.Generator().manual_seed(0)
     train(clf, lambda step: classifier_ti_loss(clf, sample_chain(P, length, 64, g),
-                                               sample_chain(Q, length, 64, g), g), steps=300)
+                                               sample_chain(Q, length, 64, g), g), steps=800)
     xs, xt = sample_chain(P, length, 2000, g), sample_chain(Q, length, 2000, g)
     with torch.no_grad():
         report = overlap_report(clf(xs), clf(xt), warn_accuracy=1.01)

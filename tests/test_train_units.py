@@ -474,3 +474,16 @@ def test_export_of_an_older_version_with_a_removed_config_key_still_loads(tmp_pa
     with pytest.raises(ConfigError, match="run/config.yaml: unknown key"):
         from gtl_dist.config import config_from_dict
         config_from_dict(old_config, "run/config.yaml")
+
+
+def test_a_diverged_validation_never_becomes_the_kept_checkpoint():
+    """Selection keeps the lowest finite validation loss. A NaN (a step that diverged) first
+    must not pin the selection: every later finite loss would compare false against it."""
+    from gtl_dist.train.loop import is_new_best
+    best = None
+    kept = []
+    for step, loss in enumerate([float("nan"), 1.5, float("inf"), 1.2, float("nan"), 1.3]):
+        if is_new_best(loss, best):
+            best = loss
+            kept.append(step)
+    assert kept == [1, 3] and best == 1.2

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 import time
 import zlib
@@ -576,6 +577,12 @@ def maybe_validate(recipe: Recipe, ctx: StageContext, state: TrainState,
         validate_and_select(recipe, ctx, state, metrics)
 
 
+def is_new_best(loss: float, best: Optional[float]) -> bool:
+    """Whether a validation loss beats the best so far. A non-finite loss (a diverged step) never
+    does: kept as the first best, a NaN would pin the selection, since no loss compares below it."""
+    return math.isfinite(loss) and (best is None or loss < best)
+
+
 def validate_and_select(recipe: Recipe, ctx: StageContext, state: TrainState,
                         metrics: StageMetrics) -> None:
     """Validate the current weights (if the stage has validation data) and keep them as the
@@ -589,7 +596,7 @@ def validate_and_select(recipe: Recipe, ctx: StageContext, state: TrainState,
     report = recipe.validation_report()
     if report:
         metrics.text("val/report", report, state.step)
-    if tc.select_best and (state.best_val is None or values["loss"] < state.best_val):
+    if tc.select_best and is_new_best(values["loss"], state.best_val):
         state.best_val, state.best_step = values["loss"], state.step
         if ctx.dist_env.is_main:
             state.checkpointer.save_best(state.step, {"step": state.step, "val": values,
