@@ -32,7 +32,8 @@ from gtl_dist.config import load_config
 from gtl_dist.data.tokenizer import MASK_ID, PAD_ID
 from gtl_dist.log import setup_logging
 from gtl_dist.models.heads import VocabSpec, build_model, count_parameters
-from gtl_dist.stages import GUIDE_STAGE, STAGES
+from gtl_dist.methods import METHODS
+from gtl_dist.stages import STAGES
 from gtl_dist.train.metrics import flops_per_token
 
 MEASURED_TOKENS_PER_S = 258_000  # the 59.8M denoiser, L = 512, one H100, eager (see above)
@@ -64,9 +65,10 @@ def sampling_hours(cfg, models, flops_per_s: float) -> dict[str, tuple[int, floa
     for method, cells in sets.items():
         per_token = flops_per_token(models["denoiser"], L, train=False)
         steps = s.steps
-        if method in GUIDE_STAGE:
-            per_token += flops_per_token(models[GUIDE_STAGE[method]], L, train=False)
-            if s.sampler == "planner":
+        spec = METHODS[method]
+        if spec.guided:
+            per_token += flops_per_token(models[spec.guide], L, train=False)
+            if spec.needs_planner(s):
                 steps = L
                 per_token += flops_per_token(models["planner"], L, train=False)
         flops = len(cells) * s.num_samples * steps * L * per_token

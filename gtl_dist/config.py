@@ -24,7 +24,7 @@ import yaml
 
 from gtl_dist.io import dict_hash
 from gtl_dist.log import get_logger
-from gtl_dist.stages import STAGES
+from gtl_dist.methods import METHOD_NAMES
 
 log = get_logger(__name__)
 
@@ -54,9 +54,8 @@ Attention = Literal["bidirectional", "causal"]
 Precision = Literal["auto", "fp32", "bf16"]
 ZeroStage = Literal[0, 1, 2, 3]
 Schedule = Literal["loglinear", "geometric"]
-# gtl: the default recipe (edit-ratio network, docs/method.md §5); gtl_paper: the paper's
-# (domain classifiers -> sequence-level ratio network); then the unguided models.
-Method = Literal["gtl", "gtl_paper", "source", "vanilla", "finetune"]
+# The compared methods: the rows of the methods table (gtl_dist/methods.py).
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 Sampler = Literal["planner", "ancestral", "exact"]
 PlannerMode = Literal["sample", "argmax", "uniform"]
 MauveFeaturizer = Literal["auto", "tfidf", "mauve-text"]
@@ -66,7 +65,6 @@ PlannerScope = Literal["shared", "per_target"]
 SELECTIONS = ("holdout", "budget")
 
 CORPORA: tuple[str, ...] = typing.get_args(Corpus)
-METHODS: tuple[str, ...] = typing.get_args(Method)
 PLANNER_MODES: tuple[str, ...] = typing.get_args(PlannerMode)
 ATTENTION_MODES: tuple[str, ...] = typing.get_args(Attention)
 FEATURIZER_CHOICES: tuple[str, ...] = typing.get_args(MauveFeaturizer)
@@ -338,21 +336,32 @@ def _stage(**kw: Any) -> Any:
     return field(default_factory=lambda: TrainConfig(**kw))
 
 
-def _check_stages(self: Any) -> None:
-    """Only the stages whose row says ``compiles`` have a compiled training step."""
-    compiling = ", ".join(name for name, spec in STAGES.items() if spec.compiles)
-    for name, spec in STAGES.items():
-        require(spec.compiles or not getattr(self, name).compile, f"{name}.compile",
-                f"stage {name} has no compiled training step (only {compiling} have); set "
-                f"train.{name}.compile=false")
+# The stages whose recipe has a compiled training step (Recipe.compile): the masked-diffusion ones.
+COMPILED_STAGES = ("denoiser", "ar2diff", "vanilla", "finetune")
 
 
-# One train.<stage> section per row of the stage table (gtl_dist/stages.py), with that stage's
-# defaults (its row's ``train``).
-StagesConfig = dataclasses.make_dataclass(
-    "StagesConfig", [(name, TrainConfig, _stage(**spec.train)) for name, spec in STAGES.items()],
-    namespace={"check": _check_stages})
-StagesConfig.__module__ = __name__
+@dataclass
+class StagesConfig:
+    """One ``train.<stage>`` section per row of the stage table (gtl_dist/stages.py), with that
+    stage's defaults where they differ from TrainConfig's."""
+    denoiser: TrainConfig = _stage(steps=50_000, ema=0.9999)
+    ar_pretrain: TrainConfig = _stage(steps=50_000)
+    ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
+    planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
+    edit_ratio: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
+    classifier_ti: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
+    classifier_td: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
+    ratio: TrainConfig = _stage(steps=30_000, val_every=1000, select_best=True)
+    vanilla: TrainConfig = _stage(steps=50_000, ema=0.9999, select_best=True)
+    finetune: TrainConfig = _stage(steps=10_000, ema=0.9999, select_best=True)
+    reference_lm: TrainConfig = _stage(steps=5_000, val_every=500, select_best=True, num_workers=0)
+
+    def check(self) -> None:
+        """Only the stages of COMPILED_STAGES have a compiled training step."""
+        for f in dataclasses.fields(self):
+            require(f.name in COMPILED_STAGES or not getattr(self, f.name).compile, f"{f.name}.compile",
+                    f"stage {f.name} has no compiled training step (only {', '.join(COMPILED_STAGES)} "
+                    f"have); set train.{f.name}.compile=false")
 
 
 @dataclass

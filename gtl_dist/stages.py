@@ -15,22 +15,20 @@ markers, checkpoints and exports record that hash, so changing the denoiser's mo
 invalidates fine-tuning, the planner and every sample drawn from them, while changing γ only
 invalidates GTL samples and the report.
 
-This module sits below ``gtl_dist.train`` and ``gtl_dist.cluster``, which both use it. It needs
-nothing from ``gtl_dist.config`` at run time (it reads the :class:`~gtl_dist.config.RunConfig` it
-is given), and config builds its ``train`` section from the table, so the import goes that way.
+This module sits below ``gtl_dist.train``, ``gtl_dist.eval`` and ``gtl_dist.cluster``, which all
+use it, and above ``gtl_dist.config`` and ``gtl_dist.methods``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
+from gtl_dist.config import RunConfig
 from gtl_dist.io import dict_hash
+from gtl_dist.methods import METHODS, SOURCE
 from gtl_dist.paths import RunPaths, task_name
-
-if TYPE_CHECKING:  # annotations only: config imports this module
-    from gtl_dist.config import RunConfig
 
 # How many copies of a stage a run trains.
 SHARED = "shared"              # one per run, on source data
@@ -43,8 +41,13 @@ SMALL = "small"    # one task, at most one GPU: packed many to a node
 DATA = "data"      # one task, CPU only, shards.build_workers processes
 EVAL = "eval"      # one task, at most one GPU
 
-# In a row's deps: the pipeline's source stage, denoiser or ar2diff (StageGraph.source_stage).
-SOURCE = "source_stage"
+# In a row's sets (StageSpec.train_sets, val_sets), besides the shards' own set names
+# ("source/train", "source/test"; "{target}/test" for the task's target): the target's training
+# sequences at the task's fraction less the held-out part, and that held-out part (docs/method.md §12).
+TARGET_TRAIN = "{target}/train"
+HELD_OUT = "<held-out>"
+# What a per-target run of a source-trained stage (scope_key) reads instead of each source set.
+PER_TARGET_SETS = {"source/train": TARGET_TRAIN, "source/test": HELD_OUT}
 
 
 @dataclass(frozen=True)
@@ -63,84 +66,75 @@ class StageSpec:
     deps: tuple[str, ...]
     # BIG or SMALL.
     size: str
-    # Its train.<name> defaults: TrainConfig fields that differ from TrainConfig's own defaults.
-    train: dict[str, Any] = field(default_factory=dict)
-    # A config key that, set to "per_target", makes a SHARED stage PER_FRACTION.
+    # The sets it trains and validates on, loader name -> set (shard set names, TARGET_TRAIN,
+    # HELD_OUT). Validation on HELD_OUT is skipped when the protocol holds nothing out.
+    train_sets: dict[str, str] = field(default_factory=dict)
+    val_sets: dict[str, str] = field(default_factory=dict)
+    # The export it starts from (SOURCE or a stage of its deps), or None: fresh weights.
+    init: Optional[str] = None
+    # A config key that, set to "per_target", makes a SHARED stage PER_FRACTION; it then reads
+    # the target's sets in place of the source's (PER_TARGET_SETS).
     scope_key: Optional[str] = None
     # Its initial weights are a model worth keeping (the source itself): checkpoint selection
     # validates them before the first step and exports them if no trained step beats them.
     init_is_candidate: bool = False
-    # Its recipe compiles the network's forward and the loss into one graph when
-    # train.<name>.compile is set (Recipe.compile); the config refuses the setting elsewhere.
-    compiles: bool = False
+
+    def __post_init__(self) -> None:
+        if self.init is not None and self.init not in self.deps:
+            raise ValueError(f"stage {self.name}: starts from {self.init}, which is not among its "
+                             f"deps {self.deps}")
 
 
-# Rows in submission order: every stage comes after the stages it reads.
+SOURCE_SETS = dict(train_sets={"train": "source/train"}, val_sets={"val": "source/test"})
+TARGET_SETS = dict(train_sets={"train": TARGET_TRAIN}, val_sets={"val": HELD_OUT})
+BOTH_DOMAINS = dict(train_sets={"source": "source/train", "target": TARGET_TRAIN},
+                    val_sets={"source": "source/test", "target": HELD_OUT})
+
+# Rows in submission order: every stage comes after the stages it reads. Their train.<stage>
+# defaults are config.StagesConfig's.
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("denoiser", role="denoiser", scope=SHARED, size=BIG, deps=("data",),
-              sections=("seed", "noise", "models.denoiser", "train.denoiser"),
-              train=dict(steps=50_000, ema=0.9999), compiles=True),
+              sections=("seed", "noise", "models.denoiser", "train.denoiser"), **SOURCE_SETS),
     # AR2Diff (pipeline.ar2diff): the source denoiser as a causal LM first, then run bidirectionally.
     StageSpec("ar_pretrain", role="ar", scope=SHARED, size=BIG, deps=("data",),
-              sections=("seed", "models.denoiser", "train.ar_pretrain"),
-              train=dict(steps=50_000)),
+              sections=("seed", "models.denoiser", "train.ar_pretrain"), **SOURCE_SETS),
     StageSpec("ar2diff", role="denoiser", scope=SHARED, size=BIG, deps=("ar_pretrain",),
-              sections=("seed", "noise", "models.denoiser", "train.ar2diff"),
-              train=dict(steps=10_000, ema=0.9999), compiles=True),
+              sections=("seed", "noise", "models.denoiser", "train.ar2diff"), init="ar_pretrain",
+              **SOURCE_SETS),
     StageSpec("planner", role="planner", scope=SHARED, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.planner", "train.planner", "pipeline.planner_scope",
                         "protocol"),
-              train=dict(steps=10_000, val_every=500, select_best=True),
-              scope_key="pipeline.planner_scope"),
+              scope_key="pipeline.planner_scope", **SOURCE_SETS),
     # Its edit network starts at zero: at step 0 the guided model is the source exactly.
     StageSpec("edit_ratio", role="edit_ratio", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.edit_ratio", "train.edit_ratio", "protocol"),
-              train=dict(steps=10_000, val_every=500, select_best=True), init_is_candidate=True),
+              init_is_candidate=True, train_sets={"target": TARGET_TRAIN}, val_sets={"target": HELD_OUT}),
     StageSpec("classifier_ti", role="classifier_ti", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.classifier", "train.classifier_ti", "protocol"),
-              train=dict(steps=5_000, val_every=1000, select_best=True)),
+              **BOTH_DOMAINS),
     StageSpec("classifier_td", role="classifier_td", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.classifier", "train.classifier_td", "protocol"),
-              train=dict(steps=5_000, val_every=1000, select_best=True)),
+              **BOTH_DOMAINS),
     StageSpec("ratio", role="ratio", scope=PER_FRACTION, size=SMALL,
               deps=("classifier_ti", "classifier_td"),
-              sections=("seed", "noise", "models.ratio", "train.ratio", "protocol"),
-              train=dict(steps=30_000, val_every=1000, select_best=True)),
+              sections=("seed", "noise", "models.ratio", "train.ratio", "protocol"), **BOTH_DOMAINS),
     StageSpec("vanilla", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=("data",),
-              sections=("seed", "noise", "models.denoiser", "train.vanilla", "protocol"),
-              train=dict(steps=50_000, ema=0.9999, select_best=True), compiles=True),
+              sections=("seed", "noise", "models.denoiser", "train.vanilla", "protocol"), **TARGET_SETS),
     StageSpec("finetune", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
-              sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"),
-              train=dict(steps=10_000, ema=0.9999, select_best=True), init_is_candidate=True,
-              compiles=True),
+              sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"), init=SOURCE,
+              init_is_candidate=True, **TARGET_SETS),
     # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
     StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
               sections=("seed", "models.reference_lm", "train.reference_lm"),
-              train=dict(steps=5_000, val_every=500, select_best=True, num_workers=0)),
+              train_sets={"train": "{target}/test"}, val_sets={"val": "{target}/test"}),
 )}
 
 # Every task kind, in submission order: the data, the stages, the sample shards, the evaluation.
 TASK_KINDS = ("data", *STAGES, "sample", "eval")
 
-# The network that guides each GTL method (docs/method.md §5).
-GUIDE_STAGE = {"gtl": "edit_ratio", "gtl_paper": "ratio"}
-
-# Config sections the other task kinds read (besides their dependencies).
+# Config sections the other task kinds read (besides their dependencies); a sample task's are
+# its method's (MethodSpec.sample_sections).
 DATA_SECTIONS = ("seed", "data", "tokenizer", "shards")
-# Baselines draw with the unguided sampler; only GTL reads the guidance settings. The list of
-# methods is never an input: adding a method must not redraw the others.
-SAMPLE_SECTIONS = ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
-                   "sample.t_end", "sample.seed")
-GUIDED_SAMPLE_SECTIONS = {
-    "gtl": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
-            "sample.t_end", "sample.seed", "sample.sampler", "sample.gamma", "sample.n_ratio",
-            "sample.ratio_batch_size", "sample.planner_temperature", "sample.planner_mode",
-            "sample.stabilise"),
-    "gtl_paper": ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
-                  "sample.t_end", "sample.seed", "sample.sampler", "sample.paper_gamma",
-                  "sample.n_ratio", "sample.ratio_batch_size", "sample.planner_temperature",
-                  "sample.planner_mode", "sample.stabilise"),
-}
 EVAL_SECTIONS = ("eval", "sample.num_samples")
 
 
@@ -175,7 +169,7 @@ def task_sections(task: Task) -> tuple[str, ...]:
     if task.kind in STAGES:
         return STAGES[task.kind].sections
     if task.kind == "sample":
-        return GUIDED_SAMPLE_SECTIONS.get(task.method, SAMPLE_SECTIONS)
+        return METHODS[task.method].sample_sections
     return {"data": DATA_SECTIONS, "eval": EVAL_SECTIONS}[task.kind]
 
 
@@ -223,11 +217,25 @@ class StageGraph:
         replicas = [(t, f, s) for t in cfg.targets for f in cfg.data.target_fractions for s in seeds]
         tasks = []
         for m in cfg.sample.methods:
-            if m == "source":
-                tasks += [Task("sample", None, None, m, i, s) for s in seeds for i in shards]
-            else:
+            if METHODS[m].per_target:
                 tasks += [Task("sample", t, f, m, i, s) for t, f, s in replicas for i in shards]
+            else:
+                tasks += [Task("sample", None, None, m, i, s) for s in seeds for i in shards]
         return tasks
+
+    def method_stage(self, stage: str) -> str:
+        """A row's stage name with SOURCE resolved to this configuration's source stage."""
+        return self.source_stage if stage == SOURCE else stage
+
+    def method_tasks(self, method: str, target: Optional[str], fraction: Optional[float],
+                     seed: int) -> list[Task]:
+        """The stage tasks whose exports ``method`` samples with at (target, fraction, seed): its
+        denoiser, its guide and, when its sampler reads one, the planner."""
+        spec = METHODS[method]
+        stages = [self.method_stage(s) for s in spec.stages()]
+        if spec.needs_planner(self.cfg.sample):
+            stages.append("planner")
+        return [self.stage_task(stage, target, fraction, seed) for stage in stages]
 
     def task_deps(self, task: Task) -> list[Task]:
         """The tasks whose outputs ``task`` reads."""
@@ -236,21 +244,10 @@ class StageGraph:
         if k == "data":
             return []
         if k in STAGES:
-            return [Task("data") if d == "data" else
-                    self.stage_task(self.source_stage if d == SOURCE else d, t, f, s)
+            return [Task("data") if d == "data" else self.stage_task(self.method_stage(d), t, f, s)
                     for d in STAGES[k].deps]
-        source = Task(self.source_stage)
         if k == "sample":
-            m = task.method
-            if m == "source":
-                return [source]
-            if m in ("vanilla", "finetune"):
-                return [self.stage_task(m, t, f, s)]
-            # gtl (edit-ratio network) or gtl_paper (sequence-level ratio network)
-            deps = [source, self.stage_task(GUIDE_STAGE[m], t, f, s)]
-            if cfg.sample.sampler == "planner":
-                deps.append(self.stage_task("planner", t, f, s))
-            return deps
+            return self.method_tasks(task.method, t, f, s)
         if k == "eval":
             deps = list(self.sample_tasks)
             if cfg.uses_tokenizer:  # the text metrics score with these networks

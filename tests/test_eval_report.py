@@ -8,7 +8,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from gtl_dist.config import METHODS, load_config
+from gtl_dist.config import load_config
+from gtl_dist.methods import METHODS
 from gtl_dist.data.markov import diagonal_matrix
 from gtl_dist.eval.mauve import MauveResult
 from gtl_dist.eval.paper import paper_rows

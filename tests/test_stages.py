@@ -1,14 +1,19 @@
-"""The stage table (gtl_dist/stages.py): its rows agree with the code, and each stage reads only the
-config keys its input hash covers.
+"""The stage and method tables (gtl_dist/stages.py, gtl_dist/methods.py): their rows agree with the
+code, each stage reads only the config keys its input hash covers, and every task loads exactly the
+exports its declared dependencies give it.
 
 A stage's input hash covers the config sections of its row and, through its dependencies, those of
 every task upstream of it. A key it reads outside all of them could change what it trains without
 making it train again. ``test_every_stage_reads_only_its_inputs`` trains every stage for two steps
 in one process (as the debug launcher runs them), records each read of a RunConfig field while a
 stage runs, and compares the keys with the sections its hash covers. It runs configs/tiny.yaml,
-a Markov run, with the planner shared.
+a Markov run, with the planner shared. The same process then draws one sample shard of every
+method (with the planner sampler, so that GTL reads the planner) and records, for every stage and
+sample task, the exports it loads: ``test_every_task_loads_exactly_its_dependencies`` compares
+them with the task's dependencies in the stage graph.
 
-Run as a script, this file is that process: it prints ``READS {stage: [dotted keys]}``.
+Run as a script, this file is that process: it prints ``READS {stage: [dotted keys]}`` and
+``LOADS {task: {"loaded": [paths], "declared": [paths]}}``.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import sys
 
 import pytest
 
-from gtl_dist.config import BUILD_ONLY_KEYS, RunConfig, StagesConfig, execution_only, load_config
-from gtl_dist.stages import SOURCE, STAGES, TASK_KINDS, StageGraph, task_sections
+from gtl_dist.config import BUILD_ONLY_KEYS, COMPILED_STAGES, RunConfig, StagesConfig, execution_only, load_config
+from gtl_dist.methods import METHODS, SOURCE
+from gtl_dist.stages import STAGES, TASK_KINDS, StageGraph, task_sections
 from train_helpers import PYTHON, REPO, deepspeed_ops, rank_env  # noqa: F401
 
 TARGET, FRACTION = "sticky", 1.0
 SETTINGS = [
     "data.markov.target_diagonals={sticky: 0.95}",
     "models.reference_lm={hidden: 32, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}",
+    "sample.sampler=planner", "sample.n_ratio=4",
 ] + [f"train.{stage}.{key}={value}" for stage in STAGES for key, value in
      {"steps": 2, "val_every": 1, "save_every": 2, "log_every": 1, "val_batches": 1}.items()]
 
@@ -59,15 +66,20 @@ def test_every_stage_has_a_train_section_a_network_and_a_task_class():
     assert {spec.role for spec in STAGES.values()} <= set(ROLES)
     for name, spec in STAGES.items():
         assert f"train.{name}" in spec.sections and "seed" in spec.sections, name
-        assert spec.compiles == (RECIPES[name].compile is not Recipe.compile), name
+        assert (name in COMPILED_STAGES) == (RECIPES[name].compile is not Recipe.compile), name
     assert TASK_KINDS == ("data", *STAGES, "sample", "eval")
 
 
-def test_the_configs_default_train_sections_come_from_the_rows():
-    defaults = RunConfig().train
-    for name, spec in STAGES.items():
-        tc = getattr(defaults, name)
-        assert {k: getattr(tc, k) for k in spec.train} == spec.train, name
+def test_every_method_samples_stages_of_the_table():
+    from gtl_dist.config import Method
+    import typing
+    assert typing.get_args(Method) == tuple(METHODS)
+    for name, spec in METHODS.items():
+        assert spec.name == name
+        for stage in spec.stages() + spec.calibrated:
+            assert stage == SOURCE or stage in STAGES, f"method {name} reads unknown stage {stage}"
+        if spec.guided:
+            assert hasattr(RunConfig().sample, spec.gamma_key), name
 
 
 def hashed_sections(cfg: RunConfig, stage: str) -> set[str]:
@@ -88,19 +100,40 @@ def covered(key: str, sections: set[str]) -> bool:
             and any(key == s or key.startswith(s + ".") for s in sections))
 
 
-@pytest.mark.distributed
-def test_every_stage_reads_only_its_inputs(tmp_path, deepspeed_ops):  # noqa: F811
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, deepspeed_ops) -> dict[str, dict]:  # noqa: F811
+    """The recording process's READS and LOADS, run once for both tests below."""
     from gtl_dist.data import prepare_data
+    run_dir = tmp_path_factory.mktemp("stages") / "run"
     config = REPO / "configs" / "tiny.yaml"
-    cfg = load_config(config, SETTINGS)
-    prepare_data(cfg, tmp_path / "run")
+    prepare_data(load_config(config, SETTINGS), run_dir)
     env = {k: v for k, v in rank_env(0, 1, 0).items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([PYTHON, __file__, str(config), str(tmp_path / "run"), json.dumps(SETTINGS)],
+    proc = subprocess.run([PYTHON, __file__, str(config), str(run_dir), json.dumps(SETTINGS)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("READS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    reads = json.loads(lines[0][len("READS "):])
+    found = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+             for line in proc.stdout.splitlines() if line.startswith(("READS ", "LOADS "))}
+    assert proc.returncode == 0 and set(found) == {"READS", "LOADS"}, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return found
+
+
+@pytest.mark.distributed
+def test_every_task_loads_exactly_its_dependencies(recorded):
+    loads = recorded["LOADS"]
+    assert {key.split("/")[0] for key in loads} == set(STAGES) | {"sample"}
+    assert {key.split("/")[1] for key in loads if key.startswith("sample/")} == set(METHODS)
+    for key, seen in loads.items():
+        assert seen["loaded"] == seen["declared"], (
+            f"task {key} loads the exports {seen['loaded']} but the stage graph gives it "
+            f"{seen['declared']}: fix the row of its stage (gtl_dist/stages.py) or method "
+            f"(gtl_dist/methods.py), so that its input hash covers what it reads and the launcher "
+            f"runs what it needs first")
+
+
+@pytest.mark.distributed
+def test_every_stage_reads_only_its_inputs(recorded):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", SETTINGS)
+    reads = recorded["READS"]
     assert list(reads) == list(STAGES)
     for stage, keys in reads.items():
         sections = hashed_sections(cfg, stage)
@@ -161,22 +194,57 @@ def record_reads(cfg: RunConfig) -> tuple[set[str], dict[str, bool]]:
     return reads, switch
 
 
+def record_loads() -> list[str]:
+    """Make every export a task checks before loading it (train.export.upstream_export_path, the
+    one door to an upstream export) add its path to the returned list."""
+    import gtl_dist.train.export as export
+    loaded: list[str] = []
+    read_meta = export.read_export_meta
+
+    def recording(path):
+        loaded.append(str(path))
+        return read_meta(path)
+
+    export.read_export_meta = recording
+    return loaded
+
+
+def declared_exports(graph: StageGraph, run_dir: str, task) -> list[str]:
+    from gtl_dist.paths import RunPaths
+    paths = RunPaths(run_dir)
+    return sorted(str(paths.export(d.kind, d.target, d.fraction, d.seed))
+                  for d in graph.task_deps(task) if d.kind in STAGES)
+
+
 def main(config: str, run_dir: str, settings: str) -> None:
-    from gtl_dist.stages import PER_FRACTION, PER_TARGET
+    from gtl_dist.cluster.tasks import run_task
+    from gtl_dist.stages import PER_FRACTION, PER_TARGET, Task
     from gtl_dist.train import run_stage
     cfg = load_config(config, json.loads(settings))
+    graph = StageGraph(cfg)
     reads, switch = record_reads(cfg)
-    out = {}
+    loaded = record_loads()
+    out, loads = {}, {}
     for stage, spec in STAGES.items():  # in table order: every stage after those it reads
         target = TARGET if spec.scope in (PER_FRACTION, PER_TARGET) else None
         fraction = FRACTION if spec.scope == PER_FRACTION else None
         reads.clear()
+        loaded.clear()
         switch["on"] = True
         result = run_stage(cfg, run_dir, stage, target, fraction)
         switch["on"] = False
         assert result.status == "finished", (stage, result)
         out[stage] = sorted(reads)
+        task = graph.stage_task(stage, target, fraction)
+        loads[task.key] = {"loaded": sorted(set(loaded)), "declared": declared_exports(graph, run_dir, task)}
+    for method, spec in METHODS.items():
+        task = Task("sample", TARGET if spec.per_target else None, FRACTION if spec.per_target else None,
+                    method, 0)
+        loaded.clear()
+        assert run_task(cfg, run_dir, task) == "done", task
+        loads[task.key] = {"loaded": sorted(set(loaded)), "declared": declared_exports(graph, run_dir, task)}
     print("READS " + json.dumps(out), flush=True)
+    print("LOADS " + json.dumps(loads), flush=True)
 
 
 if __name__ == "__main__":

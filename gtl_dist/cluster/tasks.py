@@ -23,7 +23,8 @@ from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
-from gtl_dist.stages import GUIDE_STAGE, STAGES, Task, evaluator_classifier_fraction
+from gtl_dist.methods import METHODS
+from gtl_dist.stages import STAGES, Task, evaluator_classifier_fraction
 
 log = get_logger("cluster.tasks")
 
@@ -102,24 +103,20 @@ def load_export(cfg: RunConfig, paths: RunPaths, needed_by: str, stage: str, tar
 
 
 def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task, device: Any):
-    """The networks one sample task's method samples with (docs/method.md §7 and §9), and its
-    guidance strength."""
+    """The networks one sample task's method samples with (its row of the methods table,
+    gtl_dist/methods.py; docs/method.md §7 and §9), and its guidance strength."""
     from gtl_dist.sample import MethodNetworks
-    method, target, fraction, seed = task.method, task.target, task.fraction, task.seed
+    spec = METHODS[task.method]
     who = f"task {task.key}"
-    if method == "source":
-        return MethodNetworks(load_export(cfg, paths, who, pipeline.source_stage, device=device))
-    if method in ("vanilla", "finetune"):
-        return MethodNetworks(load_export(cfg, paths, who, method, target, fraction, device, seed))
-    planner = None
-    if cfg.sample.sampler == "planner" and cfg.sample.planner_mode != "uniform":
-        pt = pipeline.stage_task("planner", target, fraction, seed)
-        planner = load_export(cfg, paths, who, "planner", pt.target, pt.fraction, device, pt.seed)
-    return MethodNetworks(load_export(cfg, paths, who, pipeline.source_stage, device=device),
-                          ratio_net=load_export(cfg, paths, who, GUIDE_STAGE[method], target, fraction,
-                                                device, seed),
-                          planner=planner,
-                          gamma=cfg.sample.gamma if method == "gtl" else cfg.sample.paper_gamma)
+
+    def load(stage: str):
+        t = pipeline.stage_task(pipeline.method_stage(stage), task.target, task.fraction, task.seed)
+        return load_export(cfg, paths, who, t.kind, t.target, t.fraction, device, t.seed)
+
+    return MethodNetworks(load(spec.model),
+                          ratio_net=load(spec.guide) if spec.guided else None,
+                          planner=load("planner") if spec.needs_planner(cfg.sample) else None,
+                          gamma=spec.gamma(cfg.sample) if spec.guided else 1.0)
 
 
 def _tokenizer(cfg: RunConfig, paths: RunPaths):

@@ -17,7 +17,8 @@ from typing import Optional
 from gtl_dist.config import RunConfig
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
-from gtl_dist.stages import GUIDE_STAGE, STAGES, StageGraph, Task
+from gtl_dist.methods import METHODS
+from gtl_dist.stages import STAGES, StageGraph, Task
 from gtl_dist.train.export import read_export
 
 
@@ -86,7 +87,8 @@ def render_costs(costs: list[StageCost], source_stage: str, methods: list[str]) 
         lines.append(f"| {c.stage} | {c.tasks} | {c.parameters:,} | {c.mean_minutes:.1f} | {sum(c.minutes):.1f} |")
     by_stage = {c.stage: c for c in costs}
     source = by_stage.get(source_stage)
-    trained = {m: GUIDE_STAGE.get(m, m) for m in methods if GUIDE_STAGE.get(m, m) in by_stage}
+    trained = {m: METHODS[m].guide or METHODS[m].model for m in methods}
+    trained = {m: s for m, s in trained.items() if s in by_stage}
     if source is not None and source.parameters and trained:
         share = [f"{m} trains {by_stage[s].parameters:,} ({s}, "
                  f"{100 * by_stage[s].parameters / source.parameters:.1f}%)" for m, s in trained.items()]

@@ -36,6 +36,7 @@ from gtl_dist.eval.report import MarkovMatrices, ReportFiles, write_report
 from gtl_dist.eval.results import ResultRow, mauve_row, rows_from_metrics, seed_rows
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.log import get_logger
+from gtl_dist.methods import METHODS
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import StageGraph
 
@@ -49,10 +50,10 @@ def sample_cells(cfg: RunConfig, target: str) -> list[tuple[str, Optional[str], 
     """(method, sample-folder target, fraction) of every sample set scored against ``target``."""
     cells = []
     for method in cfg.sample.methods:
-        if method == "source":
-            cells.append((method, None, None))
-        else:
+        if METHODS[method].per_target:
             cells += [(method, target, f) for f in cfg.data.target_fractions]
+        else:
+            cells.append((method, None, None))
     return cells
 
 
@@ -86,7 +87,7 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
             rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
             mats.estimated[(method, fraction)] = empirical_transitions(merged.transitions)
         matrices[target] = mats
-    if cfg.eval.ladder and any(m in cfg.sample.methods for m in ("gtl", "gtl_paper")):
+    if cfg.eval.ladder and any(METHODS[m].guided for m in cfg.sample.methods):
         rows += ladder_rows(cfg, paths) + calibration_rows(cfg, paths)
     return out.finish()
 

@@ -39,6 +39,7 @@ from gtl_dist.eval.oracles import (ChainDenoiser, EditRatioOracle, LogRatioOracl
                                    log_h)
 from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.log import get_logger
+from gtl_dist.methods import METHODS
 from gtl_dist.paths import RunPaths
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
 from gtl_dist.stages import StageGraph
@@ -201,8 +202,7 @@ CALIBRATED = {"edit_ratio": "gtl: edit-ratio net", "classifier_ti": "gtl_paper: 
 
 def calibration_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
     run = MarkovRun.load(cfg, paths)
-    stages = (["edit_ratio"] if "gtl" in cfg.sample.methods else []) + (
-        ["classifier_ti", "classifier_td", "ratio"] if "gtl_paper" in cfg.sample.methods else [])
+    stages = [s for m in cfg.sample.methods for s in METHODS[m].calibrated]
     rows = []
     for target in run.targets:
         edits = {d: edit_set(run, target, d, seed=cfg.sample.seed) for d in (SOURCE, target)}

@@ -30,11 +30,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless bac
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gtl_dist.config import METHODS, RunConfig  # noqa: E402
+from gtl_dist.config import RunConfig  # noqa: E402
 from gtl_dist.eval.markov import transition_error  # noqa: E402
 from gtl_dist.eval.paper import paper_rows  # noqa: E402
 from gtl_dist.eval.results import ResultRow, write_results_csv  # noqa: E402
 from gtl_dist.io import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
+from gtl_dist.methods import METHODS  # noqa: E402
 from gtl_dist.paths import RunPaths  # noqa: E402
 
 
@@ -137,8 +138,7 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
     lines = [f"# Evaluation report: {cfg.name if cfg is not None else 'run'}", ""]
     if cfg is not None:
         s = cfg.sample
-        gammas = ", ".join(f"{m}: γ = {g:g}" for m, g in (("gtl", s.gamma), ("gtl_paper", s.paper_gamma))
-                           if m in s.methods)
+        gammas = ", ".join(f"{m}: γ = {METHODS[m].gamma(s):g}" for m in s.methods if METHODS[m].guided)
         lines.append(f"- config hash: `{cfg.hash()}` (data: {cfg.data.corpus}, GTL sampler: {s.sampler}"
                      f"{', ' + gammas if gammas else ''}, top-K = {s.top_k}, {s.steps} steps "
                      f"({cfg.noise.schedule} schedule) for the ancestral samplers, {s.num_samples} "

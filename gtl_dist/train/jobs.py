@@ -64,7 +64,8 @@ from gtl_dist.models import VocabSpec, build_model
 from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, edit_ratio_loss, freeze,
                                  overlap_report, planner_loss, ratio_loss)
 from gtl_dist.paths import RunPaths
-from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
+from gtl_dist.stages import (HELD_OUT, PER_FRACTION, PER_TARGET, PER_TARGET_SETS, STAGES, TARGET_TRAIN,
+                              StageGraph, stage_input_hash)
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
 from gtl_dist.train.engine import compile_step
@@ -81,25 +82,26 @@ def upstream_export(ctx: StageContext, stage: str, target: Optional[str] = None,
                                             needed_by=f"stage {ctx.label}"))
 
 
-# In a task's ``val_sets``: the held-out part of the target's n_T sequences (docs/method.md §12).
-HELD_OUT = "<held-out>"
-
-
 class ShardRecipe(Recipe):
     """What the recipes share: manifest, vocabulary, noise schedule, loaders, export info.
 
-    A kind declares the sets it reads, loader name -> set name, in ``train_sets`` and
-    ``val_sets`` (``HELD_OUT`` for the held-out target sequences); the loaders follow from them.
+    The sets a stage reads, loader name -> set, are its row's ``train_sets`` and ``val_sets``
+    (gtl_dist/stages.py; a shared stage run per target reads the target's in place of the
+    source's); the loaders follow from them.
     """
-
-    train_sets: dict[str, str]
-    val_sets: dict[str, str]
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.stage = ctx.stage
-        self.role = STAGES[ctx.stage].role
+        self.spec = STAGES[ctx.stage]
+        self.role = self.spec.role
+        self.graph = StageGraph(ctx.cfg)
+        per_target_run = self.graph.scope(ctx.stage) != self.spec.scope
+        self.train_sets = {k: PER_TARGET_SETS.get(v, v) if per_target_run else v
+                           for k, v in self.spec.train_sets.items()}
+        self.val_sets = {k: PER_TARGET_SETS.get(v, v) if per_target_run else v
+                         for k, v in self.spec.val_sets.items()}
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
         self.manifest = load_run_manifest(ctx.cfg, ctx.paths.root)
         self.vocab = VocabSpec.from_manifest(self.manifest)
@@ -130,9 +132,12 @@ class ShardRecipe(Recipe):
 
     def loader(self, set_name: str, batch_size: int, dist_env: DistEnv, seed: int, *,
                train: bool) -> Any:
+        """A loader of one of the row's sets: TARGET_TRAIN is the task's n_T sequences less the
+        held-out part; any other name is a set of the shards ("{target}" filled in)."""
         from gtl_dist.data import make_loader
         is_source = set_name.startswith("source/")
-        per_fraction = train and not is_source
+        per_fraction = set_name == TARGET_TRAIN
+        set_name = self.target_train() if per_fraction else set_name.format(target=self.target)
         return make_loader(self.manifest, set_name, batch_size,
                            fraction=self.fraction if per_fraction else None,
                            drop_last=self.held_out if per_fraction else 0,
@@ -236,14 +241,9 @@ class DiffusionRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
         self.terms: Optional[Callable] = None  # mdlm_loss's network and loss: compile() sets it
-        per_target = ctx.stage in ("vanilla", "finetune")
-        self.train_sets = {"train": self.target_train() if per_target else "source/train"}
-        self.val_sets = {"val": HELD_OUT if per_target else "source/test"}
         self.init_from: Optional[dict] = None
-        if ctx.stage == "finetune":
-            self.init_from = upstream_export(ctx, StageGraph(ctx.cfg).source_stage)
-        elif ctx.stage == "ar2diff":
-            self.init_from = upstream_export(ctx, "ar_pretrain")
+        if self.spec.init is not None:
+            self.init_from = upstream_export(ctx, self.graph.method_stage(self.spec.init))
         if self.init_from is not None:
             meta = self.init_from["meta"]
             if meta["config"]["models"]["denoiser"] != asdict(ctx.cfg.models.denoiser) or \
@@ -276,14 +276,6 @@ class ARRecipe(ShardRecipe):
     """Next-token prediction: ``ar_pretrain`` on the source, ``reference_lm`` on the target's
     held-out text (training and validation alike; see the module docstring)."""
 
-    def __init__(self, ctx: StageContext):
-        super().__init__(ctx)
-        if ctx.stage == "reference_lm":
-            self.train_sets = {"train": f"{self.target}/test"}
-            self.val_sets = {"val": f"{self.target}/test"}
-        else:
-            self.train_sets, self.val_sets = {"train": "source/train"}, {"val": "source/test"}
-
     def training_loss(self, model, batches, rng):
         return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
 
@@ -313,10 +305,8 @@ def check_classifier_micro_batch(tc: TrainConfig, stage: str, micro_batch: int) 
 class ClassifierRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.time_dependent = ctx.stage == "classifier_td"
+        self.time_dependent = self.role == "classifier_td"
         self.smoothing = list(self.train_config.label_smoothing) or None
-        self.train_sets = {"source": "source/train", "target": self.target_train()}
-        self.val_sets = {"source": "source/test", "target": HELD_OUT}
 
     def batch_sizes(self, micro_batch: int, train: bool) -> dict[str, int]:
         """Source and target rows of one micro-batch; validation pairs half a micro-batch each."""
@@ -388,8 +378,6 @@ class RatioRecipe(ShardRecipe):
         super().__init__(ctx)
         self.classifier_ti = frozen_export(ctx, "classifier_ti", ctx.target, ctx.fraction, ctx.seed)
         self.classifier_td = frozen_export(ctx, "classifier_td", ctx.target, ctx.fraction, ctx.seed)
-        self.train_sets = {"source": "source/train", "target": self.target_train()}
-        self.val_sets = {"source": "source/test", "target": HELD_OUT}
 
     def prepare(self, device):
         self.classifier_ti.to(device)
@@ -416,8 +404,7 @@ class EditRatioRecipe(ShardRecipe):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
-        self.train_sets, self.val_sets = {"target": self.target_train()}, {"target": HELD_OUT}
+        self.denoiser = frozen_export(ctx, self.graph.source_stage)
 
     def prepare(self, device):
         self.denoiser.to(device)
@@ -437,11 +424,9 @@ class EditRatioRecipe(ShardRecipe):
 class PlannerRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.denoiser = frozen_export(ctx, StageGraph(ctx.cfg).source_stage)
         # Source-only by default (docs/method.md §6); pipeline.planner_scope=per_target trains one
-        # per (target, fraction) on target data.
-        self.train_sets = {"train": self.target_train() if ctx.target else "source/train"}
-        self.val_sets = {"val": HELD_OUT if ctx.target else "source/test"}
+        # per (target, fraction) on target data (its row's sets, the target's in place of the source's).
+        self.denoiser = frozen_export(ctx, self.graph.source_stage)
 
     def prepare(self, device):
         self.denoiser.to(device)
