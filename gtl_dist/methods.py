@@ -68,7 +68,8 @@ class MethodSpec:
     def needs_planner(self, sample_cfg: Any) -> bool:
         """Whether its sampler reads a trained planner: guided, planner sampler, and a planner
         mode that reads the network (``uniform`` draws positions without it)."""
-        return self.guided and sample_cfg.sampler == "planner"
+        return (self.guided and sample_cfg.sampler == "planner"
+                and sample_cfg.planner_mode != "uniform")
 
     def stages(self) -> tuple[str, ...]:
         """The stages whose exports it samples with (the planner aside)."""
