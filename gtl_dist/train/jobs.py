@@ -3,19 +3,8 @@
 Every stage's recipe is a :class:`~gtl_dist.train.loop.Recipe` run by the one shared loop; they
 differ only in the network they build, the sets they read and the objective they call.
 
-| stage          | network (role)   | trains on                        | validates on                |
-|----------------|------------------|----------------------------------|-----------------------------|
-| denoiser       | denoiser         | source/train (MDLM)              | source/test                 |
-| vanilla        | denoiser         | <target>/train at the fraction   | the held-out part           |
-| finetune       | denoiser, from the source export | <target>/train   | the held-out part           |
-| edit_ratio     | edit_ratio (source denoiser frozen) | <target>/train | the held-out part          |
-| classifier_ti  | classifier_ti    | source/train + <target>/train    | source/test + held-out part |
-| classifier_td  | classifier_td    | idem, on masked sequences        | source/test + held-out part |
-| ratio          | ratio (both classifiers frozen) | source + target   | source/test + held-out part |
-| planner        | planner (denoiser frozen)       | source/train      | source/test                 |
-| ar_pretrain    | ar (causal)      | source/train (next token)        | source/test                 |
-| ar2diff        | denoiser, from the AR export    | source/train (MDLM) | source/test               |
-| reference_lm   | reference_lm (causal) | <target>/test (next token)  | <target>/test               |
+Which sets each stage trains and validates on, and which export it starts from, are its row's
+in the stage table (gtl_dist/stages.py); the recipes below read them.
 
 The low-data protocol (``protocol``, docs/method.md §12). A per-target stage given the n_T target
 sequences of its fraction uses no other target data. Under ``selection: holdout`` it trains on the
