@@ -61,6 +61,8 @@ PlannerScope = Literal["shared", "per_target"]
 # Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
 # n_T target sequences, or a fixed budget with no selection.
 SELECTIONS = ("holdout", "budget")
+# Whether replicates (pipeline.seeds) redraw the target data (docs/method.md §12).
+Replicates = Literal["redraw", "shared"]
 
 CORPORA: tuple[str, ...] = typing.get_args(Corpus)
 PLANNER_MODES: tuple[str, ...] = typing.get_args(PlannerMode)
@@ -477,6 +479,11 @@ class ProtocolConfig:
     holdout_views: int = 16
     """Each validation pass scores every held-out sequence this many times, masked afresh each
     time: a few sequences give a usable signal only over many masked views."""
+    replicates: Replicates = "redraw"
+    """redraw: replicate s of pipeline.seeds draws its own n_T target sequences, block s of the
+    target's training set (samples s·n_T .. (s+1)·n_T − 1, wrapping at its end), so replicates see
+    disjoint data while the set holds them (every method of one replicate sees the same draw);
+    shared: every replicate reads the same first n_T sequences and differs only in its seed."""
 
     def check(self) -> None:
         require(self.selection not in ("test", "eval", "evaluation"), "selection",
@@ -566,6 +573,13 @@ class RunConfig:
                     check_holdout(n, self.protocol, f"fraction {f} (n_T = {n})")
                 except ConfigError as exc:
                     raise ConfigError(f"protocol: {exc}") from None
+                if f < 1.0 and not replicates_disjoint(n_train, n, self.pipeline.seeds, self.protocol):
+                    raise ConfigError(
+                        f"pipeline.seeds: replicates {self.pipeline.seeds} each draw their own n_T = {n} "
+                        f"target sequences (protocol.replicates=redraw), which needs "
+                        f"{(max(self.pipeline.seeds) + 1) * n} of them at fraction {f}, but "
+                        f"data.markov.num_target gives {n_train}; raise data.markov.num_target, use "
+                        f"fewer or smaller seeds, or set protocol.replicates=shared")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -860,6 +874,20 @@ def holdout_count(n_target: int, protocol: ProtocolConfig) -> int:
     if protocol.selection != "holdout":
         return 0
     return max(protocol.holdout_min, round(protocol.holdout_fraction * n_target))
+
+
+def replicate_start(n_total: int, n_target: int, replicate: int, protocol: ProtocolConfig) -> int:
+    """The first of replicate ``replicate``'s n_T samples in a target training set of ``n_total``
+    (the rest follow it, wrapping at the end): block ``replicate`` under ``redraw``, the shared
+    prefix under ``shared`` (protocol.replicates)."""
+    return (replicate * n_target) % n_total if protocol.replicates == "redraw" else 0
+
+
+def replicates_disjoint(n_total: int, n_target: int, replicates: list[int], protocol: ProtocolConfig) -> bool:
+    """Whether the replicates' draws of n_T samples share no sample (always true of one replicate)."""
+    if len(replicates) < 2:
+        return True
+    return protocol.replicates == "redraw" and (max(replicates) + 1) * n_target <= n_total
 
 
 def check_holdout(n_target: int, protocol: ProtocolConfig, where: str) -> tuple[int, int]:

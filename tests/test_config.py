@@ -238,3 +238,14 @@ def test_a_protocol_that_leaves_no_data_or_reads_the_test_set_is_refused(overrid
     budget = overrides + ["protocol.selection=budget"] if "protocol.selection" not in overrides[0] else None
     if budget and "holdout_min=0" not in overrides[0]:
         load_config(CONFIGS / "tiny.yaml", budget)  # a fixed budget needs no held-out sequence
+
+
+def test_markov_replicates_that_cannot_draw_disjoint_data_are_refused():
+    """protocol.replicates=redraw: each replicate draws its own n_T sequences; a Markov run whose
+    target set cannot hold them all is refused, naming the keys to change."""
+    with pytest.raises(ConfigError, match=r"pipeline\.seeds: replicates \[0, 1, 2\] each draw their own "
+                                          r"n_T = 100 .* needs 300 .* data\.markov\.num_target gives 200"):
+        load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.5]", "pipeline.seeds=[0, 1, 2]"])
+    load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.5]", "pipeline.seeds=[0, 1]"])
+    load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.5]", "pipeline.seeds=[0, 1, 2]",
+                                        "protocol.replicates=shared"])

@@ -78,7 +78,7 @@ def test_one_reader_sees_every_sample_once_per_epoch(uneven):
 
 
 def test_consumers_partition_each_pass():
-    shards = [(f"s{j}", n) for j, n in enumerate([7, 5, 9, 3, 6, 2])]
+    shards = [(f"s{j}", 0, n) for j, n in enumerate([7, 5, 9, 3, 6, 2])]
     for epoch in (0, 1, 5):
         mine = [ConsumerStream(shards, c, 4, seed=1, shuffle=True, seq_len=SEQ).pass_pieces(epoch)[0]
                 for c in range(4)]
@@ -91,7 +91,7 @@ def test_readers_by_sample_partition_each_pass(readers):
     """Striding: over the passes back to back, reader c takes positions c, c + C, ...; so each pass
     is dealt out exactly once, even to more readers than it has samples."""
     counts = [3, 2]
-    shards = [(f"s{j}", n) for j, n in enumerate(counts)]
+    shards = [(f"s{j}", 0, n) for j, n in enumerate(counts)]
     for epoch in range(readers + 2):
         taken = Counter()
         for c in range(readers):
@@ -207,7 +207,31 @@ def test_a_held_out_part_is_disjoint_from_training_and_completes_the_fraction(tm
     with pytest.raises(ManifestError, match="holding out 15 of 15 samples leaves none"):
         make_loader(m, "tgt/train", 1, fraction=0.5, drop_last=15)
     with pytest.raises(ManifestError, match="outside its 30 samples"):
-        read_samples(m, "tgt/train", 25, 31)
+        read_samples(m, "tgt/train", 25, 56)
+
+
+def test_replicate_windows_are_disjoint_blocks_that_wrap_with_their_held_out_part(tmp_path):
+    """docs/method.md §12, protocol.replicates=redraw: replicate s reads samples s·n .. (s+1)·n − 1
+    of the target training set, cyclically; its held-out part is the window's last k samples."""
+    from gtl_dist.config import ProtocolConfig, replicate_start, replicates_disjoint
+    from gtl_dist.data import read_samples
+    m = build(tmp_path / "d", {"tgt/train": [10, 10, 10]}, {"tgt/train": {"1": 30, "0.4": 12}})
+    redraw, shared = ProtocolConfig(), ProtocolConfig(replicates="shared")
+    windows = []
+    for replicate in range(3):
+        start = replicate_start(30, 12, replicate, redraw)
+        train = {s for b in make_loader(m, "tgt/train", 1, fraction=0.4, drop_last=3, start=start,
+                                        infinite=False) for s in ids(b)}
+        held = {tuple(row[:3]) for row in
+                read_samples(m, "tgt/train", (start + 9) % 30, (start + 9) % 30 + 3).tolist()}
+        assert len(train) == 9 and len(held) == 3 and not train & held
+        windows.append(train | held)
+    assert [replicate_start(30, 12, r, redraw) for r in range(3)] == [0, 12, 24]
+    assert not windows[0] & windows[1]
+    # The third window wraps: samples 24..29, then 0..5 (which the first replicate also read).
+    assert windows[2] & windows[0] == {(0, 0, i) for i in range(6)}
+    assert replicates_disjoint(30, 12, [0, 1], redraw) and not replicates_disjoint(30, 12, [0, 1, 2], redraw)
+    assert replicate_start(30, 12, 2, shared) == 0 and not replicates_disjoint(30, 12, [0, 1], shared)
 
 
 def test_load_state_refuses_a_cursor_from_another_stream(uneven):

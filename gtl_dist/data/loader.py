@@ -55,7 +55,7 @@ log = get_logger("data.loader")
 STATE_VERSION = 1
 # Fields of the cursor that define the stream; a cursor from a loader that differs in any of them
 # would silently yield other batches, so loading it is refused.
-_STREAM_FIELDS = ("set", "fraction", "drop_last", "world_size", "num_workers", "seed", "batch_size", "shuffle",
+_STREAM_FIELDS = ("set", "fraction", "drop_last", "start", "world_size", "num_workers", "seed", "batch_size", "shuffle",
                   "data_hash")
 
 
@@ -107,10 +107,11 @@ class ConsumerStream:
     and the sample within the piece. The position always points at a sample, or at the end.
     """
 
-    def __init__(self, shards: list[tuple[str, int]], consumer: int, num_consumers: int, seed: int,
+    def __init__(self, shards: list[tuple[str, int, int]], consumer: int, num_consumers: int, seed: int,
                  shuffle: bool, seq_len: int, *, by_sample: bool = False, passes: Optional[int] = None):
-        self.paths = [p for p, _ in shards]
-        self.counts = np.array([n for _, n in shards], dtype=np.int64)
+        self.paths = [p for p, _, _ in shards]
+        self.skips = [skip for _, skip, _ in shards]
+        self.counts = np.array([n for _, _, n in shards], dtype=np.int64)
         self.consumer, self.num_consumers = consumer, num_consumers
         self.seed, self.shuffle, self.seq_len = seed, shuffle, seq_len
         self.step = num_consumers if by_sample else 1  # distance between two samples it takes of a shard
@@ -165,10 +166,12 @@ class ConsumerStream:
     def _shard(self, epoch: int, index: int) -> tuple[np.ndarray, list[str]]:
         """The shard's samples in this pass's order (one shard is held at a time)."""
         if self._raw is None or self._raw[0] != index:
-            tokens, domains = read_shard(self.paths[index], self.seq_len, limit=int(self.counts[index]))
-            if len(tokens) != self.counts[index]:
+            skip = self.skips[index]
+            tokens, domains = read_shard(self.paths[index], self.seq_len, limit=skip + int(self.counts[index]))
+            if len(tokens) != skip + self.counts[index]:
                 raise ManifestError(f"{self.paths[index]}: holds {len(tokens)} samples, the manifest "
-                                    f"promises at least {self.counts[index]}; rebuild the data")
+                                    f"promises at least {skip + self.counts[index]}; rebuild the data")
+            tokens, domains = tokens[skip:], domains[skip:]
             self._raw = (index, tokens, domains)
         if self._view is None or self._view[:2] != (epoch, index):
             _, tokens, domains = self._raw
@@ -236,18 +239,19 @@ class ShardLoader:
     """
 
     def __init__(self, manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                 drop_last: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle: bool = True, infinite: bool = True, expected_tokenizer_hash: str | None = None):
+                 drop_last: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, shuffle: bool = True, infinite: bool = True,
+                 expected_tokenizer_hash: str | None = None):
         where = f"{manifest.path} [{set_name}]"
         manifest.check_tokenizer(expected_tokenizer_hash)
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or seed < 0:
             raise ValueError(f"{where}: need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, "
                              f"num_workers >= 0 and seed >= 0; got batch_size={batch_size}, rank={rank}, "
                              f"world_size={world_size}, num_workers={num_workers}, seed={seed}")
-        files = manifest.shard_files(set_name, fraction, drop_last)
+        files = manifest.shard_files(set_name, fraction, drop_last, start)
         workers = max(1, num_workers)
         consumers = world_size * workers
-        total = sum(n for _, n in files)
+        total = sum(n for _, _, n in files)
         # A finite pass is dealt out by sample, so that it reads every sample once; a training
         # stream is split by shard while there are shards enough to go round.
         self.by_sample = not infinite or len(files) < consumers
@@ -264,9 +268,10 @@ class ShardLoader:
         else:
             self.batches_per_epoch = _pass_batches(where, total, rank, world_size, workers, batch_size)
         self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
+        self.start = start
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
-        self.shards = [(str(p), n) for p, n in files]
+        self.shards = [(str(p), skip, n) for p, skip, n in files]
         # Every shard reaches every rank sooner or later, except when split by shard without shuffle.
         readable = (range(len(files)) if shuffle or self.by_sample else
                     sorted({j for w in range(workers)
@@ -314,7 +319,7 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""
         return {"version": STATE_VERSION, "set": self.set_name, "fraction": self.fraction,
-                "drop_last": self.drop_last, "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
+                "drop_last": self.drop_last, "start": self.start, "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "data_hash": self.manifest.data_hash,
                 "batches_consumed": self._position, "epoch": self.epoch,
                 "batch_in_epoch": self._position % self.batches_per_epoch,
@@ -354,17 +359,19 @@ def _pass_batches(where: str, total: int, rank: int, world_size: int, workers: i
 
 
 def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                drop_last: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                shuffle: bool = True, infinite: bool = True,
+                drop_last: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                seed: int = 0, shuffle: bool = True, infinite: bool = True,
                 expected_tokenizer_hash: str | None = None) -> ShardLoader:
     """A :class:`ShardLoader` over ``set_name`` ("source/train", "physics/test", ...).
 
-    ``fraction`` selects the nested prefix of a target training set and ``drop_last`` leaves out
-    its last samples (the held-out part, :func:`read_samples`); rank and world size are explicit
+    ``fraction`` selects a target fraction's count of samples from sample ``start`` on (a
+    replicate's window, read cyclically; the prefix when 0) and ``drop_last`` leaves out its last
+    samples (the held-out part, :func:`read_samples`); rank and world size are explicit
     (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted shard, a
     fraction with no samples, or a finite pass with fewer samples than ranks.
     """
-    return ShardLoader(manifest, set_name, batch_size, fraction=fraction, drop_last=drop_last, rank=rank,
+    return ShardLoader(manifest, set_name, batch_size, fraction=fraction, drop_last=drop_last, start=start,
+                       rank=rank,
                        world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
                        infinite=infinite, expected_tokenizer_hash=expected_tokenizer_hash)
 
@@ -372,12 +379,16 @@ def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction:
 def read_samples(manifest: Manifest, set_name: str, start: int, stop: int,
                  expected_tokenizer_hash: str | None = None) -> torch.Tensor:
     """Samples ``start`` .. ``stop - 1`` of a set, in shard order, as LongTensor [stop - start, L]:
-    a small held-out part read whole (every rank reads all of it and takes its own rows)."""
+    a small held-out part read whole (every rank reads all of it and takes its own rows). Indices
+    at or past the set's size wrap to its beginning (a replicate's window, ShardLoader ``start``)."""
     manifest.check_tokenizer(expected_tokenizer_hash)
     total = manifest.num_samples(set_name)
-    if not 0 <= start < stop <= total:
+    if not (0 <= start < total and start < stop <= start + total):
         raise ManifestError(f"{manifest.path} [{set_name}]: samples {start}..{stop - 1} are outside "
-                            f"its {total} samples")
+                            f"its {total} samples (a window may wrap once, at most {total} long)")
+    if stop > total:
+        return torch.cat([read_samples(manifest, set_name, start, total),
+                          read_samples(manifest, set_name, 0, stop - total)])
     entries = manifest.get_set(set_name).shards
     rows, first = [], 0
     for shard in entries:
@@ -389,4 +400,3 @@ def read_samples(manifest: Manifest, set_name: str, start: int, stop: int,
             rows.append(tokens[max(start - first, 0):])
         first = last
     return torch.from_numpy(np.concatenate(rows)).long()
-

@@ -179,21 +179,34 @@ class Manifest:
                                 f"use a larger fraction or more target data")
         return count
 
-    def shard_files(self, set_name: str, fraction: float | None = None,
-                    drop_last: int = 0) -> list[tuple[Path, int]]:
-        """(path, samples to read) for each shard, the last one cut at the fraction's prefix
-        less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
-        remaining = self.num_samples(set_name, fraction) - drop_last
+    def shard_files(self, set_name: str, fraction: float | None = None, drop_last: int = 0,
+                    start: int = 0) -> list[tuple[Path, int, int]]:
+        """(path, samples to skip, samples to read) per piece of shard: the set, or the window of
+        a target fraction's count of samples that begins at sample ``start`` (a replicate's draw,
+        gtl_dist/config.py ``replicate_start``; read cyclically, so it may wrap to the set's first
+        shard), less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
+        count = self.num_samples(set_name, fraction)
+        remaining = count - drop_last
         if remaining < 1:
             raise ManifestError(f"{self.path} [{set_name}]: holding out {drop_last} of "
-                                f"{remaining + drop_last} samples leaves none to read")
-        out = []
-        for shard in self.get_set(set_name).shards:
-            if remaining <= 0:
-                break
-            take = min(shard.samples, remaining)
-            out.append((self.root / shard.name, take))
-            remaining -= take
+                                f"{count} samples leaves none to read")
+        shards = self.get_set(set_name).shards
+        total = sum(s.samples for s in shards)
+        if not 0 <= start < total:
+            raise ManifestError(f"{self.path} [{set_name}]: a window starting at sample {start} is "
+                                f"outside its {total} samples")
+        out, first = [], 0
+        for lap in range(2):  # the window's part from `start` to the end, then from the beginning
+            first = 0
+            for shard in shards:
+                lo = max(start - first, 0) if lap == 0 else 0
+                take = min(shard.samples - lo, remaining)
+                if take > 0:
+                    out.append((self.root / shard.name, lo, take))
+                    remaining -= take
+                first += shard.samples
+                if remaining <= 0:
+                    return out
         return out
 
     def num_shards(self, set_name: str, fraction: float | None = None, drop_last: int = 0) -> int:

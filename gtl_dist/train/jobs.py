@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
+from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout, replicate_start
 from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, mdlm_terms, sample_t
 from gtl_dist.log import get_logger
@@ -103,12 +103,15 @@ class ShardRecipe(Recipe):
         self._report: Optional[str] = None
         # The fraction's n_T target sequences: the first n_train are trained on, the last
         # `held_out` are the stage's only validation data (docs/method.md §12).
-        self.n_train, self.held_out = 0, 0
+        # Replicate ctx.seed's draw starts at sample `window`.
+        self.n_train, self.held_out, self.window = 0, 0, 0
         if self.target is not None and self.fraction is not None:
             n = self.manifest.num_samples(self.target_train(), self.fraction)
             self.n_train, self.held_out = check_holdout(
                 n, ctx.cfg.protocol, f"target '{self.target}' at fraction {self.fraction} "
                                      f"(n_T = {n}, {self.manifest.path})")
+            self.window = replicate_start(self.manifest.num_samples(self.target_train()), n, ctx.seed,
+                                          ctx.cfg.protocol)
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -130,6 +133,7 @@ class ShardRecipe(Recipe):
         return make_loader(self.manifest, set_name, batch_size,
                            fraction=self.fraction if per_fraction else None,
                            drop_last=self.held_out if per_fraction else 0,
+                           start=self.window if per_fraction else 0,
                            rank=dist_env.rank, world_size=dist_env.world_size,
                            num_workers=self.train_config.num_workers if is_source and train else 0,
                            seed=seed, shuffle=train, infinite=train,
@@ -161,7 +165,7 @@ class ShardRecipe(Recipe):
         if not self.held_out:
             return None
         from gtl_dist.data import read_samples
-        start = self.n_train
+        start = (self.window + self.n_train) % self.manifest.num_samples(self.target_train())
         held = read_samples(self.manifest, self.target_train(), start, start + self.held_out,
                             self.tokenizer_hash)
         views = held.repeat(self.cfg.protocol.holdout_views, 1)
