@@ -573,7 +573,8 @@ class RunConfig:
                     check_holdout(n, self.protocol, f"fraction {f} (n_T = {n})")
                 except ConfigError as exc:
                     raise ConfigError(f"protocol: {exc}") from None
-                if f < 1.0 and not replicates_disjoint(n_train, n, self.pipeline.seeds, self.protocol):
+                if (f < 1.0 and self.protocol.replicates == "redraw"
+                        and not replicates_disjoint(n_train, n, self.pipeline.seeds, self.protocol)):
                     raise ConfigError(
                         f"pipeline.seeds: replicates {self.pipeline.seeds} each draw their own n_T = {n} "
                         f"target sequences (protocol.replicates=redraw), which needs "
