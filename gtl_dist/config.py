@@ -54,10 +54,11 @@ Attention = Literal["bidirectional", "causal"]
 Precision = Literal["auto", "fp32", "bf16"]
 ZeroStage = Literal[0, 1, 2, 3]
 Schedule = Literal["loglinear", "geometric"]
-Sampler = Literal["planner", "ancestral", "exact"]
+Sampler = Literal["planner", "ancestral", "exact", "first_hitting"]
 PlannerMode = Literal["sample", "argmax", "uniform"]
 MauveFeaturizer = Literal["auto", "tfidf", "mauve-text"]
 PlannerScope = Literal["shared", "per_target"]
+AdapterThrough = Literal["output", "direct"]
 # Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
 # n_T target sequences, or a fixed budget with no selection.
 SELECTIONS = ("holdout", "budget")
@@ -256,6 +257,47 @@ class ModelConfig:
         require_in(self.dropout, 0.0, 1.0, "dropout", "[)")
 
 
+@dataclass
+class AdapterConfig:
+    """The guide adapter of gtl (docs/method.md §5a): a rank-``rank`` edit of the frozen source's
+    last hidden state, turned into token scores by the source's own output projection
+    (``output``) or by a |V| x rank map of its own (``direct``)."""
+    rank: int = 8
+    through: AdapterThrough = "output"
+
+    def check(self) -> None:
+        require_at_least(self, 1, "rank")
+
+
+@dataclass
+class LoraConfig:
+    """The finetune_small control (docs/method.md §9): a rank-``rank`` update of the named linear
+    layers of every DiT block of the source (attn_qkv, attn_out, mlp.0, mlp.2, adaLN_modulation),
+    everything else frozen. Pick rank and layers so that it trains about as many parameters as
+    the GTL guide (the report's Cost section counts both)."""
+    rank: int = 1
+    layers: list[str] = field(default_factory=lambda: ["attn_qkv", "attn_out"])
+
+    def check(self) -> None:
+        require_at_least(self, 1, "rank")
+        known = ("attn_qkv", "attn_out", "mlp.0", "mlp.2", "adaLN_modulation")
+        require(bool(self.layers) and set(self.layers) <= set(known), "layers",
+                f"{self.layers}: choose one or more of {', '.join(known)}")
+
+
+@dataclass
+class CountsConfig:
+    """The counts references of the Markov task (docs/method.md §9): the target chain from the
+    transition counts of its training sequences with a Dirichlet prior (uniform for ``counts``,
+    the source chain's rows for ``counts_source``) whose strength, in pseudo-transitions per row,
+    is picked from ``strengths`` on the held-out part (the first one under selection: budget)."""
+    strengths: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
+
+    def check(self) -> None:
+        require(bool(self.strengths) and min(self.strengths) > 0, "strengths",
+                f"{self.strengths}: need one or more positive prior strengths")
+
+
 def _ratio_sized() -> ModelConfig:
     return ModelConfig(hidden=96, blocks=8, heads=8, cond_dim=48)
 
@@ -266,6 +308,10 @@ class ModelsConfig:
     classifier: ModelConfig = field(default_factory=_ratio_sized)
     ratio: ModelConfig = field(default_factory=_ratio_sized)
     edit_ratio: ModelConfig = field(default_factory=_ratio_sized)
+    """The edit-ratio network of gtl_edit; also the architecture of the scratch_head control."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    finetune_small: LoraConfig = field(default_factory=LoraConfig)
+    counts: CountsConfig = field(default_factory=CountsConfig)
     planner: ModelConfig = field(default_factory=_ratio_sized)
     reference_lm: ModelConfig = field(default_factory=lambda: ModelConfig(
         hidden=256, blocks=4, heads=4, cond_dim=64, attention="causal"))
@@ -280,6 +326,11 @@ class TrainConfig:
     micro_batch: Optional[int] = None
     """Per-rank micro-batch; None = global_batch / world_size (no accumulation)."""
     lr: float = 3e-4
+    lr_grid: Optional[list[float]] = None
+    """Per-target stages: train once per learning rate of this list (each run its own folder,
+    lr-<value>/) and export the run whose best held-out validation loss is lowest, so that every
+    method picks its learning rate by the same rule on its own held-out data (docs/method.md §12).
+    None: train once at ``lr``."""
     min_lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -327,6 +378,13 @@ class TrainConfig:
         require_in(self.ema, 0.0, 1.0, "ema", "[)")
         require_in(self.warmup_frac, 0.0, 1.0, "warmup_frac", "[)")
         require(len(self.betas) == 2, "betas", f"expected two numbers, got {self.betas}")
+        grid = self.lr_grid
+        require(grid is None or (bool(grid) and min(grid) > 0 and len(set(grid)) == len(grid)), "lr_grid",
+                f"{grid}: a learning-rate grid needs distinct positive values, e.g. [3e-4, 1e-3, 3e-3] "
+                f"(or null: train once at lr)")
+        require(grid is None or self.select_best, "lr_grid",
+                "picking a learning rate needs held-out validation: set select_best=true (with "
+                "protocol.selection=holdout) or lr_grid=null")
         ls = self.label_smoothing
         require(not ls or (len(ls) == 2 and min(ls) > 0), "label_smoothing",
                 "expected [] (off) or two positive Beta parameters [a, b]")
@@ -337,7 +395,7 @@ def _stage(**kw: Any) -> Any:
 
 
 # The stages whose recipe has a compiled training step (Recipe.compile): the masked-diffusion ones.
-COMPILED_STAGES = ("denoiser", "ar2diff", "vanilla", "finetune")
+COMPILED_STAGES = ("denoiser", "ar2diff", "vanilla", "finetune", "finetune_small", "scratch_head")
 
 
 @dataclass
@@ -349,11 +407,16 @@ class StagesConfig:
     ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
     planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     edit_ratio: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
+    adapter: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     classifier_ti: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     classifier_td: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     ratio: TrainConfig = _stage(steps=30_000, val_every=1000, select_best=True)
     vanilla: TrainConfig = _stage(steps=50_000, ema=0.9999, select_best=True)
     finetune: TrainConfig = _stage(steps=10_000, ema=0.9999, select_best=True)
+    finetune_small: TrainConfig = _stage(steps=10_000, ema=0.9999, select_best=True)
+    scratch_head: TrainConfig = _stage(steps=50_000, ema=0.9999, select_best=True)
+    counts: TrainConfig = _stage(steps=1, select_best=True)
+    counts_source: TrainConfig = _stage(steps=1, select_best=True)
     reference_lm: TrainConfig = _stage(steps=5_000, val_every=500, select_best=True, num_workers=0)
 
     def check(self) -> None:
@@ -386,7 +449,9 @@ class SampleConfig:
     methods: list[str] = field(default_factory=lambda: ["gtl", "source", "vanilla", "finetune"])
     """Which rows of the methods table (gtl_dist/methods.py) the run samples and compares."""
     sampler: Sampler = "planner"
-    """The GTL sampler."""
+    """The GTL sampler (planner, ancestral, exact; the baselines draw with the unguided ancestral
+    sampler), or first_hitting: every method's sampler, one uniformly chosen masked position per
+    step (exact for an exact model; docs/method.md §7)."""
     num_samples: int = 1024
     batch_size: int = 32
     shards: int = 4
@@ -451,8 +516,22 @@ class EvalConfig:
     ladder: bool = True
     """Markov runs with a GTL method: add the oracle ladder and the calibration diagnostics
     (docs/method.md §12) to the report; they sample with exact networks (minutes on a CPU)."""
+    ce_sequences: int = 2000
+    """Held-out target sequences (the first of the test set) on which every method's masked-token
+    cross-entropy is scored, on identical masks (docs/method.md §10)."""
+    ce_mask_rates: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
+    """Each scored sequence is masked once at each of these rates; the score is the mean over rates
+    of the mean cross-entropy per masked token."""
+    paper_sampler_steps: int = 0
+    """Markov runs: also score samples of every method drawn in the evaluation with the paper's
+    sampler, the exact ancestral sampler with this many steps on the run's noise schedule (a
+    secondary row beside the run's own sampler; 0: off)."""
 
     def check(self) -> None:
+        require_at_least(self, 1, "ce_sequences")
+        require_at_least(self, 0, "paper_sampler_steps")
+        require(bool(self.ce_mask_rates) and all(0 < r < 1 for r in self.ce_mask_rates), "ce_mask_rates",
+                f"{self.ce_mask_rates}: need one or more mask rates in (0, 1)")
         require_at_least(self, 1, "mauve_seeds", "mauve_length_bins", "mauve_max_features",
                          "diversity_max_n", "repetition_n", "batch_size")
         require(self.mauve_scaling > 0, "mauve_scaling", f"{self.mauve_scaling} must be > 0 "
@@ -560,10 +639,13 @@ class RunConfig:
         return self.data.targets
 
     def check(self) -> None:
-        """The rules across sections: a Markov config's protocol against its target counts (a
-        text corpus's n_T is known once the data stage has run, and is checked there and at
-        submit time)."""
+        """The rules across sections: methods that need a known chain, and a Markov config's
+        protocol against its target counts (a text corpus's n_T is known once the data stage has
+        run, and is checked there and at submit time)."""
         if self.data.corpus != "markov":
+            chain_only = [m for m in self.sample.methods if METHODS[m].markov_only]
+            require(not chain_only, "sample.methods", f"{chain_only} estimate a Markov chain and need "
+                                                      f"data.corpus=markov; drop them for a text corpus")
             return
         n_train = self.data.markov.num_target - round(self.data.overlap * self.data.markov.num_target)
         for f in self.data.target_fractions:

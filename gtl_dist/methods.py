@@ -24,9 +24,9 @@ SOURCE = "source_stage"
 # γ key comes on top). The list of methods is never an input: adding a method must not redraw
 # the others.
 SAMPLE_SECTIONS = ("noise", "sample.num_samples", "sample.batch_size", "sample.top_k", "sample.steps",
-                   "sample.t_end", "sample.seed")
-GUIDED_SECTIONS = ("sample.sampler", "sample.n_ratio", "sample.ratio_batch_size",
-                   "sample.planner_temperature", "sample.planner_mode", "sample.stabilise")
+                   "sample.t_end", "sample.seed", "sample.sampler")
+GUIDED_SECTIONS = ("sample.n_ratio", "sample.ratio_batch_size", "sample.planner_temperature",
+                   "sample.planner_mode", "sample.stabilise")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class MethodSpec:
     calibrated: tuple[str, ...] = ()
     # One line for the report and --help.
     summary: str = ""
+    # Needs a known chain (data.corpus: markov).
+    markov_only: bool = False
 
     def __post_init__(self) -> None:
         if (self.guide is None) != (self.gamma_key is None):
@@ -77,9 +79,11 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("gtl", model=SOURCE, guide="edit_ratio", gamma_key="gamma",
+    MethodSpec("gtl", model=SOURCE, guide="adapter", gamma_key="gamma", calibrated=("adapter",),
+               summary="the frozen source guided by a low-rank adapter on its last hidden state"),
+    MethodSpec("gtl_edit", model=SOURCE, guide="edit_ratio", gamma_key="gamma",
                calibrated=("edit_ratio",),
-               summary="the frozen source guided by an edit-ratio network"),
+               summary="the frozen source guided by an edit-ratio network of its own"),
     MethodSpec("gtl_paper", model=SOURCE, guide="ratio", gamma_key="paper_gamma",
                calibrated=("classifier_ti", "classifier_td", "ratio"),
                summary="the paper's recipe: domain classifiers, then a sequence-level ratio network"),
@@ -88,6 +92,14 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("vanilla", model="vanilla", summary="a denoiser trained on the target data only"),
     MethodSpec("finetune", model="finetune",
                summary="the source denoiser trained further on the target data, all parameters"),
+    MethodSpec("finetune_small", model="finetune_small",
+               summary="a low-rank fine-tune of the source, as many trained parameters as gtl's guide"),
+    MethodSpec("scratch_head", model="scratch_head",
+               summary="the edit-ratio network's architecture trained alone on the target data"),
+    MethodSpec("counts", model="counts", markov_only=True,
+               summary="the target chain from transition counts, uniform prior"),
+    MethodSpec("counts_source", model="counts_source", markov_only=True,
+               summary="the target chain from transition counts, prior centred on the source chain"),
 )}
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -21,6 +21,7 @@ from torch import nn
 from gtl_dist.config import DEFAULT_LABEL_SMOOTHING, POOR_OVERLAP_ACCURACY
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
 from gtl_dist.log import get_logger
+from gtl_dist.models.heads import subs_token_log_probs
 
 log = get_logger("objectives")
 
@@ -195,6 +196,40 @@ def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_r
         correct = (guided.argmax(-1) == x_target) & scored
         stats = _as_floats(("loss", "source_nll", "accuracy", "masked_fraction"),
                            (loss, source_nll, correct.sum() / num_scored, scored.float().mean()))
+    return loss, stats
+
+
+def masked_token_ce(model: Any, x0: torch.Tensor, mask_rate: torch.Tensor, generator: torch.Generator | None,
+                    *, vocab: Any, reference: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of x0's masked tokens under ``model``'s prediction: the adapter's objective
+    and the one held-out rule by which every per-target stage is selected (docs/method.md §12).
+
+    ``model.logits(z)`` (or ``model(z)`` for a network without raw logits, e.g. an exact chain's
+    log-probabilities) gives scores whose softmax without [MASK] is the prediction at masked
+    positions; ``mask_rate`` has one entry per sequence (the networks see z alone, so rates are
+    uniform rather than through a noise schedule). Pad tokens are never scored. Stats: loss,
+    accuracy (greedy), masked_fraction and, with a ``reference`` (the frozen source), source_nll:
+    the same positions under it (loss < source_nll is what the stage adds).
+    """
+    z = mask_tokens(x0, mask_rate.to(x0.device, torch.float32), vocab.mask_id, generator)
+    scored = z == vocab.mask_id
+    if vocab.pad_id is not None:
+        scored &= x0 != vocab.pad_id
+    num_scored = scored.sum().clamp_min(1)
+
+    def nll_of(net: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (net.logits(z) if hasattr(net, "logits") else net(z)).float().clone()
+        log_p_true, greedy = subs_token_log_probs(scores, x0, vocab.mask_id)
+        return torch.where(scored, -log_p_true, torch.zeros((), device=z.device)).sum() / num_scored, greedy
+
+    loss, greedy = nll_of(model)
+    with torch.no_grad():
+        names, values = ["loss", "accuracy", "masked_fraction"], [
+            loss, ((greedy == x0) & scored).sum() / num_scored, scored.float().mean()]
+        if reference is not None:
+            names.append("source_nll")
+            values.append(nll_of(reference)[0])
+        stats = _as_floats(names, values)
     return loss, stats
 
 

@@ -11,6 +11,8 @@
           ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
           export/model.pt             consolidated fp32 weights, loadable without DeepSpeed
           DONE.json                   completion marker with the hashes of the stage's inputs
+          lr-<value>/                 one run of train.<stage>.lr_grid (its own ckpt/, export/);
+                                      export/ above is the run with the best held-out loss
       samples/<method>/<target>/<fraction>[/seed-s]/shard-0000.jsonl
       tb/<stage>[/<target>/<fraction>]  TensorBoard event files, one directory per job
       eval/                           report.md, results.csv, plots
@@ -64,24 +66,27 @@ class RunPaths:
         return self.root / "data"
 
     def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
-              seed: Optional[int] = None) -> Path:
-        return seed_folder(_cell(self.root / stage, target, fraction), seed)
+              seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
+        """A stage task's folder; ``variant`` is one run of its learning-rate grid (lr-<value>/)."""
+        folder = seed_folder(_cell(self.root / stage, target, fraction), seed)
+        return folder / variant if variant else folder
 
-    def checkpoints(self, stage: str, target: Optional[str] = None,
-                    fraction: Optional[float] = None, seed: Optional[int] = None) -> Path:
-        return self.stage(stage, target, fraction, seed) / "ckpt"
+    def checkpoints(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+                    seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
+        return self.stage(stage, target, fraction, seed, variant) / "ckpt"
 
     def export(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
-               seed: Optional[int] = None) -> Path:
-        return self.stage(stage, target, fraction, seed) / "export" / "model.pt"
+               seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
+        return self.stage(stage, target, fraction, seed, variant) / "export" / "model.pt"
 
     def marker(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
                seed: Optional[int] = None) -> Path:
         return self.stage(stage, target, fraction, seed) / "DONE.json"
 
     def tb(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
-           seed: Optional[int] = None) -> Path:
-        return seed_folder(_cell(self.root / "tb" / stage, target, fraction), seed)
+           seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
+        folder = seed_folder(_cell(self.root / "tb" / stage, target, fraction), seed)
+        return folder / variant if variant else folder
 
     def samples(self, method: str, target: Optional[str], fraction: Optional[float],
                 seed: Optional[int] = None) -> Path:

@@ -109,6 +109,11 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("edit_ratio", role="edit_ratio", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.edit_ratio", "train.edit_ratio", "protocol"),
               init_is_candidate=True, train_sets={"target": TARGET_TRAIN}, val_sets={"target": HELD_OUT}),
+    # gtl's guide adapter on the frozen source's last hidden state; zero at the start, so step 0
+    # is the source exactly.
+    StageSpec("adapter", role="adapter", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
+              sections=("seed", "noise", "models.adapter", "train.adapter", "protocol"),
+              init_is_candidate=True, **TARGET_SETS),
     StageSpec("classifier_ti", role="classifier_ti", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.classifier", "train.classifier_ti", "protocol"),
               **BOTH_DOMAINS),
@@ -123,6 +128,20 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("finetune", role="denoiser", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
               sections=("seed", "noise", "models.denoiser", "train.finetune", "protocol"), init=SOURCE,
               init_is_candidate=True, **TARGET_SETS),
+    # Controls (docs/method.md §9): a low-rank fine-tune with about as many trained parameters as
+    # gtl's guide; the edit-ratio network's architecture trained alone as a target denoiser; the
+    # target chain from transition counts (Markov only), with a uniform or a source-centred prior.
+    StageSpec("finetune_small", role="finetune_small", scope=PER_FRACTION, size=SMALL, deps=(SOURCE,),
+              sections=("seed", "noise", "models.denoiser", "models.finetune_small", "train.finetune_small",
+                        "protocol"),
+              init=SOURCE, init_is_candidate=True, **TARGET_SETS),
+    StageSpec("scratch_head", role="scratch_head", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.edit_ratio", "train.scratch_head", "protocol"), **TARGET_SETS),
+    StageSpec("counts", role="chain", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.counts", "train.counts", "protocol"), **TARGET_SETS),
+    StageSpec("counts_source", role="chain", scope=PER_FRACTION, size=SMALL, deps=("data",),
+              sections=("seed", "noise", "models.counts", "train.counts_source", "protocol"),
+              train_sets={"train": TARGET_TRAIN, "source": "source/train"}, val_sets={"val": HELD_OUT}),
     # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
     StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
               sections=("seed", "models.reference_lm", "train.reference_lm"),
@@ -249,7 +268,12 @@ class StageGraph:
         if k == "sample":
             return self.method_tasks(task.method, t, f, s)
         if k == "eval":
+            # Every sample set, and the networks behind it (the masked cross-entropy and the
+            # selection table read them, docs/method.md §10).
             deps = list(self.sample_tasks)
+            for sample in self.sample_tasks:
+                deps += [d for d in self.method_tasks(sample.method, sample.target, sample.fraction, sample.seed)
+                         if d not in deps]
             if cfg.uses_tokenizer:  # the text metrics score with these networks
                 scorer = evaluator_classifier_fraction(cfg)
                 deps += [Task("classifier_ti", t, scorer) for t in cfg.targets]

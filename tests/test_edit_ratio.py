@@ -9,7 +9,8 @@ from gtl_dist.config import ModelConfig
 from gtl_dist.data.markov import diagonal_matrix, sample_sequences
 from gtl_dist.diffusion import LogLinearSchedule, sample_t
 from gtl_dist.eval.ladder import MarkovRun, edit_calibration, edit_set
-from gtl_dist.eval.oracles import ChainDenoiser, EditRatioOracle, MarkovChain
+from gtl_dist.eval.oracles import EditRatioOracle
+from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.models import EditRatioNet, VocabSpec
 from gtl_dist.objectives import edit_ratio_loss, freeze
 

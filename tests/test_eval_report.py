@@ -72,7 +72,7 @@ def test_table_has_every_method_and_fraction(markov_report):
     cfg, _, rows, files = markov_report
     md = files.report_md.read_text()
     table = _table(md, "sticky", "transition_mean_abs_err")
-    assert table["_header"] == ["100%", "10%", "2%"]
+    assert table["_header"] == ["n_T = 1000", "n_T = 100", "n_T = 20"]  # a Markov run: its n_T
     for i, method in enumerate(METHODS):
         assert table[method] == [f"{0.01 * (i + 1) + 0.1 * j:.4g}" for j in range(3)]
     # The paper's numbers sit under the run's (the markov preset is the paper's set-up).
@@ -157,7 +157,7 @@ def test_bad_inputs_fail_with_the_file_named(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match=str(bad)):
         read_results_csv(bad)
-    bad.write_text("method,target,fraction,metric,value,std,n,notes\ngtl,t,half,m,1,,,\n")
+    bad.write_text("method,target,fraction,metric,value,std,n,ci_low,ci_high,notes\ngtl,t,half,m,1,,,,,\n")
     with pytest.raises(ValueError, match=rf"{bad}:2"):
         read_results_csv(bad)
     nan = tmp_path / "nan.csv"
@@ -174,26 +174,32 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
     import torch
 
     from gtl_dist.eval.cost import render_costs, stage_costs, training_seconds
-    from gtl_dist.train.export import write_export
+    from gtl_dist.exports import write_export
     log = [{"kind": "val", "step": 0, "loss": 1.0}, {"kind": "train", "step": 10, "samples_per_s": 20.0},
            {"kind": "train", "step": 20, "samples_per_s": 40.0}, {"kind": "val", "step": 20, "loss": 0.5}]
     assert training_seconds(log, global_batch=4) == pytest.approx(10 * 4 / 20 + 10 * 4 / 40)
 
     cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1]"])
     paths = RunPaths(tmp_path)
-    sizes = {"denoiser": 1000, "edit_ratio": 50}
+    sizes = {"denoiser": 1000, "edit_ratio": 50, "finetune_small": 1000}
     for stage, size in sizes.items():
         cells = [(None, None, 0)] if stage == "denoiser" else [
             ("sticky", f, s) for f in cfg.data.target_fractions for s in (0, 1)]
+        # A low-rank fine-tune exports its frozen base too: what it trains is the metadata's count.
+        meta = {"stage": stage, **({"trainable_parameters": 30} if stage == "finetune_small" else {})}
         for target, fraction, seed in cells:
-            write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, {"stage": stage})
+            write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, meta)
             batch = getattr(cfg.train, stage).global_batch
             (paths.stage(stage, target, fraction, seed) / "train_log.jsonl").write_text(
                 json.dumps({"kind": "train", "step": 60, "samples_per_s": batch}) + "\n")  # 60 s
+    cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1]",
+                                              "sample.methods=[gtl_edit, finetune_small, source]"])
     costs = {c.stage: c for c in stage_costs(cfg, paths)}
     assert set(costs) == set(sizes)  # stages without an export are left out
     assert (costs["edit_ratio"].tasks, costs["edit_ratio"].parameters) == (4, 50)
+    assert costs["finetune_small"].parameters == 30
     assert costs["denoiser"].minutes == [pytest.approx(1.0)]
-    text = render_costs(list(costs.values()), "denoiser", ["gtl", "source", "vanilla"])
+    text = render_costs(list(costs.values()), "denoiser", ["gtl_edit", "finetune_small", "source"])
     assert "| edit_ratio | 4 | 50 | 1.0 | 4.0 |" in text
-    assert "source denoiser's 1,000 parameters: gtl trains 50 (edit_ratio, 5.0%)." in text
+    assert ("source denoiser's 1,000 parameters: gtl_edit trains 50 (edit_ratio, 5.0%); finetune_small "
+            "trains 30 (finetune_small, 3.0%).") in text

@@ -27,37 +27,69 @@ def _write_shards(folder: Path, tokens, texts=None, shards=2):
         (folder / f"shard-{s:04d}.jsonl").write_text("".join(ln + "\n" for ln in lines))
 
 
+def export_chain(cfg, paths: RunPaths, stage: str, matrix, target=None, fraction=None, seed=0) -> None:
+    """Stand in for a trained stage: the exact denoiser of ``matrix``, exported under ``stage``."""
+    from dataclasses import asdict
+
+    from gtl_dist.exports import write_export
+    from gtl_dist.models import VocabSpec
+    from gtl_dist.models.chain import ChainDenoiser, MarkovChain
+    from gtl_dist.stages import stage_input_hash
+    states = cfg.data.markov.num_states
+    net = ChainDenoiser(MarkovChain(matrix), cfg.seq_len)
+    write_export(paths.export(stage, target, fraction, seed), net.state_dict(), {
+        "role": "chain", "config": cfg.to_dict(), "seq_len": cfg.seq_len, "stage": stage,
+        "vocab": asdict(VocabSpec(size=states + 1, mask_id=states, data_ids=states)), "finished": True,
+        "input_hash": stage_input_hash(cfg, stage, target, fraction, seed), "step": 5, "trained_steps": 10})
+
+
 def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
+    """Exact chains stand in for the trained networks: ``counts`` holds the target chain Q and
+    samples from it, every other method the source chain P. The masked cross-entropy of Q's own
+    denoiser is the exact target's forward–backward value (the floor), P's is the source's."""
+    from gtl_dist.data import prepare_data
     cfg = load_config(CONFIGS / "tiny.yaml", ["sample.num_samples=400", "eval.ladder=false",
-                                              "sample.methods=[gtl, source, vanilla, finetune]"])
+                                              "sample.methods=[counts, source, vanilla, finetune]",
+                                              "eval.ce_sequences=150"])
     paths = RunPaths(tmp_path)
+    prepare_data(cfg, tmp_path)
     chains = transition_matrices(cfg.data.markov)
     q, p = chains["sticky"], chains["source"]
     rng = np.random.default_rng(0)
     L, n = cfg.data.markov.length, cfg.sample.num_samples
-    # gtl samples from Q itself, every other method from the source chain P.
+    export_chain(cfg, paths, "denoiser", p)
     for f in cfg.data.target_fractions:
-        _write_shards(paths.samples("gtl", "sticky", f), sample_sequences(q, n, L, rng))
+        _write_shards(paths.samples("counts", "sticky", f), sample_sequences(q, n, L, rng))
+        export_chain(cfg, paths, "counts", q, "sticky", f)
         for m in ("vanilla", "finetune"):
             _write_shards(paths.samples(m, "sticky", f), sample_sequences(p, n, L, rng))
+            export_chain(cfg, paths, m, p, "sticky", f)
     _write_shards(paths.samples("source", None, None), sample_sequences(p, n, L, rng))
 
     files = run_eval(cfg, paths, command="test")
     rows = read_results_csv(files.results_csv)
     err = {(r.method, r.fraction): r.value for r in rows if r.metric == "transition_mean_abs_err"}
-    assert set(err) == {("gtl", 1.0), ("gtl", 0.2), ("vanilla", 1.0), ("vanilla", 0.2),
-                        ("finetune", 1.0), ("finetune", 0.2), ("source", None)}
-    assert max(err[("gtl", f)] for f in (1.0, 0.2)) < 0.03
-    assert min(v for k, v in err.items() if k[0] != "gtl") > 0.25  # |0.25 - 0.85| ~ 0.3 off-diagonal
+    assert set(err) == {("counts", 1.0), ("counts", 0.2), ("vanilla", 1.0), ("vanilla", 0.2),
+                        ("finetune", 1.0), ("finetune", 0.2), ("source", None),
+                        ("exact target chain", None), ("exact source chain", None)}
+    assert max(err[("counts", f)] for f in (1.0, 0.2)) < 0.03
+    assert min(v for k, v in err.items() if k[0] in ("vanilla", "finetune", "source")) > 0.25
+    ce = {(r.method, r.fraction): r.value for r in rows if r.metric == "masked_ce"}
+    assert ce[("counts", 1.0)] == pytest.approx(ce[("exact target chain", None)], abs=1e-6)
+    assert ce[("vanilla", 0.2)] == pytest.approx(ce[("exact source chain", None)], abs=1e-6)
+    assert ce[("exact target chain", None)] < ce[("exact source chain", None)] - 0.5
+    paired = {(r.method, r.fraction): r for r in rows if r.metric == "paired_diff[masked_ce]"}
+    assert paired == {}  # no gtl in this run: nothing to pair against
     chain = {r.metric: r.value for r in rows if r.method == "target_chain"}
-    gtl_nll = [r.value for r in rows if r.method == "gtl" and r.metric == "nll_target_per_token"]
-    assert all(abs(v - chain["nll_target_per_token"]) < 0.05 for v in gtl_nll)
-    assert {r.n for r in rows if r.method != "target_chain"} == {400}
+    nll = [r.value for r in rows if r.method == "counts" and r.metric == "nll_target_per_token"]
+    assert all(abs(v - chain["nll_target_per_token"]) < 0.05 for v in nll)
     assert (paths.eval / "plots" / "transitions-sticky.png").is_file()
     report = files.report_md.read_text()
     assert "| source |" in report
     assert "### transition_mean_abs_err (lower is better)" in report
+    assert "### masked_ce (lower is better: nats per masked token" in report
     assert "## Checks\n\nAll passed" in report  # every sample set was drawn on its own
+    assert "| vanilla | vanilla | 20 | 32 | 10 | 0.003 |" in report
 
 
 def test_missing_or_mixed_shards_are_named(tmp_path):

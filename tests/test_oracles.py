@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gtl_dist.diffusion import GeometricSchedule, LogLinearSchedule
-from gtl_dist.eval.oracles import (ChainDenoiser, EditRatioOracle, LogRatioOracle, MarkovChain,
-                                   jensen_log_ratio, log_h)
+from gtl_dist.eval.oracles import EditRatioOracle, LogRatioOracle, jensen_log_ratio, log_h
+from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.sample import AncestralSampler, exact_guided_sampler, unguided_sampler
 
 pytestmark = pytest.mark.exact

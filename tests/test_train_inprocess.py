@@ -32,8 +32,9 @@ DRIVER = """
 import json, os, sys
 from gtl_dist.config import load_config
 from gtl_dist.log import setup_logging
-from gtl_dist.train import load_exported, run_stage
-from gtl_dist.train.export import ExportError
+from gtl_dist.exports import load_exported
+from gtl_dist.train import run_stage
+from gtl_dist.exports import ExportError
 setup_logging()  # a program of its own: importing gtl_dist configures no logging
 cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
 out = []

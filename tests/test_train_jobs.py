@@ -142,7 +142,7 @@ def test_finetune_starts_from_the_source_denoiser(run_dir):
 
 def test_exports_load_without_deepspeed(run_dir):
     from gtl_dist.models import ARLM, Denoiser, EditRatioNet, Planner, RatioNet, SequenceClassifier
-    from gtl_dist.train import load_exported
+    from gtl_dist.exports import load_exported
     kinds = {"denoiser": Denoiser, "ar_pretrain": ARLM, "ar2diff": Denoiser,
              "classifier_ti": SequenceClassifier, "classifier_td": SequenceClassifier,
              "ratio": RatioNet, "edit_ratio": EditRatioNet, "planner": Planner, "vanilla": Denoiser,
@@ -182,7 +182,7 @@ def test_a_stage_that_training_only_hurts_exports_its_initial_weights(run_dir, t
     ratio net starts as no guidance (the source exactly), so selection must be able to keep it:
     with a learning rate that wrecks the network, the export is step 0, an all-zero edit."""
     from gtl_dist.config import load_config
-    from gtl_dist.train import load_exported
+    from gtl_dist.exports import load_exported
     other = tmp_path / "run"
     other.mkdir()
     for shared in ("data", "denoiser"):  # same inputs: the same data and source denoiser
@@ -212,7 +212,7 @@ def test_reference_lm_is_a_causal_lm_of_the_target_held_out_text(run_dir):
     """The evaluation's reference LM: sized by models.reference_lm, trained on <target>/test
     only, giving next-token logits [B, L, V] that do not look ahead."""
     from gtl_dist.config import load_config
-    from gtl_dist.train import load_exported
+    from gtl_dist.exports import load_exported
     model = load_exported(stage_dir(run_dir, "reference_lm") / "export" / "model.pt")
     cfg = load_config(REPO / "configs" / "tiny.yaml", DATA + MODELS)
     assert model.cfg == cfg.models.reference_lm and model.cfg.hidden != cfg.models.denoiser.hidden

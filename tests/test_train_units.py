@@ -342,7 +342,7 @@ def fake_ctx(cfg, run_dir: Path, stage="finetune", target="sticky", fraction=1.0
 
 
 def test_finetune_without_a_source_export_names_the_path_and_the_stage(tiny, tmp_path):
-    from gtl_dist.train.export import ExportError
+    from gtl_dist.exports import ExportError
     from gtl_dist.stages import StageGraph
     from gtl_dist.train.jobs import upstream_export
     ctx = fake_ctx(tiny, tmp_path)
@@ -356,7 +356,7 @@ def test_finetune_without_a_source_export_names_the_path_and_the_stage(tiny, tmp
 
 
 def test_stale_upstream_export_asks_to_rerun_it(tiny, tmp_path):
-    from gtl_dist.train.export import ExportError, write_export
+    from gtl_dist.exports import ExportError, write_export
     from gtl_dist.train.jobs import upstream_export
     from gtl_dist.stages import stage_input_hash
     path = tmp_path / "denoiser" / "export" / "model.pt"
@@ -371,7 +371,7 @@ def test_stale_upstream_export_asks_to_rerun_it(tiny, tmp_path):
 
 
 def test_damaged_export_is_reported(tmp_path):
-    from gtl_dist.train.export import ExportError, load_exported
+    from gtl_dist.exports import ExportError, load_exported
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a zip")
     with pytest.raises(ExportError, match="not a readable export"):
@@ -457,7 +457,7 @@ def test_export_of_an_older_version_with_a_removed_config_key_still_loads(tmp_pa
     from dataclasses import asdict
 
     from gtl_dist.models import VocabSpec, build_model
-    from gtl_dist.train.export import load_exported, write_export
+    from gtl_dist.exports import load_exported, write_export
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     vocab = VocabSpec(size=6, mask_id=5)
     model = build_model("ratio", cfg, vocab)

@@ -23,7 +23,6 @@ from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
-from gtl_dist.methods import METHODS
 from gtl_dist.stages import STAGES, Task, evaluator_classifier_fraction
 
 log = get_logger("cluster.tasks")
@@ -77,7 +76,7 @@ def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
             return "preempted"
         info.update(step=result.step, val_loss=result.val_loss, export=str(result.export))
     elif task.kind == "sample":
-        info.update(_sample(cfg, paths, pipeline, task))
+        info.update(_sample(cfg, paths, task))
     elif task.kind == "eval":
         info.update(_evaluate(cfg, paths))
     else:
@@ -94,31 +93,6 @@ def _device():
     return detect_hardware().device
 
 
-def load_export(cfg: RunConfig, paths: RunPaths, needed_by: str, stage: str, target: Optional[str] = None,
-                fraction: Optional[float] = None, device: Any = "cpu", seed: int = 0):
-    """An export a task reads, checked like every upstream export (gtl_dist/train/export.py)."""
-    from gtl_dist.train.export import load_exported, upstream_export_path
-    return load_exported(upstream_export_path(cfg, paths, stage, target, fraction, seed,
-                                              needed_by=needed_by), device)
-
-
-def method_networks(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task, device: Any):
-    """The networks one sample task's method samples with (its row of the methods table,
-    gtl_dist/methods.py; docs/method.md §7 and §9), and its guidance strength."""
-    from gtl_dist.sample import MethodNetworks
-    spec = METHODS[task.method]
-    who = f"task {task.key}"
-
-    def load(stage: str):
-        t = pipeline.stage_task(pipeline.method_stage(stage), task.target, task.fraction, task.seed)
-        return load_export(cfg, paths, who, t.kind, t.target, t.fraction, device, t.seed)
-
-    return MethodNetworks(load(spec.model),
-                          ratio_net=load(spec.guide) if spec.guided else None,
-                          planner=load("planner") if spec.needs_planner(cfg.sample) else None,
-                          gamma=spec.gamma(cfg.sample) if spec.guided else 1.0)
-
-
 def _tokenizer(cfg: RunConfig, paths: RunPaths):
     if not cfg.uses_tokenizer:
         return None
@@ -128,12 +102,14 @@ def _tokenizer(cfg: RunConfig, paths: RunPaths):
     return Tokenizer(manifest.tokenizer_path, expected_hash=manifest.tokenizer_hash)
 
 
-def _sample(cfg: RunConfig, paths: RunPaths, pipeline: Pipeline, task: Task) -> dict[str, Any]:
+def _sample(cfg: RunConfig, paths: RunPaths, task: Task) -> dict[str, Any]:
     from gtl_dist.diffusion import NoiseSchedule
     from gtl_dist.sample import sample_shard, write_sample_shard
+    from gtl_dist.sample.networks import method_networks
 
     device = _device()
-    nets = method_networks(cfg, paths, pipeline, task, device)
+    nets = method_networks(cfg, paths, task.method, task.target, task.fraction, task.seed,
+                           needed_by=f"task {task.key}", device=device)
     t0 = time.monotonic()
     shard = sample_shard(nets, cfg.sample, NoiseSchedule.from_config(cfg.noise), task.shard, device,
                          replicate=task.seed)
@@ -167,6 +143,7 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
     from gtl_dist.data import load_run_manifest, read_samples
     from gtl_dist.eval.evaluate import HeldOut
+    from gtl_dist.exports import load_upstream
 
     device = _device()
     manifest = load_run_manifest(cfg, paths.root)
@@ -187,10 +164,10 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     who = "the evaluation"
     return dict(references={target: heldout(f"{target}/test") for target in cfg.targets},
                 source_heldout=heldout("source/test"),
-                classifier=lambda t: as_callable(load_export(cfg, paths, who, "classifier_ti", t,
-                                                             scorer_fraction, device)),
-                reference_lm=lambda t: as_callable(load_export(cfg, paths, who, "reference_lm", t,
-                                                               device=device)),
+                classifier=lambda t: as_callable(load_upstream(cfg, paths, "classifier_ti", t, scorer_fraction,
+                                                               needed_by=who, device=device)),
+                reference_lm=lambda t: as_callable(load_upstream(cfg, paths, "reference_lm", t, needed_by=who,
+                                                                 device=device)),
                 eos_id=manifest.eos_id, bos_id=manifest.bos_id, diagnose_guide=True)
 
 

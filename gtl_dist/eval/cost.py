@@ -19,7 +19,7 @@ from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.methods import METHODS
 from gtl_dist.stages import STAGES, StageGraph, Task
-from gtl_dist.train.export import read_export
+from gtl_dist.exports import read_export
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,14 @@ def training_seconds(records: list[dict], global_batch: int) -> float:
 
 
 def exported_parameters(path) -> Optional[int]:
-    """Entries of an export's state dict, or None when the stage has not exported."""
+    """The parameters the stage trained: its export's count where it records one (a low-rank
+    fine-tune exports its frozen base too), else the entries of its state dict; None when the
+    stage has not exported."""
     if not path.is_file():
         return None
-    return sum(t.numel() for t in read_export(path, "")["state_dict"].values())
+    export = read_export(path, "")
+    trained = export["meta"].get("trainable_parameters")
+    return trained if trained is not None else sum(t.numel() for t in export["state_dict"].values())
 
 
 def stage_costs(cfg: RunConfig, paths: RunPaths) -> list[StageCost]:

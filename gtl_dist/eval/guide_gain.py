@@ -23,7 +23,7 @@ from gtl_dist.log import get_logger
 from gtl_dist.objectives import edit_ratio_loss, freeze
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import StageGraph
-from gtl_dist.train.export import load_exported, upstream_export_path
+from gtl_dist.exports import load_exported, upstream_export_path
 
 log = get_logger("eval.guide_gain")
 

@@ -35,15 +35,15 @@ from gtl_dist.config import RunConfig
 from gtl_dist.data.markov import SOURCE, sample_sequences, transition_matrices
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
 from gtl_dist.eval.markov import markov_counts, markov_metrics
-from gtl_dist.eval.oracles import (ChainDenoiser, EditRatioOracle, LogRatioOracle, MarkovChain,
-                                   log_h)
+from gtl_dist.eval.oracles import EditRatioOracle, LogRatioOracle, log_h
+from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.log import get_logger
 from gtl_dist.methods import METHODS
 from gtl_dist.paths import RunPaths
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
 from gtl_dist.stages import StageGraph
-from gtl_dist.train.export import load_exported
+from gtl_dist.exports import load_exported
 
 log = get_logger("eval.ladder")
 
@@ -80,7 +80,10 @@ class MarkovRun:
         """Mean |P̂ − Q| of samples from the exact sampler with these networks."""
         nets = MethodNetworks(denoiser, guide, gamma=gamma if guide is not None else 0.0,
                               vocab=self.source_denoiser.vocab, seq_len=self.length)
-        settings = dataclasses.replace(self.cfg.sample, sampler="exact")
+        # The run's own sampler when it is exact for every model (first_hitting), else the exact
+        # ancestral sampler at the run's steps.
+        sampler = "first_hitting" if self.cfg.sample.sampler == "first_hitting" else "exact"
+        settings = dataclasses.replace(self.cfg.sample, sampler=sampler)
         seed = shard_seed(self.cfg.sample.seed, 0, replicate)
         with torch.inference_mode():
             tokens = draw_samples(nets, settings, self.schedule, settings.num_samples, seed).tokens.numpy()
@@ -117,13 +120,18 @@ def ladder_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
         rows.append(row("learned source + exact h, γ = 1",
                         run.mean_abs_err(target, learned_source,
                                          EditRatioOracle(run.source, chain, run.length), 1.0)))
-        if "gtl" in methods:  # gtl_paper: its calibration rows (a sequence-level ratio net makes
-            # the exact sampler cost L·|V| ratio passes a step, as long as its own sampling again)
-            label = f"exact source + learned gtl guide, γ = {cfg.sample.gamma:g}"
+        # An edit-ratio network reads z, so it can guide the exact source; an adapter reads the
+        # learned source's features and has no such row (its method row is the learned pair), and
+        # gtl_paper has its calibration rows (a sequence-level ratio net makes the exact sampler
+        # cost L·|V| ratio passes a step, as long as its own sampling again).
+        for method in methods:
+            if METHODS[method].guide != "edit_ratio":
+                continue
+            label = f"exact source + learned {method} guide, γ = {METHODS[method].gamma(cfg.sample):g}"
             for fraction in cfg.data.target_fractions:
                 per_seed = {s: {LADDER_METRIC: run.mean_abs_err(
-                    target, exact_p, run.export("edit_ratio", target, fraction, s), cfg.sample.gamma, s)}
-                    for s in seeds}
+                    target, exact_p, run.export("edit_ratio", target, fraction, s),
+                    METHODS[method].gamma(cfg.sample), s)} for s in seeds}
                 log.info("ladder %s / %s @ %g: %s", target, label, fraction, per_seed)
                 rows += seed_rows(label, target, fraction, per_seed, n=cfg.sample.num_samples)
     return rows
@@ -172,19 +180,24 @@ def edit_set(run: MarkovRun, target: str, domain: str, seed: int, size: int = ED
     return out
 
 
-def edit_calibration(stage: str, net: torch.nn.Module, edits: EditSet,
-                     schedule: NoiseSchedule) -> tuple[float, float]:
-    """(slope, correlation) of the network's edit differences against the exact ones."""
-    learned = learned_edit_differences(stage, net, edits, schedule)
+def edit_calibration(stage: str, net: torch.nn.Module, edits: EditSet, schedule: NoiseSchedule,
+                     source: Optional[torch.nn.Module] = None) -> tuple[float, float]:
+    """(slope, correlation) of the network's edit differences against the exact ones; an adapter
+    reads the learned ``source``'s features."""
+    learned = learned_edit_differences(stage, net, edits, schedule, source)
     return float(np.polyfit(edits.exact, learned, 1)[0]), float(np.corrcoef(edits.exact, learned)[0, 1])
 
 
-def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet,
-                             schedule: NoiseSchedule) -> np.ndarray:
+def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet, schedule: NoiseSchedule,
+                             source: Optional[torch.nn.Module] = None) -> np.ndarray:
     """The network's r(z[ℓ := v]) − r(z[ℓ := v′]) on the same edits (classifiers: −logit)."""
     with torch.inference_mode():
-        if stage == "edit_ratio":
-            scores = net.edit_scores(edits.z, edits.rows, edits.positions).double()
+        if stage in ("edit_ratio", "adapter"):
+            if stage == "adapter":
+                features = source.features(edits.z)[edits.rows, edits.positions]
+                scores = net(features, source.output.linear).double()
+            else:
+                scores = net.edit_scores(edits.z, edits.rows, edits.positions).double()
             diff = scores.gather(-1, edits.v[:, None]) - scores.gather(-1, edits.v_other[:, None])
             return diff.squeeze(-1).numpy()
         sign = -1.0 if stage.startswith("classifier") else 1.0
@@ -196,13 +209,15 @@ def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet,
         return sign * (score(edits.edited(edits.v)) - score(edits.edited(edits.v_other))).numpy()
 
 
-CALIBRATED = {"edit_ratio": "gtl: edit-ratio net", "classifier_ti": "gtl_paper: clean classifier",
-              "classifier_td": "gtl_paper: masked classifier", "ratio": "gtl_paper: ratio net"}
+CALIBRATED = {"adapter": "gtl: adapter", "edit_ratio": "gtl_edit: edit-ratio net",
+              "classifier_ti": "gtl_paper: clean classifier", "classifier_td": "gtl_paper: masked classifier",
+              "ratio": "gtl_paper: ratio net"}
 
 
 def calibration_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
     run = MarkovRun.load(cfg, paths)
     stages = [s for m in cfg.sample.methods for s in METHODS[m].calibrated]
+    learned_source = run.export(StageGraph(cfg).source_stage)
     rows = []
     for target in run.targets:
         edits = {d: edit_set(run, target, d, seed=cfg.sample.seed) for d in (SOURCE, target)}
@@ -215,7 +230,7 @@ def calibration_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
                     for domain, es in edits.items():
                         side = "source" if domain == SOURCE else "target"
                         stats[f"edit_slope[{side}]"], stats[f"edit_corr[{side}]"] = edit_calibration(
-                            stage, net, es, run.schedule)
+                            stage, net, es, run.schedule, learned_source)
                     per_seed[s] = stats
                 rows += seed_rows(CALIBRATED[stage], target, fraction, per_seed, n=EDIT_SET_SIZE)
     return rows

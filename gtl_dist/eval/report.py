@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -74,14 +74,15 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
     date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     results_csv = write_results_csv(paths.eval / "results.csv", rows)
-    tables = {target: render_target(rows, paper, target) for target in _ordered(r.target for r in rows)}
+    label = column_labeller(cfg)
+    tables = {target: render_target(rows, paper, target, label) for target in _ordered(r.target for r in rows)}
     report_md = paths.eval / "report.md"
     atomic_write_text(report_md, render_header(cfg, command, date) + render_checks(findings)
                       + "\n".join(tables.values()) + cost)
-    plots = [plot_metric(rows, paper, metric, paths.eval / "plots")
-             for metric in _ordered(r.metric for r in rows)]
+    plots = [plot_metric(rows, paper, metric, paths.eval / "plots", label)
+             for metric in _ordered(r.metric for r in rows) if not metric.startswith(UNPLOTTED)]
     for target, mats in (markov or {}).items():
-        plots.append(plot_transitions(mats, target, paths.eval / "plots"))
+        plots.append(plot_transitions(mats, target, paths.eval / "plots", label))
     if examples:
         atomic_write_text(paths.eval / SAMPLES_MD, render_examples(examples))
     tb_dir = write_tensorboard(rows, tables, paths.tb("eval"), examples) if tensorboard else None
@@ -119,9 +120,24 @@ def fraction_label(fraction: Optional[float]) -> str:
     return "all fractions" if fraction is None else f"{fraction * 100:g}%"
 
 
-def format_value(value: float, std: Optional[float] = None) -> str:
+def column_labeller(cfg: Optional[RunConfig]) -> Callable[[Optional[float]], str]:
+    """Column headings: the number of target sequences n_T for a Markov run (known from the
+    config), else the fraction."""
+    if cfg is None or cfg.data.corpus != "markov":
+        return fraction_label
+    n_train = cfg.data.markov.num_target - round(cfg.data.overlap * cfg.data.markov.num_target)
+    return lambda f: fraction_label(f) if f is None else f"n_T = {round(f * n_train)}"
+
+
+# Metrics with no plot of their own (what selection kept; the report's tables show them).
+UNPLOTTED = ("kept_", "out_of_budget", "prior_strength")
+
+
+def format_value(value: float, std: Optional[float] = None, ci: Optional[tuple[float, float]] = None) -> str:
     if math.isnan(value):
         return "nan"
+    if ci is not None and ci[0] is not None:
+        return f"{value:+.3g} [{ci[0]:+.3g}, {ci[1]:+.3g}]"
     text = f"{value:.4g}"
     return f"{text} ± {std:.2g}" if std is not None and not math.isnan(std) else text
 
@@ -189,6 +205,12 @@ _DIRECTION = {
     "nll_target_per_seq": "lower is better", "nll_target_per_token": "lower is better",
     "nll_source_per_seq": "higher is further from the source", "nll_source_per_token": "higher is further from the source",
     "ladder_mean_abs_err": "lower is better",
+    "masked_ce": "lower is better: nats per masked token on held-out target sequences, identical masks",
+    "paired_diff": "method − gtl, mean over replicates [95 % interval]; above 0: gtl is better",
+    "kept_lr": "learning rate held-out selection kept, mean over replicates",
+    "kept_step": "step held-out selection kept, mean over replicates",
+    "out_of_budget": "share of replicates whose kept step was their last: they ran out of steps",
+    "prior_strength": "prior strength held-out selection kept, mean over replicates",
     "edit_slope": "1 is calibrated", "edit_corr": "higher is better",
     "guide_ce_gain": "higher is better: nats per masked token the edit-ratio net saves the source "
                      "on held-out target text",
@@ -218,47 +240,58 @@ def protocol_text(cfg: RunConfig) -> str:
             f"evaluation only")
 
 
-def render_table(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str,
-                 metric: str) -> str:
+def paper_matches(paper_metric: str, metric: str) -> bool:
+    """Whether a paper number belongs beside ``metric``: the same metric, or MAUVE beside MAUVE
+    (the featurisers differ; the label says so)."""
+    return paper_metric == metric or metric_family(paper_metric) == metric_family(metric) == "mauve"
+
+
+def render_table(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str, metric: str,
+                 column: Callable[[Optional[float]], str] = fraction_label) -> str:
     """A markdown table: rows = methods (then the paper's), columns = fractions (large first).
 
     A row without a fraction (the source model) fills every column.
     """
     mine = [r for r in rows if r.target == target and r.metric == metric]
-    theirs = [r for r in paper if r.target == target and metric_family(r.metric) == metric_family(metric)]
+    theirs = [r for r in paper if r.target == target and paper_matches(r.metric, metric)]
     fractions = sorted({r.fraction for r in mine if r.fraction is not None}, reverse=True) or [None]
     cells: dict[tuple[str, Optional[float]], str] = {}
     for r in sorted(mine, key=lambda r: r.fraction is not None):
         for f in fractions if r.fraction is None else [r.fraction]:
-            cells[(r.method, f)] = format_value(r.value, r.std)
+            ci = (r.ci_low, r.ci_high) if r.ci_low is not None else None
+            verdict = r.notes.rsplit("; ", 1)[-1] if ci else ""
+            cells[(r.method, f)] = format_value(r.value, r.std, ci) + (f" ({verdict})" if verdict else "")
     labels = {m: m for m in _method_order(r.method for r in mine)}
     for r in theirs:
         if r.fraction in fractions:
             label = f"{r.method} (paper{', ' + r.metric if r.metric != metric else ''})"
             labels.setdefault(label, label)
             cells[(label, r.fraction)] = format_value(r.value, r.std)
-    lines = ["| method | " + " | ".join(fraction_label(f) for f in fractions) + " |",
+    lines = ["| method | " + " | ".join(column(f) for f in fractions) + " |",
              "|---" * (len(fractions) + 1) + "|"]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(cells.get((label, f), "–") for f in fractions) + " |")
     notes = defaultdict(list)
     for r in mine:
+        if r.ci_low is not None:  # a paired difference: its cell says it all
+            continue
         # Per-seed values stay in results.csv; the table shows their mean ± std.
         note = "; ".join(part for part in r.notes.split("; ") if part and not part.startswith("seeds "))
         if note:
-            notes[note].append(f"{r.method} @ {fraction_label(r.fraction)}")
+            notes[note].append(f"{r.method} @ {column(r.fraction)}")
     for note, where in notes.items():
         lines.append(f"\n- {', '.join(where)}: {note}")
     return "\n".join(lines) + "\n"
 
 
-def render_target(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str) -> str:
+def render_target(rows: Sequence[ResultRow], paper: Sequence[ResultRow], target: str,
+                  label: Callable[[Optional[float]], str] = fraction_label) -> str:
     metrics = _ordered(r.metric for r in rows if r.target == target)
     parts = [f"## Target: {target}\n"]
     for metric in metrics:
         direction = metric_direction(metric)
         heading = f"{metric} ({direction})" if direction else metric
-        parts.append(f"### {heading}\n\n{render_table(rows, paper, target, metric)}")
+        parts.append(f"### {heading}\n\n{render_table(rows, paper, target, metric, label)}")
     return "\n".join(parts)
 
 
@@ -278,13 +311,13 @@ def _save(fig: "plt.Figure", path: Path) -> Path:
 
 
 def plot_metric(rows: Sequence[ResultRow], paper: Sequence[ResultRow], metric: str,
-                out_dir: Path) -> Path:
+                out_dir: Path, label: Callable[[Optional[float]], str] = fraction_label) -> Path:
     """Score vs target-data fraction, one line per method, one panel per target."""
     targets = _ordered(r.target for r in rows if r.metric == metric)
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
     for ax, target in zip(axes[0], targets):
         mine = [r for r in rows if r.metric == metric and r.target == target]
-        theirs = [r for r in paper if r.target == target and metric_family(r.metric) == metric_family(metric)]
+        theirs = [r for r in paper if r.target == target and paper_matches(r.metric, metric)]
         for i, method in enumerate(_method_order(r.method for r in mine)):
             for r in mine:
                 if r.method == method and r.fraction is None:  # independent of the fraction
@@ -303,7 +336,7 @@ def plot_metric(rows: Sequence[ResultRow], paper: Sequence[ResultRow], metric: s
             ax.set_xscale("log")
         if fractions:
             ticks = sorted(set(fractions))
-            ax.set_xticks(ticks, [fraction_label(f) for f in ticks])
+            ax.set_xticks(ticks, [label(f) for f in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("target-data fraction")
         ax.set_ylabel(metric)
@@ -313,7 +346,8 @@ def plot_metric(rows: Sequence[ResultRow], paper: Sequence[ResultRow], metric: s
     return _save(fig, out_dir / plot_file_name(metric))
 
 
-def plot_transitions(mats: MarkovMatrices, target: str, out_dir: Path) -> Path:
+def plot_transitions(mats: MarkovMatrices, target: str, out_dir: Path,
+                     label: Callable[[Optional[float]], str] = fraction_label) -> Path:
     """Heatmaps: true source P and target Q on top, then P̂ for each method (rows) and fraction.
 
     A fraction-independent P̂ (key (method, None), the source model) takes the first column.
@@ -335,7 +369,7 @@ def plot_transitions(mats: MarkovMatrices, target: str, out_dir: Path) -> Path:
             if p_hat is not None:
                 mean_err, _ = transition_error(p_hat, mats.target)
                 _heatmap(axes[i, j], p_hat,
-                         f"{method} {fraction_label(fraction)}\nmean|P̂−Q| = {mean_err:.3f}")
+                         f"{method} {label(fraction)}\nmean|P̂−Q| = {mean_err:.3f}")
     fig.tight_layout()
     return _save(fig, out_dir / f"transitions-{plot_file_name(target)}")
 

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Optional
 from gtl_dist.eval.mauve import MauveResult
 from gtl_dist.io import atomic_write_text
 
-CSV_COLUMNS = ("method", "target", "fraction", "metric", "value", "std", "n", "notes")
+CSV_COLUMNS = ("method", "target", "fraction", "metric", "value", "std", "n", "ci_low", "ci_high", "notes")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class ResultRow:
     metric: str            # e.g. "transition_mean_abs_err", "mauve[tfidf-svd]"
     value: float
     std: Optional[float] = None  # spread over seeds where the metric is repeated
-    n: Optional[int] = None      # samples scored
+    n: Optional[int] = None      # samples scored (replicates, for a paired difference)
     notes: str = ""              # featuriser, seeds, caveats
+    ci_low: Optional[float] = None   # a 95 % interval, where the row has one (paired differences)
+    ci_high: Optional[float] = None
 
 
 def _fraction(fraction: Optional[float]) -> Optional[float]:
@@ -115,7 +117,9 @@ def read_results_csv(path: str | os.PathLike) -> list[ResultRow]:
                                       float(rec["fraction"]) if rec["fraction"] else None,
                                       rec["metric"], float(rec["value"]),
                                       float(rec["std"]) if rec["std"] else None,
-                                      int(rec["n"]) if rec["n"] else None, rec["notes"]))
+                                      int(rec["n"]) if rec["n"] else None, rec["notes"],
+                                      float(rec["ci_low"]) if rec["ci_low"] else None,
+                                      float(rec["ci_high"]) if rec["ci_high"] else None))
             except ValueError as exc:
                 raise ValueError(f"{path}:{line_no}: {exc}") from None
     return rows

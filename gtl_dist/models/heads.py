@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +26,8 @@ from gtl_dist.models.dit import DiT, KVCache, LayerNorm, float32_linear, modulat
 
 log = get_logger("models")
 
-ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "edit_ratio", "planner",
-         "reference_lm")
+ROLES = ("denoiser", "ar", "classifier_ti", "classifier_td", "ratio", "edit_ratio", "adapter",
+         "finetune_small", "scratch_head", "chain", "planner", "reference_lm")
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,13 @@ class DenoiserOutput(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """What the projection reads: the modulated, normalised last hidden state [B, L, H]."""
         shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
-        return float32_linear(modulate(self.norm_final(h), shift, scale), self.linear)
+        return modulate(self.norm_final(h), shift, scale)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return float32_linear(self.features(h, c), self.linear)
 
 
 class ScalarHead(nn.Module):
@@ -189,6 +194,12 @@ class Denoiser(_Network):
         """The raw network output [B, L, V], fp32."""
         h, c = self.backbone(z, sigma)
         return self.output(h, c)
+
+    def features(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of the output projection [B, L, H]: logits = output.linear(features); what
+        a guide adapter reads (gtl_dist/models/adapter.py)."""
+        h, c = self.backbone(z, sigma)
+        return self.output.features(h, c)
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 log-probabilities [B, L, V]: [MASK] column -inf, unmasked rows one-hot on z."""
@@ -319,6 +330,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def check_vocab_for_config(cfg: RunConfig, vocab: VocabSpec) -> None:
     """The Markov task's ids are the chain states 0..S-1: [MASK] must come after them."""
     if cfg.data.corpus == "markov":
@@ -336,8 +351,12 @@ def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
     (the evaluation's causal LM for generative perplexity) is an ARLM sized by
     cfg.models.reference_lm.
     """
+    from gtl_dist.models.adapter import GuideAdapter
+    from gtl_dist.models.chain import ChainDenoiser, MarkovChain
+    from gtl_dist.models.lora import LoraDenoiser
     check_vocab_for_config(cfg, vocab)
     m = cfg.models
+    states = vocab.size - 1
     builders = {
         "denoiser": lambda: Denoiser(m.denoiser, vocab, cfg.seq_len),
         "ar": lambda: ARLM(m.denoiser, vocab, cfg.seq_len),
@@ -345,14 +364,19 @@ def build_model(role: str, cfg: RunConfig, vocab: VocabSpec) -> nn.Module:
         "classifier_td": lambda: SequenceClassifier(m.classifier, vocab, cfg.seq_len, time_dependent=True),
         "ratio": lambda: RatioNet(m.ratio, vocab, cfg.seq_len),
         "edit_ratio": lambda: EditRatioNet(m.edit_ratio, vocab, cfg.seq_len),
+        "adapter": lambda: GuideAdapter(m.adapter, vocab, cfg.seq_len, m.denoiser.hidden),
+        "finetune_small": lambda: LoraDenoiser(m.denoiser, vocab, cfg.seq_len, m.finetune_small),
+        "scratch_head": lambda: Denoiser(m.edit_ratio, vocab, cfg.seq_len),
+        # The counts stages' estimate of the target chain (its matrix is the export's buffer).
+        "chain": lambda: ChainDenoiser(MarkovChain(np.full((states, states), 1.0 / states)), cfg.seq_len),
         "planner": lambda: Planner(m.planner, vocab, cfg.seq_len),
         "reference_lm": lambda: ARLM(m.reference_lm, vocab, cfg.seq_len),
     }
     if role not in builders:
         raise ValueError(f"unknown model role '{role}'; expected one of {', '.join(ROLES)}")
     model = builders[role]()
-    log.info("%s: %.2fM parameters (hidden %d, %d blocks, vocab %d, seq_len %d)", role,
-             count_parameters(model) / 1e6, model.cfg.hidden, model.cfg.blocks, vocab.size, cfg.seq_len)
+    log.info("%s: %.4gM parameters, %.4gM trainable (vocab %d, seq_len %d)", role,
+             count_parameters(model) / 1e6, trainable_parameters(model) / 1e6, vocab.size, cfg.seq_len)
     return model
 
 

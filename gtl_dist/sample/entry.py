@@ -1,9 +1,12 @@
 """Sampling as the pipeline calls it: pick the sampler from SampleConfig, and sample by shard.
 
 Baselines (source, vanilla, fine-tuned; docs/method.md §9) pass no ratio net and get the unguided
-ancestral sampler with the same top-K. GTL passes its ratio net (the edit-ratio network of gtl or
-the sequence-level ratio network of gtl_paper) and its γ, and gets ``cfg.sampler``: ``planner``
-(the main algorithm), ``ancestral`` or ``exact`` (full vocabulary, small |V| only).
+ancestral sampler with the same top-K. GTL passes its ratio net (the edit-ratio network of
+gtl_edit or the sequence-level ratio network of gtl_paper) and its γ, or a denoiser with its
+adapter composed in (gtl), and gets ``cfg.sampler``: ``planner`` (the main algorithm),
+``ancestral`` or ``exact`` (full vocabulary, small |V| only). ``first_hitting`` is every method's
+sampler alike: one uniformly chosen masked position per step, L steps, which draws exactly from a
+model whose conditionals are exact (the Markov task's evaluation sampler, docs/method.md §10).
 
 Shard i of a sampling job holds a fixed slice of the sample indices and draws from a generator
 seeded by (seed, replicate, i) alone, so the merged output is the same however many array tasks
@@ -36,6 +39,13 @@ class MethodNetworks:
     gamma: float = 1.0  # guidance strength (SampleConfig.gamma or .paper_gamma)
     vocab: Any = None  # default: denoiser.vocab
     seq_len: Optional[int] = None  # default: denoiser.seq_len
+    # A GTL method whose guide is composed into ``denoiser`` (an adapter, gtl_dist/models/adapter.py)
+    # has no separate ratio_net but samples with the GTL sampler all the same.
+    composed_guide: bool = False
+
+    @property
+    def guided(self) -> bool:
+        return self.ratio_net is not None or self.composed_guide
 
 
 def build_sampler(nets: MethodNetworks, cfg: SampleConfig, schedule: Any,
@@ -45,7 +55,11 @@ def build_sampler(nets: MethodNetworks, cfg: SampleConfig, schedule: Any,
                      ratio_batch_size=cfg.ratio_batch_size, **shape)
     # γ = 0 draws the same tokens with or without the ratio net (tested bit for bit), so skip its cost.
     guide = nets.ratio_net if nets.gamma > 0 else None
-    if nets.ratio_net is not None and cfg.sampler == "planner":
+    if cfg.sampler == "first_hitting":  # every method alike: exact for an exact model
+        return PlannerSampler(nets.denoiser, guide, None, gamma=nets.gamma if guide is not None else 0.0,
+                              n_ratio=cfg.n_ratio, top_k=cfg.top_k, planner_mode="uniform",
+                              ratio_batch_size=cfg.ratio_batch_size, **shape)
+    if nets.guided and cfg.sampler == "planner":
         return PlannerSampler(nets.denoiser, guide, nets.planner, gamma=nets.gamma, n_ratio=cfg.n_ratio,
                               top_k=cfg.top_k, planner_mode=cfg.planner_mode,
                               planner_temperature=cfg.planner_temperature,

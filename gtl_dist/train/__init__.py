@@ -2,20 +2,19 @@
 
     run_stage(cfg, run_dir, stage, target=None, fraction=None) -> StageResult
     python -m gtl_dist.train --config X.yaml --run-dir D --stage S [--target T --fraction F]
-    load_exported(path, device="cpu") -> nn.Module
+    gtl_dist.exports.load_exported(path, device="cpu") -> nn.Module
 
 Modules: dist (rank/world from env or SLURM, DeepSpeed's process group and JIT op), engine
 (deepspeed.initialize from TrainConfig), ema, checkpoint (committed step folders), preempt
-(signals -> collective save), metrics (TensorBoard), export, loop (the shared loop), jobs (the
-stages' recipes).
+(signals -> collective save), metrics (TensorBoard), loop (the shared loop), jobs (the stages'
+recipes), counts (the closed-form counts stages). Exports are gtl_dist/exports.py's.
 """
 
 from typing import Any
 
-from gtl_dist.train.export import load_exported
 from gtl_dist.train.loop import StageResult
 
-__all__ = ["StageResult", "load_exported", "run_stage"]
+__all__ = ["StageResult", "run_stage"]
 
 
 def __getattr__(name: str) -> Any:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from gtl_dist.data import ManifestError
     from gtl_dist.train.checkpoint import CheckpointError
     from gtl_dist.train.dist import DistError
-    from gtl_dist.train.export import ExportError
+    from gtl_dist.exports import ExportError
     from gtl_dist.train.jobs import run_stage
     KNOWN_ERRORS = (CheckpointError, DistError, ExportError, ManifestError, FileNotFoundError)
     try:

@@ -37,7 +37,9 @@ inputs -> which stage to re-run.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+import os
+from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,15 +52,19 @@ from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, mdlm_loss, mdlm_terms, sample_t
 from gtl_dist.log import get_logger
 from gtl_dist.models import VocabSpec, build_model
+from gtl_dist.models.adapter import AdaptedDenoiser
+from gtl_dist.models.heads import trainable_parameters
 from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss, edit_ratio_loss, freeze,
+                                 masked_token_ce,
                                  overlap_report, planner_loss, ratio_loss)
-from gtl_dist.paths import RunPaths
+from gtl_dist.paths import RunPaths, task_name
 from gtl_dist.stages import (HELD_OUT, PER_FRACTION, PER_TARGET, PER_TARGET_SETS, STAGES, TARGET_TRAIN,
                               StageGraph, stage_input_hash)
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
 from gtl_dist.train.engine import compile_step
-from gtl_dist.train.export import ExportError, load_exported, read_export, upstream_export_path
+from gtl_dist.exports import (ExportError, load_exported, read_export, read_export_meta,
+                                   upstream_export_path, write_export)
 from gtl_dist.train.loop import Recipe, StageContext, StageResult, StepRandom, execute
 
 log = get_logger("train.jobs")
@@ -189,11 +195,23 @@ class ShardRecipe(Recipe):
 
     # -- Recipe --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        return build_model(self.role, self.cfg, self.vocab)
+        model = build_model(self.role, self.cfg, self.vocab)
+        # What the stage trains (frozen parts of its network, e.g. a low-rank fine-tune's base,
+        # are exported but not trained): the export records it for the report's cost section.
+        self.trainable = trainable_parameters(model)
+        return model
 
     def export_info(self) -> dict[str, Any]:
         return {"role": self.role, "config": self.cfg.to_dict(), "vocab": asdict(self.vocab),
-                "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "trainable_parameters": self.trainable}
+
+    def held_out_ce(self, model: nn.Module, rng: StepRandom, loaders: dict[str, Any],
+                    reference: Optional[nn.Module] = None) -> dict[str, float]:
+        """The per-target selection rule (docs/method.md §12): masked-token cross-entropy of the
+        held-out views at uniform mask rates, under the prediction the method samples from."""
+        batches = validation_batches(loaders[next(iter(self.val_sets))], self.train_config.val_batches, rng)
+        return mean_over_ranks([masked_token_ce(model, x0, self.t(x0.shape[0], rng, x0.device), rng.local,
+                                                vocab=self.vocab, reference=reference)[1] for x0 in batches])
 
     def validation_report(self) -> Optional[str]:
         return self._report
@@ -258,6 +276,8 @@ class DiffusionRecipe(ShardRecipe):
                          vocab=self.vocab, terms=self.terms)
 
     def validate(self, model, rng, loaders, dist_env):
+        if HELD_OUT in self.val_sets.values():  # a per-target stage: the selection rule
+            return self.held_out_ce(model, rng, loaders)
         stats = []
         for x0 in validation_batches(loaders["val"], self.train_config.val_batches, rng):
             stats.append(mdlm_loss(model, x0, self.schedule, self.t(x0.shape[0], rng, x0.device),
@@ -414,6 +434,26 @@ class EditRatioRecipe(ShardRecipe):
                                 validation_batches(loaders["target"], self.train_config.val_batches, rng)])
 
 
+class AdapterRecipe(ShardRecipe):
+    """gtl's guide adapter (docs/method.md §5a): fitted so that the frozen source denoiser,
+    edited through its own last hidden state, predicts the target's masked tokens."""
+
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.denoiser = frozen_export(ctx, self.graph.source_stage)
+
+    def prepare(self, device):
+        self.denoiser.to(device)
+
+    def training_loss(self, model, batches, rng):
+        x0 = batches["train"]["tokens"]
+        return masked_token_ce(AdaptedDenoiser(self.denoiser, model), x0, self.t(x0.shape[0], rng, x0.device),
+                               rng.local, vocab=self.vocab)
+
+    def validate(self, model, rng, loaders, dist_env):
+        return self.held_out_ce(AdaptedDenoiser(self.denoiser, model), rng, loaders, reference=self.denoiser)
+
+
 class PlannerRecipe(ShardRecipe):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
@@ -437,9 +477,12 @@ class PlannerRecipe(ShardRecipe):
 
 
 RECIPES = {"denoiser": DiffusionRecipe, "vanilla": DiffusionRecipe, "finetune": DiffusionRecipe,
+           "finetune_small": DiffusionRecipe, "scratch_head": DiffusionRecipe,
            "ar2diff": DiffusionRecipe, "ar_pretrain": ARRecipe, "reference_lm": ARRecipe,
            "classifier_ti": ClassifierRecipe, "classifier_td": ClassifierRecipe, "ratio": RatioRecipe,
-           "edit_ratio": EditRatioRecipe, "planner": PlannerRecipe}
+           "edit_ratio": EditRatioRecipe, "adapter": AdapterRecipe, "planner": PlannerRecipe}
+# The stages of role "chain" (counts, counts_source) have a closed form and no recipe: run_stage
+# fits them without the loop (gtl_dist/train/counts.py).
 
 
 def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
@@ -482,9 +525,55 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
 
     Resumes from the newest committed checkpoint; returns at once when the stage already
     finished with the same inputs; returns ``status="preempted"`` after a preemption signal
-    (unless an earlier handler, e.g. submitit's, took over and exited).
+    (unless an earlier handler, e.g. submitit's, took over and exited). With
+    ``train.<stage>.lr_grid`` it trains once per learning rate and exports the best run
+    (:func:`run_lr_grid`).
     """
     check_stage_args(cfg, stage, target, fraction, seed)
     RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
-    return execute(cfg, run_dir, stage, target, fraction,
-                   stage_input_hash(cfg, stage, target, fraction, seed), RECIPES[stage], seed)
+    input_hash = stage_input_hash(cfg, stage, target, fraction, seed)
+    if STAGES[stage].role == "chain":  # closed form, no optimiser
+        from gtl_dist.train.counts import fit_counts
+        return fit_counts(cfg, run_dir, stage, target, fraction, seed, input_hash)
+    if getattr(cfg.train, stage).lr_grid:
+        return run_lr_grid(cfg, run_dir, stage, target, fraction, seed, input_hash)
+    return execute(cfg, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed)
+
+
+def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
+                fraction: Optional[float], seed: int, input_hash: str) -> StageResult:
+    """One run per learning rate of ``train.<stage>.lr_grid``, each in its own folder (lr-<value>/,
+    resumable on its own), then the export of the run whose best held-out validation loss is
+    lowest becomes the stage's export, its metadata listing every run (docs/method.md §12)."""
+    paths = RunPaths(run_dir)
+    final = paths.export(stage, target, fraction, seed)
+    meta = read_export_meta(final)
+    if meta and meta.get("input_hash") == input_hash and meta.get("finished"):
+        return StageResult("finished", stage, target, fraction, meta["trained_steps"], input_hash,
+                           export=final, val_loss=meta.get("val_loss"), best_step=meta.get("step"))
+    tc = getattr(cfg.train, stage)
+    runs = {}
+    for lr in tc.lr_grid:
+        one = replace(cfg, train=replace(cfg.train, **{stage: replace(tc, lr=lr, lr_grid=None)}))
+        result = execute(one, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed,
+                         variant=f"lr-{lr:g}")
+        if result.status != "finished":
+            return result
+        runs[lr] = result
+    finite = {lr: r for lr, r in runs.items() if r.val_loss is not None and math.isfinite(r.val_loss)}
+    if not finite:
+        raise ConfigError(f"train.{stage}.lr_grid: no run of {tc.lr_grid} reached a finite held-out "
+                          f"validation loss at {task_name(stage, target=target, fraction=fraction, seed=seed)}; "
+                          f"lower the learning rates")
+    best_lr = min(finite, key=lambda lr: finite[lr].val_loss)
+    best = runs[best_lr]
+    if int(os.environ.get("RANK", "0")) == 0:
+        chosen = read_export(best.export)
+        grid = [{"lr": lr, "val_loss": r.val_loss, "step": r.best_step, "trained_steps": r.step}
+                for lr, r in runs.items()]
+        write_export(final, chosen["state_dict"], {**chosen["meta"], "lr_grid": grid})
+        log.info("%s: lr %g kept (held-out loss %s; grid %s)", task_name(stage, target=target,
+                 fraction=fraction, seed=seed), best_lr, best.val_loss,
+                 ", ".join(f"{g['lr']:g}: {g['val_loss']}" for g in grid))
+    return StageResult("finished", stage, target, fraction, best.step, input_hash, export=final,
+                       val_loss=best.val_loss, best_step=best.best_step)

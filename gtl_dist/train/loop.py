@@ -57,7 +57,7 @@ from gtl_dist.train.dist import DistEnv
 from gtl_dist.train.ema import WeightEMA
 from gtl_dist.train.engine import (BatchGeometry, Hardware, batch_geometry, build_engine,
                                    detect_hardware, full_fp32_state, resolve_precision)
-from gtl_dist.train.export import read_export_meta, write_export
+from gtl_dist.exports import read_export_meta, write_export
 from gtl_dist.train.metrics import StageMetrics, memory_stats
 from gtl_dist.train.preempt import PreemptionGuard
 
@@ -194,10 +194,12 @@ class StageContext:
     hardware: Hardware
     guard: PreemptionGuard
     seed: int = 0  # replicate (pipeline.seeds) of a per-target stage
+    variant: Optional[str] = None  # one run of the stage's learning-rate grid (lr-<value>)
 
     @property
     def label(self) -> str:
-        return task_name(self.stage, target=self.target, fraction=self.fraction, seed=self.seed)
+        name = task_name(self.stage, target=self.target, fraction=self.fraction, seed=self.seed)
+        return f"{name}/{self.variant}" if self.variant else name
 
     @property
     def run_seed(self) -> int:
@@ -206,7 +208,7 @@ class StageContext:
         return self.cfg.seed if not self.seed else derive_seed(self.cfg.seed, "replicate", self.seed) % 2**31
 
     def export_path(self) -> Path:
-        return self.paths.export(self.stage, self.target, self.fraction, self.seed)
+        return self.paths.export(self.stage, self.target, self.fraction, self.seed, self.variant)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +433,7 @@ def setup(recipe: Recipe, ctx: StageContext) -> TrainState:
 def stage_checkpointer(recipe: Recipe, ctx: StageContext) -> Checkpointer:
     """The checkpoints of this stage (and replicate), under its config and tokenizer hashes."""
     tc = recipe.train_config
-    return Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed),
+    return Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed, ctx.variant),
                         ctx.dist_env, zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
                         tokenizer_hash=recipe.tokenizer_hash, keep_last=tc.keep_last,
                         label=ctx.label)
@@ -487,7 +489,7 @@ def resume(recipe: Recipe, ctx: StageContext, state: TrainState,
 def open_metrics(ctx: StageContext, step: int) -> StageMetrics:
     """The stage's TensorBoard and train_log.jsonl from ``step`` on (rank 0 writes them); a
     fresh start records the config first."""
-    where = (ctx.stage, ctx.target, ctx.fraction, ctx.seed)
+    where = (ctx.stage, ctx.target, ctx.fraction, ctx.seed, ctx.variant)
     metrics = StageMetrics(ctx.paths.tb(*where), ctx.paths.stage(*where) / "train_log.jsonl",
                            enabled=ctx.dist_env.is_main, start_step=step)
     if step == 0:
@@ -679,8 +681,10 @@ def exported_weights(recipe: Recipe, ctx: StageContext, state: TrainState
 
 def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
             fraction: Optional[float], input_hash: str,
-            make_recipe: Callable[[StageContext], Recipe], seed: int = 0) -> StageResult:
-    """Run one stage end to end in this process (one rank of the job)."""
+            make_recipe: Callable[[StageContext], Recipe], seed: int = 0,
+            variant: Optional[str] = None) -> StageResult:
+    """Run one stage end to end in this process (one rank of the job); ``variant`` names one run
+    of its learning-rate grid (its own folder; the caller publishes the best)."""
     from gtl_dist.train.dist import init_distributed
 
     guard = PreemptionGuard().install()  # first: a USR2 during set-up must not kill the rank
@@ -688,7 +692,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
     try:
         d = init_distributed()
         ctx = StageContext(cfg, RunPaths(run_dir), stage, target, fraction, input_hash, d,
-                           detect_hardware(), guard, seed)
+                           detect_hardware(), guard, seed, variant)
         done = finished_export(ctx)
         if done is not None:
             if d.is_main:

@@ -1,4 +1,5 @@
-"""Exports: one consolidated fp32 model per finished stage, loadable without DeepSpeed.
+"""Exports: one consolidated fp32 model per finished stage, loadable without DeepSpeed; the one
+door through which training, sampling, evaluation and the cluster tasks read a stage's result.
 
 ``RunPaths.export(stage, ...)`` holds ``{"format", "meta", "state_dict"}`` (plain tensors and
 plain Python values, so ``torch.load(weights_only=True)`` reads it) and a ``.json`` sidecar with
@@ -105,3 +106,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     model.load_state_dict(payload["state_dict"])
     model.export_meta = meta
     return model.to(device).eval()
+
+
+def load_upstream(cfg: RunConfig, paths: RunPaths, stage: str, target: Optional[str] = None,
+                  fraction: Optional[float] = None, seed: int = 0, *, needed_by: str,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """The export of one upstream stage task, checked (:func:`upstream_export_path`) and loaded."""
+    return load_exported(upstream_export_path(cfg, paths, stage, target, fraction, seed, needed_by=needed_by),
+                         device)
