@@ -23,7 +23,7 @@ from gtl_dist.eval.guide_gain import guided_and_source_ce, masked_views
 from gtl_dist.objectives import freeze
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import StageGraph
-from gtl_dist.train.export import load_exported, upstream_export_path
+from gtl_dist.exports import load_exported, upstream_export_path
 
 
 class AsEdit(torch.nn.Module):
