@@ -113,6 +113,11 @@ class MarkovConfig:
     peaked rows, large: near-uniform rows), from dirichlet_seed and the chain's name. A full
     matrix wins over Dirichlet rows, which win over a diagonal."""
     target_dirichlet: Optional[dict[str, float]] = None
+    target_perturbations: Optional[dict[str, float]] = None
+    """Targets that perturb the source (name -> λ in (0, 1]): each row is (1 − λ)·the source's row +
+    λ·a fresh row drawn from a symmetric Dirichlet of concentration ``perturbation_dirichlet``, so
+    the source carries information about the target; λ is their distance."""
+    perturbation_dirichlet: float = 1.0
     dirichlet_seed: int = 0
     num_source: int = 10_000
     num_target: int = 1_000
@@ -123,13 +128,19 @@ class MarkovConfig:
     def targets_key(self) -> str:
         """The key that names the target chains."""
         return ("target_matrices" if self.target_matrices else
-                "target_dirichlet" if self.target_dirichlet else "target_diagonals")
+                "target_dirichlet" if self.target_dirichlet else
+                "target_perturbations" if self.target_perturbations else "target_diagonals")
 
     def check(self) -> None:
         require_at_least(self, 2, "num_states", "length")
         require_at_least(self, 1, "num_source", "num_target", "num_test")
-        require(not (self.target_matrices and self.target_dirichlet), "target_dirichlet",
-                "the targets are given twice (also by data.markov.target_matrices); keep one of the two")
+        given = [k for k in ("target_matrices", "target_dirichlet", "target_perturbations") if getattr(self, k)]
+        require(len(given) <= 1, given[-1] if given else "", f"the targets are given {len(given)} times "
+                f"({', '.join('data.markov.' + k for k in given)}); keep one")
+        for name, lam in (self.target_perturbations or {}).items():
+            require_in(lam, 0.0, 1.0, f"target_perturbations.{name}", "(]")
+        require(self.perturbation_dirichlet > 0, "perturbation_dirichlet",
+                f"{self.perturbation_dirichlet}: a Dirichlet concentration must be > 0")
         for name, conc in [("source_dirichlet", self.source_dirichlet)] + [
                 (f"target_dirichlet.{k}", v) for k, v in (self.target_dirichlet or {}).items()]:
             require(conc is None or conc > 0, name, f"{conc}: a Dirichlet concentration must be > 0 "
@@ -353,6 +364,9 @@ class TrainConfig:
     log_every: int = 10
     select_best: bool = False
     """Keep the checkpoint with the best validation loss for export."""
+    patience: Optional[int] = None
+    """With select_best: stop once this many validations in a row brought no better validation
+    loss, and export the best (None: train every step)."""
     num_workers: int = 1
     """DataLoader workers per rank."""
     eta_cycle: float = 0.1
@@ -378,6 +392,9 @@ class TrainConfig:
         require_in(self.ema, 0.0, 1.0, "ema", "[)")
         require_in(self.warmup_frac, 0.0, 1.0, "warmup_frac", "[)")
         require(len(self.betas) == 2, "betas", f"expected two numbers, got {self.betas}")
+        require(self.patience is None or (self.patience >= 1 and self.select_best), "patience",
+                f"{self.patience}: early stopping needs select_best=true and patience >= 1 validations "
+                f"(or null: train every step)")
         grid = self.lr_grid
         require(grid is None or (bool(grid) and min(grid) > 0 and len(set(grid)) == len(grid)), "lr_grid",
                 f"{grid}: a learning-rate grid needs distinct positive values, e.g. [3e-4, 1e-3, 3e-3] "

@@ -44,7 +44,7 @@ def test_jsonl_example_reads_a_users_corpus_and_plans_offline(tmp_path):
                           "--set", f"data.path={corpus}", "--plan", "--cluster", "local", "--run-dir", str(run_dir)],
                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "preflight: passed" in res.stdout and "edit_ratio" in res.stdout and "finetune" in res.stdout
+    assert "preflight: passed" in res.stdout and "adapter" in res.stdout and "finetune" in res.stdout
     assert not run_dir.exists()  # --plan writes nothing
 
 
@@ -112,7 +112,7 @@ def test_a_choice_outside_its_options_is_refused_naming_file_key_and_options(tmp
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.planner\.precision: 'fp16' is not "
                                           r"one of auto, fp32, bf16$"):
         load_config([CONFIGS / "tiny.yaml", path])
-    with pytest.raises(ConfigError, match=r"sample\.methods: 'gtl2' is not a method; choose from gtl, gtl_paper"):
+    with pytest.raises(ConfigError, match=r"sample\.methods: 'gtl2' is not a method; choose from gtl, gtl_edit, gtl_paper"):
         load_config(CONFIGS / "tiny.yaml", ["sample.methods=[source, gtl2]"])
     with pytest.raises(ConfigError, match=r"zero_stage: True is not one of 0, 1, 2, 3"):
         load_config(CONFIGS / "tiny.yaml", ["train.denoiser.zero_stage=true"])
@@ -166,10 +166,8 @@ def test_execution_only_keys_change_no_input_hash_and_may_change_in_a_run_dir(tm
     before, after = StageGraph(eager), StageGraph(compiled)
     tasks = [task for kind in before.plan.values() for task in kind]
     assert [before.input_hash(t) for t in tasks] == [after.input_hash(t) for t in tasks]
-    # The denoiser's input hash of configs/tiny.yaml from before train.<stage>.compile existed.
-    # Checkpoints and exports carry it: if a new config key changes it, every run in progress
-    # retrains its stages from scratch. Only a change to what a stage computes may change it.
-    assert stage_input_hash(eager, "denoiser", None, None) == "579b70eae2e0cbb3"
+    # Every task's input hash is pinned by tests/test_task_hashes.py.
+    assert stage_input_hash(eager, "denoiser", None, None) == before.input_hash(tasks[1])
 
     # A run directory made before the key existed (its config.yaml lacks it) takes it on.
     saved = eager.to_dict()
@@ -205,7 +203,7 @@ def test_a_section_overlays_its_own_stage_and_role_defaults(tmp_path):
      r"data\.markov\.target_matrices\.sticky: expected a 4x4 matrix \(data\.markov\.num_states=4\)"),
     (["data.markov.source_dirichlet=0"], r"data\.markov\.source_dirichlet: 0.*must be > 0"),
     (["data.markov.target_dirichlet={a: 1.0}", "data.markov.target_matrices={b: [[1, 0, 0, 0], "
-      "[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]}"], r"data\.markov\.target_dirichlet: the targets are given twice"),
+      "[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]}"], r"data\.markov\.target_dirichlet: the targets are given 2 times"),
 ])
 def test_bad_transition_matrices_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

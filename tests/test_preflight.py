@@ -327,3 +327,13 @@ def test_node_local_run_directories_get_a_warning_on_slurm():
     assert warnings("/dev/shm/run", cluster="local") == []
     shards = _check(_cfg("tiny", "shards.dir=/var/tmp/shards"), "/srv/shared/run").notes
     assert any(n.startswith("warning: shards.dir /var/tmp/shards is under /var/tmp") for n in shards)
+
+
+def test_a_markov_sampler_that_truncates_states_is_warned_about(tmp_path):
+    """docs/method.md §10: with top_k below the number of states no sampler ever emits the least
+    likely state, and even the exact chain's samples are biased."""
+    def warnings(*overrides):
+        return [n for n in _check(_cfg("tiny", *overrides), tmp_path / "run").notes if "sample.top_k" in n]
+    assert warnings() == []  # tiny: 4 states, top_k 4
+    (warning,) = warnings("sample.top_k=3")
+    assert "sample.top_k=3 is below data.markov.num_states=4" in warning and "set sample.top_k=4" in warning

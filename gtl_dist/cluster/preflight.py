@@ -194,12 +194,15 @@ def check_batches(ctx: Context, report: Report) -> None:
 
 
 def check_target_data(ctx: Context, report: Report, manifest) -> None:
-    """Every target fraction keeps training sequences, also after the holdout."""
+    """Every target fraction keeps training sequences, also after the holdout; replicates that
+    share target sequences and a Markov sampler that truncates are named (warnings)."""
     if ctx.cfg.data.corpus == "markov":
         _check_markov_fractions(ctx, report)
+        _check_markov_truncation(ctx, report)
         return
     if manifest is None:
         return
+    _check_replicate_overlap(ctx, report, manifest)
     from gtl_dist.data.manifest import ManifestError
     cells = {(t.target, t.fraction) for t in ctx.plan.to_run if t.kind in STAGES and t.fraction is not None}
     for target, fraction in sorted(cells):
@@ -222,6 +225,32 @@ def _check_markov_fractions(ctx: Context, report: Report) -> None:
                     f"{ctx.source}: data.target_fractions: fraction {f} of target '{target}' leaves no "
                     f"training sequences ({train} available after data.overlap={d.overlap}); raise "
                     f"data.markov.num_target or the fraction")
+
+
+def _check_markov_truncation(ctx: Context, report: Report) -> None:
+    """With top_k below the number of states a sampler never emits the least likely state, and the
+    exact model's samples are no longer its own (docs/method.md §10)."""
+    s, states = ctx.cfg.sample, ctx.cfg.data.markov.num_states
+    if s.top_k < states:
+        report.notes.append(f"warning: {ctx.source}: sample.top_k={s.top_k} is below data.markov.num_states="
+                            f"{states}: every sampler drops the least likely states at each step, so even "
+                            f"the exact target chain's samples are biased; set sample.top_k={states}")
+
+
+def _check_replicate_overlap(ctx: Context, report: Report, manifest) -> None:
+    """Replicates that cannot draw disjoint target sequences (protocol.replicates: redraw) are not
+    independent there: the report's intervals then understate the spread of the data draw."""
+    from gtl_dist.config import replicates_disjoint
+    seeds = ctx.cfg.pipeline.seeds
+    for target in ctx.cfg.targets:
+        total = manifest.num_samples(f"{target}/train")
+        shared = [f for f in ctx.cfg.data.target_fractions
+                  if not replicates_disjoint(total, manifest.num_samples(f"{target}/train", f), seeds,
+                                             ctx.cfg.protocol)]
+        if shared:
+            report.notes.append(f"warning: target '{target}': at fraction(s) {', '.join(map(str, shared))} the "
+                                f"{len(seeds)} replicates of pipeline.seeds share target sequences ({total} in "
+                                f"all); their spread leaves out part of the data draw")
 
 
 def finite_sets(cfg: RunConfig, task: Task) -> list[str]:

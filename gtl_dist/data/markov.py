@@ -36,7 +36,7 @@ def dirichlet_matrix(num_states: int, concentration: float, seed: int, name: str
 
 def transition_matrices(mcfg: MarkovConfig) -> dict[str, np.ndarray]:
     """``{"source": P, <target>: Q, ...}`` from the config: per chain a full matrix wins over
-    Dirichlet rows, which win over a diagonal."""
+    Dirichlet rows, which win over a diagonal; perturbed targets mix the source with Dirichlet rows."""
     s = mcfg.num_states
     if mcfg.source_matrix is not None:
         source = np.asarray(mcfg.source_matrix, dtype=np.float64)
@@ -51,6 +51,10 @@ def transition_matrices(mcfg: MarkovConfig) -> dict[str, np.ndarray]:
     elif mcfg.target_dirichlet:
         for name, conc in mcfg.target_dirichlet.items():
             out[name] = dirichlet_matrix(s, conc, mcfg.dirichlet_seed, name)
+    elif mcfg.target_perturbations:
+        for name, lam in mcfg.target_perturbations.items():
+            fresh = dirichlet_matrix(s, mcfg.perturbation_dirichlet, mcfg.dirichlet_seed, name)
+            out[name] = (1.0 - lam) * source + lam * fresh
     else:
         for name, diag in mcfg.target_diagonals.items():
             out[name] = diagonal_matrix(s, diag)

@@ -26,6 +26,7 @@ import torch
 from gtl_dist.config import SampleConfig
 from gtl_dist.io import atomic_write_text
 from gtl_dist.sample.ancestral import AncestralSampler, exact_guided_sampler, unguided_sampler
+from gtl_dist.sample.checks import emittable_tokens
 from gtl_dist.sample.planner_sampler import PlannerSampler
 from gtl_dist.sample.stats import SampleResult, SamplerStats
 
@@ -55,9 +56,10 @@ def build_sampler(nets: MethodNetworks, cfg: SampleConfig, schedule: Any,
                      ratio_batch_size=cfg.ratio_batch_size, **shape)
     # γ = 0 draws the same tokens with or without the ratio net (tested bit for bit), so skip its cost.
     guide = nets.ratio_net if nets.gamma > 0 else None
-    if cfg.sampler == "first_hitting":  # every method alike: exact for an exact model
+    if cfg.sampler == "first_hitting":  # every method alike, every token a candidate: exact for an exact model
+        vocab = nets.vocab if nets.vocab is not None else nets.denoiser.vocab
         return PlannerSampler(nets.denoiser, guide, None, gamma=nets.gamma if guide is not None else 0.0,
-                              n_ratio=cfg.n_ratio, top_k=cfg.top_k, planner_mode="uniform",
+                              n_ratio=emittable_tokens(vocab), top_k=cfg.top_k, planner_mode="uniform",
                               ratio_batch_size=cfg.ratio_batch_size, **shape)
     if nets.guided and cfg.sampler == "planner":
         return PlannerSampler(nets.denoiser, guide, nets.planner, gamma=nets.gamma, n_ratio=cfg.n_ratio,

@@ -62,6 +62,7 @@ from gtl_dist.stages import (HELD_OUT, PER_FRACTION, PER_TARGET, PER_TARGET_SETS
                               StageGraph, stage_input_hash)
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
+from gtl_dist.train.checkpoint import retire_stale
 from gtl_dist.train.engine import compile_step
 from gtl_dist.exports import (ExportError, load_exported, read_export, read_export_meta,
                                    upstream_export_path, write_export)
@@ -555,8 +556,10 @@ def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optiona
     runs = {}
     for lr in tc.lr_grid:
         one = replace(cfg, train=replace(cfg.train, **{stage: replace(tc, lr=lr, lr_grid=None)}))
+        variant = f"lr-{lr:g}"
+        retire_stale_variant(paths, stage, target, fraction, seed, variant, input_hash)
         result = execute(one, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed,
-                         variant=f"lr-{lr:g}")
+                         variant=variant)
         if result.status != "finished":
             return result
         runs[lr] = result
@@ -577,3 +580,20 @@ def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optiona
                  ", ".join(f"{g['lr']:g}: {g['val_loss']}" for g in grid))
     return StageResult("finished", stage, target, fraction, best.step, input_hash, export=final,
                        val_loss=best.val_loss, best_step=best.best_step)
+
+
+def retire_stale_variant(paths: RunPaths, stage: str, target: Optional[str], fraction: Optional[float],
+                         seed: int, variant: str, input_hash: str) -> None:
+    """A grid run whose checkpoints were made with other inputs (a run directory that adopted a
+    changed config; the launcher retires the stage's own checkpoints, not its runs' folders)
+    starts afresh; its old checkpoints and train log are kept aside, as the launcher keeps a
+    stage's. Only this task's job writes these folders, so it may move them itself."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    moved = retire_stale(paths.checkpoints(stage, target, fraction, seed, variant), input_hash)
+    if moved is not None:
+        old_log = paths.stage(stage, target, fraction, seed, variant) / "train_log.jsonl"
+        if old_log.exists():
+            old_log.rename(moved / old_log.name)
+        log.info("%s/%s: checkpoints made with other inputs kept as %s; the run starts afresh",
+                 task_name(stage, target=target, fraction=fraction, seed=seed), variant, moved)

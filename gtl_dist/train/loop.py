@@ -378,6 +378,11 @@ def train(recipe: Recipe, ctx: StageContext) -> StageResult:
 
         # Validate every val_every steps and after the last step; keep the best weights.
         maybe_validate(recipe, ctx, state, metrics)
+        if out_of_patience(tc, state):
+            log.info("%s: stopping at step %d: no better held-out loss in %d validations since step %d",
+                     ctx.label, state.step, tc.patience, state.best_step)
+            metrics.flush()
+            break
 
         # Checkpoint every save_every steps, after the last step and on preemption.
         if due(state.step, tc.save_every, tc.steps) or signals:
@@ -577,6 +582,13 @@ def maybe_validate(recipe: Recipe, ctx: StageContext, state: TrainState,
     tc = recipe.train_config
     if due(state.step, tc.val_every, tc.steps):
         validate_and_select(recipe, ctx, state, metrics)
+
+
+def out_of_patience(tc: Any, state: TrainState) -> bool:
+    """Early stopping: ``train.<stage>.patience`` validations have passed since the best one. The
+    stage then exports its best weights, as at the end of its steps."""
+    return (tc.patience is not None and state.best_step is not None
+            and state.step - state.best_step >= tc.patience * tc.val_every)
 
 
 def is_new_best(loss: float, best: Optional[float]) -> bool:
