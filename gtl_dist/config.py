@@ -271,13 +271,19 @@ class ModelConfig:
 @dataclass
 class AdapterConfig:
     """The guide adapter of gtl (docs/method.md §5a): a rank-``rank`` edit of the frozen source's
-    last hidden state, turned into token scores by the source's own output projection
-    (``output``) or by a |V| x rank map of its own (``direct``)."""
+    last hidden state (per position and, with ``attention``, through one attention head across
+    positions), turned into token scores by the source's own output projection (``output``) or
+    by a map to |V| of its own (``direct``)."""
     rank: int = 8
     through: AdapterThrough = "output"
+    attention: bool = True
+    """Add one rank-``rank`` attention head with rotary positions over the source's features, so
+    that a position's edit can read the other positions."""
 
     def check(self) -> None:
         require_at_least(self, 1, "rank")
+        require(not self.attention or self.rank % 2 == 0, "rank",
+                f"{self.rank}: the attention head's rotary positions need an even rank")
 
 
 @dataclass

@@ -71,8 +71,22 @@ def test_the_adapter_edits_through_the_source_s_own_output_layer():
     torch.nn.init.normal_(adapter.up.weight)
     z = torch.randint(0, 12, (3, cfg.seq_len))
     features = source.features(z)
+    torch.nn.init.normal_(adapter.mix.weight)
     edit = adapter(features, source.output.linear)
-    expected = (adapter.up(adapter.down(features)) @ source.output.linear.weight.T).float()
+    delta = adapter.up(adapter.down(features)) + adapter.mix(adapter.attend(features))
+    expected = (delta @ source.output.linear.weight.T).float()
     torch.testing.assert_close(edit, expected)
     logits = AdaptedDenoiser(source, adapter, 0.5).logits(z)
     torch.testing.assert_close(logits, source.logits(z) + 0.5 * edit)
+
+
+def test_the_adapter_s_attention_reads_other_positions_by_their_place():
+    """A position's edit depends on the source's features elsewhere in the sequence, through one
+    attention head whose rotary positions tell near from far."""
+    cfg, source, adapter = source_and_adapter()
+    torch.nn.init.normal_(adapter.mix.weight)
+    features = torch.randn(1, cfg.seq_len, source.cfg.hidden)
+    changed = features.clone()
+    changed[0, -1] += 5.0  # only the last position's feature moves
+    edits = adapter(features, source.output.linear), adapter(changed, source.output.linear)
+    assert not torch.allclose(edits[0][0, 0], edits[1][0, 0])  # the first position's edit follows it

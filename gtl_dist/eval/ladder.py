@@ -194,8 +194,7 @@ def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet, s
     with torch.inference_mode():
         if stage in ("edit_ratio", "adapter"):
             if stage == "adapter":
-                features = source.features(edits.z)[edits.rows, edits.positions]
-                scores = net(features, source.output.linear).double()
+                scores = net(source.features(edits.z), source.output.linear)[edits.rows, edits.positions].double()
             else:
                 scores = net.edit_scores(edits.z, edits.rows, edits.positions).double()
             diff = scores.gather(-1, edits.v[:, None]) - scores.gather(-1, edits.v_other[:, None])

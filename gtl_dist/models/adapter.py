@@ -6,14 +6,17 @@ sequence (the input of its output projection W, logits = W·u + b). The adapter 
 correction to that representation and lets the source's own projection turn it into an edit of
 every token's logit at every position:
 
-    e_φ(z)[ℓ, v] = (W · B A u(z)_ℓ)_v                    (``through: output``, the default)
-    e_φ(z)[ℓ, v] = (U A u(z)_ℓ)_v                         (``through: direct``: its own |V| x r map)
+    δ(z)_ℓ     = B A u(z)_ℓ + M attn_ℓ(Q u, K u, V u)     (rank-r maps; one rank-r attention head
+                                                          with rotary positions, ``attention``)
+    e_φ(z)[ℓ, v] = (W δ(z)_ℓ)_v                           (``through: output``, the default)
+    e_φ(z)[ℓ, v] = (U' δ'(z)_ℓ)_v                          (``through: direct``: maps to |V| of its own)
 
-with A (r x H) and B (H x r) or U (|V| x r) trainable and B, U zero at the start, so the untrained
-adapter is no guidance at all. It plays the role of the edit-ratio network's
+with B and M zero at the start, so the untrained adapter is no guidance at all. The attention
+head lets a position's edit read the others (its neighbours' tokens): the source's feature at a
+position carries what the source needed, not necessarily what the target needs. It plays the role of the edit-ratio network's
 log q(v | z) − log p(v | z), and a guided step combines it exactly like one (guidance.py):
-log q_γ(v | z) ∝ log p_θ(v | z) + γ·e_φ(z)[ℓ, v]. It has 2·H·r (or (H + |V|)·r) parameters, a few
-thousand where the source has millions, and it costs the sampler no network call of its own:
+log q_γ(v | z) ∝ log p_θ(v | z) + γ·e_φ(z)[ℓ, v]. It has 6·H·r parameters through the output layer
+(2·H·r without attention), a few thousand where the source has millions, and it costs the sampler no network call of its own:
 ``AdaptedDenoiser`` runs the source once and applies the adapter to the same hidden state.
 """
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from gtl_dist.config import AdapterConfig
-from gtl_dist.models.dit import float32_linear
+from gtl_dist.models.dit import Rotary, apply_rotary, float32_linear
 from gtl_dist.models.heads import Denoiser, VocabSpec, _Network, subs_log_probs
 
 
@@ -38,19 +41,37 @@ class GuideAdapter(_Network):
 
     def __init__(self, cfg: AdapterConfig, vocab: VocabSpec, seq_len: int, hidden: int):
         super().__init__(cfg, vocab, seq_len)
-        self.down = nn.Linear(hidden, cfg.rank, bias=False)
         width = hidden if cfg.through == "output" else vocab.size
+        self.down = nn.Linear(hidden, cfg.rank, bias=False)
         self.up = nn.Linear(cfg.rank, width, bias=False)
         nn.init.zeros_(self.up.weight)
+        if cfg.attention:
+            self.query = nn.Linear(hidden, cfg.rank, bias=False)
+            self.key = nn.Linear(hidden, cfg.rank, bias=False)
+            self.value = nn.Linear(hidden, cfg.rank, bias=False)
+            self.mix = nn.Linear(cfg.rank, width, bias=False)
+            nn.init.zeros_(self.mix.weight)
+            self.rotary = Rotary(cfg.rank)
 
     def forward(self, features: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """fp32 edit scores [..., V] from the source's ``features`` [..., H] and its output
+        """fp32 edit scores [B, L, V] from the source's ``features`` [B, L, H] and its output
         ``projection`` (used when the edit goes through it)."""
         delta = self.up(self.down(features))
+        if self.cfg.attention:
+            delta = delta + self.mix(self.attend(features))
         if self.cfg.through == "direct":
             return delta.float()
         with torch.autocast(delta.device.type, enabled=False):
             return nn.functional.linear(delta.to(projection.weight.dtype), projection.weight).float()
+
+    def attend(self, features: torch.Tensor) -> torch.Tensor:
+        """One rank-r attention head with rotary positions over the source's features [B, L, r]:
+        what a position's edit may read of the others (its neighbours' tokens, say), which the
+        source's own feature at that position need not carry."""
+        cos, sin = self.rotary.cos_sin(0, features.shape[1], features.device)
+        q, k, v = (layer(features).unsqueeze(1) for layer in (self.query, self.key, self.value))
+        out = nn.functional.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        return out.squeeze(1)
 
 
 class AdaptedDenoiser(nn.Module):
