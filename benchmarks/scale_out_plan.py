@@ -94,13 +94,15 @@ def reads(cfg, manifest: Manifest):
     """(label, set, finite, loader cut, workers at 1 rank) per read, as jobs.py's ShardRecipe.loader makes it."""
     yield "source/train", "source/train", False, {}, cfg.train.classifier_ti.num_workers
     yield "source/test (validation)", "source/test", True, {}, 0
+    yield "source/evaluator (domain_classifier)", "source/evaluator", False, {}, cfg.train.domain_classifier.num_workers
     for t in cfg.targets:
         for f in cfg.data.target_fractions:
             n = manifest.num_samples(f"{t}/train", f)
             _, held = check_holdout(n, cfg.protocol, f"{t} at {f}")
             cut = dict(fraction=f, drop_last=held)  # the stage's training part of its fraction
             yield f"{t}/train @ {f} (less {held} held out)", f"{t}/train", False, cut, 0
-        yield f"{t}/test (reference_lm, eval)", f"{t}/test", True, {}, 0
+        yield f"{t}/evaluator (reference_lm, domain_classifier)", f"{t}/evaluator", False, {}, 0
+        yield f"{t}/test (their validation, eval)", f"{t}/test", True, {}, 0
 
 
 def main() -> None:

@@ -170,6 +170,12 @@ class DataConfig:
     source_domains: list[str] = field(default_factory=lambda: ["cs", "math"])
     target_domains: list[str] = field(default_factory=lambda: ["physics"])
     test_fraction: float = 0.1
+    evaluator_fraction: float = 0.1
+    """Text corpora: this share of each domain's documents is held out like the test split, for
+    the evaluator's own models only (the reference LM and the scoring domain classifier,
+    docs/method.md §10), so that no instrument is trained on text a method trains on. Sets
+    <domain>/evaluator and source/evaluator; Markov data draws data.markov.num_test fresh
+    sequences per chain instead."""
     split_seed: int = 42
     target_fractions: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.05, 0.01])
     """Fractions of each target's training set; nested subsets (1% ⊂ 5% ⊂ 30% ⊂ 100%)."""
@@ -198,6 +204,10 @@ class DataConfig:
         require(len(set(fractions)) == len(fractions), "target_fractions", f"{fractions} has duplicates")
         require_in(self.overlap, 0.0, 1.0, "overlap", "[)")
         require_in(self.test_fraction, 0.0, 1.0, "test_fraction")
+        require_in(self.evaluator_fraction, 0.0, 1.0, "evaluator_fraction")
+        require(self.test_fraction + self.evaluator_fraction < 1.0, "evaluator_fraction",
+                f"data.test_fraction={self.test_fraction} and data.evaluator_fraction={self.evaluator_fraction} "
+                f"hold out everything and leave no training documents; lower one of them")
         if self.corpus == "markov":
             require(bool(self.targets), f"markov.{self.markov.targets_key}", "needs at least one target chain")
             named = {f"markov.{self.markov.targets_key}": self.targets}
@@ -323,6 +333,7 @@ def _ratio_sized() -> ModelConfig:
 class ModelsConfig:
     denoiser: ModelConfig = field(default_factory=ModelConfig)
     classifier: ModelConfig = field(default_factory=_ratio_sized)
+    """gtl_paper's domain classifiers, and the evaluation's (stage domain_classifier)."""
     ratio: ModelConfig = field(default_factory=_ratio_sized)
     edit_ratio: ModelConfig = field(default_factory=_ratio_sized)
     """The edit-ratio network of gtl_edit; also the architecture of the scratch_head control."""
@@ -332,7 +343,8 @@ class ModelsConfig:
     planner: ModelConfig = field(default_factory=_ratio_sized)
     reference_lm: ModelConfig = field(default_factory=lambda: ModelConfig(
         hidden=256, blocks=4, heads=4, cond_dim=64, attention="causal"))
-    """Causal LM the evaluation trains on held-out target text to score generative perplexity."""
+    """Causal LM the evaluation trains on the target's evaluator split to score generative
+    perplexity (stage reference_lm)."""
 
 
 @dataclass
@@ -441,6 +453,7 @@ class StagesConfig:
     counts: TrainConfig = _stage(steps=1, select_best=True)
     counts_source: TrainConfig = _stage(steps=1, select_best=True)
     reference_lm: TrainConfig = _stage(steps=5_000, val_every=500, select_best=True, num_workers=0)
+    domain_classifier: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True, num_workers=0)
 
     def check(self) -> None:
         """Only the stages of COMPILED_STAGES have a compiled training step."""
@@ -532,7 +545,14 @@ class EvalConfig:
     repetition_n: int = 4
     """n-gram order of the within-sample repetition rate."""
     batch_size: int = 16
-    """Sequences per classifier / reference-LM call."""
+    """Sequences per classifier / reference-LM call, and per call of a method's conditional in the
+    masked cross-entropy of text runs."""
+    gen_ppl_max_vocab_share: float = 0.25
+    """Text runs: generative perplexity is reported only when the reference LM's own perplexity on
+    held-out target text is below this share of the vocabulary size |V| (uniform guessing scores
+    |V|); otherwise the report drops it and says why in its Checks."""
+    mauve_min_samples: int = 512
+    """Text runs: the report's Checks flag MAUVE computed on fewer samples per set (sample.num_samples)."""
     overlap_warn_accuracy: float = POOR_OVERLAP_ACCURACY
     """Text runs: the report flags a target whose held-out text the evaluator's domain classifier
     tells from held-out source text with at least this balanced accuracy (poor overlap)."""
@@ -556,7 +576,10 @@ class EvalConfig:
         require(bool(self.ce_mask_rates) and all(0 < r < 1 for r in self.ce_mask_rates), "ce_mask_rates",
                 f"{self.ce_mask_rates}: need one or more mask rates in (0, 1)")
         require_at_least(self, 1, "mauve_seeds", "mauve_length_bins", "mauve_max_features",
-                         "diversity_max_n", "repetition_n", "batch_size")
+                         "diversity_max_n", "repetition_n", "batch_size", "mauve_min_samples")
+        require(self.gen_ppl_max_vocab_share > 0, "gen_ppl_max_vocab_share",
+                f"{self.gen_ppl_max_vocab_share} must be > 0 (e.g. 0.25: report gen_ppl only when the "
+                f"reference LM's own perplexity is below a quarter of the vocabulary size)")
         require(self.mauve_scaling > 0, "mauve_scaling", f"{self.mauve_scaling} must be > 0 "
                                                          f"(the paper uses 5)")
         require(self.mauve_num_buckets == 0 or self.mauve_num_buckets >= 2, "mauve_num_buckets",

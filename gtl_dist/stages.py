@@ -44,6 +44,8 @@ EVAL = "eval"      # one task, at most one GPU
 # In a row's sets (StageSpec.train_sets, val_sets), besides the shards' own set names
 # ("source/train", "source/test"; "{target}/test" for the task's target): the target's training
 # sequences at the task's fraction less the held-out part, and that held-out part (docs/method.md §12).
+# "{target}/evaluator" and "source/evaluator" are the evaluator split, which only the evaluation's
+# own models read (data.evaluator_fraction).
 TARGET_TRAIN = "{target}/train"
 HELD_OUT = "<held-out>"
 # What a per-target run of a source-trained stage (scope_key) reads instead of each source set.
@@ -142,11 +144,20 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("counts_source", role="chain", scope=PER_FRACTION, size=SMALL, deps=("data",),
               sections=("seed", "noise", "models.counts", "train.counts_source", "protocol"),
               train_sets={"train": TARGET_TRAIN, "source": "source/train"}, val_sets={"val": HELD_OUT}),
-    # The evaluation's causal LM (generative perplexity), fitted to the target's held-out text.
+    # The evaluation's own models (docs/method.md §10), trained on the evaluator split, which no
+    # method trains on, and validated on the test text: the causal LM of generative perplexity,
+    # and the domain classifier of the domain score.
     StageSpec("reference_lm", role="reference_lm", scope=PER_TARGET, size=SMALL, deps=("data",),
               sections=("seed", "models.reference_lm", "train.reference_lm"),
-              train_sets={"train": "{target}/test"}, val_sets={"val": "{target}/test"}),
+              train_sets={"train": "{target}/evaluator"}, val_sets={"val": "{target}/test"}),
+    StageSpec("domain_classifier", role="classifier_ti", scope=PER_TARGET, size=SMALL, deps=("data",),
+              sections=("seed", "models.classifier", "train.domain_classifier"),
+              train_sets={"source": "source/evaluator", "target": "{target}/evaluator"},
+              val_sets={"source": "source/test", "target": "{target}/test"}),
 )}
+
+# The stages whose exports the text evaluation scores with, one task per target.
+EVALUATOR_STAGES = ("reference_lm", "domain_classifier")
 
 # Every task kind, in submission order: the data, the stages, the sample shards, the evaluation.
 TASK_KINDS = ("data", *STAGES, "sample", "eval")
@@ -192,13 +203,6 @@ def task_sections(task: Task) -> tuple[str, ...]:
     return {"data": DATA_SECTIONS, "eval": EVAL_SECTIONS}[task.kind]
 
 
-def evaluator_classifier_fraction(cfg: RunConfig) -> float:
-    """The fraction whose (seed-0) time-independent classifier scores every text sample set's
-    domain: the largest, trained on the most target data. It is the evaluator's instrument, the
-    same for every method and fraction, so no method's score depends on its own data budget."""
-    return max(cfg.data.target_fractions)
-
-
 @dataclass
 class StageGraph:
     """The tasks of one configuration and what each reads; pure (reads no files)."""
@@ -217,6 +221,14 @@ class StageGraph:
         if spec.scope_key and reduce(getattr, spec.scope_key.split("."), self.cfg) == "per_target":
             return PER_FRACTION
         return spec.scope
+
+    def stage_sets(self, stage: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The row's training and validation sets (loader name -> set) under this configuration:
+        a shared stage run per target reads the target's sets in place of the source's."""
+        spec = STAGES[stage]
+        per_target_run = self.scope(stage) != spec.scope
+        return tuple({k: PER_TARGET_SETS.get(v, v) if per_target_run else v for k, v in sets.items()}
+                     for sets in (spec.train_sets, spec.val_sets))
 
     def stage_task(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
                    seed: int = 0) -> Task:
@@ -274,10 +286,9 @@ class StageGraph:
             for sample in self.sample_tasks:
                 deps += [d for d in self.method_tasks(sample.method, sample.target, sample.fraction, sample.seed)
                          if d not in deps]
-            if cfg.uses_tokenizer:  # the text metrics score with these networks
-                scorer = evaluator_classifier_fraction(cfg)
-                deps += [Task("classifier_ti", t, scorer) for t in cfg.targets]
-                deps += [Task("reference_lm", t) for t in cfg.targets]
+            if cfg.uses_tokenizer:  # the evaluator's own models; ce_gain is measured against the source
+                deps += [Task(stage, t) for stage in EVALUATOR_STAGES for t in cfg.targets]
+                deps += [d for d in [Task(self.source_stage)] if d not in deps]
             return deps
         raise ValueError(f"unknown task kind '{k}'")
 

@@ -45,6 +45,7 @@ def test_jsonl_example_reads_a_users_corpus_and_plans_offline(tmp_path):
                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "preflight: passed" in res.stdout and "adapter" in res.stdout and "finetune" in res.stdout
+    assert "domain_classifier" in res.stdout
     assert not run_dir.exists()  # --plan writes nothing
 
 

@@ -14,7 +14,7 @@ def _cfg(configs_dir, name="tiny", *overrides):
 def test_markov_pipeline_groups_and_order(configs_dir):
     p = build_pipeline(_cfg(configs_dir))
     names = p.group_names
-    assert names == ["data", "denoiser", "edit_ratio", "classifier_ti", "classifier_td", "ratio",
+    assert names == ["data", "denoiser", "edit_ratio", "adapter", "classifier_ti", "classifier_td", "ratio",
                      "vanilla", "finetune", "sample", "eval"]
     # Topological: every dependency comes earlier.
     for i, g in enumerate(p.groups):
@@ -27,16 +27,20 @@ def test_markov_pipeline_groups_and_order(configs_dir):
     assert len(src) == p.cfg.sample.shards and all(t.target is None for t in src)
 
 
-def test_text_pipeline_has_planner_and_reference_lm(configs_dir):
+def test_text_pipeline_has_planner_and_the_evaluators_models(configs_dir):
     p = build_pipeline(_cfg(configs_dir, "demo", "sample.sampler=planner"))
     assert "planner" in p.group_names and "reference_lm" in p.group_names
     gtl = next(t for t in p.group("sample").tasks if t.method == "gtl")
-    assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "edit_ratio", "planner"}
-    # The evaluator's domain classifier: one per target, trained on the largest fraction.
-    assert [(t.target, t.fraction) for t in p.group("classifier_ti").tasks] == [("numpy", 1.0), ("python", 1.0)]
+    assert {d.kind for d in p.task_deps(gtl)} == {"denoiser", "adapter", "planner"}
+    # The evaluator's models: one of each per target, on no fraction (the evaluator split), and no
+    # classifier_ti without gtl_paper.
+    assert "classifier_ti" not in p.group_names
+    for stage in ("reference_lm", "domain_classifier"):
+        assert [(t.target, t.fraction) for t in p.group(stage).tasks] == [("numpy", None), ("python", None)]
+        assert p.group(stage).deps == ["data"]
     eval_deps = p.task_deps(p.group("eval").tasks[0])
-    assert {(d.target, d.fraction) for d in eval_deps if d.kind == "classifier_ti"} == {("numpy", 1.0),
-                                                                                        ("python", 1.0)}
+    assert {(d.kind, d.target) for d in eval_deps if d.kind in ("reference_lm", "domain_classifier")} == {
+        (stage, t) for stage in ("reference_lm", "domain_classifier") for t in ("numpy", "python")}
 
 
 def test_ar2diff_route_replaces_the_denoiser(configs_dir):
@@ -87,7 +91,7 @@ def test_seeds_replicate_every_per_target_task_and_sample_set(configs_dir):
     assert len(p.group("vanilla").tasks) == 3 * len(p.cfg.data.target_fractions)
     assert len(p.group("denoiser").tasks) == 1  # the source is shared by all seeds
     gtl = Task("sample", "sticky", 0.2, "gtl", 1, seed=2)
-    assert set(p.task_deps(gtl)) == {Task("denoiser"), Task("edit_ratio", "sticky", 0.2, seed=2)}
+    assert set(p.task_deps(gtl)) == {Task("denoiser"), Task("adapter", "sticky", 0.2, seed=2)}
     paper = Task("sample", "sticky", 0.2, "gtl_paper", 0, seed=1)
     assert Task("ratio", "sticky", 0.2, seed=1) in p.task_deps(paper)
     assert p.input_hash(Task("vanilla", "sticky", 1.0)) != p.input_hash(Task("vanilla", "sticky", 1.0, seed=1))

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from gtl_dist.config import load_config
@@ -193,39 +194,64 @@ def _docs(domain, n):
 
 
 def test_splits_are_seeded_per_domain_and_overlap_moves_round_r_n(configs_dir):
-    cfg = _cfg(configs_dir, "data.corpus=demo", "data.source_domains=[s1, s2]", "data.target_domains=[t]",
-               "data.test_fraction=0.2", "data.overlap=0.25", "data.split_seed=3")
+    split = ["data.corpus=demo", "data.target_domains=[t]", "data.test_fraction=0.2",
+             "data.evaluator_fraction=0.1", "data.overlap=0.25", "data.split_seed=3"]
+    cfg = _cfg(configs_dir, "data.source_domains=[s1, s2]", *split)
     docs = {"s1": _docs("s1", 30), "s2": _docs("s2", 10), "t": _docs("t", 50)}
     built = sets.build_text_sets(cfg, docs)
-    assert list(built) == ["source/train", "source/test", "t/train", "t/test"]
-    # t: 50 docs -> 10 test, 40 train; round(0.25 * 40) = 10 move to the source.
-    assert len(built["t/test"]) == 10 and len(built["t/train"]) == 30
+    assert list(built) == ["source/train", "source/test", "source/evaluator", "t/train", "t/test", "t/evaluator"]
+    # t: 50 docs -> 10 test, 5 evaluator, 35 train; round(0.25 * 35) = 9 move to the source.
+    assert len(built["t/test"]) == 10 and len(built["t/evaluator"]) == 5 and len(built["t/train"]) == 26
     moved = [d for d in built["source/train"] if d.domain == "t"]
-    assert len(moved) == 10 and not {d.doc_id for d in moved} & {d.doc_id for d in built["t/train"]}
-    assert len(built["source/train"]) == 24 + 8 + 10 and len(built["source/test"]) == 6 + 2
+    assert len(moved) == 9 and not {d.doc_id for d in moved} & {d.doc_id for d in built["t/train"]}
+    assert len(built["source/train"]) == 21 + 7 + 9 and len(built["source/test"]) == 6 + 2
+    assert len(built["source/evaluator"]) == 3 + 1
+    ids = {name: {d.doc_id for d in built[name]} for name in built}
     all_ids = [d.doc_id for name in built for d in built[name]]
     assert len(all_ids) == len(set(all_ids)) == 90  # a partition: nothing lost, nothing duplicated
-    # The same seed gives the same split; another domain's size does not change this one's.
+    # The evaluator split is disjoint from everything a method trains on, and from the test text.
+    for domain in ("source", "t"):
+        assert not ids[f"{domain}/evaluator"] & (ids["source/train"] | ids["t/train"] | ids[f"{domain}/test"])
+    # The same seed gives the same split; another domain's size does not change this one's, nor
+    # does adding a domain; the evaluator split comes out of training, so the test text stays.
     again = sets.build_text_sets(cfg, {"s1": _docs("s1", 30), "s2": _docs("s2", 99), "t": _docs("t", 50)})
     assert [d.doc_id for d in again["t/train"]] == [d.doc_id for d in built["t/train"]]
+    added = sets.build_text_sets(_cfg(configs_dir, "data.source_domains=[s1, s2, s3]", *split),
+                                 {**docs, "s3": _docs("s3", 40)})
+    for name in ("t/train", "t/test", "t/evaluator"):
+        assert [d.doc_id for d in added[name]] == [d.doc_id for d in built[name]], name
+    assert ids["source/evaluator"] < {d.doc_id for d in added["source/evaluator"]}
+    larger = sets.build_text_sets(_cfg(configs_dir, "data.source_domains=[s1, s2]", *split,
+                                       "data.evaluator_fraction=0.3"), docs)
+    assert [d.doc_id for d in larger["t/test"]] == [d.doc_id for d in built["t/test"]]
+    assert ids["t/evaluator"] < {d.doc_id for d in larger["t/evaluator"]}
     reseeded = sets.build_text_sets(load_config(configs_dir / "tiny.yaml", [
-        "data.corpus=demo", "data.source_domains=[s1, s2]", "data.target_domains=[t]", "data.test_fraction=0.2",
-        "data.overlap=0.25", "data.split_seed=4"]), docs)
+        "data.source_domains=[s1, s2]", *split, "data.split_seed=4"]), docs)
     assert [d.doc_id for d in reseeded["t/test"]] != [d.doc_id for d in built["t/test"]]
+
+
+def test_a_domain_too_small_for_its_held_out_splits_is_an_error(configs_dir):
+    cfg = _cfg(configs_dir, "data.corpus=demo", "data.source_domains=[s]", "data.target_domains=[t]",
+               "data.test_fraction=0.2", "data.evaluator_fraction=0.2")
+    with pytest.raises(CorpusError, match=r"domain 't' has 2 documents: data.test_fraction=0.2 holds out 1 and "
+                                          r"data.evaluator_fraction=0.2 1, which leaves none for training"):
+        sets.build_text_sets(cfg, {"s": _docs("s", 10), "t": _docs("t", 2)})
 
 
 def test_overlap_that_empties_a_target_is_an_error(configs_dir):
     cfg = _cfg(configs_dir, "data.corpus=demo", "data.source_domains=[s]", "data.target_domains=[t]",
                "data.overlap=0.9")
     with pytest.raises(CorpusError, match="moves 2 of target 't''s 2 training documents"):
-        sets.build_text_sets(cfg, {"s": _docs("s", 10), "t": _docs("t", 3)})
+        sets.build_text_sets(cfg, {"s": _docs("s", 10), "t": _docs("t", 4)})
 
 
 def test_markov_sets_sizes_and_overlap(configs_dir):
     cfg = _cfg(configs_dir, "data.overlap=0.1")  # tiny: 2000 source, 200 target, 200 test
     built = sets.build_markov_sets(cfg)
     assert {k: len(v.domains) for k, v in built.items()} == {
-        "source/train": 2000 + 20, "source/test": 200, "sticky/train": 180, "sticky/test": 200}
+        "source/train": 2000 + 20, "source/test": 200, "source/evaluator": 200, "sticky/train": 180,
+        "sticky/test": 200, "sticky/evaluator": 200}
+    assert not np.array_equal(built["sticky/test"].states, built["sticky/evaluator"].states)
     assert built["source/train"].domains.count("sticky") == 20
     assert built["source/train"].states.shape == (2020, 8)
 

@@ -2,16 +2,19 @@
 Markov (no networks) and text (hand-written classifier and reference LM callables)."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gtl_dist.config import load_config
 from gtl_dist.data.markov import sample_sequences, transition_matrices
 from gtl_dist.eval.evaluate import HeldOut, evaluate_text, run_eval
 from gtl_dist.eval.results import read_results_csv
 from gtl_dist.eval.samples import read_samples
+from gtl_dist.models import VocabSpec
 from gtl_dist.paths import RunPaths
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -108,62 +111,142 @@ def test_missing_or_mixed_shards_are_named(tmp_path):
         read_samples(folder)
 
 
+VOCAB = VocabSpec(size=11, mask_id=10)  # the text tests' ids: 0..9 words, 10 [MASK]
+
+
+def spread_over(*ids_and_weights):
+    """A conditional that gives every masked position the same distribution: weight w spread
+    evenly over each id group, summed."""
+    p = torch.zeros(VOCAB.size, dtype=torch.float64)
+    for ids, weight in ids_and_weights:
+        p[list(ids)] += weight / len(ids)
+    return lambda z: torch.log(p).expand(*z.shape, VOCAB.size).clone()
+
+
+TARGET_IDS, ALL_IDS = range(5), range(10)
+
+
 def test_text_stage_with_callable_networks(tmp_path):
     cfg = load_config(CONFIGS / "arxiv.yaml", ["data.path=/x", "data.target_fractions=[1.0, 0.3]",
-                                                "sample.num_samples=30", "eval.mauve_seeds=2"])
+                                                "sample.num_samples=30", "eval.mauve_seeds=2",
+                                                "eval.mauve_min_samples=30", "pipeline.seeds=[0, 1]",
+                                                "sample.methods=[gtl, gtl_paper, source, vanilla, finetune]"])
     paths = RunPaths(tmp_path)
     rng = np.random.default_rng(0)
-    vocab = 11
 
     def sample_set(lo):
         toks = rng.integers(lo, lo + 5, size=(30, 12))
         return toks, [" ".join(f"w{t}" for t in row) for row in toks]
 
     unchanged = sample_set(0)  # gtl draws the same set at every fraction: the report must say so
-    for f in cfg.data.target_fractions:
-        _write_shards(paths.samples("gtl", "physics", f), *unchanged)
-        for m in ("vanilla", "finetune"):
-            _write_shards(paths.samples(m, "physics", f), *sample_set(0))
-    _write_shards(paths.samples("source", None, None), *sample_set(5))
+    degenerate = np.zeros((30, 12), dtype=int), ["w0 " * 12] * 30  # one text, repeated
+    for seed in cfg.pipeline.seeds:
+        for f in cfg.data.target_fractions:
+            _write_shards(paths.samples("gtl", "physics", f, seed), *unchanged)
+            _write_shards(paths.samples("gtl_paper", "physics", f, seed), *sample_set(0))
+            _write_shards(paths.samples("vanilla", "physics", f, seed), *(degenerate if f == 0.3 else sample_set(0)))
+            _write_shards(paths.samples("finetune", "physics", f, seed), *sample_set(0))
+        _write_shards(paths.samples("source", None, None, seed), *sample_set(5))
     target_tokens, target_texts = sample_set(0)
     source_tokens, source_texts = sample_set(5)
-    classifier_calls = []
+    classifier_calls, masks = [], {}
 
     def classifier(target):
         classifier_calls.append(target)
         return lambda tokens: (tokens.mean(axis=1) - 5.0)  # high ids look like source
 
+    # gtl and finetune know the target's words, vanilla half of them, the source none.
+    conditionals = {"gtl": spread_over((TARGET_IDS, 1.0)), "finetune": spread_over((TARGET_IDS, 1.0)),
+                    "vanilla": spread_over((TARGET_IDS, 0.5), (ALL_IDS, 0.5)), "source": spread_over((ALL_IDS, 1.0))}
+
+    def conditional(method, target, fraction, seed):
+        if method == "gtl_paper":
+            return None  # a sequence-level ratio network: not scored on text
+
+        def log_probs(z):
+            masks.setdefault((method, fraction, seed), []).append(z.clone())
+            return conditionals[method](z)
+        return log_probs
+
+    evaluator = sample_set(0)
     out = evaluate_text(
         cfg, paths, references={"physics": HeldOut(target_texts, target_tokens.tolist())},
-        source_heldout=HeldOut(source_texts, source_tokens.tolist()), classifier=classifier,
-        reference_lm=lambda target: (lambda t: np.zeros(t.shape + (vocab,))))
+        source_heldout=HeldOut(source_texts, source_tokens.tolist()),
+        evaluator_texts={"physics": HeldOut(evaluator[1], evaluator[0].tolist())}, classifier=classifier,
+        reference_lm=lambda target: (lambda t: np.zeros(t.shape + (VOCAB.size,))), conditional=conditional,
+        vocab=VOCAB)
     by = {(r.method, r.fraction, r.metric): r for r in out.rows}
-    assert by[("gtl", 1.0, "gen_ppl")].value == pytest.approx(vocab)  # uniform reference model
-    assert by[("gtl", 0.3, "mauve[tfidf-svd]")].value > 0.5
-    assert by[("source", None, "mauve[tfidf-svd]")].value < 0.01  # disjoint vocabulary
-    # One evaluator's classifier scores every set; held-out text of both domains calibrates it.
+    # The primary score: masked cross-entropy on identical masks, nats per masked token.
+    assert by[("gtl", 1.0, "masked_ce")].value == pytest.approx(math.log(5))
+    assert by[("source", None, "masked_ce")].value == pytest.approx(math.log(10))
+    assert by[("vanilla", 0.3, "masked_ce")].value == pytest.approx(-math.log(0.5 / 5 + 0.5 / 10))
+    assert by[("gtl", 0.3, "ce_gain")].value == pytest.approx(math.log(2))
+    first = next(iter(masks.values()))
+    assert len(masks) == 3 * 2 * 2 + 1 and all(len(z) == len(first) for z in masks.values())
+    assert all(torch.equal(a, b) for z in masks.values() for a, b in zip(z, first))
+    assert math.isnan(by[("gtl_paper", 1.0, "masked_ce")].value) and "not scored" in by[("gtl_paper", 1.0, "masked_ce")].notes
+    # Paired over the two replicates: vanilla is worse than gtl on every one, finetune the same.
+    paired = by[("vanilla", 1.0, "paired_diff[masked_ce]")]
+    assert paired.value == pytest.approx(-math.log(0.15) - math.log(5)) and paired.notes.endswith("gtl wins")
+    assert by[("finetune", 1.0, "paired_diff[masked_ce]")].notes.endswith("gtl ties")
+    assert by[("source", 0.3, "paired_diff[masked_ce]")].value == pytest.approx(math.log(2))
+    # The domain score, and its distance to held-out target text's: one evaluator's classifier
+    # scores every set; held-out text of both domains calibrates it.
     assert classifier_calls == ["physics"]
     assert by[("source", None, "domain_pct_target")].value == 0.0
-    assert by[("source", None, "domain_source_prob")].value > 0.5
     assert by[("gtl", 1.0, "domain_pct_target")].value == 100.0
     assert by[("heldout_target", None, "domain_pct_target")].value == 100.0
     assert by[("heldout_source", None, "domain_pct_target")].value == 0.0
+    assert by[("gtl", 1.0, "domain_distance")].value < 0.05 < 0.7 < by[("source", None, "domain_distance")].value
+    assert by[("heldout_source", None, "domain_distance")].value > 0.7
+    assert by[("source", 1.0, "paired_diff[domain_distance]")].notes.endswith("gtl wins")
+    # MAUVE, with held-out target text against the test references as the ceiling.
+    ceiling = by[("heldout_target", None, "mauve[tfidf-svd]")]
+    assert ceiling.n == 30 and "ceiling" in ceiling.notes
+    assert ceiling.value > 0.5 > by[("vanilla", 0.3, "mauve[tfidf-svd]")].value + 0.3
+    assert by[("source", None, "mauve[tfidf-svd]")].value < 0.01  # disjoint vocabulary
+    # A reference LM no better than uniform guessing (perplexity |V|): its own perplexity is
+    # shown, gen_ppl is not.
+    assert by[("heldout_target", None, "reference_lm_ppl")].value == pytest.approx(VOCAB.size)
+    assert not any(r.metric == "gen_ppl" for r in out.rows)
     assert by[("heldout_target", None, "distinct_1")].value == pytest.approx(5 / (30 * 12))
-    assert by[("vanilla", 0.3, "distinct_1")].value == pytest.approx(5 / (30 * 12))
     assert out.examples["gtl physics @ 30% (seed 0)"] == unchanged[1][:3]
-    assert set(out.examples) == {f"{m} physics @ {f}% (seed 0)" for m in ("gtl", "vanilla", "finetune")
+    assert set(out.examples) == {f"{m} physics @ {f}% (seed 0)" for m in ("gtl", "gtl_paper", "vanilla", "finetune")
                                  for f in (100, 30)} | {"source (seed 0)"}
-    # The held-out texts are told apart every time: the poor-overlap guard fires.
-    assert out.findings == ["target physics: poor overlap with the source: the evaluator's domain classifier "
-                            "tells held-out physics text from held-out source text with 100.0% balanced "
-                            "accuracy (eval.overlap_warn_accuracy = 0.99); guidance of the source model can "
-                            "only reweight what it already generates, so expect GTL's gain over the source "
-                            "to be small here",
-                            "identical samples: gtl physics @ 100% (seed 0), gtl physics @ 30% (seed 0) drew "
-                            "exactly the same token sequences; whatever distinguishes them (guidance, target, "
-                            "fraction, seed) changed nothing"]
+    assert out.findings[:2] == [
+        "target physics: poor overlap with the source: the evaluator's domain classifier tells held-out physics "
+        "text from held-out source text with 100.0% balanced accuracy (eval.overlap_warn_accuracy = 0.99); "
+        "guidance of the source model can only reweight what it already generates, so expect GTL's gain over "
+        "the source to be small here",
+        "target physics: gen_ppl dropped: the reference LM's own perplexity on held-out physics text is 11, not "
+        "far below the vocabulary size |V| = 11 that uniform guessing scores (eval.gen_ppl_max_vocab_share = "
+        "0.25 allows 3), so it cannot tell good text from bad; give it more text (data.evaluator_fraction) or "
+        "train it longer (train.reference_lm)"]
+    assert out.findings[2].startswith("identical samples: gtl physics @ 100% (seed 0), gtl physics @ 100% "
+                                      "(seed 1), gtl physics @ 30% (seed 0), gtl physics @ 30% (seed 1) drew")
     with pytest.raises(ValueError, match="no reference texts for target 'physics'"):
         evaluate_text(cfg, paths, references={})
+
+
+def test_gen_ppl_needs_a_reference_lm_far_below_uniform_guessing(tmp_path):
+    """A reference LM that knows the target's five words (perplexity 5 on its text, |V| = 11):
+    generative perplexity is reported where eval.gen_ppl_max_vocab_share allows 5, dropped where not."""
+    settings = ["data.path=/x", "data.target_fractions=[1.0]", "sample.num_samples=10", "eval.mauve_seeds=1",
+                "eval.mauve_min_samples=10", "sample.methods=[source]"]
+    paths = RunPaths(tmp_path)
+    tokens = np.random.default_rng(2).integers(0, 5, size=(10, 8))
+    texts = [" ".join(f"w{t}" for t in row) for row in tokens]
+    _write_shards(paths.samples("source", None, None), tokens, texts)
+    knows_the_target = lambda target: (lambda t: np.where(np.arange(VOCAB.size) < 5, 0.0, -np.inf)  # noqa: E731
+                                       * np.ones(t.shape + (VOCAB.size,)))
+    for share, kept in ((0.5, True), (0.4, False)):
+        cfg = load_config(CONFIGS / "arxiv.yaml", settings + [f"eval.gen_ppl_max_vocab_share={share}"])
+        out = evaluate_text(cfg, paths, references={"physics": HeldOut(texts, tokens.tolist())},
+                            reference_lm=knows_the_target, vocab=VOCAB)
+        ppl = {(r.method, r.metric): r.value for r in out.rows if r.metric in ("gen_ppl", "reference_lm_ppl")}
+        assert ppl[("heldout_target", "reference_lm_ppl")] == pytest.approx(5.0)
+        assert (("source", "gen_ppl") in ppl) == kept, share
+        assert any("gen_ppl dropped" in f for f in out.findings) != kept
 
 
 def test_a_domain_score_that_cannot_separate_the_domains_is_flagged(tmp_path):
@@ -179,11 +262,30 @@ def test_a_domain_score_that_cannot_separate_the_domains_is_flagged(tmp_path):
     out = evaluate_text(cfg, paths, references={"physics": heldout}, source_heldout=heldout,
                         classifier=lambda target: (lambda t: np.full(len(t), -3.0)))
     assert [r.value for r in out.rows if r.method == "source" and r.metric == "domain_pct_target"] == [100.0]
-    assert out.findings == ["target physics: the domain classifier calls 100% of held-out physics text and "
-                        "100% of held-out source text target-like; it does not separate the domains, so "
-                        "domain_pct_target / domain_source_prob say nothing about the samples"]
+    assert out.findings == [
+        "MAUVE compares 8 samples per set, fewer than eval.mauve_min_samples = 512: on small sets its "
+        "clustering is noisy enough to rank the methods at random; raise sample.num_samples",
+        "target physics: the domain classifier calls 100% of held-out physics text and 100% of held-out source "
+        "text target-like; it does not separate the domains, so domain_pct_target / domain_source_prob say "
+        "nothing about the samples"]
     report = run_eval(cfg, paths, command="test", references={"physics": heldout}, source_heldout=heldout,
                       classifier=lambda target: (lambda t: np.full(len(t), -3.0))).report_md.read_text()
     assert "## Checks" in report and "it does not separate the domains" in report
     assert (paths.eval / "samples.md").read_text().count("> w") == 3  # the first 3 samples
     assert "### domain_pct_target (higher is more target-like)" in report
+
+
+def test_a_run_with_overlap_says_so_in_its_report_header(tmp_path):
+    """data.overlap moves target documents into the source's training set: the header counts them,
+    per target, from the built data (tiny: round(0.1 · 200) = 20 of the 200 sticky sequences)."""
+    from gtl_dist.data import prepare_data
+    from gtl_dist.eval.evaluate import overlap_notes
+    from gtl_dist.eval.report import render_header
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.overlap=0.1"])
+    prepare_data(cfg, tmp_path)
+    notes = overlap_notes(cfg, RunPaths(tmp_path))
+    assert notes == ["**data overlap**: data.overlap = 0.1 moved part of each target's training documents into "
+                     "the source's training set (sticky: 20 of 200), so the source model has seen target text "
+                     "and its gain over the source is not a transfer from the source alone (docs/method.md §8)"]
+    assert f"\n- {notes[0]}\n" in render_header(cfg, "the command", "today", notes)
+    assert overlap_notes(load_config(CONFIGS / "tiny.yaml"), RunPaths(tmp_path)) == []

@@ -198,6 +198,9 @@ def test_finite_sets_follow_the_stages_validation_loaders():
     assert pf.finite_sets(_cfg("tiny", "protocol.selection=budget"), Task("ratio", "sticky", 1.0)) == []
     assert pf.finite_sets(cfg, Task("vanilla", "sticky", 1.0)) == []  # its held-out part is read whole
     assert pf.finite_sets(cfg, Task("reference_lm", "physics")) == ["physics/test"]
+    assert pf.finite_sets(cfg, Task("domain_classifier", "physics")) == ["source/test", "physics/test"]
+    per_target = _cfg("tiny", "pipeline.planner_scope=per_target")
+    assert pf.finite_sets(per_target, Task("planner", "sticky", 1.0)) == []  # its held-out part, read whole
 
 
 def test_without_built_data_the_data_checks_are_skipped_with_a_note(tmp_path):

@@ -12,8 +12,13 @@ method (with the planner sampler, so that GTL reads the planner) and records, fo
 sample task, the exports it loads: ``test_every_task_loads_exactly_its_dependencies`` compares
 them with the task's dependencies in the stage graph.
 
-Run as a script, this file is that process: it prints ``READS {stage: [dotted keys]}`` and
-``LOADS {task: {"loaded": [paths], "declared": [paths]}}``.
+The same process records the shard sets every stage's loaders read, for training and for
+validation: ``test_only_the_evaluators_models_train_on_the_evaluator_split`` checks that the
+evaluation's own models train on the evaluator split alone and that no other stage reads it.
+
+Run as a script, this file is that process: it prints ``READS {stage: [dotted keys]}``,
+``LOADS {task: {"loaded": [paths], "declared": [paths]}}`` and ``SETS {stage: {"train": [sets],
+"val": [sets]}}``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pytest
 
 from gtl_dist.config import BUILD_ONLY_KEYS, COMPILED_STAGES, RunConfig, StagesConfig, execution_only, load_config
 from gtl_dist.methods import METHODS, SOURCE
-from gtl_dist.stages import STAGES, TASK_KINDS, StageGraph, task_sections
+from gtl_dist.stages import EVALUATOR_STAGES, STAGES, TASK_KINDS, StageGraph, task_sections
 from train_helpers import PYTHON, REPO, deepspeed_ops, rank_env  # noqa: F401
 
 TARGET, FRACTION = "sticky", 1.0
@@ -109,8 +114,8 @@ def recorded(tmp_path_factory, deepspeed_ops) -> dict[str, dict]:  # noqa: F811
     proc = subprocess.run([PYTHON, __file__, str(config), str(run_dir), json.dumps(SETTINGS)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     found = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
-             for line in proc.stdout.splitlines() if line.startswith(("READS ", "LOADS "))}
-    assert proc.returncode == 0 and set(found) == {"READS", "LOADS"}, proc.stdout[-3000:] + proc.stderr[-5000:]
+             for line in proc.stdout.splitlines() if line.startswith(("READS ", "LOADS ", "SETS "))}
+    assert proc.returncode == 0 and set(found) == {"READS", "LOADS", "SETS"}, proc.stdout[-3000:] + proc.stderr[-5000:]
     return found
 
 
@@ -125,6 +130,20 @@ def test_every_task_loads_exactly_its_dependencies(recorded):
             f"{seen['declared']}: fix the row of its stage (gtl_dist/stages.py) or method "
             f"(gtl_dist/methods.py), so that its input hash covers what it reads and the launcher "
             f"runs what it needs first")
+
+
+@pytest.mark.distributed
+def test_only_the_evaluators_models_train_on_the_evaluator_split(recorded):
+    """The reference LM and the domain classifier train on the evaluator split (the classifier on
+    the source's and the target's) and validate on the test text; no other stage reads it, so no
+    instrument of the evaluation is trained on text a method trains on."""
+    sets = recorded["SETS"]
+    assert sets["reference_lm"] == {"train": [f"{TARGET}/evaluator"], "val": [f"{TARGET}/test"]}
+    assert sets["domain_classifier"] == {"train": ["source/evaluator", f"{TARGET}/evaluator"],
+                                         "val": ["source/test", f"{TARGET}/test"]}
+    for stage, read in sets.items():
+        if stage not in EVALUATOR_STAGES:
+            assert not any(s.endswith("/evaluator") for s in read["train"] + read["val"]), (stage, read)
 
 
 @pytest.mark.distributed
@@ -206,6 +225,21 @@ def record_loads() -> list[str]:
     return loaded
 
 
+def record_sets() -> dict[str, list[str]]:
+    """Make every shard loader a stage opens (gtl_dist.data.make_loader, the one door to the shards)
+    add its set to the returned lists, "train" or "val" by whether it is a training stream."""
+    import gtl_dist.data as data
+    opened: dict[str, list[str]] = {"train": [], "val": []}
+    make_loader = data.make_loader
+
+    def recording(manifest, set_name, *args, **kwargs):
+        opened["train" if kwargs.get("infinite") else "val"].append(set_name)
+        return make_loader(manifest, set_name, *args, **kwargs)
+
+    data.make_loader = recording
+    return opened
+
+
 def declared_exports(graph: StageGraph, run_dir: str, task) -> list[str]:
     from gtl_dist.paths import RunPaths
     paths = RunPaths(run_dir)
@@ -221,17 +255,21 @@ def main(config: str, run_dir: str, settings: str) -> None:
     graph = StageGraph(cfg)
     reads, switch = record_reads(cfg)
     loaded = record_loads()
-    out, loads = {}, {}
+    opened = record_sets()
+    out, loads, sets = {}, {}, {}
     for stage, spec in STAGES.items():  # in table order: every stage after those it reads
         target = TARGET if spec.scope in (PER_FRACTION, PER_TARGET) else None
         fraction = FRACTION if spec.scope == PER_FRACTION else None
         reads.clear()
         loaded.clear()
+        for kind in opened.values():
+            kind.clear()
         switch["on"] = True
         result = run_stage(cfg, run_dir, stage, target, fraction)
         switch["on"] = False
         assert result.status == "finished", (stage, result)
         out[stage] = sorted(reads)
+        sets[stage] = {kind: sorted(set(names)) for kind, names in opened.items()}
         task = graph.stage_task(stage, target, fraction)
         loads[task.key] = {"loaded": sorted(set(loaded)), "declared": declared_exports(graph, run_dir, task)}
     for method, spec in METHODS.items():
@@ -242,6 +280,7 @@ def main(config: str, run_dir: str, settings: str) -> None:
         loads[task.key] = {"loaded": sorted(set(loaded)), "declared": declared_exports(graph, run_dir, task)}
     print("READS " + json.dumps(out), flush=True)
     print("LOADS " + json.dumps(loads), flush=True)
+    print("SETS " + json.dumps(sets), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ uniform, which leaves a source-trained network nothing to learn) and a stickier 
 once with prepare_data. The small heads (classifiers, ratio, planner) get more steps: the
 time-dependent classifier in particular learns slowly on masked sequences.
 Stages run as `python -m gtl_dist.train` processes, independent ones side by side, in the order
-the pipeline needs their exports: denoiser/vanilla/classifiers/ar_pretrain, then
-finetune/planner/ratio/ar2diff/reference_lm.
+the pipeline needs their exports: denoiser/vanilla/classifiers/ar_pretrain/domain_classifier,
+then finetune/planner/ratio/ar2diff/reference_lm.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DATA = ["data.markov.source_diagonal=0.6", "data.markov.target_diagonals={sticky
 MODELS = ["models.reference_lm={hidden: 48, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}"]
 STEPS = {"denoiser": 80, "vanilla": 80, "finetune": 80, "ar_pretrain": 80, "ar2diff": 80,
          "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "edit_ratio": 160, "planner": 160,
-         "reference_lm": 80}
+         "reference_lm": 80, "domain_classifier": 160}
 
 
 def train_settings() -> list[str]:
@@ -74,7 +74,7 @@ def run_dir(tmp_path_factory, deepspeed_ops) -> Path:  # noqa: F811
     root = tmp_path_factory.mktemp("jobs") / "run"
     prepare_data(load_config(REPO / "configs" / "tiny.yaml", DATA), root)
     logs = root.parent / "logs"
-    for wave in (("denoiser", "vanilla", "classifier_ti", "classifier_td", "ar_pretrain"),
+    for wave in (("denoiser", "vanilla", "classifier_ti", "classifier_td", "ar_pretrain", "domain_classifier"),
                  ("finetune", "planner", "ratio", "edit_ratio", "ar2diff", "reference_lm")):
         ranks = [Ranks(cli(root, s), 1, logs, tag=s) for s in wave]
         for s, r in zip(wave, ranks):
@@ -94,7 +94,7 @@ def val_curve(run_dir: Path, stage: str) -> list[dict]:
 
 @pytest.mark.parametrize("stage", ["denoiser", "vanilla", "finetune", "ar2diff", "ar_pretrain",
                                    "classifier_ti", "classifier_td", "ratio", "edit_ratio", "planner",
-                                   "reference_lm"])
+                                   "reference_lm", "domain_classifier"])
 def test_validation_loss_goes_down(run_dir, stage):
     curve = val_curve(run_dir, stage)
     first, last = curve[0]["loss"], curve[-1]["loss"]
@@ -120,8 +120,9 @@ def test_classifiers_separate_the_domains_and_report_overlap(run_dir):
     # masked sequences, where the domains overlap (about 0.6 accuracy on 128 held-out sequences,
     # which varies with the machine's float rounding), so it must beat chance in cross-entropy.
     assert val_curve(run_dir, "classifier_ti")[-1]["accuracy"] > 0.6
+    assert val_curve(run_dir, "domain_classifier")[-1]["accuracy"] > 0.6
     assert val_curve(run_dir, "classifier_td")[-1]["bce"] < math.log(2) - 0.01
-    for stage in ("classifier_ti", "classifier_td"):
+    for stage in ("classifier_ti", "classifier_td", "domain_classifier"):
         last = val_curve(run_dir, stage)[-1]
         assert 0.0 <= last["overlap/accuracy"] <= 1.0
         assert "overlap/ratio_target_std" in last
@@ -208,8 +209,8 @@ def test_finished_stage_is_not_retrained(run_dir, tmp_path):
     assert (run_dir / "denoiser" / "export" / "model.pt").stat().st_mtime_ns == before
 
 
-def test_reference_lm_is_a_causal_lm_of_the_target_held_out_text(run_dir):
-    """The evaluation's reference LM: sized by models.reference_lm, trained on <target>/test
+def test_reference_lm_is_a_causal_lm_of_the_target_evaluator_split(run_dir):
+    """The evaluation's reference LM: sized by models.reference_lm, trained on <target>/evaluator
     only, giving next-token logits [B, L, V] that do not look ahead."""
     from gtl_dist.config import load_config
     from gtl_dist.exports import load_exported

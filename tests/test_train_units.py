@@ -302,7 +302,8 @@ def tiny():
     ("denoiser", "sticky", 1.0, "trained once per run"),
     ("sampler", None, None, "not a stage"),
     ("reference_lm", None, None, "trained once per target.*pass --target \\(one of sticky\\) and no --fraction"),
-    ("reference_lm", "sticky", 1.0, "trained once per target, on its held-out text and no fraction"),
+    ("reference_lm", "sticky", 1.0, "trained once per target, on its evaluator split and no fraction"),
+    ("domain_classifier", "sticky", 0.5, "trained once per target, on its evaluator split and no fraction"),
     ("reference_lm", "nowhere", None, "this config's targets are sticky"),
 ])
 def test_stage_arguments_are_checked(tiny, stage, target, fraction, message):

@@ -38,7 +38,7 @@ from gtl_dist.cluster.progress import train_log_path, train_log_records
 from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError, run_slurm
-from gtl_dist.stages import BIG, STAGES, Task
+from gtl_dist.stages import BIG, HELD_OUT, STAGES, StageGraph, Task
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")
 # A DeepSpeed checkpoint holds fp32 weights and two fp32 Adam moments (bf16 weights with an fp32
@@ -187,7 +187,7 @@ def check_batches(ctx: Context, report: Report) -> None:
         tc = getattr(ctx.cfg.train, stage)
         try:
             geometry = batch_geometry(tc, world_size(group, ctx.cfg, ctx.opts), stage)
-            if stage in ("classifier_ti", "classifier_td"):
+            if STAGES[stage].role in ("classifier_ti", "classifier_td"):
                 check_classifier_micro_batch(tc, stage, geometry.micro_batch)
         except ConfigError as exc:
             report.problems.append(f"{ctx.source}: {exc} [{ctx.ranks(group)}]")
@@ -255,14 +255,12 @@ def _check_replicate_overlap(ctx: Context, report: Report, manifest) -> None:
 
 def finite_sets(cfg: RunConfig, task: Task) -> list[str]:
     """The shard sets ``task`` reads in finite passes: the loaders of its ``validation_loaders``
-    (gtl_dist/train/jobs.py); held-out target parts are read whole, not through a loader."""
-    source_stage = task.kind in ("denoiser", "ar_pretrain", "ar2diff") or (task.kind == "planner"
-                                                                           and task.target is None)
-    held_out = (task.kind in ("classifier_ti", "classifier_td", "ratio")
-                and cfg.protocol.selection == "holdout")
-    if source_stage or held_out:
-        return ["source/test"]
-    return [f"{task.target}/test"] if task.kind == "reference_lm" else []
+    (gtl_dist/train/jobs.py), its row's validation sets; held-out target parts are read whole, not
+    through a loader, and a stage that validates on one validates on nothing under selection budget."""
+    val_sets = list(StageGraph(cfg).stage_sets(task.kind)[1].values())
+    if HELD_OUT in val_sets and cfg.protocol.selection != "holdout":
+        return []
+    return [s.format(target=task.target) for s in val_sets if s != HELD_OUT]
 
 
 def check_finite_passes(ctx: Context, report: Report, manifest) -> None:

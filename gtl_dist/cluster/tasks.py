@@ -23,7 +23,7 @@ from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
 from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
-from gtl_dist.stages import STAGES, Task, evaluator_classifier_fraction
+from gtl_dist.stages import STAGES, Task
 
 log = get_logger("cluster.tasks")
 
@@ -138,37 +138,49 @@ def _evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
-    """Held-out text and the networks the text metrics need, as plain callables."""
+    """Held-out text and the networks the text metrics need, as plain callables: the evaluator's
+    domain classifier and reference LM (stages of EVALUATOR_STAGES) per target, and every method's
+    conditional per (method, target, fraction, seed)."""
     import torch
 
     from gtl_dist.data import load_run_manifest, read_samples
     from gtl_dist.eval.evaluate import HeldOut
     from gtl_dist.exports import load_upstream
+    from gtl_dist.models import VocabSpec
+    from gtl_dist.sample.networks import method_log_probs, method_networks, sequence_level_guide
 
     device = _device()
     manifest = load_run_manifest(cfg, paths.root)
     tok = _tokenizer(cfg, paths)
+    who = "the evaluation"
 
     def heldout(set_name: str) -> HeldOut:
         tokens = read_samples(manifest, set_name, 0, manifest.num_samples(set_name),
                               expected_tokenizer_hash=manifest.tokenizer_hash).tolist()
         return HeldOut([tok.decode(row) for row in tokens], tokens)
 
-    def as_callable(model):
-        @torch.no_grad()
-        def call(tokens):
-            return model(torch.as_tensor(tokens, dtype=torch.long, device=device)).float().cpu()
-        return call
+    def instrument(stage: str):
+        def load(target: str):
+            model = load_upstream(cfg, paths, stage, target, needed_by=who, device=device)
 
-    scorer_fraction = evaluator_classifier_fraction(cfg)
-    who = "the evaluation"
+            @torch.no_grad()
+            def call(tokens):
+                return model(torch.as_tensor(tokens, dtype=torch.long, device=device)).float().cpu()
+            return call
+        return load
+
+    def conditional(method, target, fraction, seed):
+        nets = method_networks(cfg, paths, method, target, fraction, seed, needed_by=who, device=device)
+        if sequence_level_guide(nets):
+            return None
+        return lambda z: method_log_probs(nets, z.to(device))
+
     return dict(references={target: heldout(f"{target}/test") for target in cfg.targets},
                 source_heldout=heldout("source/test"),
-                classifier=lambda t: as_callable(load_upstream(cfg, paths, "classifier_ti", t, scorer_fraction,
-                                                               needed_by=who, device=device)),
-                reference_lm=lambda t: as_callable(load_upstream(cfg, paths, "reference_lm", t, needed_by=who,
-                                                                 device=device)),
-                eos_id=manifest.eos_id, bos_id=manifest.bos_id, diagnose_guide=True)
+                evaluator_texts={target: heldout(f"{target}/evaluator") for target in cfg.targets},
+                classifier=instrument("domain_classifier"), reference_lm=instrument("reference_lm"),
+                conditional=conditional, vocab=VocabSpec.from_manifest(manifest),
+                eos_id=manifest.eos_id, bos_id=manifest.bos_id)
 
 
 # -- submitit ---------------------------------------------------------------------------------------

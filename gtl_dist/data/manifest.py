@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gtl_dist.data.sets import SPLITS
 from gtl_dist.data.shards import ShardError
 from gtl_dist.data.tokenizer import TokenizerMismatch
 from gtl_dist.io import read_json, sha256_file
@@ -129,7 +130,7 @@ class Manifest:
         sets = {}
         # JSON keys are stored sorted; present the sets in build order (source first, then targets).
         order = {name: i for i, name in enumerate(
-            f"{n}/{split}" for n in ["source"] + list(raw.get("targets", [])) for split in ("train", "test"))}
+            f"{n}/{split}" for n in ["source"] + list(raw.get("targets", [])) for split in SPLITS)}
         for name, entry in sorted(raw["sets"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
             try:
                 shards = [ShardInfo(**s) for s in entry["shards"]]

@@ -7,6 +7,10 @@ Sets (docs/architecture.md "Data contracts"):
   <t>/train      target t's remaining training documents, in a seeded random order (the target
                  fractions are prefixes of the chunks built from them, so they are nested)
   <t>/test       target t's test documents (never touched by overlap or fractions)
+  <d>/evaluator  for every domain d (source: the source domains' together), documents no method
+                 trains on: the evaluator's own models (the reference LM, the scoring domain
+                 classifier, docs/method.md §10) train on them; Markov data draws data.markov.num_test
+                 fresh sequences per chain
 
 Every split and order is drawn from a generator seeded by data.split_seed and the name of what is
 split, so one domain's split does not change when another domain is added.
@@ -33,11 +37,12 @@ from gtl_dist.data.corpus import CorpusError, Document
 from gtl_dist.io import atomic_path
 
 SOURCE = "source"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "evaluator")
 
 
 def set_names(targets: list[str]) -> list[str]:
-    """All set names in build order: source/train, source/test, then <t>/train, <t>/test per target."""
+    """All set names in build order: source/train, source/test, source/evaluator, then the same
+    three per target."""
     return [f"{name}/{split}" for name in [SOURCE] + list(targets) for split in SPLITS]
 
 
@@ -61,34 +66,47 @@ def overlap_count(overlap: float, n_train: int, target: str) -> int:
     return moved
 
 
-def split_domain(docs: list, test_fraction: float, seed: int, domain: str) -> tuple[list, list]:
-    """(train, test) in a seeded random order; each side gets at least one document."""
-    order = seeded_rng(seed, "split", domain).permutation(len(docs))
-    n_test = min(max(round(test_fraction * len(docs)), 1), len(docs) - 1)
-    return [docs[i] for i in order[n_test:]], [docs[i] for i in order[:n_test]]
+def split_domain(docs: list, test_fraction: float, evaluator_fraction: float, seed: int,
+                 domain: str) -> dict[str, list]:
+    """The domain's documents by split (SPLITS), in a seeded random order, each at least one
+    document: test takes
+    the first round(test_fraction·N) of the order, the evaluator split the next
+    round(evaluator_fraction·N), training the rest (so the test split does not depend on
+    evaluator_fraction)."""
+    n = len(docs)
+    order = seeded_rng(seed, "split", domain).permutation(n)
+    n_test = min(max(round(test_fraction * n), 1), n - 1)
+    n_eval = max(round(evaluator_fraction * n), 1)
+    if n - n_test - n_eval < 1:
+        raise CorpusError(f"domain '{domain}' has {n} documents: data.test_fraction={test_fraction} holds out "
+                          f"{n_test} and data.evaluator_fraction={evaluator_fraction} {n_eval}, which leaves "
+                          f"none for training; add documents to '{domain}' or lower the two fractions")
+    parts = {"train": order[n_test + n_eval:], "test": order[:n_test], "evaluator": order[n_test:n_test + n_eval]}
+    return {split: [docs[i] for i in part] for split, part in parts.items()}
+
+
+def _shuffled(docs: list, seed: int, set_name: str) -> list:
+    """A set that pools several domains, in a seeded order, so that its chunks of every domain
+    spread over all its shards."""
+    order = seeded_rng(seed, "order", set_name).permutation(len(docs))
+    return [docs[i] for i in order]
 
 
 def build_text_sets(cfg: RunConfig, docs: dict[str, list[Document]]) -> dict[str, list[Document]]:
     d = cfg.data
-    train, test = {}, {}
-    for name in list(d.source_domains) + list(d.target_domains):
-        train[name], test[name] = split_domain(docs[name], d.test_fraction, d.split_seed, name)
+    split = {name: split_domain(docs[name], d.test_fraction, d.evaluator_fraction, d.split_seed, name)
+             for name in list(d.source_domains) + list(d.target_domains)}
+    pooled = {s: [doc for name in d.source_domains for doc in split[name][s]] for s in SPLITS}
     sets: dict[str, list[Document]] = {}
-    source_train = [doc for name in d.source_domains for doc in train[name]]
-    target_train = {}
     for t in d.target_domains:
-        moved = overlap_count(d.overlap, len(train[t]), t)
-        source_train += train[t][:moved]
-        target_train[t] = train[t][moved:]
-    # Shuffle the union so chunks of every source domain (and the overlap) spread over all shards.
-    order = seeded_rng(d.split_seed, "order", "source/train").permutation(len(source_train))
-    sets["source/train"] = [source_train[i] for i in order]
-    source_test = [doc for name in d.source_domains for doc in test[name]]
-    order = seeded_rng(d.split_seed, "order", "source/test").permutation(len(source_test))
-    sets["source/test"] = [source_test[i] for i in order]
-    for t in d.target_domains:
-        sets[f"{t}/train"], sets[f"{t}/test"] = target_train[t], test[t]
-    return sets
+        train = split[t]["train"]
+        moved = overlap_count(d.overlap, len(train), t)
+        pooled["train"] += train[:moved]
+        sets.update({f"{t}/train": train[moved:], f"{t}/test": split[t]["test"],
+                     f"{t}/evaluator": split[t]["evaluator"]})
+    for s in SPLITS:  # the overlap documents too spread over all of the source's shards
+        sets[f"source/{s}"] = _shuffled(pooled[s], d.split_seed, f"source/{s}")
+    return {name: sets[name] for name in set_names(cfg.targets)}
 
 
 @dataclass
@@ -106,14 +124,16 @@ def build_markov_sets(cfg: RunConfig) -> dict[str, MarkovSet]:
 
     source_train = [draw(SOURCE, "train", m.num_source)]
     domains = [SOURCE] * m.num_source
-    sets = {"source/test": MarkovSet(draw(SOURCE, "test", m.num_test), [SOURCE] * m.num_test)}
+    sets = {f"source/{split}": MarkovSet(draw(SOURCE, split, m.num_test), [SOURCE] * m.num_test)
+            for split in ("test", "evaluator")}
     for t in cfg.targets:
         train = draw(t, "train", m.num_target)
         moved = overlap_count(cfg.data.overlap, m.num_target, t)
         source_train.append(train[:moved])
         domains += [t] * moved
         sets[f"{t}/train"] = MarkovSet(train[moved:], [t] * (m.num_target - moved))
-        sets[f"{t}/test"] = MarkovSet(draw(t, "test", m.num_test), [t] * m.num_test)
+        for split in ("test", "evaluator"):
+            sets[f"{t}/{split}"] = MarkovSet(draw(t, split, m.num_test), [t] * m.num_test)
     states = np.concatenate(source_train)
     order = seeded_rng(seed, "order", "source/train").permutation(len(states))
     sets["source/train"] = MarkovSet(states[order], [domains[i] for i in order])

@@ -1,14 +1,15 @@
 """The evaluation stage: score every sampled (method, target, fraction) and write the report.
 
-The Markov task needs no network: the chains are known exactly. The text task needs the run's
-networks, which the caller loads and passes as plain callables (tokens -> logits), per target
-and fraction for the time-independent classifier and per target for the reference LM; this
-module only reads samples and computes numbers.
+The Markov task compares with the chains, which are known exactly, and loads each method's
+networks itself. The text task's networks are loaded by the caller (gtl_dist/cluster/tasks.py) and
+passed as plain callables: per target the evaluator's domain classifier and reference LM (tokens ->
+logits), both trained on the evaluator split that no method trains on, and per (method, target,
+fraction, seed) the method's conditional for the masked cross-entropy, the primary text score.
 
 The source model is sampled once per seed (RunPaths.samples("source", None, None, seed)) and
 scored against every target; its rows have no fraction. The domain score of a target comes from
-one evaluator's classifier (trained on all of the target's training data against the source), the
-same for every method and fraction, and the held-out text of both domains calibrates it.
+one evaluator's classifier, the same for every method and fraction, and the held-out text of
+both domains calibrates it.
 
 Every sample set exists once per seed of pipeline.seeds; a metric is reported as the mean over
 seeds with their standard deviation (gtl_dist.eval.results.seed_rows). A Markov run adds the
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
 from gtl_dist.config import RunConfig
 from gtl_dist.data.markov import SOURCE, transition_matrices
 from gtl_dist.eval import text
 from gtl_dist.eval.cost import render_costs, stage_costs
-from gtl_dist.eval.guide_gain import guide_gain_rows
 from gtl_dist.data import load_run_manifest
 from gtl_dist.data import read_samples as read_set
 from gtl_dist.diffusion import NoiseSchedule
@@ -42,6 +43,7 @@ from gtl_dist.eval.results import ResultRow, mauve_row, rows_from_metrics, seed_
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.eval.scores import MaskedViews, masked_ce, masked_views
 from gtl_dist.eval.selection import render_budgets, selection_rows
+from gtl_dist.models import VocabSpec
 from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
 from gtl_dist.sample.networks import method_log_probs, method_networks
@@ -162,14 +164,20 @@ def exact_reference_rows(cfg: RunConfig, target: str, q: np.ndarray, source: np.
     return rows
 
 
-# Reference rows of the text report: the held-out test text of the target and of the source,
-# scored by the same instruments as the samples (what a perfect sampler of each domain gets).
+# Reference rows of the text report: held-out text scored by the same instruments as the samples
+# (what a perfect sampler of each domain gets): the test text of the target and of the source and,
+# for MAUVE, the target's evaluator split against the test text (the ceiling).
 HELDOUT_TARGET, HELDOUT_SOURCE = "heldout_target", "heldout_source"
+# The unguided source: what ce_gain is measured against.
+SOURCE_METHOD = "source"
+# The metrics every text method is compared to gtl on, paired over replicates (lower is better).
+PAIRED_TEXT_METRICS = ("masked_ce", "domain_distance")
+REFERENCE_LM_PPL = "reference_lm_ppl"
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """One domain's held-out test text: decoded (MAUVE's references) and as token ids."""
+    """Held-out text of one domain: decoded (MAUVE's references) and as token ids."""
     texts: Sequence[str]
     tokens: Sequence[Sequence[int]]
 
@@ -198,39 +206,54 @@ class Evaluation:
 # Decoded samples shown per sample set (seed 0) in samples.md and TensorBoard.
 EXAMPLES_PER_SET = 3
 
+# log p(x0^ℓ = v | z) of a method at (target, fraction, seed), as its samplers see it before any
+# truncation (gtl_dist/sample/networks.py method_log_probs), or None where it cannot be scored.
+Conditional = Callable[[torch.Tensor], torch.Tensor]
+Conditionals = Callable[[str, Optional[str], Optional[float], int], Optional[Conditional]]
+
 
 def evaluate_text(cfg: RunConfig, paths: RunPaths, *, references: Mapping[str, HeldOut],
                   source_heldout: Optional[HeldOut] = None,
+                  evaluator_texts: Optional[Mapping[str, HeldOut]] = None,
                   classifier: Optional[Callable[[str], text.Model]] = None,
                   reference_lm: Optional[Callable[[str], text.Model]] = None,
-                  eos_id: Optional[int] = None, bos_id: Optional[int] = None,
-                  diagnose_guide: bool = False) -> Evaluation:
-    """MAUVE against ``references[target]`` (held-out target text) and diversity over token ids
-    for every sample set; where the networks are given, the domain score and generative perplexity.
+                  conditional: Optional[Conditionals] = None, vocab: Optional[VocabSpec] = None,
+                  eos_id: Optional[int] = None, bos_id: Optional[int] = None) -> Evaluation:
+    """Score every sample set of every target against its held-out test text ``references``
+    (docs/method.md §10): MAUVE and diversity always; with the networks given, the rest.
 
-    ``classifier(target)`` is the evaluator's domain classifier of ``target`` against the source:
-    one instrument for every method and fraction, calibrated by scoring the held-out text of both
-    domains (rows ``heldout_target`` / ``heldout_source``). The findings name sample sets that are
-    identical where they must differ, and a domain score that cannot tell the two domains apart.
-    With ``diagnose_guide`` (the run's exports are on disk) gtl's edit-ratio networks are scored on
-    the held-out text too (gtl_dist/eval/guide_gain.py).
+    - ``conditional(method, target, fraction, seed)``: the method's untruncated conditional; every
+      method's masked-token cross-entropy on the test text (identical masks), its ``ce_gain`` over
+      the source, and paired differences to gtl over the replicates.
+    - ``classifier(target)``: the evaluator's domain classifier (stage domain_classifier, trained
+      on the evaluator split); the domain score and its distance to held-out target text's score,
+      calibrated on the test text of both domains (rows ``heldout_target`` / ``heldout_source``).
+    - ``reference_lm(target)``: the evaluator's causal LM; its own perplexity on the test text,
+      and generative perplexity only where that is far enough below |V| (``vocab.size``).
+    - ``evaluator_texts[target]``: the target's evaluator split, MAUVE's ceiling against the test
+      text at the sample sets' size.
+
+    The findings (the report's Checks) name what makes a number unreadable: identical sample sets,
+    a domain classifier that cannot tell the domains apart, poor overlap, a reference LM too poor
+    to rank samples, and held-out text too short for equal-size MAUVE sets.
     """
+    if (conditional is not None or reference_lm is not None) and vocab is None:
+        raise ValueError("evaluate_text: the masked cross-entropy and the reference LM's check need the "
+                         "run's vocabulary; pass vocab=VocabSpec.from_manifest(manifest)")
     out = Evaluation()
+    out.findings += _sample_size_findings(cfg)
     for target in cfg.targets:
         heldout = references.get(target)
         if heldout is None or not heldout.texts:
             raise ValueError(f"no reference texts for target '{target}': pass its held-out test text")
-        scorer = classifier(target) if classifier is not None else None
-        held = _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
-        out.rows += held
-        out.findings += _calibration_findings(held, target)
-        out.findings += _overlap_findings(held, target, cfg.eval.overlap_warn_accuracy)
-        instruments = _Instruments(heldout, scorer, reference_lm(target) if reference_lm else None,
-                                   eos_id, bos_id)
-        for cell in sample_cells(cfg, target):
-            _score_text_cell(cfg, paths, target, cell, instruments, out)
-    if diagnose_guide:
-        out.rows += guide_gain_rows(cfg, paths, {t: references[t].tokens for t in cfg.targets})
+        ins = _instruments(cfg, target, heldout, out, source_heldout=source_heldout,
+                           evaluator=(evaluator_texts or {}).get(target),
+                           scorer=classifier(target) if classifier is not None else None,
+                           lm=reference_lm(target) if reference_lm is not None else None,
+                           conditional=conditional, vocab=vocab, eos_id=eos_id, bos_id=bos_id)
+        per_seed = {(method, fraction): _score_text_cell(cfg, paths, target, (method, where, fraction), ins, out)
+                    for method, where, fraction in sample_cells(cfg, target)}
+        out.rows += paired_rows(per_seed, target, PAIRED_TEXT_METRICS, cfg.data.target_fractions)
     return out.finish()
 
 
@@ -239,18 +262,57 @@ class _Instruments:
     """What scores one target's sample sets."""
     heldout: HeldOut
     scorer: Optional[text.Model]
-    lm: Optional[text.Model]
+    heldout_score: Optional[float]  # domain_source_prob of the target's held-out text
+    lm: Optional[text.Model]  # None also where it is too poor to rank samples
+    conditional: Optional[Conditionals]
+    views: Optional[MaskedViews]
+    source_ce: Optional[float]
+    vocab: Optional[VocabSpec]
     eos_id: Optional[int]
     bos_id: Optional[int]
 
 
+def _instruments(cfg: RunConfig, target: str, heldout: HeldOut, out: Evaluation, *,
+                 source_heldout: Optional[HeldOut], evaluator: Optional[HeldOut], scorer: Optional[text.Model],
+                 lm: Optional[text.Model], conditional: Optional[Conditionals], vocab: Optional[VocabSpec],
+                 eos_id: Optional[int], bos_id: Optional[int]) -> _Instruments:
+    """One target's instruments, with their reference rows and findings added to ``out``: the
+    held-out texts' own scores, the reference LM's perplexity, the MAUVE ceiling, the source's
+    masked cross-entropy."""
+    held = _heldout_rows(cfg, target, heldout, source_heldout, scorer, eos_id)
+    out.rows += held
+    out.findings += _calibration_findings(held, target)
+    out.findings += _overlap_findings(held, target, cfg.eval.overlap_warn_accuracy)
+    heldout_score = next((r.value for r in held if r.method == HELDOUT_TARGET and r.metric == "domain_source_prob"),
+                         None)
+    if lm is not None and not _reference_lm_usable(cfg, target, heldout, lm, vocab, eos_id, bos_id, out):
+        lm = None
+    _mauve_ceiling(cfg, target, evaluator, heldout, out)
+    views, source_ce = None, None
+    if conditional is not None:
+        x = torch.as_tensor([list(t) for t in heldout.tokens[:cfg.eval.ce_sequences]], dtype=torch.long)
+        views = masked_views(x, cfg.eval.ce_mask_rates, cfg.sample.seed, vocab.mask_id)
+        source_ce = _masked_ce(cfg, conditional(SOURCE_METHOD, None, None, cfg.pipeline.seeds[0]), views, vocab)
+    return _Instruments(heldout, scorer, heldout_score, lm, conditional, views, source_ce, vocab, eos_id, bos_id)
+
+
+def _masked_ce(cfg: RunConfig, log_probs: Conditional, views: MaskedViews, vocab: VocabSpec) -> float:
+    return masked_ce(log_probs, views, vocab.mask_id, vocab.pad_id, batch_size=cfg.eval.batch_size)
+
+
+# Why a method with a sequence-level ratio network has no masked cross-entropy on text.
+UNSCORED_NOTE = ("not scored: its sequence-level ratio network would need one pass per single-token edit, "
+                 "L·|V| per sequence, for the conditional it samples from")
+
+
 def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
                      cell: tuple[str, Optional[str], Optional[float]], ins: _Instruments,
-                     out: Evaluation) -> None:
-    """Every seed's sample set of one (method, fraction) against ``target``: rows into ``out``."""
+                     out: Evaluation) -> dict[int, dict[str, float]]:
+    """Every seed's sample set of one (method, fraction) against ``target``: rows into ``out``;
+    returns the per-seed values (for the paired differences)."""
     method, folder_target, fraction = cell
     per_seed: dict[int, dict[str, float]] = {}
-    mauve_result = None
+    mauve_result, unscored = None, False
     for seed in cfg.pipeline.seeds:
         texts, tokens = _sample_set(cfg, paths.samples(method, folder_target, fraction, seed))
         label = _set_label(method, folder_target, fraction, seed)
@@ -258,14 +320,34 @@ def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
         if seed == cfg.pipeline.seeds[0]:
             out.examples.setdefault(label, texts[:EXAMPLES_PER_SET])
         log.info("scoring %s against %s (%d samples)", label, target, len(tokens))
-        mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, ins.heldout.texts, ins.lm,
-                                                     ins.eos_id, ins.bos_id)
+        mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, ins)
         if ins.scorer is not None:
-            per_seed[seed].update(_domain_score(cfg, tokens, ins.scorer))
+            score = _domain_score(cfg, tokens, ins.scorer)
+            per_seed[seed].update(score, domain_distance=abs(score["domain_source_prob"] - ins.heldout_score))
+        if ins.conditional is not None:
+            scores = _likelihood_scores(cfg, ins, method, folder_target, fraction, seed)
+            unscored = scores is None
+            per_seed[seed].update(scores or {})
     if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
         out.rows.append(mauve_row(method, target, fraction, mauve_result))
         per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
     out.rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
+    if unscored:
+        out.rows.append(ResultRow(method, target, fraction, "masked_ce", float("nan"), notes=UNSCORED_NOTE))
+    return per_seed
+
+
+def _likelihood_scores(cfg: RunConfig, ins: _Instruments, method: str, folder_target: Optional[str],
+                       fraction: Optional[float], seed: int) -> Optional[dict[str, float]]:
+    """The method's masked cross-entropy on the target's test text and what it saves over the
+    source's (``ce_gain``); None where its conditional cannot be scored."""
+    if method == SOURCE_METHOD:  # one network for every seed: scored once
+        return {"masked_ce": ins.source_ce}
+    log_probs = ins.conditional(method, folder_target, fraction, seed)
+    if log_probs is None:
+        return None
+    ce = _masked_ce(cfg, log_probs, ins.views, ins.vocab)
+    return {"masked_ce": ce, "ce_gain": ins.source_ce - ce}
 
 
 def _sample_set(cfg: RunConfig, folder) -> tuple[list[str], list[list[int]]]:
@@ -279,16 +361,80 @@ def _sample_set(cfg: RunConfig, folder) -> tuple[list[str], list[list[int]]]:
 
 def _heldout_rows(cfg: RunConfig, target: str, heldout: HeldOut, source: Optional[HeldOut],
                   scorer: Optional[text.Model], eos_id: Optional[int]) -> list[ResultRow]:
-    """Diversity of the held-out target text, and the domain score of both domains' held-out text."""
+    """Diversity of the held-out target text, and the domain score of both domains' held-out text
+    (the source's with its distance to the target's: how far a sample set that stayed the source
+    would be)."""
     metrics = _diversity(cfg, heldout.tokens, eos_id)
     if scorer is not None:
         metrics.update(_domain_score(cfg, heldout.tokens, scorer))
     rows = rows_from_metrics(HELDOUT_TARGET, target, None, metrics, n=len(heldout.tokens),
                              notes="the target's held-out test text itself")
     if scorer is not None and source is not None:
-        rows += rows_from_metrics(HELDOUT_SOURCE, target, None, _domain_score(cfg, source.tokens, scorer),
-                                  n=len(source.tokens), notes="the source's held-out test text")
+        score = _domain_score(cfg, source.tokens, scorer)
+        score["domain_distance"] = abs(score["domain_source_prob"] - metrics["domain_source_prob"])
+        rows += rows_from_metrics(HELDOUT_SOURCE, target, None, score, n=len(source.tokens),
+                                  notes="the source's held-out test text")
     return rows
+
+
+def _reference_lm_usable(cfg: RunConfig, target: str, heldout: HeldOut, lm: text.Model, vocab: VocabSpec,
+                         eos_id: Optional[int], bos_id: Optional[int], out: Evaluation) -> bool:
+    """The reference LM's own perplexity on the target's test text, as a row; whether it is far
+    enough below |V| (a uniform guess) for generative perplexity to mean anything, else a finding."""
+    ev = cfg.eval
+    ppl = text.perplexity(text.generative_nll(heldout.tokens, lm, eos_id=eos_id, bos_id=bos_id,
+                                              batch_size=ev.batch_size))
+    limit = ev.gen_ppl_max_vocab_share * vocab.size
+    out.rows += rows_from_metrics(HELDOUT_TARGET, target, None, {REFERENCE_LM_PPL: ppl}, n=len(heldout.tokens),
+                                  notes=f"the reference LM's own perplexity on the target's test text; "
+                                        f"gen_ppl is reported below {limit:,.0f} "
+                                        f"(eval.gen_ppl_max_vocab_share · |V|, |V| = {vocab.size:,})")
+    if ppl < limit:
+        return True
+    out.findings.append(
+        f"target {target}: gen_ppl dropped: the reference LM's own perplexity on held-out {target} text is "
+        f"{ppl:,.0f}, not far below the vocabulary size |V| = {vocab.size:,} that uniform guessing scores "
+        f"(eval.gen_ppl_max_vocab_share = {ev.gen_ppl_max_vocab_share:g} allows {limit:,.0f}), so it cannot "
+        f"tell good text from bad; give it more text (data.evaluator_fraction) or train it longer "
+        f"(train.reference_lm)")
+    return False
+
+
+def _mauve_ceiling(cfg: RunConfig, target: str, evaluator: Optional[HeldOut], heldout: HeldOut,
+                   out: Evaluation) -> None:
+    """MAUVE of held-out target text (the evaluator split) against the test references, at the
+    sample sets' size: what a perfect sampler of the target would score. Findings where the
+    held-out text is too short for sets of that size."""
+    n = cfg.sample.num_samples
+    if len(heldout.texts) < n:
+        out.findings.append(
+            f"target {target}: MAUVE draws {n} length-matched references per set from {len(heldout.texts)} "
+            f"held-out test texts, so references repeat (every row, the ceiling included, is scored so)")
+    if evaluator is None:
+        return
+    m = min(n, len(evaluator.texts))
+    if m < 2:
+        out.findings.append(f"target {target}: no MAUVE ceiling: the evaluator split holds {len(evaluator.texts)} "
+                            f"texts; raise data.evaluator_fraction")
+        return
+    if m < n:
+        out.findings.append(
+            f"target {target}: the MAUVE ceiling compares {m} held-out texts (the whole evaluator split) with "
+            f"the test references, not {n} like every sample set; MAUVE depends on the set size, so the "
+            f"ceiling is not at equal size: raise data.evaluator_fraction or lower sample.num_samples")
+    picked = np.sort(np.random.default_rng(cfg.seed).choice(len(evaluator.texts), m, replace=False))
+    result = _mauve(cfg, [evaluator.texts[i] for i in picked], heldout.texts)
+    out.rows.append(mauve_row(HELDOUT_TARGET, target, None, result,
+                              notes=f"the ceiling: {m} texts of the target's evaluator split against the "
+                                    f"test references"))
+
+
+def _sample_size_findings(cfg: RunConfig) -> list[str]:
+    n, least = cfg.sample.num_samples, cfg.eval.mauve_min_samples
+    if n >= least:
+        return []
+    return [f"MAUVE compares {n} samples per set, fewer than eval.mauve_min_samples = {least}: on small "
+            f"sets its clustering is noisy enough to rank the methods at random; raise sample.num_samples"]
 
 
 def _diversity(cfg: RunConfig, tokens: Sequence[Sequence[int]], eos_id: Optional[int]) -> dict[str, float]:
@@ -348,18 +494,22 @@ def identical_set_findings(fingerprints: Mapping[str, Sequence[str]]) -> list[st
             for labels in fingerprints.values() if len(labels) > 1]
 
 
-def _text_metrics(cfg: RunConfig, texts: Sequence[str], tokens: list[list[int]], references: Sequence[str],
-                  lm: Optional[text.Model], eos_id: Optional[int], bos_id: Optional[int]
-                  ) -> tuple[MauveResult, dict[str, float]]:
-    """MAUVE, diversity over token ids and (with a reference LM) generative perplexity of one set."""
+def _mauve(cfg: RunConfig, texts: Sequence[str], references: Sequence[str]) -> MauveResult:
     ev = cfg.eval
-    result = mauve(texts, references, seeds=ev.mauve_seeds, featurizer=ev.mauve_featurizer,
-                   length_bins=ev.mauve_length_bins, scaling=ev.mauve_scaling,
-                   num_buckets=ev.mauve_num_buckets or None, explained_variance=ev.mauve_explained_variance,
-                   max_features=ev.mauve_max_features, seed=cfg.seed)
-    metrics = {result.metric: result.mean, **_diversity(cfg, tokens, eos_id)}
-    if lm is not None:
-        nll = text.generative_nll(tokens, lm, eos_id=eos_id, bos_id=bos_id, batch_size=ev.batch_size)
+    return mauve(texts, references, seeds=ev.mauve_seeds, featurizer=ev.mauve_featurizer,
+                 length_bins=ev.mauve_length_bins, scaling=ev.mauve_scaling,
+                 num_buckets=ev.mauve_num_buckets or None, explained_variance=ev.mauve_explained_variance,
+                 max_features=ev.mauve_max_features, seed=cfg.seed)
+
+
+def _text_metrics(cfg: RunConfig, texts: Sequence[str], tokens: list[list[int]], ins: _Instruments
+                  ) -> tuple[MauveResult, dict[str, float]]:
+    """MAUVE, diversity over token ids and (with a usable reference LM) generative perplexity of one set."""
+    result = _mauve(cfg, texts, ins.heldout.texts)
+    metrics = {result.metric: result.mean, **_diversity(cfg, tokens, ins.eos_id)}
+    if ins.lm is not None:
+        nll = text.generative_nll(tokens, ins.lm, eos_id=ins.eos_id, bos_id=ins.bos_id,
+                                  batch_size=cfg.eval.batch_size)
         metrics["gen_ppl"] = text.perplexity(nll)
     return result, metrics
 
@@ -368,8 +518,7 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
              **text_inputs) -> ReportFiles:
     """Score the run's samples and write results.csv, report.md, plots and TensorBoard.
 
-    For text corpora pass ``references`` and optionally ``source_heldout``, ``classifier``,
-    ``reference_lm``, ``eos_id``, ``bos_id``, ``diagnose_guide`` (see :func:`evaluate_text`).
+    For text corpora pass ``references`` and optionally the other inputs of :func:`evaluate_text`.
     """
     if cfg.data.corpus == "markov":
         if text_inputs:
@@ -380,4 +529,18 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
     cost = render_budgets(cfg) + render_costs(stage_costs(cfg, paths), StageGraph(cfg).source_stage,
                                               cfg.sample.methods)
     return write_report(out.rows, paths, cfg, command=command, markov=out.matrices, findings=out.findings,
-                        examples=out.examples, cost=cost)
+                        examples=out.examples, cost=cost, notes=overlap_notes(cfg, paths))
+
+
+def overlap_notes(cfg: RunConfig, paths: RunPaths) -> list[str]:
+    """The report header's line on data.overlap (docs/method.md §8): how much of each target's
+    training text the source's training set holds, from the built data's document counts."""
+    if not cfg.data.overlap:
+        return []
+    info = load_run_manifest(cfg, paths.root).info
+    moved = info["domain_documents"]["source/train"]
+    counts = ", ".join(f"{t}: {moved.get(t, 0):,} of {moved.get(t, 0) + info['documents'][f'{t}/train']:,}"
+                       for t in cfg.targets)
+    return [f"**data overlap**: data.overlap = {cfg.data.overlap:g} moved part of each target's training "
+            f"documents into the source's training set ({counts}), so the source model has seen target "
+            f"text and its gain over the source is not a transfer from the source alone (docs/method.md §8)"]

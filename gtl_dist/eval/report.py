@@ -60,12 +60,13 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
                  markov: Optional[Mapping[str, MarkovMatrices]] = None,
                  findings: Optional[Sequence[str]] = None,
                  examples: Optional[Mapping[str, Sequence[str]]] = None,
-                 cost: str = "", tensorboard: bool = True) -> ReportFiles:
+                 cost: str = "", notes: Sequence[str] = (), tensorboard: bool = True) -> ReportFiles:
     """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
     reproduces the paper's set-up. ``command`` defaults to this process's command line.
     ``findings`` (problems the evaluation found, in words) head the report under "Checks";
     ``examples`` (decoded samples per sample set) go to samples.md and TensorBoard as text;
-    ``cost`` (gtl_dist/eval/cost.py's section) ends the report."""
+    ``cost`` (gtl_dist/eval/cost.py's section) ends the report; ``notes`` (lines about the run's
+    set-up a reader must know, e.g. data overlap) go into the header."""
     rows = list(rows)
     if not rows:
         raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
@@ -77,7 +78,7 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
     label = column_labeller(cfg)
     tables = {target: render_target(rows, paper, target, label) for target in _ordered(r.target for r in rows)}
     report_md = paths.eval / "report.md"
-    atomic_write_text(report_md, render_header(cfg, command, date) + render_checks(findings)
+    atomic_write_text(report_md, render_header(cfg, command, date, notes) + render_checks(findings)
                       + "\n".join(tables.values()) + cost)
     plots = [plot_metric(rows, paper, metric, paths.eval / "plots", label)
              for metric in _ordered(r.metric for r in rows) if not metric.startswith(UNPLOTTED)]
@@ -150,7 +151,7 @@ def metric_family(metric: str) -> str:
     return metric.split("[", 1)[0]
 
 
-def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
+def render_header(cfg: Optional[RunConfig], command: str, date: str, notes: Sequence[str] = ()) -> str:
     lines = [f"# Evaluation report: {cfg.name if cfg is not None else 'run'}", ""]
     if cfg is not None:
         s = cfg.sample
@@ -164,6 +165,7 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str) -> str:
         lines.append(f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); every per-target network "
                      f"and every sample set is drawn once per seed; the data and the source "
                      f"denoiser{' and planner' if 'planner' in s.sampler else ''} are shared by all seeds")
+    lines += [f"- {note}" for note in notes]
     lines += [f"- command: `{command}`", f"- date: {date}",
               "- columns are target-data fractions; cells are the mean ± std over seeds where a metric "
               "is repeated; rows marked (paper) are the paper's published numbers", ""]
@@ -212,8 +214,10 @@ _DIRECTION = {
     "out_of_budget": "share of replicates whose kept step was their last: they ran out of steps",
     "prior_strength": "prior strength held-out selection kept, mean over replicates",
     "edit_slope": "1 is calibrated", "edit_corr": "higher is better",
-    "guide_ce_gain": "higher is better: nats per masked token the edit-ratio net saves the source "
-                     "on held-out target text",
+    "ce_gain": "higher is better: nats per masked token the method saves over the source's masked_ce",
+    "domain_distance": "lower is better: |domain_source_prob of the set − that of held-out target text|",
+    "reference_lm_ppl": "the reference LM's own perplexity on held-out target text; far below |V| or "
+                        "gen_ppl is dropped",
 }
 _REFERENCE = ("distinct_", "unigram_entropy", "repetition_")
 

@@ -47,10 +47,12 @@ def masked_ce(log_probs: Callable[[torch.Tensor], torch.Tensor], views: MaskedVi
     for x, z in zip(views.x, views.z):
         total, count = 0.0, 0
         for xb, zb in zip(torch.split(x, batch_size), torch.split(z, batch_size)):
+            logp = log_probs(zb).double()
+            xb, zb = xb.to(logp.device), zb.to(logp.device)  # the networks may sit on a GPU
             scored = zb == mask_id
             if pad_id is not None:
                 scored &= xb != pad_id
-            logp = log_probs(zb).double().gather(-1, xb.unsqueeze(-1)).squeeze(-1)
+            logp = logp.gather(-1, xb.unsqueeze(-1)).squeeze(-1)
             total += float(-logp[scored].sum())
             count += int(scored.sum())
         per_rate.append(total / max(count, 1))

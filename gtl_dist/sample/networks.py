@@ -47,6 +47,12 @@ def method_networks(cfg: RunConfig, paths: RunPaths, method: str, target: Option
                           gamma=spec.gamma(cfg.sample) if spec.guided else 1.0)
 
 
+def sequence_level_guide(nets: MethodNetworks) -> bool:
+    """Whether the method is guided by a sequence-level ratio network (gtl_paper), whose
+    conditional costs one pass per single-token edit: L·|V| per sequence."""
+    return nets.ratio_net is not None and not getattr(nets.ratio_net, "edit_form", False)
+
+
 @torch.inference_mode()
 def method_log_probs(nets: MethodNetworks, z: torch.Tensor, ratio_batch_size: int = 4096) -> torch.Tensor:
     """float64 [B, L, V]: log p(x0^ℓ = v | z) at masked positions, as the method's samplers see

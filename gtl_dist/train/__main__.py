@@ -64,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stage folders and tb/)")
     parser.add_argument("--stage", required=True, choices=STAGES, metavar="STAGE",
                         help="the stage to train (see below)")
-    parser.add_argument("--target", help="target domain, for per-target stages and reference_lm")
+    parser.add_argument("--target", help="target domain, for per-target stages (also reference_lm, domain_classifier)")
     parser.add_argument("--fraction", type=float, help="target-data fraction, for per-target "
-                        "stages (not reference_lm)")
+                        "stages (not reference_lm, domain_classifier)")
     parser.add_argument("--seed", type=int, default=0, help="replicate of a per-target stage, one of "
                         "pipeline.seeds (default 0)")
     return parser.parse_args(argv)

@@ -11,13 +11,15 @@ sequences of its fraction uses no other target data. Under ``selection: holdout`
 first n_T − k of them and early-stops / selects its checkpoint on the last k (each scored over
 ``holdout_views`` masked views per pass); under ``selection: budget`` it trains on all n_T for its
 fixed number of steps and validates on nothing. The targets' test sets are read by the evaluation
-only (and by reference_lm, the evaluator's own model).
+only (and by the evaluator's own models, which validate on them).
 
-``reference_lm`` (one per target, no fraction) is not part of the method: it is the evaluator
-whose perplexity on generated text the report calls generative perplexity. It is fitted to the
-target's held-out text, which no method trains on, so it judges every method's samples by the
-same outside standard; it validates on that same set (its validation loss is a training-set
-loss, a check that it fits, not an estimate of generalisation).
+``reference_lm`` and ``domain_classifier`` (one per target, no fraction) are not part of any
+method: they are the evaluator's instruments, the causal LM whose perplexity on generated text
+the report calls generative perplexity and the classifier of the domain score. They train on the
+evaluator split (``<target>/evaluator``, and ``source/evaluator`` for the classifier), which no
+method trains on, so they judge every method's samples by the same outside standard, and they
+validate on the test text, so their selected checkpoints and the report's own figure of their
+quality (the reference LM's held-out perplexity) are held out.
 
 Batches: ``global_batch`` counts sequences per optimiser step. Classifiers split each
 micro-batch between source and target — half and half when ``train.<stage>.balanced`` (the
@@ -58,7 +60,7 @@ from gtl_dist.objectives import (ar_loss, classifier_td_loss, classifier_ti_loss
                                  masked_token_ce,
                                  overlap_report, planner_loss, ratio_loss)
 from gtl_dist.paths import RunPaths, task_name
-from gtl_dist.stages import (HELD_OUT, PER_FRACTION, PER_TARGET, PER_TARGET_SETS, STAGES, TARGET_TRAIN,
+from gtl_dist.stages import (HELD_OUT, PER_FRACTION, PER_TARGET, STAGES, TARGET_TRAIN,
                               StageGraph, stage_input_hash)
 from gtl_dist.train import dist
 from gtl_dist.train.dist import DistEnv
@@ -93,11 +95,7 @@ class ShardRecipe(Recipe):
         self.spec = STAGES[ctx.stage]
         self.role = self.spec.role
         self.graph = StageGraph(ctx.cfg)
-        per_target_run = self.graph.scope(ctx.stage) != self.spec.scope
-        self.train_sets = {k: PER_TARGET_SETS.get(v, v) if per_target_run else v
-                           for k, v in self.spec.train_sets.items()}
-        self.val_sets = {k: PER_TARGET_SETS.get(v, v) if per_target_run else v
-                         for k, v in self.spec.val_sets.items()}
+        self.train_sets, self.val_sets = self.graph.stage_sets(ctx.stage)
         self.train_config = getattr(ctx.cfg.train, ctx.stage)
         self.manifest = load_run_manifest(ctx.cfg, ctx.paths.root)
         self.vocab = VocabSpec.from_manifest(self.manifest)
@@ -145,6 +143,12 @@ class ShardRecipe(Recipe):
                            num_workers=self.train_config.num_workers if is_source and train else 0,
                            seed=seed, shuffle=train, infinite=train,
                            expected_tokenizer_hash=self.tokenizer_hash)
+
+    def set_size(self, set_name: str) -> int:
+        """Samples in one of the row's sets (TARGET_TRAIN: the task's n_T)."""
+        if set_name == TARGET_TRAIN:
+            return self.manifest.num_samples(self.target_train(), self.fraction)
+        return self.manifest.num_samples(set_name.format(target=self.target))
 
     def batch_sizes(self, micro_batch: int, train: bool) -> dict[str, int]:
         """Rows per micro-step of each loader: the whole micro-batch, unless a kind splits it."""
@@ -288,7 +292,7 @@ class DiffusionRecipe(ShardRecipe):
 
 class ARRecipe(ShardRecipe):
     """Next-token prediction: ``ar_pretrain`` on the source, ``reference_lm`` on the target's
-    held-out text (training and validation alike; see the module docstring)."""
+    evaluator split (see the module docstring)."""
 
     def training_loss(self, model, batches, rng):
         return ar_loss(model, batches["train"]["tokens"], pad_id=self.vocab.pad_id)
@@ -329,8 +333,7 @@ class ClassifierRecipe(ShardRecipe):
         check_classifier_micro_batch(self.train_config, self.stage, micro_batch)
         if self.train_config.balanced:
             return {"source": micro_batch // 2, "target": micro_batch // 2}
-        n_s = self.manifest.num_samples("source/train")
-        n_t = self.manifest.num_samples(self.target_train(), self.fraction)
+        n_s, n_t = self.set_size(self.train_sets["source"]), self.set_size(self.train_sets["target"])
         n_source = min(micro_batch - 1, max(1, round(micro_batch * n_s / (n_s + n_t))))
         return {"source": n_source, "target": micro_batch - n_source}
 
@@ -481,6 +484,7 @@ RECIPES = {"denoiser": DiffusionRecipe, "vanilla": DiffusionRecipe, "finetune": 
            "finetune_small": DiffusionRecipe, "scratch_head": DiffusionRecipe,
            "ar2diff": DiffusionRecipe, "ar_pretrain": ARRecipe, "reference_lm": ARRecipe,
            "classifier_ti": ClassifierRecipe, "classifier_td": ClassifierRecipe, "ratio": RatioRecipe,
+           "domain_classifier": ClassifierRecipe,
            "edit_ratio": EditRatioRecipe, "adapter": AdapterRecipe, "planner": PlannerRecipe}
 # The stages of role "chain" (counts, counts_source) have a closed form and no recipe: run_stage
 # fits them without the loop (gtl_dist/train/counts.py).
@@ -501,7 +505,7 @@ def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
                               f"({targets}) and --fraction ({fractions})")
     elif scope == PER_TARGET:
         if target is None or fraction is not None:
-            raise ConfigError(f"stage {stage} is trained once per target, on its held-out text "
+            raise ConfigError(f"stage {stage} is trained once per target, on its evaluator split "
                               f"and no fraction of its training data: pass --target ({targets}) "
                               f"and no --fraction")
     elif target is not None or fraction is not None:
