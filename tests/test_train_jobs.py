@@ -29,7 +29,9 @@ DATA = ["data.markov.source_diagonal=0.6", "data.markov.target_diagonals={sticky
 MODELS = ["models.reference_lm={hidden: 48, blocks: 1, heads: 2, cond_dim: 16, dropout: 0.0}"]
 STEPS = {"denoiser": 80, "vanilla": 80, "finetune": 80, "ar_pretrain": 80, "ar2diff": 80,
          "classifier_ti": 160, "classifier_td": 160, "ratio": 160, "edit_ratio": 160, "planner": 160,
-         "reference_lm": 80, "domain_classifier": 160}
+         "reference_lm": 80, "domain_classifier": 160,
+         # Stages these tests do not train; their settings are still part of every configuration.
+         "adapter": 160, "finetune_small": 80, "scratch_head": 80, "counts": 4, "counts_source": 4}
 
 
 def train_settings() -> list[str]:
