@@ -286,9 +286,11 @@ class AdapterConfig:
     by a map to |V| of its own (``direct``)."""
     rank: int = 8
     through: AdapterThrough = "output"
-    attention: bool = True
+    attention: bool = False
     """Add one rank-``rank`` attention head with rotary positions over the source's features, so
-    that a position's edit can read the other positions."""
+    that a position's edit can read the other positions: better where the source's features miss
+    what the target needs (the paper's sticky pair), worse at a few dozen sequences where they
+    carry it (the perturbed pairs; docs/method.md §5a)."""
 
     def check(self) -> None:
         require_at_least(self, 1, "rank")
@@ -632,11 +634,21 @@ class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     """Replicates of every per-target stage and every sample set (mean ± std in the report). The
     data and the source stages are shared; seed 0 keeps the plain paths, seed s > 0 adds seed-s/."""
+    replicates_at: dict[float, int] = field(default_factory=dict)
+    """Fraction -> how many replicates run there: the first that many of ``seeds`` (a fraction not
+    listed runs them all). Where the data draw matters less (large fractions), fewer suffice."""
 
     def check(self) -> None:
         seeds = self.seeds
         require(bool(seeds) and len(set(seeds)) == len(seeds) and min(seeds) >= 0, "seeds",
                 f"{seeds}: need distinct non-negative integers, e.g. [0] or [0, 1, 2]")
+        for fraction, count in self.replicates_at.items():
+            require(1 <= count <= len(seeds), f"replicates_at.{fraction:g}",
+                    f"{count}: between 1 and the {len(seeds)} seeds of pipeline.seeds")
+
+    def seeds_at(self, fraction: Optional[float]) -> list[int]:
+        """The replicates at ``fraction`` (every seed where the fraction is None or not listed)."""
+        return self.seeds[:self.replicates_at.get(fraction, len(self.seeds))] if fraction is not None else self.seeds
 
 
 @dataclass
@@ -701,12 +713,13 @@ class RunConfig:
                     check_holdout(n, self.protocol, f"fraction {f} (n_T = {n})")
                 except ConfigError as exc:
                     raise ConfigError(f"protocol: {exc}") from None
+                seeds = self.pipeline.seeds_at(f)
                 if (f < 1.0 and self.protocol.replicates == "redraw"
-                        and not replicates_disjoint(n_train, n, self.pipeline.seeds, self.protocol)):
+                        and not replicates_disjoint(n_train, n, seeds, self.protocol)):
                     raise ConfigError(
-                        f"pipeline.seeds: replicates {self.pipeline.seeds} each draw their own n_T = {n} "
+                        f"pipeline.seeds: replicates {seeds} each draw their own n_T = {n} "
                         f"target sequences (protocol.replicates=redraw), which needs "
-                        f"{(max(self.pipeline.seeds) + 1) * n} of them at fraction {f}, but "
+                        f"{(max(seeds) + 1) * n} of them at fraction {f}, but "
                         f"data.markov.num_target gives {n_train}; raise data.markov.num_target, use "
                         f"fewer or smaller seeds, or set protocol.replicates=shared")
 

@@ -245,7 +245,8 @@ class StageGraph:
         """One per (method, target, fraction, seed, shard); the source's have no target."""
         cfg = self.cfg
         shards, seeds = range(cfg.sample.shards), cfg.pipeline.seeds
-        replicas = [(t, f, s) for t in cfg.targets for f in cfg.data.target_fractions for s in seeds]
+        replicas = [(t, f, s) for t in cfg.targets for f in cfg.data.target_fractions
+                    for s in cfg.pipeline.seeds_at(f)]
         tasks = []
         for m in cfg.sample.methods:
             if METHODS[m].per_target:

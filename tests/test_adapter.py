@@ -19,8 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = VocabSpec(size=12, mask_id=11, pad_id=None)
 
 
-def source_and_adapter(seed: int = 0):
-    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11"])
+def source_and_adapter(seed: int = 0, attention: bool = True):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11", f"models.adapter.attention={attention}"])
     torch.manual_seed(seed)
     source = build_model("denoiser", cfg, VOCAB)
     for p in source.parameters():  # a source that predicts something, not the zero-init output

@@ -248,3 +248,16 @@ def test_markov_replicates_that_cannot_draw_disjoint_data_are_refused():
     load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.5]", "pipeline.seeds=[0, 1]"])
     load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.5]", "pipeline.seeds=[0, 1, 2]",
                                         "protocol.replicates=shared"])
+
+
+def test_fewer_replicates_where_the_data_draw_matters_less():
+    """pipeline.replicates_at: the first n seeds replicate a fraction; the plan and the Markov
+    disjointness check follow it."""
+    from gtl_dist.stages import StageGraph
+    cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1, 2]", "pipeline.replicates_at={1.0: 1}",
+                                              "data.markov.num_target=300"])
+    assert cfg.pipeline.seeds_at(1.0) == [0] and cfg.pipeline.seeds_at(0.2) == [0, 1, 2]
+    vanilla = {(t.fraction, t.seed) for t in StageGraph(cfg).plan["vanilla"]}
+    assert vanilla == {(1.0, 0), (0.2, 0), (0.2, 1), (0.2, 2)}
+    with pytest.raises(ConfigError, match=r"pipeline\.replicates_at\.1: 4: between 1 and the 3 seeds"):
+        load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1, 2]", "pipeline.replicates_at={1.0: 4}"])

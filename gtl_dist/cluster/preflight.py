@@ -241,16 +241,16 @@ def _check_replicate_overlap(ctx: Context, report: Report, manifest) -> None:
     """Replicates that cannot draw disjoint target sequences (protocol.replicates: redraw) are not
     independent there: the report's intervals then understate the spread of the data draw."""
     from gtl_dist.config import replicates_disjoint
-    seeds = ctx.cfg.pipeline.seeds
+    pipeline = ctx.cfg.pipeline
     for target in ctx.cfg.targets:
         total = manifest.num_samples(f"{target}/train")
         shared = [f for f in ctx.cfg.data.target_fractions
-                  if not replicates_disjoint(total, manifest.num_samples(f"{target}/train", f), seeds,
-                                             ctx.cfg.protocol)]
+                  if not replicates_disjoint(total, manifest.num_samples(f"{target}/train", f),
+                                             pipeline.seeds_at(f), ctx.cfg.protocol)]
         if shared:
             report.notes.append(f"warning: target '{target}': at fraction(s) {', '.join(map(str, shared))} the "
-                                f"{len(seeds)} replicates of pipeline.seeds share target sequences ({total} in "
-                                f"all); their spread leaves out part of the data draw")
+                                f"replicates of pipeline.seeds share target sequences ({total} in all); their "
+                                f"spread leaves out part of the data draw")
 
 
 def finite_sets(cfg: RunConfig, task: Task) -> list[str]:

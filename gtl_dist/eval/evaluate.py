@@ -100,7 +100,7 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
         per_seed_all: dict[tuple[str, Optional[float]], dict[int, dict[str, float]]] = {}
         for method, folder_target, fraction in sample_cells(cfg, target):
             per_seed, merged = {}, None
-            for seed in cfg.pipeline.seeds:
+            for seed in cfg.pipeline.seeds_at(fraction):
                 tokens = _tokens(read_samples(paths.samples(method, folder_target, fraction, seed),
                                               cfg.sample.num_samples))
                 out.saw(_set_label(method, folder_target, fraction, seed), tokens)
@@ -313,11 +313,12 @@ def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
     method, folder_target, fraction = cell
     per_seed: dict[int, dict[str, float]] = {}
     mauve_result, unscored = None, False
-    for seed in cfg.pipeline.seeds:
+    seeds = cfg.pipeline.seeds_at(fraction)
+    for seed in seeds:
         texts, tokens = _sample_set(cfg, paths.samples(method, folder_target, fraction, seed))
         label = _set_label(method, folder_target, fraction, seed)
         out.saw(label, tokens)
-        if seed == cfg.pipeline.seeds[0]:
+        if seed == seeds[0]:
             out.examples.setdefault(label, texts[:EXAMPLES_PER_SET])
         log.info("scoring %s against %s (%d samples)", label, target, len(tokens))
         mauve_result, per_seed[seed] = _text_metrics(cfg, texts, tokens, ins)
@@ -328,9 +329,9 @@ def _score_text_cell(cfg: RunConfig, paths: RunPaths, target: str,
             scores = _likelihood_scores(cfg, ins, method, folder_target, fraction, seed)
             unscored = scores is None
             per_seed[seed].update(scores or {})
-    if len(cfg.pipeline.seeds) == 1:  # keep the spread over MAUVE's own seeds
+    if len(seeds) == 1:  # keep the spread over MAUVE's own seeds
         out.rows.append(mauve_row(method, target, fraction, mauve_result))
-        per_seed[cfg.pipeline.seeds[0]].pop(mauve_result.metric)
+        per_seed[seeds[0]].pop(mauve_result.metric)
     out.rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
     if unscored:
         out.rows.append(ResultRow(method, target, fraction, "masked_ce", float("nan"), notes=UNSCORED_NOTE))

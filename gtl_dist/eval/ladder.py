@@ -98,7 +98,7 @@ class MarkovRun:
 
 def ladder_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
     run = MarkovRun.load(cfg, paths)
-    methods, seeds = cfg.sample.methods, cfg.pipeline.seeds
+    methods = cfg.sample.methods
     learned_source = run.export(StageGraph(cfg).source_stage)
     rows = []
     for target, chain in run.targets.items():
@@ -131,7 +131,7 @@ def ladder_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
             for fraction in cfg.data.target_fractions:
                 per_seed = {s: {LADDER_METRIC: run.mean_abs_err(
                     target, exact_p, run.export("edit_ratio", target, fraction, s),
-                    METHODS[method].gamma(cfg.sample), s)} for s in seeds}
+                    METHODS[method].gamma(cfg.sample), s)} for s in cfg.pipeline.seeds_at(fraction)}
                 log.info("ladder %s / %s @ %g: %s", target, label, fraction, per_seed)
                 rows += seed_rows(label, target, fraction, per_seed, n=cfg.sample.num_samples)
     return rows
@@ -223,7 +223,7 @@ def calibration_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
         for stage in stages:
             for fraction in cfg.data.target_fractions:
                 per_seed = {}
-                for s in cfg.pipeline.seeds:
+                for s in cfg.pipeline.seeds_at(fraction):
                     net = run.export(stage, target, fraction, s)
                     stats = {}
                     for domain, es in edits.items():

@@ -46,7 +46,7 @@ def selection_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
             continue
         for target in cfg.targets:
             for fraction in cfg.data.target_fractions:
-                metas = {s: read_export_meta(paths.export(stage, target, fraction, s)) for s in cfg.pipeline.seeds}
+                metas = {s: read_export_meta(paths.export(stage, target, fraction, s)) for s in cfg.pipeline.seeds_at(fraction)}
                 per_seed = {s: kept(m) for s, m in metas.items() if m is not None}
                 if per_seed:
                     rows += seed_rows(method, target, fraction, per_seed,

@@ -520,8 +520,9 @@ def check_stage_args(cfg: RunConfig, stage: str, target: Optional[str],
     if seed and fraction is None:
         raise ConfigError(f"--seed {seed}: only per-target stages are replicated over pipeline.seeds; "
                           f"drop --seed for stage {stage}")
-    if seed not in cfg.pipeline.seeds and fraction is not None:
-        raise ConfigError(f"--seed {seed}: not in pipeline.seeds {cfg.pipeline.seeds}")
+    if fraction is not None and seed not in cfg.pipeline.seeds_at(fraction):
+        raise ConfigError(f"--seed {seed}: not among the replicates {cfg.pipeline.seeds_at(fraction)} of "
+                          f"fraction {fraction} (pipeline.seeds, pipeline.replicates_at)")
 
 
 def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str] = None,
