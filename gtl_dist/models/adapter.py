@@ -53,12 +53,17 @@ class GuideAdapter(_Network):
             nn.init.zeros_(self.mix.weight)
             self.rotary = Rotary(cfg.rank)
 
-    def forward(self, features: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """fp32 edit scores [B, L, V] from the source's ``features`` [B, L, H] and its output
-        ``projection`` (used when the edit goes through it)."""
+    def delta(self, features: torch.Tensor) -> torch.Tensor:
+        """δ [B, L, H] (through the output layer) or the scores themselves [B, L, V] (direct)."""
         delta = self.up(self.down(features))
         if self.cfg.attention:
             delta = delta + self.mix(self.attend(features))
+        return delta
+
+    def forward(self, features: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        """fp32 edit scores [B, L, V] from the source's ``features`` [B, L, H] and its output
+        ``projection`` (used when the edit goes through it)."""
+        delta = self.delta(features)
         if self.cfg.through == "direct":
             return delta.float()
         with torch.autocast(delta.device.type, enabled=False):
@@ -85,11 +90,16 @@ class AdaptedDenoiser(nn.Module):
         self.vocab, self.seq_len = denoiser.vocab, denoiser.seq_len
 
     def logits(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """logits_θ(z) + γ·e_φ(z). Through the output layer the edit is added before the
+        projection, W·(u + γ·δ) + b: one |V|-wide product per step, as the source alone (equal to
+        the sum of the two up to float rounding; exactly the source's at δ = 0)."""
         features = self.denoiser.features(z, sigma)
-        base = float32_linear(features, self.denoiser.output.linear)
+        projection = self.denoiser.output.linear
         if self.gamma == 0.0:
-            return base
-        return base + self.gamma * self.adapter(features, self.denoiser.output.linear)
+            return float32_linear(features, projection)
+        if self.adapter.cfg.through == "output":
+            return float32_linear(features + self.gamma * self.adapter.delta(features), projection)
+        return float32_linear(features, projection) + self.gamma * self.adapter(features, projection)
 
     def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         return subs_log_probs(self.logits(z, sigma), z, self.vocab.mask_id)
