@@ -444,7 +444,8 @@ class StagesConfig:
     ar2diff: TrainConfig = _stage(steps=10_000, ema=0.9999)
     planner: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
     edit_ratio: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
-    adapter: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True)
+    # Weight decay pulls the adapter toward zero, i.e. toward the source (docs/method.md §5a).
+    adapter: TrainConfig = _stage(steps=10_000, val_every=500, select_best=True, weight_decay=1.0)
     classifier_ti: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     classifier_td: TrainConfig = _stage(steps=5_000, val_every=1000, select_best=True)
     ratio: TrainConfig = _stage(steps=30_000, val_every=1000, select_best=True)
