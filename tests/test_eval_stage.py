@@ -11,7 +11,8 @@ import torch
 
 from gtl_dist.config import load_config
 from gtl_dist.data.markov import sample_sequences, transition_matrices
-from gtl_dist.eval.evaluate import HeldOut, evaluate_text, run_eval
+from gtl_dist.eval.evaluate import run_eval
+from gtl_dist.eval.evaluate_text import HeldOut, evaluate_text
 from gtl_dist.eval.results import read_results_csv
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.models import VocabSpec

@@ -32,7 +32,7 @@ def test_an_unknown_method_is_refused_naming_the_table():
 
 
 @pytest.mark.distributed
-def test_a_new_row_runs_through_plan_sample_and_eval(tmp_path, throwaway_method, deepspeed_ops):
+def test_a_new_row_runs_through_plan_sample_and_eval(tmp_path, throwaway_method, deepspeed_ops):  # noqa: F811
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       [f"sample.methods=[{throwaway_method}, source]", "sample.shards=1",
                        "data.target_fractions=[1.0]"])

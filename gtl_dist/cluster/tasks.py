@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import RunConfig, config_from_dict
@@ -144,7 +144,7 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
     import torch
 
     from gtl_dist.data import load_run_manifest, read_samples
-    from gtl_dist.eval.evaluate import HeldOut
+    from gtl_dist.eval.evaluate_text import HeldOut
     from gtl_dist.exports import load_upstream
     from gtl_dist.models import VocabSpec
     from gtl_dist.sample.networks import method_log_probs, method_networks, sequence_level_guide
