@@ -15,6 +15,7 @@ from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import LaunchOptions, render_sbatch
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import load_config
+from gtl_dist.methods import METHODS
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 
@@ -123,9 +124,11 @@ def test_the_report_has_the_protocol_the_oracle_ladder_and_the_calibration(local
               if r["metric"] == "ladder_mean_abs_err"}
     # The guidance identity, through the run's own sampler settings: exact h = exact target model.
     assert ladder[("exact source + exact h, γ = 1", "")] == ladder[("exact target denoiser (floor)", "")]
-    assert {m for m, f in ladder if f} == {"exact source + learned gtl guide, γ = 1"}
+    # Only an edit-ratio net reads z alone and can guide the exact source; the adapter reads the
+    # learned source's features, so its method row is the learned pair.
+    assert {m for m, f in ladder if f} == {"exact source + learned gtl_edit guide, γ = 1"}
     calibrated = {r["method"] for r in rows if r["metric"] == "edit_slope[target]"}
-    assert calibrated == {"gtl: edit-ratio net", "gtl_paper: clean classifier",
+    assert calibrated == {"gtl: adapter", "gtl_edit: edit-ratio net", "gtl_paper: clean classifier",
                           "gtl_paper: masked classifier", "gtl_paper: ratio net"}
 
 
@@ -190,7 +193,7 @@ def test_rendered_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     assert big["signal"] == f"USR2@{cfg.cluster.signal_delay_s}" and "requeue" in big
     assert "array" not in big
 
-    guide = _flags(render_sbatch(pipeline.group("edit_ratio"), cfg, opts, run_dir))
+    guide = _flags(render_sbatch(pipeline.group(METHODS["gtl"].guide), cfg, opts, run_dir))
     n = len(cfg.targets) * len(cfg.data.target_fractions) * len(cfg.pipeline.seeds)
     assert guide["array"] == f"0-{n - 1}%{min(n, cfg.cluster.array_parallelism)}"
     assert guide["nodes"] == "1" and guide["ntasks-per-node"] == "1" and guide["gpus-per-node"] == "1"
@@ -212,8 +215,10 @@ def test_update_config_reruns_only_what_the_change_affects(tmp_path, local_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sample.gamma: 1.0 -> 4.0" in proc.stdout
     plan = {line.split()[0]: line for line in proc.stdout.splitlines() if "task(s):" in line}
-    n_gtl = len(load_config(REPO / "configs" / "tiny.yaml").data.target_fractions) * 2  # x 2 shards
-    assert f"{n_gtl} to run" in plan["sample"] and "1 to run" in plan["eval"]
+    tiny = load_config(REPO / "configs" / "tiny.yaml")
+    guided = [m for m in tiny.sample.methods if METHODS[m].gamma_key == "gamma"]  # gtl, gtl_edit
+    n_guided = len(guided) * len(tiny.data.target_fractions) * tiny.sample.shards
+    assert f"{n_guided} to run" in plan["sample"] and "1 to run" in plan["eval"]
     for stage in ("data", "denoiser", "classifier_ti", "ratio", "vanilla", "finetune"):
         assert " 0 to run" in plan[stage], plan[stage]
     assert "started sample/gtl" in proc.stdout and "started sample/source" not in proc.stdout

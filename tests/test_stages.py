@@ -47,6 +47,8 @@ SETTINGS = [
 NOT_INPUTS = {
     "pipeline.seeds": "check_stage_args refuses a --seed outside it; each replicate is a task of its "
                       "own, with its own input hash",
+    "pipeline.replicates_at": "as pipeline.seeds: it only says which seeds a fraction replicates "
+                              "(check_stage_args refuses the others)",
     "pipeline.ar2diff": "picks the source stage (denoiser or ar2diff) whose export a stage reads; that "
                         "task's key and input hash are part of the reader's",
     "shards.dir": "where the shards are (config.BUILD_ONLY_KEYS: excluded from every hash)",

@@ -71,7 +71,8 @@ def test_compiled_loss_matches_eager_and_still_refuses_ids_outside_the_vocabular
 @pytest.mark.parametrize("overrides, message", [
     (["train.planner.compile=true"],
      r"train\.planner\.compile: stage planner has no compiled training step \(only denoiser, "
-     r"ar2diff, vanilla, finetune have\); set train\.planner\.compile=false"),
+     r"ar2diff, vanilla, finetune, finetune_small, scratch_head have\); set "
+     r"train\.planner\.compile=false"),
     (["train.denoiser.compile=true", "train.denoiser.zero_stage=3"],
      r"train\.denoiser\.compile: torch\.compile needs zero_stage 0, 1 or 2"),
 ])

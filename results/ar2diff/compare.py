@@ -308,7 +308,10 @@ def pick_metrics(path: Path, target: str, fraction: float) -> dict[str, ResultRo
             raise CompareError(f"{path}: {len(found)} rows for method={method} target={target} "
                                f"fraction={frac} metric={metric} (rows with that metric: {have}); "
                                f"pass --target one of the config's targets, or rerun so that the "
-                               f"evaluation covers it")
+                               f"evaluation covers it"
+                               + (" (the evaluation drops gen_ppl where its reference LM is weak: see "
+                                  "the report's notes and eval.gen_ppl_max_vocab_share)"
+                                  if metric == "gen_ppl" else ""))
         return found[0]
 
     return {"gen_ppl": one("source", "gen_ppl", None),
