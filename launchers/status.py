@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gtl_dist.cluster.launch import TASK_STATES
+from gtl_dist.cluster.submissions import TASK_STATES
 from gtl_dist.cluster.status import format_table, status_rows
 from gtl_dist.log import setup_logging
 from gtl_dist.paths import RunPaths

@@ -47,8 +47,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import (LaunchError, LaunchOptions, Launcher, Plan, render_sbatch, task_state,
-                                     world_size)
+from gtl_dist.cluster.launch import Launcher
+from gtl_dist.cluster.options import LaunchError, LaunchOptions, world_size
+from gtl_dist.cluster.sbatch import render_sbatch
+from gtl_dist.cluster.submissions import Plan, task_state
 from gtl_dist.cluster.preflight import Report, gather_facts, preflight
 from gtl_dist.cluster.run_dir import prepare_run_dir
 from gtl_dist.cluster.run_lock import RunDirBusy, hold_run_dir
@@ -227,7 +229,7 @@ def _finish(run_dir: Path, launcher: Launcher, args, cluster: str, follow: bool)
 def _follow(run_dir: Path, launcher: Launcher, timeout_min: float | None, publish: str | None) -> int:
     """Poll task states until everything is done or nothing is left running; running training
     tasks report their step now and then."""
-    from gtl_dist.cluster.launch import slurm_job_states
+    from gtl_dist.cluster.submissions import slurm_job_states
     from gtl_dist.cluster.progress import TrainProgress
     deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min
     last: dict[str, str] = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import LaunchOptions, render_sbatch
+from gtl_dist.cluster.options import LaunchOptions
+from gtl_dist.cluster.sbatch import render_sbatch
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import load_config
 from gtl_dist.methods import METHODS

@@ -9,7 +9,8 @@ import pytest
 
 from gtl_dist.cluster import preflight as pf
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import LaunchOptions, Launcher, world_size
+from gtl_dist.cluster.launch import Launcher
+from gtl_dist.cluster.options import LaunchOptions, world_size
 from gtl_dist.config import ConfigError, load_config
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError

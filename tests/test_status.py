@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import TASK_STATES, Submission, SubmissionLog
+from gtl_dist.cluster.submissions import TASK_STATES, Submission, SubmissionLog
 from gtl_dist.cluster.run_dir import prepare_run_dir
 from gtl_dist.cluster.progress import TrainProgress, format_progress, train_log_path
 from gtl_dist.cluster.tasks import write_marker
@@ -139,7 +139,7 @@ def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, mo
     submit_cli = _load("submit_cli", "submit.py")
     states = {t.key: "running" if t is denoiser else "pending" for t in pipeline.tasks}
     monkeypatch.setattr(submit_cli, "task_state", lambda p, pa, task, sub, st: states[task.key])
-    monkeypatch.setattr("gtl_dist.cluster.launch.slurm_job_states", lambda subs: {})
+    monkeypatch.setattr("gtl_dist.cluster.submissions.slurm_job_states", lambda subs: {})
     monkeypatch.setattr(submit_cli.time, "sleep", lambda s: states.update(dict.fromkeys(states, "done")))
     log_train(paths, denoiser, 10, mtime=1000)
     launcher = SimpleNamespace(pipeline=pipeline, paths=paths, subs=SubmissionLog(paths))

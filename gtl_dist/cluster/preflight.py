@@ -2,7 +2,7 @@
 
 A problem found only when a job starts fails that job, and SLURM then cancels every job that
 depends on it (``--kill-on-invalid-dep``). The preflight looks at the config, the plan (the tasks
-about to run, each group at its own world size, :func:`gtl_dist.cluster.launch.world_size`), the
+about to run, each group at its own world size, :func:`gtl_dist.cluster.options.world_size`), the
 run directory and SLURM, and reports one line per problem: the file or flag, the key, what was
 expected and the fix. Notes say what it skipped and why. docs/operations.md, "Preflight", lists
 what it cannot know.
@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Optional
 
 from gtl_dist.cluster.dag import Group, Pipeline
-from gtl_dist.cluster.launch import LaunchOptions, Plan, slurm_parameters, world_size
+from gtl_dist.cluster.options import LaunchOptions, world_size
+from gtl_dist.cluster.sbatch import slurm_parameters
+from gtl_dist.cluster.submissions import Plan
 from gtl_dist.cluster.progress import train_log_path, train_log_records
 from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
@@ -267,13 +269,13 @@ def check_finite_passes(ctx: Context, report: Report, manifest) -> None:
     """Each rank of a validation pass gets a sample, which the loader requires (its own check)."""
     if manifest is None:
         return
-    from gtl_dist.data.loader import _pass_batches
+    from gtl_dist.data.loader import pass_batches
     from gtl_dist.data.manifest import ManifestError
     for group, tasks in ctx.groups_to_run(training=True):
         ranks = world_size(group, ctx.cfg, ctx.opts)
         for set_name in sorted({s for t in tasks for s in finite_sets(ctx.cfg, t)}):
             try:
-                _pass_batches(f"{manifest.path} [{set_name}]", manifest.num_samples(set_name), 0, ranks, 1, 1)
+                pass_batches(f"{manifest.path} [{set_name}]", manifest.num_samples(set_name), 0, ranks, 1, 1)
             except ManifestError as exc:
                 report.problems.append(f"{exc} [{ctx.ranks(group)}]")
 

@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from gtl_dist.cluster.dag import Pipeline, build_pipeline
-from gtl_dist.cluster.launch import SubmissionLog, slurm_job_states, task_state
+from gtl_dist.cluster.submissions import SubmissionLog, slurm_job_states, task_state
 from gtl_dist.cluster.progress import last_train_record
 from gtl_dist.config import config_from_dict
 from gtl_dist.paths import RunPaths, fraction_name

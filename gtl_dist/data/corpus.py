@@ -18,11 +18,12 @@ every non-empty line is malformed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from gtl_dist.config import RunConfig
+from gtl_dist.data.demo import demo_corpus
+from gtl_dist.data.documents import CorpusError, Document
 from gtl_dist.log import get_logger
 
 log = get_logger("data.corpus")
@@ -34,17 +35,6 @@ GOOD_LINE = {
     "arxiv": 'string keys "abstract" and "categories" (optional "id"), e.g. '
              '{"id": "0704.0001", "abstract": "  We study ...", "categories": "hep-ph physics.optics"}',
 }
-
-
-class CorpusError(ValueError):
-    """A problem with the input corpus, naming the file (and line or domain) and the fix."""
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    domain: str
-    doc_id: str
 
 
 def arxiv_domain(categories: str) -> str:
@@ -174,7 +164,6 @@ def read_txt_folder(root: str | Path, domains: Iterable[str]) -> Iterator[Docume
 def _records(cfg: RunConfig, wanted: list[str], report: LineReport) -> tuple[Iterable[Document], str]:
     d = cfg.data
     if d.corpus == "demo":
-        from gtl_dist.data.demo import demo_corpus
         return demo_corpus(wanted), "the built-in demo corpus"
     if d.corpus == "arxiv":
         return read_arxiv(d.path, report), str(d.path)
