@@ -8,6 +8,9 @@ the same reason.
 
 - submitit's ``_make_sbatch_string``: the sbatch script that ``SlurmExecutor`` would submit,
   rendered without submitting (``launchers/submit.py --dry-run``).
+- submitit's ``_parse_node_list``: the hosts of a SLURM hostlist, as its ``SlurmJobEnvironment``
+  reads ``SLURM_JOB_NODELIST`` (that class reads ``os.environ`` only; gtl_dist/train/dist.py
+  resolves ranks from any mapping, so that it can be tested and explained by hand).
 - torch's DataLoader iterator: its worker processes (``_workers``) and its orderly shutdown
   (``_shutdown_workers``), which gtl_dist/data/loader.py needs because its workers ignore SIGTERM
   (a preemption signal is the training loop's to handle) and would otherwise outlive their loader.
@@ -38,6 +41,13 @@ def sbatch_script(command: str, folder: Any, **parameters: Any) -> str:
     its own names (nodes, ntasks_per_node, time, additional_parameters, ...)."""
     from submitit.slurm.slurm import _make_sbatch_string
     return _make_sbatch_string(command=command, folder=folder, **parameters)
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The hosts of a SLURM hostlist: ``"gpu[07-08],cpu1"`` -> gpu07, gpu08, cpu1. Raises
+    ValueError (submitit's SlurmParseException) for a malformed one."""
+    from submitit.slurm.slurm import _parse_node_list
+    return _parse_node_list(nodelist)
 
 
 def dataloader_workers(iterator: Any) -> list[Any]:

@@ -42,3 +42,8 @@ def test_dataloader_workers_are_found_and_shut_down():
     for w in workers:
         w.join(timeout=10)
     assert not any(w.is_alive() for w in workers)
+
+
+def test_slurm_hostnames_expands_a_hostlist():
+    assert compat.slurm_hostnames("gpu[007-009,012],cpu1") == ["gpu007", "gpu008", "gpu009", "gpu012", "cpu1"]
+    assert compat.slurm_hostnames("rack[2-3]-node[05-06]")[:2] == ["rack2-node05", "rack2-node06"]

@@ -44,6 +44,8 @@ def test_local_pipeline_runs_to_a_report(local_run):
     assert f"done. report: {report}" in proc.stdout
     text = report.read_text()
     assert "transition_mean_abs_err" in text
+    # The report cites the launcher's command line, passed to the evaluation task by the launcher.
+    assert "- command: `python launchers/submit.py --config configs/tiny.yaml --cluster local --run-dir " in text
     with open(run_dir / "eval" / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     cfg = load_config(REPO / "configs" / "tiny.yaml")

@@ -1,13 +1,13 @@
 """The submit-time preflight (gtl_dist/cluster/preflight.py, launchers/submit.py --plan / --dry-run):
 each check against hand-made facts, and the launcher's refusals without a SLURM controller."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from gtl_dist.cluster import preflight as pf
+from gtl_dist.cluster import submit as submit_cli
 from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.launch import Launcher
 from gtl_dist.cluster.options import LaunchOptions, world_size
@@ -42,22 +42,17 @@ def _check(cfg, run_dir, facts=None, live=True, **opts):
 
 @pytest.fixture
 def submit(monkeypatch, tmp_path, capsys):
-    """launchers/submit.py's main() in this process, with no SLURM controller to ask and plenty of disk
+    """The launcher's main() in this process, with no SLURM controller to ask and plenty of disk
     (the disk check has its own tests); returns (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("submit_cli", REPO / "launchers" / "submit.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-
     def no_controller():
         raise SlurmCommandError("sinfo: no answer within 30 s (is slurmctld running?)")
 
     monkeypatch.setattr(pf, "sinfo_nodes", no_controller)
     monkeypatch.setattr(pf, "free_bytes", lambda path: 10**15)
-    monkeypatch.setenv("GTL_SUBMIT_COMMAND", "test")
     monkeypatch.chdir(REPO)
 
     def run(*args):
-        code = cli.main([*args, "--run-dir", str(tmp_path / "run")])
+        code = submit_cli.main([*args, "--run-dir", str(tmp_path / "run")])
         out = capsys.readouterr()
         return code, out.out, out.err
     return run

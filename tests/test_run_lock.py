@@ -18,7 +18,7 @@ import pytest
 from gtl_dist.cluster.submissions import Submission, SubmissionLog
 from gtl_dist.cluster.run_lock import RECORD_NAME, RunDirBusy, hold_run_dir
 from gtl_dist.data import Manifest
-from gtl_dist.locks import pid_alive
+from gtl_dist.processes import pid_alive
 from gtl_dist.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,5 @@
 """launchers/status.py on a fake run directory: its exit status and the --only filter."""
 
-import importlib.util
 import json
 import os
 import pickle
@@ -10,24 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from gtl_dist.cluster import submit as submit_cli
 from gtl_dist.cluster.dag import build_pipeline
 from gtl_dist.cluster.submissions import TASK_STATES, Submission, SubmissionLog
 from gtl_dist.cluster.run_dir import prepare_run_dir
+from gtl_dist.cluster.status import main
 from gtl_dist.cluster.progress import TrainProgress, format_progress, train_log_path
 from gtl_dist.cluster.tasks import write_marker
 from gtl_dist.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, script: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launchers" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main = _load("status_cli", "status.py").main
 
 
 @pytest.fixture
@@ -136,7 +128,6 @@ def test_running_training_tasks_report_their_step_at_most_every_30_s(training_ru
 
 def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, monkeypatch, capsys):
     pipeline, paths, denoiser = training_run
-    submit_cli = _load("submit_cli", "submit.py")
     states = {t.key: "running" if t is denoiser else "pending" for t in pipeline.tasks}
     monkeypatch.setattr(submit_cli, "task_state", lambda p, pa, task, sub, st: states[task.key])
     monkeypatch.setattr("gtl_dist.cluster.submissions.slurm_job_states", lambda subs: {})

@@ -41,7 +41,7 @@ class Launcher:
         self.opts = opts
         self.pipeline = pipeline
         self.subs = SubmissionLog(self.paths)
-        self.runner = TaskRunner(cfg.to_dict(), str(self.paths.root))
+        self.runner = TaskRunner(cfg.to_dict(), str(self.paths.root), command=opts.command or None)
 
     # planning ----------------------------------------------------------------------------
     def plan(self, query_slurm: bool = True) -> Plan:

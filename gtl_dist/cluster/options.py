@@ -20,6 +20,15 @@ class LaunchError(RuntimeError):
     """Something about the submission is wrong; the message says what and how to fix it."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a launcher that ran jobs on this machine; ``stopped`` lists the
+    tasks whose jobs it stopped with it."""
+
+    def __init__(self, signal_name: str, stopped: list):
+        super().__init__(signal_name)
+        self.signal_name, self.stopped = signal_name, stopped
+
+
 @dataclass
 class LaunchOptions:
     cluster: str = "slurm"  # slurm | local | debug
@@ -31,6 +40,8 @@ class LaunchOptions:
     local_parallelism: int = 1
     command: str = ""
     """The launcher's own command line: the report cites it."""
+    cluster_chosen: bool = True
+    """--cluster was given (else it is the default: slurm where sbatch is on PATH)."""
 
     def gpus(self, cfg: RunConfig) -> int:
         return cfg.cluster.gpus_per_node if self.gpus_per_node is None else self.gpus_per_node

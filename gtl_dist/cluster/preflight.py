@@ -285,8 +285,12 @@ def check_slurm(ctx: Context, report: Report, facts: Facts, live: bool) -> None:
     if ctx.opts.cluster != "slurm":
         return
     if facts.nodes is None:
-        if live:
+        if live and ctx.opts.cluster_chosen:
             report.problems.append(f"--cluster slurm: cannot reach the SLURM controller: {facts.slurm_error}")
+        elif live:
+            report.problems.append(f"sbatch is on PATH, so the launcher submits to SLURM by default, but the "
+                                   f"SLURM controller does not answer ({facts.slurm_error}); to run on this "
+                                   f"machine instead, add --cluster local")
         else:
             report.notes.append(f"SLURM is not reachable, so the partition, node and GPU checks are skipped "
                                 f"and recorded jobs count as not queued ({facts.slurm_error})")

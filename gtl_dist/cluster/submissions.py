@@ -15,7 +15,8 @@ from typing import Any, Optional
 from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.io import atomic_write_json, read_json
-from gtl_dist.locks import flocked, pid_alive
+from gtl_dist.locks import flocked
+from gtl_dist.processes import pid_alive
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import job_states
 from gtl_dist.stages import Task
@@ -34,6 +35,15 @@ class Submission:
     cluster: str
     folder: str
     submitted: float = field(default_factory=time.time)
+    cancelled: Optional[str] = None
+    """Why a launcher stopped this job before it finished (local and debug jobs)."""
+
+    def pid(self) -> Optional[str]:
+        """The process that runs the job on this host: a local job's submitit controller (its job
+        id), a debug task's launcher (``debug-<pid>-<n>``); None on SLURM."""
+        if self.cluster == "local":
+            return self.job_id
+        return self.job_id.split("-")[1] if self.cluster == "debug" else None
 
     def log_paths(self) -> tuple[Path, Path]:
         from submitit.core.utils import JobPaths
@@ -113,6 +123,8 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
         return "not submitted"
     if sub.input_hash != pipeline.input_hash(task):
         return "stale"  # ran with other inputs; will be resubmitted
+    if sub.cancelled:
+        return "cancelled"
     result = sub.result()
     if result is not None and result[0] == "error":
         return "failed"
@@ -126,12 +138,14 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
         if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
             return "failed"
         return "failed" if result is None and state == "COMPLETED" else "not submitted"
-    return "failed" if result is not None else "not submitted"
+    # A local job or debug task whose process is gone and left no completion marker: it failed,
+    # or was killed (its log says which).
+    return "failed"
 
 
 def job_active(sub: Submission, slurm_states: dict[str, str]) -> bool:
     """Whether a recorded job may still write its task's files: queued, running or requeued on
-    SLURM (as far as ``slurm_states`` knows), or a local job whose process lives."""
+    SLURM (as far as ``slurm_states`` knows), or a local job (or debug task) whose process lives."""
     if sub.cluster == "slurm":
         return slurm_states.get(sub.job_id) in ACTIVE_STATES
-    return sub.cluster == "local" and pid_alive(sub.job_id, started=sub.submitted)
+    return pid_alive(sub.pid(), started=sub.submitted)
