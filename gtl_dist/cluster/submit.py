@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gtl_dist.cluster.dag import build_pipeline
+from gtl_dist.cluster.estimate import MEASURED_STEPS, estimate_lines, local_threads, measure, read_rates
 from gtl_dist.cluster.launch import Launcher
 from gtl_dist.cluster.options import CLUSTERS, Interrupted, LaunchError, LaunchOptions, world_size
 from gtl_dist.cluster.sbatch import render_sbatch
@@ -124,6 +125,11 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
                         "skipped with a note)")
     p.add_argument("--dry-run", action="store_true",
                    help="--plan, and print the sbatch scripts (rendered offline)")
+    p.add_argument("--estimate", action="store_true",
+                   help="--plan, and estimate each stage's wall time by training it a few steps at full "
+                        "size (and sampling one batch per method) on this machine, over the run's built "
+                        "shards; without it, the plan estimates from this run directory's own logs when "
+                        "it has any")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="when the run ends with its report (--wait, --cluster local or debug), copy "
                         "report.md, results.csv and plots/ into DIR (e.g. results/markov), replacing "
@@ -192,7 +198,7 @@ def _launch(argv: list[str], prog: str, command: str, held: ExitStack) -> int:
     if problems:
         return 2
     cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
-    preview = args.plan or args.dry_run
+    preview = args.plan or args.dry_run or args.estimate
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / cfg.name).resolve()
@@ -213,6 +219,7 @@ def _launch(argv: list[str], prog: str, command: str, held: ExitStack) -> int:
         _print_plan(run_dir, launcher, plan)
         if _print_report(report):
             return 2
+        _print_estimate(cfg, run_dir, launcher, plan, measure_now=args.estimate)
         # Only now: a refused submission leaves no config behind to refuse its corrected retry.
         prepare_run_dir(cfg, run_dir, update=args.update_config, write=not preview)
     except RunDirBusy as exc:
@@ -271,6 +278,25 @@ def _print_plan(run_dir: Path, launcher: Launcher, plan: Plan) -> None:
         ranks = world_size(group, launcher.cfg, launcher.opts)
         print(f"  {group.name:<14} {len(group.tasks):>3} task(s): {n_done} done, {n_flight} queued/running, "
               f"{n_run} to run" + (f" ({ranks} ranks each)" if ranks > 1 else ""))
+
+
+def _print_estimate(cfg, run_dir: Path, launcher: Launcher, plan: Plan, measure_now: bool) -> None:
+    """The wall time of what is to run: measured now (--estimate), or from the run directory's own
+    logs when it has some (gtl_dist/cluster/estimate.py)."""
+    if not plan.to_run:
+        return
+    if measure_now:
+        rates = measure(cfg, run_dir, launcher.opts, launcher.pipeline.group_names, on_event=say)
+        threads = local_threads(launcher.opts)
+        origin = (f"measured just now on this machine: each stage {MEASURED_STEPS} steps at full size, "
+                  f"{threads} thread{'s' * (threads > 1)} per task, one rank")
+    else:
+        rates = read_rates(launcher.pipeline, launcher.paths)
+        origin = "from the rates this run directory's tasks logged"
+        if not (rates.step_s or rates.sample_s):
+            return
+    for line in estimate_lines(launcher.pipeline, plan, rates, launcher.opts, origin):
+        say(line)
 
 
 def _print_report(report: Report) -> bool:
