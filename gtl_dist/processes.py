@@ -9,7 +9,6 @@ later is another one.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Optional
 
 import psutil
@@ -57,25 +56,29 @@ def is_running(pid: int, started: float) -> bool:
     return start_time(pid) == started
 
 
-def stop_tree(pid: int | str, started: float | None = None, first: int = signal.SIGINT,
-              grace_s: float = 10.0) -> list[int]:
-    """Stop process ``pid`` (if it is still the one recorded at ``started``, as for pid_alive) and
-    every process it started: ``first`` to the process itself, which may stop its children in
-    order; after ``grace_s``, SIGKILL to whatever of the tree still runs. Returns the PIDs that
-    were running."""
+def stop_tree(pid: int | str, started: float | None = None, grace_s: float = 10.0) -> list[int]:
+    """Stop process ``pid`` (if it is still the one recorded at ``started``, as for pid_alive) with
+    everything it started: SIGKILL to all its descendants, then ``grace_s`` for it to notice and end
+    on its own (a job controller that sees its tasks gone), SIGKILL if it does not. Returns the PIDs
+    that were running."""
     if not pid_alive(pid, started):
         return []
     try:
         root = psutil.Process(int(pid))
-        tree = [root, *root.children(recursive=True)]
-        root.send_signal(first)
+        descendants = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for process in alive:
+    _kill(descendants)
+    _, alive = psutil.wait_procs([root], timeout=grace_s)
+    _kill(alive)
+    return [p.pid for p in (root, *descendants)]
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of ``processes`` still running, and wait (up to 5 s) for them to end."""
+    for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in tree]
+    psutil.wait_procs(processes, timeout=5)

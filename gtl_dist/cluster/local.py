@@ -56,7 +56,7 @@ class LocalRunner:
             return self._run(plan, running, on_event)
         except BaseException as exc:  # the launcher stops: its jobs stop with it
             why = (str(exc) or "Ctrl-C") if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
-            with _signals_ignored():  # a second Ctrl-C must not leave half the jobs behind
+            with _signals_ignored(signal.SIGINT, signal.SIGTERM):  # a second one must not leave half the jobs
                 stopped = self._stop(running, plan, reason=why)
             if isinstance(exc, KeyboardInterrupt):
                 raise Interrupted(why, stopped) from None
@@ -140,7 +140,8 @@ class LocalRunner:
             signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))
         # Each rank uses its share of the machine's cores.
         threads = max(1, (os.cpu_count() or 1) // max(slots, self._ranks(task)))
-        job = executor.submit(replace(self.runner, threads=threads), task)
+        with _signals_ignored(signal.SIGINT):  # inherited: Ctrl-C reaches the launcher, which stops the job
+            job = executor.submit(replace(self.runner, threads=threads), task)
         self._record(task, str(job.job_id), "local", str(folder))
         on_event(f"  started {task.key} (local job {job.job_id}, log {job.paths.stderr})")
         return job
@@ -210,9 +211,8 @@ class LocalRunner:
         for task, sub in jobs.items():
             if sub is None or sub.cluster == "local" and not pid_alive(sub.job_id, sub.submitted):
                 continue
-            if sub.cluster == "local":
-                # submitit's controller takes SIGINT as "cancel": it stops its ranks itself.
-                stop_tree(sub.job_id, sub.submitted, first=signal.SIGINT)
+            if sub.cluster == "local":  # its ranks (and their workers), then submitit's controller
+                stop_tree(sub.job_id, sub.submitted)
             self.subs.record(task, replace(sub, cancelled=f"stopped with its launcher ({reason})"))
             stopped.append(task)
         if stopped:
@@ -221,8 +221,10 @@ class LocalRunner:
 
 
 @contextmanager
-def _signals_ignored() -> Iterator[None]:
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+def _signals_ignored(*signals: signal.Signals) -> Iterator[None]:
+    """Ignore ``signals`` in the block; a process started in it ignores them too (an ignored
+    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler)."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         yield
     finally:
