@@ -38,7 +38,9 @@ def fit(n_target: int, steps: int, seed: int = 0) -> EditRatioNet:
 
 
 def test_the_default_recipe_learns_calibrated_edit_differences():
-    net = fit(n_target=400, steps=300)
+    # After 600 steps the slopes are 0.85-0.96 and the correlations 0.95-0.98 over seeds 0-5
+    # (initialisation and data); after 300 the slopes were 0.75-0.93, too close to the bound.
+    net = fit(n_target=400, steps=600)
     for domain in ("source", "sticky"):
         slope, corr = edit_calibration("edit_ratio", net, edit_set(RUN, "sticky", domain, seed=3, size=800),
                                        RUN.schedule)

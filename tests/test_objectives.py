@@ -1,6 +1,7 @@
 """Objectives of the small GTL networks: label smoothing, frozen teachers, masked-only planner BCE,
 the poor-overlap guard, and tiny learning problems whose answer is known by enumeration."""
 
+import itertools
 import logging
 
 import numpy as np
@@ -97,7 +98,8 @@ def test_classifier_separates_two_chains_near_the_bayes_accuracy():
     pairs tell the domains apart. Bayes accuracy (0.985) by enumeration of all 4^8 sequences;
     after 800 steps the trained classifier must come within 0.05 of it on 2,000 held-out
     sequences per domain (binomial SE about 0.003; a bag-of-tokens classifier is at chance).
-    At 300 steps initialisations differ by up to 0.06 (0.90-0.96); at 800 they reach 0.972-0.982."""
+    At 300 steps initialisations differ by up to 0.06 (0.90-0.96); at 800 they reach 0.95-0.99
+    (seeds 0-5 of both the initialisation and the data)."""
     states, length = 4, 8
     P, Q = chain_matrix(states, 0.1), chain_matrix(states, 0.8)
     _, p = enumerate_chain(P, length)
@@ -139,9 +141,11 @@ def _expected_bce(logits: np.ndarray, Ps: np.ndarray, Pt: np.ndarray) -> float:
 def test_time_dependent_classifier_approaches_the_bayes_cross_entropy():
     """The optimal balanced d(z_t, t) is log p(z)/q(z) (no smoothing), the same for every t.
     Its exact expected BCE over all masked states (0.488 nats here) is the floor and a constant
-    classifier sits 0.205 above it; after 300 steps the trained classifier must be within 0.08
-    nats of the floor at two noise levels (it reaches about 0.05-0.06; the gap is learning
-    speed of the tiny net on pairwise structure, not bias: more steps keep closing it)."""
+    classifier sits 0.205 above it; after 600 steps the trained classifier must be within 0.1
+    nats of the floor at two noise levels. Over seeds 0-5 (initialisation and data) it reaches
+    0.02-0.07 above the floor; at 300 steps it was 0.03-0.14, which no fixed bound below the
+    constant's 0.205 separates from rounding luck. The gap is learning speed of the tiny net on
+    pairwise structure, not bias: more steps keep closing it."""
     P, Q, seqs, p, q, vocab, zs, cons, td_logit = _domain_tables()
     length = seqs.shape[1]
     clf = SequenceClassifier(TINY, vocab, length, time_dependent=True)
@@ -151,7 +155,7 @@ def test_time_dependent_classifier_approaches_the_bayes_cross_entropy():
         t = sample_t(256, g, t_min=SCHEDULE.t_min)
         return classifier_td_loss(clf, sample_chain(P, length, 128, g), sample_chain(Q, length, 128, g),
                                   SCHEDULE, t, g, label_smoothing=None)
-    train(clf, loss, steps=300)
+    train(clf, loss, steps=600)
     Ps = state_probabilities(seqs, p, vocab, SCHEDULE)
     Pt = state_probabilities(seqs, q, vocab, SCHEDULE)
     seen = (Ps + Pt) > 0
@@ -161,7 +165,7 @@ def test_time_dependent_classifier_approaches_the_bayes_cross_entropy():
     with torch.no_grad():
         for t in (0.3, 0.8):
             learned = clf(z, SCHEDULE.sigma(torch.full((len(z),), t))).double().numpy()
-            assert _expected_bce(learned, Ps[seen], Pt[seen]) <= floor + 0.08, t
+            assert _expected_bce(learned, Ps[seen], Pt[seen]) <= floor + 0.1, t
 
 
 def _ratio_problem(P, Q, length, initial_p=None, initial_q=None, eta=0.1):
@@ -271,7 +275,8 @@ def test_planner_learns_which_positions_the_denoiser_gets_right():
     """Oracle denoiser (exact posterior of a chain with very unequal rows). For a masked
     position l of z the label is 1 iff argmax p(x^l | z) = x^l, so the optimal planner
     probability is max_v p(x^l = v | z). After 300 steps the weighted mean absolute error must
-    be <= 0.06 (it reaches 0.043; the best constant predictor scores 0.133)."""
+    be <= 0.06 (0.041-0.050 over seeds 0-5; the best constant predictor scores 0.133), and it
+    must order the masked positions of a state as the optimum does."""
     matrix = np.array([[0.90, 0.07, 0.03], [0.10, 0.30, 0.60], [0.34, 0.33, 0.33]])
     states, length = 3, 4
     seqs, p = enumerate_chain(matrix, length, initial=np.array([0.5, 0.3, 0.2]))
@@ -296,10 +301,26 @@ def test_planner_learns_which_positions_the_denoiser_gets_right():
     mae = (w * np.abs(learned - best)).sum() / w.sum()
     constant = (w * np.abs(best - (w * best).sum() / w.sum())).sum() / w.sum()
     assert constant > 0.12 and mae <= 0.06, (mae, constant)
-    # The planner ranks the deterministic-looking position first: after a 0, a 0 follows w.p. 0.9.
-    z = torch.tensor([[0, vocab.mask_id, vocab.mask_id, 2]])
-    with torch.no_grad():
-        assert planner(z)[0, 1] > planner(z)[0, 2]
+    assert _pairwise_order_agreement(learned, best, masked, Pz) >= 0.8
+
+
+def _pairwise_order_agreement(learned, best, masked, weight, min_gap=0.05) -> float:
+    """The weighted share of pairs (state, two of its masked positions whose optimal values differ
+    by more than ``min_gap``) that ``learned`` orders as ``best`` does; 0.5 is a coin flip.
+
+    The sampler unmasks the positions a planner ranks first, so this is what it is used for. One
+    pair alone is not: over seeds 0-5 the planner above orders the pair (1, 2) of [0, M, M, 2]
+    (optimal values 0.137 apart) the wrong way once, while this share is 0.87-0.99. The fully
+    masked state is left out: a network with rotary positions sees the same input at every
+    position there and cannot tell them apart."""
+    agree = total = 0.0
+    partly_masked = masked.sum(-1) < masked.shape[-1]
+    for i, j in itertools.combinations(range(masked.shape[-1]), 2):
+        pairs = partly_masked & masked[:, i] & masked[:, j] & (np.abs(best[:, i] - best[:, j]) > min_gap)
+        same = np.sign(learned[pairs, i] - learned[pairs, j]) == np.sign(best[pairs, i] - best[pairs, j])
+        agree += weight[pairs] @ same
+        total += weight[pairs].sum()
+    return agree / total
 
 
 # ----------------------------------------------------------------------------------------------
