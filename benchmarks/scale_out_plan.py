@@ -27,6 +27,7 @@ import logging
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -39,7 +40,10 @@ from gtl_dist.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 from gtl_dist.log import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["--config", "configs/arxiv.yaml", "--set", "data.path=/data/arxiv.json", "--cluster", "slurm",
+# The snapshot is not needed to plan, only a file of its name: the preflight checks that data.path
+# is a file (plan() makes an empty stand-in).
+SNAPSHOT = Path(tempfile.gettempdir()) / "arxiv-scale-plan" / "arxiv-metadata-oai-snapshot.json"
+BASE = ["--config", "configs/arxiv.yaml", "--set", f"data.path={SNAPSHOT}", "--cluster", "slurm",
         "--run-dir", "runs/arxiv-scale-plan", "--gpus-per-node", "8", "--plan"]
 PLANS = [("8×8", ["--nodes", "8"]), ("64×8", ["--nodes", "64"]),
          ("64×8, global_batch=512", ["--nodes", "64", "--set", "train.denoiser.global_batch=512"])]
@@ -49,6 +53,8 @@ GROUP = re.compile(r"^\s+(\S+)\s+(\d+) task\(s\):.*?(?:\((\d+) ranks each\))?$")
 def plan(extra: list[str]) -> tuple[str, dict[str, tuple[int, int]], list[str], int]:
     """The launcher's own --plan: (command, {group: (tasks, ranks)}, verdict lines, exit code)."""
     args = ["launchers/submit.py", *BASE, *extra]
+    SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SNAPSHOT.touch()
     out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
     groups = {m[1]: (int(m[2]), int(m[3] or 1)) for line in out.stdout.splitlines() if (m := GROUP.match(line))}
     verdict = [line for line in (out.stdout + out.stderr).splitlines()
@@ -124,7 +130,7 @@ def main() -> None:
     for label, command, _, verdict, rc in runs:
         print(f"\n{label}: `{command}` (exit {rc})\n\n```\n" + "\n".join(verdict) + "\n```")
 
-    cfg = load_config([REPO / "configs/arxiv.yaml"], ["data.path=/data/arxiv.json"])
+    cfg = load_config([REPO / "configs/arxiv.yaml"], [f"data.path={SNAPSHOT}"])
     docs = {k: int(v) for k, v in (kv.split("=") for kv in args.docs.split(","))}
     manifest = (Manifest.load(args.manifest) if args.manifest else
                 estimated_manifest(cfg, docs, args.chars_per_doc, args.chars_per_token))

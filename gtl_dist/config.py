@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -400,6 +401,12 @@ class TrainConfig:
         require_at_least(self, 1, "steps", "global_batch", "val_every", "save_every", "log_every",
                          "keep_last")
         require_at_least(self, 0, "num_workers")
+        require_at_least(self, 1, "val_batches")
+        require(self.lr > 0, "lr", f"{self.lr}: the learning rate must be above 0 (e.g. 3e-4)")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"{self.min_lr}: the cosine schedule's floor must lie "
+                                                       f"between 0 and lr={self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"{self.weight_decay}: must be 0 (off) or more")
+        require(self.grad_clip >= 0, "grad_clip", f"{self.grad_clip}: must be 0 (no clipping) or more")
         mb = self.micro_batch
         require(mb is None or (mb >= 1 and self.global_batch % mb == 0), "micro_batch",
                 f"{mb} must divide global_batch={self.global_batch}")
@@ -411,7 +418,8 @@ class TrainConfig:
                 "compile=false")
         require_in(self.ema, 0.0, 1.0, "ema", "[)")
         require_in(self.warmup_frac, 0.0, 1.0, "warmup_frac", "[)")
-        require(len(self.betas) == 2, "betas", f"expected two numbers, got {self.betas}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                f"expected two numbers in [0, 1) (AdamW's moment decays, e.g. [0.9, 0.999]), got {self.betas}")
         require(self.patience is None or (self.patience >= 1 and self.select_best), "patience",
                 f"{self.patience}: early stopping needs select_best=true and patience >= 1 validations "
                 f"(or null: train every step)")
@@ -481,6 +489,9 @@ class NoiseConfig:
 
     def check(self) -> None:
         require_in(self.t_min, 0.0, 1.0, "t_min")
+        require_in(self.eps, 0.0, 1.0, "eps")
+        require(0 < self.sigma_min < self.sigma_max, "sigma_min",
+                f"{self.sigma_min}: the geometric schedule needs 0 < sigma_min < sigma_max={self.sigma_max}")
 
 
 @dataclass
@@ -520,8 +531,8 @@ class SampleConfig:
             require(m in METHODS, "methods", f"'{m}' is not a method; choose from {', '.join(METHODS)}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"{self.methods} has duplicates")
         for key in ("gamma", "paper_gamma"):
-            require(getattr(self, key) >= 0, key, f"{getattr(self, key)} < 0; guidance strength "
-                                                  f"must be >= 0 (0 = unguided)")
+            require(getattr(self, key) >= 0, key, f"{getattr(self, key)}: a guidance strength must be 0 "
+                                                  f"(unguided) or more")
         require_at_least(self, 1, "n_ratio", "top_k", "ratio_batch_size", "num_samples", "batch_size",
                          "shards", "steps")
         require(self.planner_temperature > 0, "planner_temperature", "must be > 0")
@@ -666,6 +677,16 @@ class ClusterConfig:
     max_requeue: int = 5
     setup: list[str] = field(default_factory=list)
     """Extra shell lines in every sbatch script."""
+
+    def check(self) -> None:
+        require_at_least(self, 1, "timeout_min", "small_timeout_min", "cpus_per_task", "array_parallelism")
+        require_at_least(self, 0, "gpus_per_node", "signal_delay_s", "max_requeue")
+        require(self.mem_gb is None or self.mem_gb >= 1, "mem_gb",
+                f"{self.mem_gb}: memory per node in GB, at least 1 (or null: the partition's default)")
+        shortest = 60 * min(self.timeout_min, self.small_timeout_min)
+        require(self.signal_delay_s < shortest, "signal_delay_s",
+                f"{self.signal_delay_s} s: the warning before a time limit must come after the job "
+                f"starts, so below the shortest limit ({shortest} s)")
 
 
 @dataclass
@@ -827,7 +848,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -835,9 +856,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan, inf: no setting means either
+            raise ConfigError(f"{where}: {value!r} is not a finite number; give a plain number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

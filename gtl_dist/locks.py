@@ -21,32 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import psutil
-
 
 class LockError(OSError):
     """The filesystem refused to lock a file; the message names it and the fix."""
-
-
-# How much later than its recorded start a process may have started and still be the one recorded:
-# the start times compared come from different clocks (psutil's is accurate to about a second).
-START_SLACK_S = 5.0
-
-
-def pid_alive(pid: int | str, started: float | None = None) -> bool:
-    """Whether process ``pid`` runs on this host (one of another user counts as running).
-
-    ``started`` is when the process was recorded as running (a ``time.time()`` taken after it
-    started). A process with that PID that started later than this (plus START_SLACK_S) is another
-    one, which got the PID after the recorded process ended (the kernel reuses PIDs), and counts
-    as not running: a launcher would otherwise wait on it forever."""
-    try:
-        process = psutil.Process(int(pid))
-        return started is None or process.create_time() <= started + START_SLACK_S
-    except (psutil.NoSuchProcess, ValueError):
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 @contextmanager

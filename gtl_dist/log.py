@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 # Who is logging, added to every line once known: the rank (set where torch.distributed starts)
 # and the pipeline task (set where a task starts), e.g. "[12:00:01 r1 ratio/physics/0.05]".
@@ -48,6 +50,34 @@ def set_log_context(*, rank: int | None = None, task: str | None = None) -> None
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("gtl_dist") else f"gtl_dist.{name}")
+
+
+def _stdout_to_devnull() -> None:
+    """From now on, what this process prints goes nowhere (its reader has gone)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def say(line: str) -> None:
+    """Print one line of a command's progress now. A reader that stops reading (``| head``)
+    does not stop the command: the rest of its output goes nowhere."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+@contextmanager
+def quiet_closed_stdout() -> Iterator[None]:
+    """Let a command's reader stop early (``status.py | head``): the output it no longer reads is
+    dropped quietly, without a BrokenPipeError traceback, and the command exits as it would have
+    (a closed pipe raised inside the block ends the block, as at its end)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
 
 
 def is_interactive() -> bool:

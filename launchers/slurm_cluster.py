@@ -14,9 +14,11 @@ import argparse
 import sys
 import textwrap
 
-from gtl_dist.cluster.slurm_local import (DEFAULT_CONTROLLER_PORT, ClusterError, ClusterSpec,
-                                          LocalSlurmCluster, default_state_dir)
 from gtl_dist.log import setup_logging
+# The cluster's code sits beside this script (on the import path when it runs): a tool for tests
+# and trials, not part of the installed package.
+from slurm_local import (DEFAULT_CONTROLLER_PORT, ClusterError, ClusterSpec, LocalSlurmCluster,
+                         default_state_dir)
 
 DESCRIPTION = """\
 Runs a small but real SLURM cluster on this one machine, so that `launchers/submit.py

@@ -11,7 +11,10 @@ On a cluster the same build runs as three steps, the middle one as a job array:
     python shards/build.py --config C --run-dir D --finalize                    # manifest, when all are done
 
 The shards are the same whatever the number of slices or workers. Output goes to <run-dir>/data
-(or shards.dir); nothing is written inside the repository.
+(or shards.dir); nothing is written inside the repository. The run directory records the config
+(as launchers/submit.py does, refusing a run directory made by another config unless
+--update-config) and, once the build is complete, the data stage as done: launchers/submit.py
+--plan and launchers/status.py then see it.
 """
 
 import os
@@ -24,10 +27,15 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 
+from gtl_dist.cluster.dag import Pipeline  # noqa: E402
+from gtl_dist.cluster.run_dir import prepare_run_dir  # noqa: E402
+from gtl_dist.cluster.tasks import write_marker  # noqa: E402
 from gtl_dist.config import ConfigError, load_config  # noqa: E402
 from gtl_dist.data.build import BuildError, clean, data_dir, finalize, prepare, run_slice  # noqa: E402
 from gtl_dist.data.prepare import describe, prepare_data  # noqa: E402
 from gtl_dist.log import setup_logging  # noqa: E402
+from gtl_dist.paths import RunPaths  # noqa: E402
+from gtl_dist.stages import Task  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-slices", type=int, metavar="N", help="number of slices (with --slice)")
     parser.add_argument("--rebuild", action="store_true", help="delete a previous build in the output "
                         "folder first (needed when the data/tokenizer/shards config changed)")
+    parser.add_argument("--update-config", action="store_true", help="let a run directory made by another "
+                        "config adopt this one (as launchers/submit.py --update-config)")
     args = parser.parse_args(argv)
     if (args.slice is None) != (args.num_slices is None):
         parser.error("--slice and --num-slices go together")
@@ -55,6 +65,8 @@ def main(argv=None) -> int:
         root = data_dir(cfg, args.run_dir)
         if args.rebuild and (args.prepare or args.slice is not None or args.finalize):
             parser.error("--rebuild goes with a full build or --prepare alone")
+        if args.slice is None:
+            prepare_run_dir(cfg, args.run_dir, update=args.update_config)
         if args.prepare:
             if args.rebuild:
                 clean(root)
@@ -63,10 +75,10 @@ def main(argv=None) -> int:
         elif args.slice is not None:
             built = run_slice(root, args.slice, args.num_slices)
             print(f"slice {args.slice}/{args.num_slices}: {built} build units done in {root}")
-        elif args.finalize:
-            print(describe(finalize(root)))
         else:
-            print(describe(prepare_data(cfg, args.run_dir, rebuild=args.rebuild)))
+            manifest = finalize(root) if args.finalize else prepare_data(cfg, args.run_dir, rebuild=args.rebuild)
+            write_marker(Pipeline(cfg), RunPaths(args.run_dir), Task("data"), data_hash=manifest.data_hash)
+            print(describe(manifest))
     except (ConfigError, BuildError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

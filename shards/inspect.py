@@ -3,7 +3,7 @@ documents, tokens (before chunking) and sequences of the train/test split, the t
 the corpus lines skipped as malformed, a sha256 check of every shard and a few decoded samples.
 
     python shards/inspect.py runs/demo/data
-    python shards/inspect.py runs/demo/data --set numpy/train --samples 5 --no-verify
+    python shards/inspect.py runs/demo/data --shard-set numpy/train --samples 5 --no-verify
     python shards/inspect.py runs/mine/data --config runs/mine/config.yaml
 
 With --config, each target fraction's n_T is also split into training and held-out sequences as
@@ -94,18 +94,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python shards/inspect.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", help="folder with manifest.json (e.g. runs/<run>/data)")
-    parser.add_argument("--set", dest="set_name", help="only this set, e.g. source/train (default: all)")
+    parser.add_argument("--shard-set", dest="set_name", metavar="SET",
+                        help="only this set of shards, e.g. source/train (default: all)")
     parser.add_argument("--samples", type=int, default=2, help="decoded samples to print per set (default 2)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
     parser.add_argument("--config", action="append", metavar="YAML",
                         help="the run's config (repeatable): split each fraction into training and "
                              "held-out sequences as its protocol does")
-    parser.add_argument("--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of --config (what --set does for launchers/submit.py), "
-                             "e.g. --override protocol.holdout_min=1")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of --config, as for launchers/submit.py, e.g. --set "
+                             "protocol.holdout_min=1 (repeatable)")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
-        parser.error("--override goes with --config")
+        parser.error("--set goes with --config")
     try:
         cfg = _load_config(args)
         manifest = Manifest.load(args.data_dir)

@@ -15,16 +15,18 @@ forever when a task dies before writing its result pickle, so tests wait through
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from gtl_dist.cluster.slurm_local import (INSTALL_HINT, ClusterError, ClusterSpec,
-                                          LocalSlurmCluster, find_free_controller_port,
-                                          missing_programs)
-from gtl_dist.slurm_query import TERMINAL_STATES, job_states
+# The one-machine cluster is a tool beside launchers/slurm_cluster.py, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+from slurm_local import (INSTALL_HINT, ClusterError, ClusterSpec, LocalSlurmCluster,  # noqa: E402
+                         find_free_controller_port, missing_programs)
+from gtl_dist.slurm_query import TERMINAL_STATES, job_states  # noqa: E402
 
 REQUIRE_ENV = "GTL_REQUIRE_SLURM"
 # A task's result pickle is written before its process exits; allow the file system a moment.

@@ -1,5 +1,6 @@
 """Configuration: presets load, unknown keys are named with their file, overrides work, hashing."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -47,6 +48,21 @@ def test_jsonl_example_reads_a_users_corpus_and_plans_offline(tmp_path):
     assert "preflight: passed" in res.stdout and "adapter" in res.stdout and "finetune" in res.stdout
     assert "domain_classifier" in res.stdout
     assert not run_dir.exists()  # --plan writes nothing
+
+
+def test_the_smoke_overlay_shortens_every_stage_and_keeps_the_science_settings():
+    """configs/smoke.yaml names every stage of the stage table, so that a stage added later cannot
+    silently keep its full length in a smoke run; it keeps the corpus, domains, methods and protocol."""
+    overlay = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    assert set(overlay["train"]) == {f.name for f in dataclasses.fields(RunConfig().train)}
+    base = load_config(CONFIGS / "jsonl_example.yaml", ["data.path=/data/c.jsonl"])
+    smoke = load_config([CONFIGS / "jsonl_example.yaml", CONFIGS / "smoke.yaml"], ["data.path=/data/c.jsonl"])
+    for stage in overlay["train"]:
+        assert getattr(smoke.train, stage).steps <= 30
+    for keep in ("source_domains", "target_domains", "corpus", "path"):
+        assert getattr(smoke.data, keep) == getattr(base.data, keep)
+    assert (smoke.sample.methods, smoke.protocol) == (base.sample.methods, base.protocol)
+    assert smoke.data.target_fractions == [1.0] and smoke.data.max_docs_per_domain == 400
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -302,7 +302,7 @@ def test_inspect_cli_verifies_and_decodes(tmp_path, configs_dir, corpus_file):
     cfg_file.write_text(cfg.to_yaml())
     held = fractions["0.1"]
     checked = subprocess.run(script + [str(m.root), "--samples", "0", "--no-verify", "--config", str(cfg_file),
-                                       "--override", f"protocol.holdout_min={held}"],
+                                       "--set", f"protocol.holdout_min={held}"],
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 1, checked.stderr
     assert re.search(rf"t +0\.5  n_T +{fractions['0.5']} = +{fractions['0.5'] - held} train \+ +{held} held out "
@@ -324,7 +324,7 @@ def test_inspect_cli_verifies_and_decodes(tmp_path, configs_dir, corpus_file):
 def test_bad_corpus_path_fails_before_anything_is_built(tmp_path, configs_dir):
     cfg = load_config(configs_dir / "tiny.yaml", ["data.corpus=jsonl", f"data.path={tmp_path / 'none.jsonl'}",
                                                   "data.source_domains=[a]", "data.target_domains=[b]"])
-    with pytest.raises(ValueError, match="none.jsonl: corpus file not found"):
+    with pytest.raises(ValueError, match=r"data\.path: \S*none\.jsonl does not exist"):
         prepare_data(cfg, tmp_path)
     assert not (tmp_path / "data" / "plan.json").exists()
 

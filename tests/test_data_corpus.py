@@ -57,8 +57,13 @@ def test_bad_corpora_name_the_file_and_the_problem(tmp_path, configs_dir):
         return _cfg(configs_dir, f"data.corpus={corpus}", f"data.path={path}", "data.source_domains=[a]",
                     f"data.target_domains={targets}")
 
-    with pytest.raises(CorpusError, match=r"missing\.jsonl: corpus file not found"):
+    with pytest.raises(CorpusError, match=r"data\.path: \S*missing\.jsonl does not exist; data\.corpus=jsonl reads "
+                                          r"a file \(one JSON object a line"):
         read_corpus(cfg(tmp_path / "missing.jsonl"))
+    # The wrong kind of path names what the corpus reads and the corpus that reads this kind.
+    with pytest.raises(CorpusError, match=r"data\.path: \S+ is a folder, but data\.corpus=jsonl reads a file .*"
+                                          r"or set data\.corpus=txt"):
+        read_corpus(cfg(tmp_path))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(CorpusError, match=r"empty\.jsonl: the corpus is empty"):
         read_corpus(cfg(tmp_path / "empty.jsonl"))
@@ -83,9 +88,13 @@ def test_bad_corpora_name_the_file_and_the_problem(tmp_path, configs_dir):
                                           r"b \(3\) \(skipped 2 of 8 lines: 2 not JSON \(lines 7, 8\)\)"):
         read_corpus(cfg(tmp_path / "short.jsonl", targets="[physics]"))
     (tmp_path / "txt" / "a").mkdir(parents=True)
-    with pytest.raises(CorpusError, match=r"txt/b: no folder for domain 'b'"):
+    with pytest.raises(CorpusError, match=r"txt/b: no folder for domain 'b' .*folders found: a\. Fix "
+                                          r"data\.source_domains / data\.target_domains, or data\.path"):
         read_corpus(cfg(tmp_path / "txt", corpus="txt"))
-    with pytest.raises(CorpusError, match="arxiv-snapshot.json: corpus file not found"):
+    with pytest.raises(CorpusError, match=r"c\.jsonl is a file, but data\.corpus=txt reads a folder .*"
+                                          r"or set data\.corpus=jsonl"):
+        read_corpus(cfg(path, corpus="txt"))
+    with pytest.raises(CorpusError, match=r"arxiv-snapshot\.json does not exist; data\.corpus=arxiv reads a file"):
         read_corpus(cfg(tmp_path / "arxiv-snapshot.json", corpus="arxiv"))
 
 

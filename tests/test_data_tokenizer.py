@@ -69,3 +69,17 @@ def test_hash_mismatch_and_missing_model_are_clear_errors(trained, tmp_path):
         Tokenizer(trained[0], expected_hash="0" * 64)
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
         Tokenizer(tmp_path / "nope.model")
+
+
+def test_a_vocabulary_the_text_cannot_fill_is_reduced_with_a_warning_saying_why(tmp_path, caplog):
+    """~30 distinct words cannot fill 8000 pieces: SentencePiece takes fewer, and the build says so."""
+    with caplog.at_level("WARNING", logger="gtl_dist.data.tokenizer"):
+        train_tokenizer(_texts(), TokenizerConfig(vocab_size=8000, num_threads=2), tmp_path / "t.model", seed=0)
+    got = Tokenizer(tmp_path / "t.model").vocab_size
+    assert got < 8000
+    assert (f"tokenizer.vocab_size: 8000 was reduced to {got}: the source training text" in caplog.text
+            and f"set tokenizer.vocab_size: {got}" in caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gtl_dist.data.tokenizer"):
+        train_tokenizer(_texts(), TokenizerConfig(vocab_size=got, num_threads=2), tmp_path / "u.model", seed=0)
+    assert "was reduced" not in caplog.text  # a vocabulary the text fills: no warning

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import LaunchOptions, render_sbatch
+from gtl_dist.cluster.options import LaunchOptions
+from gtl_dist.cluster.sbatch import render_sbatch
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import load_config
 from gtl_dist.methods import METHODS
@@ -43,6 +44,8 @@ def test_local_pipeline_runs_to_a_report(local_run):
     assert f"done. report: {report}" in proc.stdout
     text = report.read_text()
     assert "transition_mean_abs_err" in text
+    # The report cites the launcher's command line, passed to the evaluation task by the launcher.
+    assert "- command: `python launchers/submit.py --config configs/tiny.yaml --cluster local --run-dir " in text
     with open(run_dir / "eval" / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     cfg = load_config(REPO / "configs" / "tiny.yaml")

@@ -1,15 +1,17 @@
 """The submit-time preflight (gtl_dist/cluster/preflight.py, launchers/submit.py --plan / --dry-run):
 each check against hand-made facts, and the launcher's refusals without a SLURM controller."""
 
-import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from gtl_dist.cluster import preflight as pf
+from gtl_dist.cluster import submit as submit_cli
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import LaunchOptions, Launcher, world_size
+from gtl_dist.cluster.launch import Launcher
+from gtl_dist.cluster.options import LaunchOptions, world_size
 from gtl_dist.config import ConfigError, load_config
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError
@@ -17,7 +19,6 @@ from gtl_dist.stages import Task
 from gtl_dist.train.engine import batch_geometry
 
 REPO = Path(__file__).resolve().parents[1]
-ARXIV = ["--config", "configs/arxiv.yaml", "--set", "data.path=/data/arxiv.json", "--cluster", "slurm"]
 SINFO = """\
 a1|gpu*|gpu:a100:8(S:0-1)
 a2|gpu*|gpu:a100:8(S:0-1)
@@ -40,23 +41,26 @@ def _check(cfg, run_dir, facts=None, live=True, **opts):
 
 
 @pytest.fixture
-def submit(monkeypatch, tmp_path, capsys):
-    """launchers/submit.py's main() in this process, with no SLURM controller to ask and plenty of disk
-    (the disk check has its own tests); returns (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("submit_cli", REPO / "launchers" / "submit.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def arxiv(tmp_path):
+    """The arXiv preset on SLURM, its snapshot an empty stand-in (the plan reads only its name)."""
+    snapshot = tmp_path / "arxiv-metadata-oai-snapshot.json"
+    snapshot.touch()
+    return ["--config", "configs/arxiv.yaml", "--set", f"data.path={snapshot}", "--cluster", "slurm"]
 
+
+@pytest.fixture
+def submit(monkeypatch, tmp_path, capsys):
+    """The launcher's main() in this process, with no SLURM controller to ask and plenty of disk
+    (the disk check has its own tests); returns (exit code, stdout, stderr)."""
     def no_controller():
         raise SlurmCommandError("sinfo: no answer within 30 s (is slurmctld running?)")
 
     monkeypatch.setattr(pf, "sinfo_nodes", no_controller)
     monkeypatch.setattr(pf, "free_bytes", lambda path: 10**15)
-    monkeypatch.setenv("GTL_SUBMIT_COMMAND", "test")
     monkeypatch.chdir(REPO)
 
     def run(*args):
-        code = cli.main([*args, "--run-dir", str(tmp_path / "run")])
+        code = submit_cli.main([*args, "--run-dir", str(tmp_path / "run")])
         out = capsys.readouterr()
         return code, out.out, out.err
     return run
@@ -88,20 +92,20 @@ def test_the_suggested_value_plans_cleanly_and_dry_run_renders_the_scripts_offli
     assert not (tmp_path / "run").exists()  # a preview writes nothing
 
 
-def test_arxiv_plans_cleanly_on_8x8_offline(submit):
-    code, out, err = submit(*ARXIV, "--nodes", "8", "--gpus-per-node", "8", "--plan")
+def test_arxiv_plans_cleanly_on_8x8_offline(submit, arxiv):
+    code, out, err = submit(*arxiv, "--nodes", "8", "--gpus-per-node", "8", "--plan")
     assert code == 0, err
     assert "(64 ranks each)" in out and "preflight: passed" in out
 
 
-def test_arxiv_on_64x8_needs_a_global_batch_of_at_least_512(submit):
+def test_arxiv_on_64x8_needs_a_global_batch_of_at_least_512(submit, arxiv):
     """The paper's global batch of 128 cannot be split over 512 ranks: the one refusal."""
-    code, out, err = submit(*ARXIV, "--nodes", "64", "--gpus-per-node", "8", "--plan")
+    code, out, err = submit(*arxiv, "--nodes", "64", "--gpus-per-node", "8", "--plan")
     problems = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(problems) == 1, err
     assert "train.denoiser.global_batch: 128 is not divisible by the world size 512" in problems[0]
     assert "e.g. 512" in problems[0] and "--nodes 64 × 8 (one per GPU, --gpus-per-node 8)" in problems[0]
-    code, out, err = submit(*ARXIV, "--nodes", "64", "--gpus-per-node", "8", "--plan",
+    code, out, err = submit(*arxiv, "--nodes", "64", "--gpus-per-node", "8", "--plan",
                             "--set", "train.denoiser.global_batch=512")
     assert code == 0 and "(512 ranks each)" in out and "preflight: passed" in out, err
 
@@ -116,6 +120,123 @@ def test_a_real_submission_is_refused_before_anything_is_queued_or_written(submi
     code, _, err = submit("--config", "configs/tiny.yaml", "--cluster", "slurm", "--nodes", "3")
     assert code == 2 and err.count("error: ") == 1 and "train.denoiser.global_batch: 64" in err
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "jobs").exists()
+
+
+# -- everything a user can get wrong, refused before anything is queued: one line, exit 2 --------------------
+
+@pytest.mark.parametrize("flags, line", [
+    (["--nodes", "0"], "--nodes 0: the nodes of the source stage's job must be at least 1; use --nodes 1 or more"),
+    (["--nodes", "-2", "--dry-run"], "--nodes -2: the nodes of the source stage's job must be at least 1"),
+    (["--gpus-per-node", "-1", "--dry-run"], "--gpus-per-node -1: the GPUs per node (0: CPU-only nodes) must be "
+                                            "at least 0; use --gpus-per-node 1 or more (0 for CPU-only nodes)"),
+    (["--cpus-per-task", "0"], "--cpus-per-task 0: the CPUs of each task must be at least 1"),
+    (["--time", "0"], "--time 0: the minutes of the source stage's time limit must be at least 1"),
+    (["--local-parallelism", "0"], "--local-parallelism 0: the tasks --cluster local runs at once must be at least 1"),
+    (["--wait-timeout", "nan"], "--wait-timeout nan: give the minutes to follow the run, a number above 0"),
+])
+def test_a_bad_launcher_flag_is_one_line_naming_it_and_the_fix(submit, tmp_path, flags, line):
+    code, out, err = submit("--config", "configs/tiny.yaml", "--cluster", "slurm", *flags)
+    assert code == 2
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"error: {line}"), err
+    assert "#SBATCH" not in out and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("train.denoiser.lr=-0.001", "train.denoiser.lr: -0.001: the learning rate must be above 0 (e.g. 3e-4)"),
+    ("train.vanilla.lr=0", "train.vanilla.lr: 0.0: the learning rate must be above 0"),
+    ("train.edit_ratio.lr_grid=[1e-3, 0]", "train.edit_ratio.lr_grid: [0.001, 0.0]: a learning-rate grid needs "
+                                           "distinct positive values"),
+    ("train.denoiser.steps=0", "train.denoiser.steps: must be at least 1"),
+    ("train.denoiser.val_every=0", "train.denoiser.val_every: must be at least 1"),
+    ("train.finetune.save_every=-5", "train.finetune.save_every: must be at least 1"),
+    ("train.ratio.log_every=0", "train.ratio.log_every: must be at least 1"),
+    ("sample.gamma=nan", "sample.gamma: 'nan' is not a finite number; give a plain number"),
+    ("sample.gamma=.inf", "sample.gamma: inf is not a finite number; give a plain number"),
+    ("sample.paper_gamma=-1", "sample.paper_gamma: -1.0: a guidance strength must be 0 (unguided) or more"),
+    ("cluster.timeout_min=0", "cluster.timeout_min: must be at least 1"),
+])
+def test_a_bad_config_value_is_one_line_naming_the_key_and_the_fix(submit, tmp_path, setting, line):
+    code, out, err = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--set", setting)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and line in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small JSON-lines corpus of domains a, b and t, and the jsonl example's flags pointing at it."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} of {d}.", "domain": d}) + "\n"
+                            for d in "abt" for i in range(4)))
+    return path, ["--config", "configs/jsonl_example.yaml", "--set", "data.source_domains=[a, b]",
+                  "--set", "data.target_domains=[t]", "--cluster", "local"]
+
+
+@pytest.mark.parametrize("preview", [["--plan"], []])
+def test_data_path_and_domains_are_checked_before_anything_is_queued(submit, tmp_path, corpus, preview):
+    path, flags = corpus
+    code, out, err = submit(*flags, "--set", f"data.path={path}", "--plan")
+    assert code == 0 and "preflight: passed" in out, err
+    cases = [(tmp_path / "missing.jsonl", [], f"data.path: {tmp_path / 'missing.jsonl'} does not exist; "
+                                             f"data.corpus=jsonl reads a file"),
+             (tmp_path, [], f"data.path: {tmp_path} is a folder, but data.corpus=jsonl reads a file"),
+             (path, ["--set", "data.corpus=txt"], f"data.path: {path} is a file, but data.corpus=txt reads a folder"),
+             (path, ["--set", "data.target_domains=[tt]"], f"{path}: domain 'tt' has 0 document(s); it needs at "
+                                                          f"least 2 (train and test). Domains found: a (4), b (4), "
+                                                          f"t (4). Fix data.source_domains / data.target_domains.")]
+    for data_path, extra, line in cases:
+        code, out, err = submit(*flags, "--set", f"data.path={data_path}", *extra, *preview)
+        problems = [x for x in err.splitlines() if x.startswith("error: ")]
+        assert code == 2 and len(problems) == 1 and line in problems[0], err
+        assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "jobs").exists()
+
+
+def test_a_txt_folder_without_a_configured_domain_names_the_folders_found(submit, tmp_path, corpus):
+    _, flags = corpus
+    for domain in ("a", "b", "t"):
+        (tmp_path / "txt" / domain).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "txt" / domain / f"{i}.txt").write_text(f"document {i}")
+    code, out, err = submit(*flags, "--set", "data.corpus=txt", "--set", f"data.path={tmp_path / 'txt'}", "--plan")
+    assert code == 0, err
+    code, out, err = submit(*flags, "--set", "data.corpus=txt", "--set", f"data.path={tmp_path / 'txt'}",
+                            "--set", "data.target_domains=[u]", "--plan")
+    assert code == 2 and "no folder for domain 'u'" in err and "folders found: a, b, t" in err
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_also_by_plan(submit, monkeypatch, tmp_path, capsys):
+    def run(run_dir, *preview):
+        code = submit_cli.main(["--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run_dir),
+                                *preview])
+        return code, capsys.readouterr().err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for preview in (["--plan"], []):
+        assert run(blocker / "run", *preview) == (2, f"error: --run-dir {blocker / 'run'}: {blocker} is a file, so "
+                                                     f"no run directory can be made below it; choose another "
+                                                     f"--run-dir\n")
+    # Without write permission (or on a read-only filesystem), as access(2) reports it.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr("gtl_dist.cluster.run_dir.os.access",
+                        lambda path, mode: Path(path) != locked and real_access(path, mode))
+    code, err = run(locked / "run", "--plan")
+    assert code == 2 and f"--run-dir {locked / 'run'}: {locked} cannot be written by this user" in err
+    assert not (locked / "run").exists()
+
+
+def test_the_default_cluster_with_no_controller_suggests_running_here(submit, monkeypatch, tmp_path):
+    """sbatch on PATH makes SLURM the default; without a controller the error names no flag the
+    user did not pass, and says how to run on this machine."""
+    monkeypatch.setattr("gtl_dist.cluster.submit.shutil.which", lambda name: f"/usr/bin/{name}")
+    code, out, err = submit("--config", "configs/tiny.yaml")
+    problems = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert code == 2 and len(problems) == 1, err
+    assert "SLURM controller does not answer (sinfo: no answer" in problems[0]
+    assert problems[0].endswith("to run on this machine instead, add --cluster local")
+    assert "--cluster slurm" not in err and not (tmp_path / "run" / "jobs").exists()
 
 
 def test_help_explains_plan_and_the_shared_filesystem(submit, capsys):

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gtl_dist.cluster.launch import Submission, SubmissionLog
+from gtl_dist.cluster.submissions import Submission, SubmissionLog
 from gtl_dist.cluster.run_lock import RECORD_NAME, RunDirBusy, hold_run_dir
 from gtl_dist.data import Manifest
-from gtl_dist.locks import pid_alive
+from gtl_dist.processes import pid_alive
 from gtl_dist.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,8 @@ def test_concurrent_submission_log_writers_lose_no_entry(tmp_path):
 @pytest.fixture
 def tiny_launcher(tmp_path, configs_dir):
     from gtl_dist.cluster.dag import build_pipeline
-    from gtl_dist.cluster.launch import LaunchOptions, Launcher
+    from gtl_dist.cluster.launch import Launcher
+    from gtl_dist.cluster.options import LaunchOptions
     from gtl_dist.config import load_config
 
     def make(*overrides: str, cluster: str = "local") -> Launcher:
@@ -141,7 +142,7 @@ def _record_job(launcher, task, job_id: str, cluster: str = "local") -> None:
 
 def test_changed_inputs_are_refused_while_a_job_made_with_the_old_ones_runs(tiny_launcher, monkeypatch):
     """--update-config must not start a second job on the directory of one that still runs."""
-    from gtl_dist.cluster.launch import LaunchError
+    from gtl_dist.cluster.options import LaunchError
     old = tiny_launcher()
     denoiser, sampled = (next(t for t in old.pipeline.tasks if t.kind == kind) for kind in ("denoiser", "sample"))
     job = subprocess.Popen(["sleep", "60"])

@@ -20,14 +20,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 import submitit
 
-from gtl_dist.cluster.slurm_local import (MARKER_VAR, ClusterError, ClusterSpec,
-                                          LocalSlurmCluster, find_free_controller_port,
-                                          render_slurm_conf)
+from gtl_dist.processes import start_time
 from gtl_dist.slurm_query import UNKNOWN, SlurmCommandError, job_states, node_addr, parse_record
 from slurm_fixtures import wait_for_results
+from slurm_local import (MARKER_VAR, ClusterError, ClusterSpec, LocalSlurmCluster, find_free_controller_port,
+                         render_slurm_conf)
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "launchers" / "slurm_cluster.py"
@@ -127,32 +128,16 @@ def test_job_states_raises_when_the_controller_is_down(tmp_path, monkeypatch):
 def _gone(pid: int) -> bool:
     """Exited (a zombie waiting for init to reap it counts as exited)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def _live_processes(accept) -> list[int]:
-    """Pids of live processes for which ``accept(pid, ppid, argv)`` holds (no procps needed)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and accept(int(entry.name), int(fields[1]), argv):
-            found.append(int(entry.name))
-    return found
-
-
-def _start_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return int(raw[raw.rindex(")") + 2:].split()[19])
+    """Pids of live processes for which ``accept(pid, ppid, argv)`` holds."""
+    return [p.pid for p in psutil.process_iter(["ppid", "cmdline", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.info["cmdline"] is not None
+            and accept(p.pid, p.info["ppid"], p.info["cmdline"])]
 
 
 def _sleeper(env: dict | None = None, argv: tuple = ("sleep", "60")) -> subprocess.Popen:
@@ -178,11 +163,11 @@ def test_stop_signals_only_recorded_processes_and_marked_job_steps(tmp_path):
             time.sleep(0.05)
         [step_child] = _live_processes(lambda pid, ppid, argv: ppid == step.pid)
         daemons = [
-            {"name": "slurmd-n1", "pid": recorded.pid, "start_ticks": _start_ticks(recorded.pid),
+            {"name": "slurmd-n1", "pid": recorded.pid, "started": start_time(recorded.pid),
              "argv": ["sleep"], "log": ""},
             # The bystander's pid with another start time: a recycled pid, never to be signalled.
             {"name": "slurmctld", "pid": bystander.pid,
-             "start_ticks": _start_ticks(bystander.pid) - 1, "argv": ["sleep"], "log": ""},
+             "started": start_time(bystander.pid) - 1, "argv": ["sleep"], "log": ""},
         ]
         (state_dir / "cluster.json").write_text(json.dumps(
             {"spec": asdict(ClusterSpec()), "daemons": daemons, "complete": True}))
@@ -206,7 +191,7 @@ def test_stop_signals_only_recorded_processes_and_marked_job_steps(tmp_path):
             proc.wait()
         # Only if stop() failed to: the orphaned child of the fake step, checked by its argv.
         if step_child is not None and not _gone(step_child) and \
-                Path(f"/proc/{step_child}/cmdline").read_bytes() == b"sleep\x0060\x00":
+                psutil.Process(step_child).cmdline() == ["sleep", "60"]:
             os.kill(step_child, 9)
 
 
@@ -258,16 +243,8 @@ def test_ci_turns_any_skip_of_a_slurm_test_into_a_failure(tmp_path):
 
 def _marked_cluster_dirs() -> set[str]:
     """State dirs named by the marker variable of live processes (daemons and job steps)."""
-    dirs = set()
-    prefix = f"{MARKER_VAR}=".encode()
-    for entry in Path("/proc").iterdir():
-        try:
-            for var in (entry / "environ").read_bytes().split(b"\0"):
-                if var.startswith(prefix) and not _gone(int(entry.name)):
-                    dirs.add(var[len(prefix):].decode())
-        except (OSError, ValueError):
-            continue
-    return dirs
+    return {p.info["environ"][MARKER_VAR] for p in psutil.process_iter(["environ", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and MARKER_VAR in (p.info["environ"] or {})}
 
 
 @pytest.mark.slurm

@@ -1,18 +1,22 @@
-"""launchers/status.py on a fake run directory: its exit status and the --only filter."""
+"""launchers/status.py: its exit status and the --only filter on a fake run directory; a failed debug
+run, a closed pipe and a folder of shards/build.py; the progress lines of a followed run."""
 
-import importlib.util
 import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from gtl_dist.cluster import submit as submit_cli
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.launch import TASK_STATES, Submission, SubmissionLog
+from gtl_dist.cluster.submissions import TASK_STATES, Submission, SubmissionLog
 from gtl_dist.cluster.run_dir import prepare_run_dir
+from gtl_dist.cluster.status import main
 from gtl_dist.cluster.progress import TrainProgress, format_progress, train_log_path
 from gtl_dist.cluster.tasks import write_marker
 from gtl_dist.config import load_config
@@ -20,14 +24,7 @@ from gtl_dist.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, script: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launchers" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-main = _load("status_cli", "status.py").main
 
 
 @pytest.fixture
@@ -136,10 +133,9 @@ def test_running_training_tasks_report_their_step_at_most_every_30_s(training_ru
 
 def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, monkeypatch, capsys):
     pipeline, paths, denoiser = training_run
-    submit_cli = _load("submit_cli", "submit.py")
     states = {t.key: "running" if t is denoiser else "pending" for t in pipeline.tasks}
     monkeypatch.setattr(submit_cli, "task_state", lambda p, pa, task, sub, st: states[task.key])
-    monkeypatch.setattr("gtl_dist.cluster.launch.slurm_job_states", lambda subs: {})
+    monkeypatch.setattr("gtl_dist.cluster.submissions.slurm_job_states", lambda subs: {})
     monkeypatch.setattr(submit_cli.time, "sleep", lambda s: states.update(dict.fromkeys(states, "done")))
     log_train(paths, denoiser, 10, mtime=1000)
     launcher = SimpleNamespace(pipeline=pipeline, paths=paths, subs=SubmissionLog(paths))
@@ -147,3 +143,52 @@ def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, mo
     out = capsys.readouterr().out
     assert re.search(r"^  \d\d:\d\d:\d\d running denoiser: step 10/40 \(25%\), 2 step/s, eta 15 s$", out, re.M)
     assert out.count("running denoiser: step") == 1
+
+
+# -- what status.py sees ------------------------------------------------------------------------------------
+
+def _cli(script: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "GTL_NO_PROGRESS_BAR": "1"}, **kw)
+
+
+def test_a_failed_debug_run_is_shown_failed_with_its_log_and_exit_1(tmp_path):
+    run = tmp_path / "run"
+    submit = ["launchers/submit.py", "--config", "configs/tiny.yaml", "--cluster", "debug", "--run-dir", str(run)]
+    assert _cli(*submit, "--stages", "data").returncode == 0
+    shard = next((run / "data").glob("source-train-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # the denoiser's reader refuses a damaged shard
+    failed = _cli(*submit, "--stages", "denoiser")
+    assert failed.returncode == 1 and "FAILED denoiser" in failed.stdout, failed.stdout + failed.stderr
+    status = _cli("launchers/status.py", "--run-dir", str(run), "--only", "failed")
+    assert status.returncode == 1, status.stdout + status.stderr
+    [row] = [line for line in status.stdout.splitlines() if line.startswith("denoiser")]
+    log = Path(row.split()[-1])
+    assert " failed " in row and re.search(r" debug-\d+-1 ", row) and log.is_file()
+    assert shard.name in log.read_text() and "Traceback" in log.read_text()  # the task's own log, kept
+    assert "1 task(s) failed or cancelled" in status.stderr
+
+
+def test_status_ends_quietly_when_its_reader_stops_reading(finished_run):
+    _, paths = finished_run
+    proc = subprocess.Popen([sys.executable, str(REPO / "launchers" / "status.py"), "--run-dir", str(paths.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `status.py | head -1` does
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""  # no BrokenPipeError traceback
+
+
+def test_shards_built_by_build_py_are_a_run_directory_with_its_data_done(tmp_path):
+    run = tmp_path / "run"
+    assert _cli("shards/build.py", "--config", "configs/tiny.yaml", "--run-dir", str(run)).returncode == 0
+    status = _cli("launchers/status.py", "--run-dir", str(run))
+    n = len(build_pipeline(load_config(REPO / "configs" / "tiny.yaml")).tasks)
+    assert status.returncode == 0 and f"{n} tasks: 1 done, {n - 1} not submitted" in status.stdout, status.stderr
+    plan = _cli("launchers/submit.py", "--config", "configs/tiny.yaml", "--cluster", "local", "--run-dir", str(run),
+                "--plan")
+    assert plan.returncode == 0 and re.search(r"^  data +1 task\(s\): 1 done, 0 queued/running, 0 to run$",
+                                              plan.stdout, re.M), plan.stdout + plan.stderr
+    assert "the data stage has not run" not in plan.stdout
+    other = _cli("shards/build.py", "--config", "configs/tiny.yaml", "--set", "seed=3", "--run-dir", str(run))
+    assert other.returncode == 2 and "made by a different config" in other.stderr  # as submit.py refuses it

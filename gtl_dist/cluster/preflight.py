@@ -2,11 +2,14 @@
 
 A problem found only when a job starts fails that job, and SLURM then cancels every job that
 depends on it (``--kill-on-invalid-dep``). The preflight looks at the config, the plan (the tasks
-about to run, each group at its own world size, :func:`gtl_dist.cluster.launch.world_size`), the
+about to run, each group at its own world size, :func:`gtl_dist.cluster.options.world_size`), the
 run directory and SLURM, and reports one line per problem: the file or flag, the key, what was
 expected and the fix. Notes say what it skipped and why. docs/operations.md, "Preflight", lists
 what it cannot know.
 
+- corpus: ``data.path`` exists and is the file or folder ``data.corpus`` reads; the configured
+  domains are in the corpus, where a quick look tells (a folder's sub-folders, a JSON-lines file
+  up to 64 MiB, the demo's packages), else the data build checks them;
 - batches: ``train.<stage>.global_batch`` against micro-batch × world size, by the function the
   training loop calls (``engine.batch_geometry``), and the classifiers' source/target split;
 - target data: a target fraction with no training sequences, or none left after the holdout
@@ -33,8 +36,10 @@ from pathlib import Path
 from typing import Optional
 
 from gtl_dist.cluster.dag import Group, Pipeline
-from gtl_dist.cluster.launch import LaunchOptions, Plan, slurm_parameters, world_size
-from gtl_dist.cluster.progress import train_log_path, train_log_records
+from gtl_dist.cluster.options import LaunchOptions, world_size
+from gtl_dist.cluster.sbatch import slurm_parameters
+from gtl_dist.cluster.submissions import Plan
+from gtl_dist.cluster.estimate import step_seconds
 from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError, run_slurm
@@ -156,6 +161,7 @@ def preflight(cfg: RunConfig, opts: LaunchOptions, pipeline: Pipeline, plan: Pla
     ctx = Context(cfg, opts, pipeline, plan, RunPaths(Path(run_dir).resolve()), source)
     report = Report()
     manifest = _manifest(ctx, report)
+    check_corpus(ctx, report)
     check_batches(ctx, report)
     check_target_data(ctx, report, manifest)
     check_finite_passes(ctx, report, manifest)
@@ -175,6 +181,22 @@ def _manifest(ctx: Context, report: Report):
         return None
     from gtl_dist.data import load_run_manifest
     return load_run_manifest(ctx.cfg, ctx.paths.root)
+
+
+def check_corpus(ctx: Context, report: Report) -> None:
+    """The corpus the data stage is about to read: data.path exists and is the file or folder
+    data.corpus reads, and the configured domains are in it (where a quick look can tell)."""
+    if Task("data") not in ctx.plan.to_run:
+        return
+    from gtl_dist.data.corpus import precheck
+    from gtl_dist.data.documents import CorpusError
+    try:
+        note = precheck(ctx.cfg)
+    except CorpusError as exc:
+        report.problems.append(f"{ctx.source}: {exc}")
+        return
+    if note:
+        report.notes.append(note)
 
 
 def check_batches(ctx: Context, report: Report) -> None:
@@ -267,13 +289,13 @@ def check_finite_passes(ctx: Context, report: Report, manifest) -> None:
     """Each rank of a validation pass gets a sample, which the loader requires (its own check)."""
     if manifest is None:
         return
-    from gtl_dist.data.loader import _pass_batches
+    from gtl_dist.data.loader import pass_batches
     from gtl_dist.data.manifest import ManifestError
     for group, tasks in ctx.groups_to_run(training=True):
         ranks = world_size(group, ctx.cfg, ctx.opts)
         for set_name in sorted({s for t in tasks for s in finite_sets(ctx.cfg, t)}):
             try:
-                _pass_batches(f"{manifest.path} [{set_name}]", manifest.num_samples(set_name), 0, ranks, 1, 1)
+                pass_batches(f"{manifest.path} [{set_name}]", manifest.num_samples(set_name), 0, ranks, 1, 1)
             except ManifestError as exc:
                 report.problems.append(f"{exc} [{ctx.ranks(group)}]")
 
@@ -283,8 +305,12 @@ def check_slurm(ctx: Context, report: Report, facts: Facts, live: bool) -> None:
     if ctx.opts.cluster != "slurm":
         return
     if facts.nodes is None:
-        if live:
+        if live and ctx.opts.cluster_chosen:
             report.problems.append(f"--cluster slurm: cannot reach the SLURM controller: {facts.slurm_error}")
+        elif live:
+            report.problems.append(f"sbatch is on PATH, so the launcher submits to SLURM by default, but the "
+                                   f"SLURM controller does not answer ({facts.slurm_error}); to run on this "
+                                   f"machine instead, add --cluster local")
         else:
             report.notes.append(f"SLURM is not reachable, so the partition, node and GPU checks are skipped "
                                 f"and recorded jobs count as not queued ({facts.slurm_error})")
@@ -325,7 +351,7 @@ def check_time_limits(ctx: Context, report: Report) -> None:
     for group, tasks in ctx.groups_to_run(training=True):
         stage = tasks[0].kind
         tc = getattr(ctx.cfg.train, stage)
-        measured = measured_step_time(ctx.paths, group.tasks, tc.global_batch)
+        measured = step_seconds(ctx.paths, group.tasks, tc.global_batch)
         if measured is None:
             unmeasured.append(stage)
             continue
@@ -349,18 +375,6 @@ def check_time_limits(ctx: Context, report: Report) -> None:
         report.notes.append(f"time limits against checkpoint intervals not checked for "
                             f"{', '.join(unmeasured)}: no step time measured yet (train_log.jsonl of an "
                             f"earlier run in this run directory)")
-
-
-def measured_step_time(paths: RunPaths, tasks: list[Task], global_batch: int) -> Optional[tuple[float, Path]]:
-    """The slowest of the tasks' median step times in their train_log.jsonl (seconds per step of
-    ``global_batch`` samples), with that log; None when no task logged one."""
-    found = []
-    for task in tasks:
-        rates = sorted(r["samples_per_s"] for r in train_log_records(paths, task)
-                       if r.get("kind") == "train" and (r.get("samples_per_s") or 0) > 0)
-        if rates:
-            found.append((global_batch / rates[len(rates) // 2], train_log_path(paths, task)))
-    return max(found, default=None)
 
 
 def checkpoint_bytes(tc: TrainConfig, params: int) -> int:

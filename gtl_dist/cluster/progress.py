@@ -35,11 +35,12 @@ def format_progress(step: int, total: int, rate: Optional[float] = None) -> str:
     if rate:
         text += f", {rate:.2g} step/s" if rate < 10 else f", {rate:.0f} step/s"
         if step < total:
-            text += f", eta {_duration((total - step) / rate)}"
+            text += f", eta {format_duration((total - step) / rate)}"
     return text
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.4 h``."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"

@@ -10,11 +10,13 @@ what they compute.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gtl_dist.cluster.options import LaunchError
 from gtl_dist.config import RunConfig, config_from_dict, execution_only
 from gtl_dist.io import atomic_write_json, atomic_write_text
 from gtl_dist.paths import RunPaths
@@ -43,6 +45,21 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
     return diffs
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory this process cannot create or write, before anything is queued:
+    the nearest folder of ``run_dir`` that exists must be a writable folder."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LaunchError(f"--run-dir {run_dir}: {existing} is a file, so no run directory can be made "
+                          f"below it; choose another --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"--run-dir {run_dir}: {existing} cannot be written by this user (permission "
+                          f"or a read-only filesystem); choose a --run-dir you can write, e.g. under your "
+                          f"home or your cluster's shared scratch")
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: str | Path, update: bool = False,

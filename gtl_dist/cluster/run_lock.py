@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from gtl_dist.cluster.launch import LaunchError
+from gtl_dist.cluster.options import LaunchError
 from gtl_dist.io import atomic_write_json, read_json
-from gtl_dist.locks import flocked, pid_alive
+from gtl_dist.locks import flocked
+from gtl_dist.processes import pid_alive
 from gtl_dist.log import get_logger
 
 log = get_logger("cluster.run_lock")

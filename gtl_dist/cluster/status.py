@@ -1,12 +1,23 @@
-"""A run's state at a glance: one row per task (stage × target × fraction).
+"""Show a run's state: one row per task (stage × target × fraction, and sample shards) with its
+state (done, running, pending, failed, cancelled, stale, not submitted), training step/total, the
+last training loss, the job id, and for failures the log to read.
+
+    python launchers/status.py --run-dir runs/arxiv
+    python launchers/status.py --run-dir runs/arxiv --only failed
+
+Exit status: 0, or 1 when any task of the run failed or was cancelled (whatever --only shows),
+2 for bad arguments or a folder that is not a run directory.
 
 State comes from the completion markers, the launcher's submission log and SLURM (``squeue``,
 which works without accounting); progress from each training stage's ``train_log.jsonl``
 (gtl_dist/cluster/progress.py, which also prints a following launcher's progress lines).
+Installed, the same command is ``gtl-status``.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,9 +25,10 @@ from typing import Optional
 import yaml
 
 from gtl_dist.cluster.dag import Pipeline, build_pipeline
-from gtl_dist.cluster.launch import SubmissionLog, slurm_job_states, task_state
+from gtl_dist.cluster.submissions import TASK_STATES, SubmissionLog, slurm_job_states, task_state
 from gtl_dist.cluster.progress import last_train_record
 from gtl_dist.config import config_from_dict
+from gtl_dist.log import quiet_closed_stdout, setup_logging
 from gtl_dist.paths import RunPaths, fraction_name
 from gtl_dist.stages import STAGES, Task
 
@@ -90,3 +102,35 @@ def format_table(rows: list[StatusRow]) -> str:
         counts[r.state] = counts.get(r.state, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return "\n".join(lines + ["", f"{len(rows)} tasks: {summary}"])
+
+
+FAILED_STATES = ("failed", "cancelled")
+PROG = "python launchers/status.py"
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\nState comes")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="the run directory launchers/submit.py made")
+    p.add_argument("--only", default=None, metavar="STATE", choices=TASK_STATES,
+                   help=f"show only tasks in this state, one of: {', '.join(TASK_STATES)}")
+    args = p.parse_args(argv)
+    try:
+        rows = status_rows(args.run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = sum(r.state in FAILED_STATES for r in rows)
+    with quiet_closed_stdout():  # `status.py | head`
+        print(format_table([r for r in rows if args.only in (None, r.state)]))
+    if failed:
+        config = RunPaths(args.run_dir).config_yaml
+        print(f"{failed} task(s) failed or cancelled: read the logs listed above, then resubmit: "
+              f"python launchers/submit.py --config {config} --run-dir {args.run_dir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli() -> None:
+    """The ``gtl-status`` command (pyproject.toml)."""
+    setup_logging()
+    sys.exit(main(prog="gtl-status"))

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import atomic_write_json, read_json
+from gtl_dist.locks import flocked
 from gtl_dist.log import get_logger, set_log_context, setup_logging
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import STAGES, Task
@@ -51,15 +54,37 @@ def write_marker(pipeline: Pipeline, paths: RunPaths, task: Task, **info: Any) -
     return path
 
 
-def _is_rank0() -> bool:
+def _rank() -> int:
+    """This process's rank in its job, from the environment alone (no rendezvous)."""
     from gtl_dist.train.dist import resolve_dist_env
-    return resolve_dist_env(os.environ, node_addr=lambda name: name, free_port=lambda: 0).is_main
+    return resolve_dist_env(os.environ, node_addr=lambda name: name, free_port=lambda: 0).rank
 
 
-def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
-    """Run ``task`` in this process (one rank of its job). Returns "done", "skipped" (already
-    complete with the same inputs) or "preempted" (saved; the job should be requeued)."""
+@contextmanager
+def task_lock(paths: RunPaths, task: Task, rank: int) -> Iterator[None]:
+    """Hold ``task``'s lock for this rank (a flock under ``jobs/running/``) for the block, or fail
+    at once: never do two jobs write one task's directory, whichever launcher started them."""
+    path = paths.jobs / "running" / f"{task.key.replace('/', '+')}.rank{rank}.lock"
+    with flocked(path, wait=False) as got:
+        if not got:
+            raise TaskFailed(
+                f"{task.key}: another job runs this task right now (it holds {path}), and two jobs "
+                f"must never write one task's directory; wait for it to end or stop it (python "
+                f"launchers/status.py --run-dir {paths.root} names its job), then run the task again")
+        yield
+
+
+def run_task(cfg: RunConfig, run_dir: str | Path, task: Task, command: Optional[str] = None) -> str:
+    """Run ``task`` in this process (one rank of its job), holding its task_lock. Returns "done",
+    "skipped" (already complete with the same inputs) or "preempted" (saved; the job should be
+    requeued). ``command`` is the launcher's command line, which the report cites."""
     paths = RunPaths(run_dir)
+    rank = _rank()
+    with task_lock(paths, task, rank):
+        return _run_task(cfg, paths, task, command, is_main=rank == 0)
+
+
+def _run_task(cfg: RunConfig, paths: RunPaths, task: Task, command: Optional[str], is_main: bool) -> str:
     pipeline = Pipeline(cfg)
     if marker_valid(pipeline, paths, task):
         log.info("%s: already done with the same inputs (%s); nothing to do", task.key, task.marker(paths))
@@ -67,21 +92,21 @@ def run_task(cfg: RunConfig, run_dir: str | Path, task: Task) -> str:
     info: dict[str, Any] = {}
     if task.kind == "data":
         from gtl_dist.data import prepare_data
-        manifest = prepare_data(cfg, run_dir)
+        manifest = prepare_data(cfg, paths.root)
         info["data_hash"] = manifest.data_hash
     elif task.kind in STAGES:  # gtl_dist.train.run_stage
         from gtl_dist.train import run_stage
-        result = run_stage(cfg, run_dir, task.kind, task.target, task.fraction, task.seed)
+        result = run_stage(cfg, paths.root, task.kind, task.target, task.fraction, task.seed)
         if result.status != "finished":
             return "preempted"
         info.update(step=result.step, val_loss=result.val_loss, export=str(result.export))
     elif task.kind == "sample":
         info.update(_sample(cfg, paths, task))
     elif task.kind == "eval":
-        info.update(_evaluate(cfg, paths))
+        info.update(_evaluate(cfg, paths, command))
     else:
         raise TaskFailed(f"unknown task kind '{task.kind}'")
-    if _is_rank0():
+    if is_main:
         write_marker(pipeline, paths, task, **info)
     return "done"
 
@@ -127,9 +152,8 @@ def _sample(cfg: RunConfig, paths: RunPaths, task: Task) -> dict[str, Any]:
 
 # -- evaluation -------------------------------------------------------------------------------------
 
-def _evaluate(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
+def _evaluate(cfg: RunConfig, paths: RunPaths, command: Optional[str]) -> dict[str, Any]:
     from gtl_dist.eval.evaluate import run_eval
-    command = os.environ.get("GTL_SUBMIT_COMMAND")
     if cfg.data.corpus == "markov":
         files = run_eval(cfg, paths, command=command)
     else:
@@ -185,22 +209,26 @@ def _text_eval_inputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
 # -- submitit ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
 class TaskRunner:
     """The callable submitit pickles: one pipeline task per job (or array element).
+
+    ``command`` is the launcher's command line (the report cites it); ``threads`` the torch
+    threads of each rank (None: SLURM's CPUs per task, else torch's default).
 
     Checkpointable: on preemption or time-out submitit calls ``checkpoint`` (rank 0, inside its
     signal handler, after our collective save) and requeues the same task, which resumes.
     """
-
-    def __init__(self, cfg_dict: dict[str, Any], run_dir: str):
-        self.cfg_dict = cfg_dict
-        self.run_dir = run_dir
+    cfg_dict: dict[str, Any]
+    run_dir: str
+    command: Optional[str] = None
+    threads: Optional[int] = None
 
     def __call__(self, task: Task) -> str:
         setup_logging()
         set_log_context(task=task.key)
         _export_local_distributed_env()
-        _limit_threads()
+        _limit_threads(self.threads)
         cfg = config_from_dict(self.cfg_dict, source=f"{self.run_dir}/config.yaml")
         where = ""
         if "SLURM_JOB_ID" in os.environ:  # which rank runs where: the first thing to check in a log
@@ -209,7 +237,7 @@ class TaskRunner:
                      f"{env.get('SLURM_NTASKS', '?')} on node {env.get('SLURMD_NODENAME', '?')}, "
                      f"restart {env.get('SLURM_RESTART_COUNT', '0')}]")
         log.info("task %s (run %s)%s", task.key, self.run_dir, where)
-        return run_task(cfg, self.run_dir, task)
+        return run_task(cfg, self.run_dir, task, self.command)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -217,10 +245,10 @@ class TaskRunner:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _limit_threads() -> None:
+def _limit_threads(threads: Optional[int]) -> None:
     """Use the CPUs this task was given, no more: torch's default (every core) makes tasks that
     share a node thrash; with small models that costs several times the compute itself."""
-    cpus = os.environ.get("GTL_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
+    cpus = threads or os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
         import torch
         torch.set_num_threads(max(1, int(cpus)))

@@ -18,11 +18,12 @@ every non-empty line is malformed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from gtl_dist.config import RunConfig
+from gtl_dist.data.demo import demo_corpus, package_root
+from gtl_dist.data.documents import CorpusError, Document
 from gtl_dist.log import get_logger
 
 log = get_logger("data.corpus")
@@ -36,21 +37,33 @@ GOOD_LINE = {
 }
 
 
-class CorpusError(ValueError):
-    """A problem with the input corpus, naming the file (and line or domain) and the fix."""
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    domain: str
-    doc_id: str
-
-
 def arxiv_domain(categories: str) -> str:
     """The archive of the first category: "physics.optics hep-th" -> "physics"."""
     first = categories.split()[0] if categories.split() else ""
     return first.split(".")[0]
+
+
+# What data.path is for the corpora that read one, and what it holds.
+PATH_KINDS = {"arxiv": ("file", "the arXiv metadata snapshot, one JSON object a line"),
+              "jsonl": ("file", 'one JSON object a line with "text" and "domain"'),
+              "txt": ("folder", "one sub-folder of .txt files per domain")}
+# A JSON-lines corpus up to this size is read for its domains before anything is queued
+# (precheck); a larger one is checked when its data is built.
+CHEAP_SCAN_BYTES = 64 * 2**20
+
+
+def check_path(corpus: str, path: str | Path) -> None:
+    """``data.path`` exists and is what ``data.corpus`` reads, a file or a folder."""
+    kind, holds = PATH_KINDS[corpus]
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"data.path: {path} does not exist; data.corpus={corpus} reads a {kind} ({holds}): "
+                          f"set data.path to yours, e.g. --set data.path=/data/corpus"
+                          f"{'.jsonl' if kind == 'file' else ''}")
+    if path.is_dir() != (kind == "folder"):
+        other = "txt (a folder of <domain>/*.txt)" if kind == "file" else "jsonl (one .jsonl file)"
+        raise CorpusError(f"data.path: {path} is a {'folder' if path.is_dir() else 'file'}, but data.corpus="
+                          f"{corpus} reads a {kind} ({holds}); point data.path at one, or set data.corpus={other}")
 
 
 class LineReport:
@@ -95,8 +108,6 @@ def skip_summary(info: dict[str, Any]) -> str:
 def _json_lines(path: Path, report: LineReport) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every line that holds a JSON object; other non-empty lines are
     recorded in ``report`` and skipped."""
-    if not path.is_file():
-        raise CorpusError(f"{path}: corpus file not found (set data.path to an existing file)")
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -147,34 +158,40 @@ def _documents(path: str | Path, report: Optional[LineReport], keys: tuple[str, 
 
 def read_arxiv(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
     """Abstracts with their first category's archive; whitespace (hard line wraps) collapsed."""
+    check_path("arxiv", path)
     return _documents(path, report, ("abstract", "categories"),
                       lambda abstract, categories: (" ".join(abstract.split()), arxiv_domain(categories)))
 
 
 def read_jsonl(path: str | Path, report: Optional[LineReport] = None) -> Iterator[Document]:
+    check_path("jsonl", path)
     return _documents(path, report, ("text", "domain"), lambda text, domain: (text.strip(), domain.strip()))
 
 
 def read_txt_folder(root: str | Path, domains: Iterable[str]) -> Iterator[Document]:
-    root = Path(root)
-    if not root.is_dir():
-        raise CorpusError(f"{root}: corpus folder not found (data.path must be a folder holding "
-                          f"one sub-folder of .txt files per domain)")
-    for domain in domains:
-        folder = root / domain
-        if not folder.is_dir():
-            raise CorpusError(f"{folder}: no folder for domain '{domain}' (expected "
-                              f"{root}/{domain}/*.txt, one document per file)")
+    check_path("txt", root)
+    for folder in _domain_folders(Path(root), domains):
+        domain = folder.name
         for file in sorted(folder.glob("*.txt")):
             text = file.read_text(encoding="utf-8", errors="replace").strip()
             if text:
                 yield Document(text, domain, f"{domain}/{file.name}")
 
 
+def _domain_folders(root: Path, domains: Iterable[str]) -> list[Path]:
+    folders = [root / domain for domain in domains]
+    for folder in folders:
+        if not folder.is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise CorpusError(f"{folder}: no folder for domain '{folder.name}' (expected {folder}/*.txt, one "
+                              f"document per file); folders found: {', '.join(found[:8]) or 'none'}. Fix "
+                              f"data.source_domains / data.target_domains, or data.path")
+    return folders
+
+
 def _records(cfg: RunConfig, wanted: list[str], report: LineReport) -> tuple[Iterable[Document], str]:
     d = cfg.data
     if d.corpus == "demo":
-        from gtl_dist.data.demo import demo_corpus
         return demo_corpus(wanted), "the built-in demo corpus"
     if d.corpus == "arxiv":
         return read_arxiv(d.path, report), str(d.path)
@@ -195,13 +212,50 @@ def _check_lines(report: LineReport, corpus: str, total: int) -> None:
     log.warning("%s: %s; these lines are left out (fix them to use them)", report.path, report.summary())
 
 
-def _too_few(where: str, name: str, n: int, seen: dict[str, int], report: LineReport) -> CorpusError:
-    common = sorted(seen, key=lambda k: -seen[k])[:8]
-    skipped = f" ({report.summary()})" if report.num_skipped else ""
-    return CorpusError(
-        f"{where}: domain '{name}' has {n} document(s); it needs at least 2 (train and test). Domains "
-        f"found: {', '.join(f'{k} ({seen[k]})' for k in common)}{', ...' if len(seen) > 8 else ''}"
-        f"{skipped}. Fix data.source_domains / data.target_domains.")
+def check_domains(where: str, kept: dict[str, int], seen: dict[str, int], report: LineReport) -> None:
+    """Every configured domain (``kept``: its documents) has at least two documents, one for
+    training and one for testing; else an error that lists the domains ``seen`` in the corpus."""
+    for name, n in kept.items():
+        if n < 2:
+            common = sorted(seen, key=lambda k: -seen[k])[:8]
+            skipped = f" ({report.summary()})" if report.num_skipped else ""
+            raise CorpusError(
+                f"{where}: domain '{name}' has {n} document(s); it needs at least 2 (train and test). Domains "
+                f"found: {', '.join(f'{k} ({seen[k]})' for k in common) or 'none'}"
+                f"{', ...' if len(seen) > 8 else ''}{skipped}. Fix data.source_domains / data.target_domains.")
+
+
+def precheck(cfg: RunConfig) -> Optional[str]:
+    """Before anything is queued: ``data.path`` against ``data.corpus``, and the configured domains
+    against the corpus where that is quick to learn (a txt folder's sub-folders, the demo's
+    installed packages, a jsonl file up to CHEAP_SCAN_BYTES; never the arXiv snapshot). Raises CorpusError for a
+    problem; returns a note when the domains are left to the data build."""
+    d = cfg.data
+    wanted = list(d.source_domains) + list(d.target_domains)
+    if d.corpus == "demo":
+        for domain in wanted:
+            package_root(domain)
+        return None
+    if d.corpus not in PATH_KINDS:
+        return None
+    check_path(d.corpus, d.path)
+    if d.corpus == "txt":
+        _domain_folders(Path(d.path), wanted)
+        seen = {f.name: len(list(f.glob("*.txt"))) for f in Path(d.path).iterdir() if f.is_dir()}
+        check_domains(str(d.path), {name: seen[name] for name in wanted}, seen, LineReport(d.path))
+        return None
+    size = Path(d.path).stat().st_size
+    if d.corpus == "arxiv":  # several GiB: its domains (archives) are found as the data is built
+        return None
+    if size > CHEAP_SCAN_BYTES:
+        return (f"data.path: {d.path} ({size / 2**30:.1f} GiB) is not read now; its domains are checked when "
+                f"the data stage builds the shards")
+    report = LineReport(d.path)
+    seen: dict[str, int] = {}
+    for doc in _records(cfg, wanted, report)[0]:
+        seen[doc.domain] = seen.get(doc.domain, 0) + 1
+    check_domains(str(d.path), {name: seen.get(name, 0) for name in wanted}, seen, report)
+    return None
 
 
 def read_corpus(cfg: RunConfig, report: Optional[LineReport] = None) -> dict[str, list[Document]]:
@@ -228,8 +282,6 @@ def read_corpus(cfg: RunConfig, report: Optional[LineReport] = None) -> dict[str
     _check_lines(report, d.corpus, total)
     if total == 0:
         raise CorpusError(f"{where}: the corpus is empty (no documents with text)")
-    for name in wanted:
-        if len(docs[name]) < 2:
-            raise _too_few(where, name, len(docs[name]), seen_domains, report)
+    check_domains(where, {name: len(docs[name]) for name in wanted}, seen_domains, report)
     log.info("corpus %s: %s", where, ", ".join(f"{k}={len(v)}" for k, v in docs.items()))
     return docs

@@ -21,7 +21,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from gtl_dist.data.corpus import CorpusError, Document
+from gtl_dist.data.documents import CorpusError, Document
 
 STDLIB = "python"
 # Folders whose docstrings are tests, demos or vendored third-party code rather than documentation.

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gtl_dist.compat import dataloader_workers, shut_down_dataloader_workers
 from gtl_dist.data.manifest import Manifest, ManifestError, verify_shard
 from gtl_dist.data.shards import read_shard
 from gtl_dist.log import get_logger
@@ -80,7 +81,7 @@ def _track_workers(iterator: Any) -> None:
         # Registered after multiprocessing's own exit hook (imported by now), so it runs before it.
         atexit.register(_kill_workers, _worker_processes)
         _exit_hook_registered = True
-    _worker_processes[:] = [w for w in _worker_processes if w.is_alive()] + list(iterator._workers)
+    _worker_processes[:] = [w for w in _worker_processes if w.is_alive()] + dataloader_workers(iterator)
 
 
 def _kill_workers(workers: list[Any]) -> None:
@@ -91,8 +92,8 @@ def _kill_workers(workers: list[Any]) -> None:
 
 
 def _stop_workers(iterator: Any) -> None:
-    iterator._shutdown_workers()  # done event + sentinel; a no-op once the interpreter is exiting
-    _kill_workers(iterator._workers)
+    shut_down_dataloader_workers(iterator)
+    _kill_workers(dataloader_workers(iterator))
 
 
 def consumer_index(rank: int, worker: int, world_size: int, workers: int, by_sample: bool) -> int:
@@ -266,7 +267,7 @@ class ShardLoader:
                          "shards, e.g. a smaller shards.samples_per_shard, would split it by shard)",
                          where, len(files), world_size, workers, consumers, consumers, consumers)
         else:
-            self.batches_per_epoch = _pass_batches(where, total, rank, world_size, workers, batch_size)
+            self.batches_per_epoch = pass_batches(where, total, rank, world_size, workers, batch_size)
         self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
         self.start = start
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -344,7 +345,7 @@ class ShardLoader:
         self._resumed = True
 
 
-def _pass_batches(where: str, total: int, rank: int, world_size: int, workers: int, batch_size: int) -> int:
+def pass_batches(where: str, total: int, rank: int, world_size: int, workers: int, batch_size: int) -> int:
     """This rank's batches in a finite pass over ``total`` samples: each of its consumers' shares
     cut into batches, the last one short."""
     if total < world_size:

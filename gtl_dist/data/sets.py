@@ -33,7 +33,7 @@ import numpy as np
 
 from gtl_dist.config import RunConfig
 from gtl_dist.data import markov
-from gtl_dist.data.corpus import CorpusError, Document
+from gtl_dist.data.documents import CorpusError, Document
 from gtl_dist.io import atomic_path
 
 SOURCE = "source"

@@ -18,6 +18,9 @@ import sentencepiece as spm
 
 from gtl_dist.config import TokenizerConfig
 from gtl_dist.io import atomic_write_bytes, sha256_bytes, sha256_file
+from gtl_dist.log import get_logger
+
+log = get_logger("data.tokenizer")
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = "[MASK]"
@@ -78,6 +81,13 @@ def train_tokenizer(texts: Iterable[str], tcfg: TokenizerConfig, path: str | Pat
         # A small corpus cannot fill a large vocabulary: take what it supports instead of failing.
         hard_vocab_limit=False, minloglevel=2)
     data = model.getvalue()
+    got = spm.SentencePieceProcessor(model_proto=data).get_piece_size()
+    if got < tcfg.vocab_size:
+        log.warning("tokenizer.vocab_size: %d was reduced to %d: the source training text (%d lines sampled, "
+                    "%d characters) does not hold enough distinct pieces for more. The vocabulary is what the "
+                    "models are sized by; set tokenizer.vocab_size: %d to make this explicit, or give the "
+                    "source domains more text", tcfg.vocab_size, got, len(sentences),
+                    sum(map(len, sentences)), got)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

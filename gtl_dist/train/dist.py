@@ -7,9 +7,12 @@ Resolution order (:func:`resolve_dist_env`, a pure function of an environment ma
 1. explicit ``RANK`` + ``WORLD_SIZE`` (torchrun, submitit's ``TorchDistributedEnvironment``,
    the tests): ``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` taken from the environment;
 2. SLURM (``srun`` one task per GPU): ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``;
-   ``MASTER_ADDR`` is the ``NodeAddr`` of the first node of ``SLURM_JOB_NODELIST`` (node names
-   need not resolve in DNS), falling back to the name; ``MASTER_PORT`` is derived from
-   ``SLURM_JOB_ID`` so every rank computes the same port without talking to the others;
+   ``MASTER_ADDR`` is the ``NodeAddr`` of the first node of ``SLURM_JOB_NODELIST`` (listed by
+   submitit's hostlist parser, the one its ``SlurmJobEnvironment`` uses), falling back to the
+   name; ``MASTER_PORT`` is derived from ``SLURM_JOB_ID`` so every rank computes the same port
+   without talking to the others. submitit's ``TorchDistributedEnvironment`` would give the node's
+   *name* as MASTER_ADDR, which need not resolve in DNS (a one-machine cluster names its nodes n1,
+   n2 on 127.0.0.1), so it is used only under the local executor (gtl_dist/cluster/tasks.py);
 3. a single process.
 
 DeepSpeed is initialised with ``auto_mpi_discovery=False`` (without the variables above it would
@@ -39,8 +42,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from gtl_dist.log import get_logger, set_log_context
 from gtl_dist import slurm_query
+from gtl_dist.compat import slurm_hostnames
+from gtl_dist.log import get_logger, set_log_context
 
 log = get_logger("train.dist")
 
@@ -81,30 +85,15 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM hostlist: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``.
-
-    Only the first host is needed (it runs rank 0 under srun's block distribution), so the
-    list is not expanded: take the first top-level item and the first value of each bracket,
-    keeping zero padding.
-    """
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            end = i
-            break
-    item = nodelist[:end].strip()
-    if not item:
+    """The first host of a SLURM hostlist (it runs rank 0 under srun's block distribution), by
+    submitit's parser: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
+    try:
+        hosts = [h.strip() for h in slurm_hostnames(nodelist) if h.strip()]
+    except ValueError as exc:
+        raise DistError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM hostlist ({exc})") from None
+    if not hosts:
         raise DistError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
-
-    def first_of(match: re.Match) -> str:
-        first = match.group(1).split(",")[0]
-        return first.split("-")[0]
-
-    return re.sub(r"\[([^\]]*)\]", first_of, item)
+    return hosts[0]
 
 
 def slurm_port(job_id: str) -> int:

@@ -219,10 +219,8 @@ def run_route(outcome: Outcome) -> None:
     name = outcome.route.name
     shown = shlex.join(["python", *outcome.command[1:]])
     print(f"[{name}] $ {shown}", flush=True)
-    env = dict(os.environ)
-    env.pop("GTL_SUBMIT_COMMAND", None)  # the launcher records its own command line
     proc = subprocess.Popen(outcome.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, env=env)
+                            bufsize=1)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -30,8 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from gtl_dist.slurm_query import SlurmCommandError, run_slurm, slurm_program
+import psutil
+
 from gtl_dist.io import atomic_write_json, atomic_write_text, read_json
+from gtl_dist.processes import is_running, start_time
+from gtl_dist.slurm_query import SlurmCommandError, run_slurm, slurm_program
 
 DAEMON_PROGRAMS = ("munged", "slurmctld", "slurmd")
 CLIENT_PROGRAMS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
@@ -58,14 +61,6 @@ def missing_programs() -> list[str]:
 def default_state_dir() -> Path:
     # /tmp rather than $HOME: munged refuses a socket whose parent dirs are not world-searchable.
     return Path(f"/tmp/gtl-slurm-{getpass.getuser()}")
-
-
-def _total_memory_mb() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise ClusterError("/proc/meminfo: no MemTotal line")
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,7 @@ def render_slurm_conf(spec: ClusterSpec, state_dir: Path, hostname: str, user: s
         f"CPUs={spec.cpus_per_node} RealMemory={memory_mb} State=UNKNOWN"
         for name, port in zip(spec.node_names, spec.slurmd_ports))
     return f"""\
-# Written by gtl_dist.cluster.slurm_local for a one-machine test cluster; regenerated on start.
+# Written by launchers/slurm_local.py for a one-machine test cluster; regenerated on start.
 ClusterName={spec.cluster_name}
 SlurmctldHost={hostname}(127.0.0.1)
 SlurmctldPort={spec.controller_port}
@@ -161,38 +156,6 @@ MailProg=/bin/true
 # FORCE:4 lets four small jobs share each CPU, so arrays and two-node jobs fit a 2-core machine.
 PartitionName={spec.partition} Nodes={",".join(spec.node_names)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
-
-
-# ----------------------------------------------------------------------------------------------
-# Process identity: a pid alone may be recycled, pid + kernel start time may not.
-# ----------------------------------------------------------------------------------------------
-
-def _proc_stat(pid: int) -> Optional[tuple[str, int, int]]:
-    """(state letter, parent pid, start time in clock ticks) of a live pid, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if ``pid`` is our child (the pytest fixture's case)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def _is_alive(pid: int, start_ticks: int) -> bool:
-    stat = _proc_stat(pid)
-    if stat is None or stat[2] != start_ticks:
-        return False
-    if stat[0] == "Z":
-        _reap(pid)
-        return False
-    return True
 
 
 def _port_is_free(port: int) -> bool:
@@ -271,16 +234,22 @@ class LocalSlurmCluster:
         if "daemons" not in state or "spec" not in state:
             raise ClusterError(f"{path}: not a cluster state file (keys 'daemons', 'spec' "
                                f"missing); remove {self.state_dir} by hand if it is stale")
+        unmatched = [d["pid"] for d in state["daemons"] if "started" not in d]
+        if unmatched:
+            raise ClusterError(f"{path}: written by an older version of this tool, without the "
+                               f"daemons' start times; stop pids {unmatched} by hand if they are its "
+                               f"daemons, then remove {self.state_dir}")
         return state
 
     # -- inspection -----------------------------------------------------------------------------
 
     def daemons(self) -> list[dict]:
-        """Recorded daemons, each with name, pid, start_ticks, argv, log and a live ``alive``."""
+        """Recorded daemons, each with name, pid, started (its start time), argv, log and a live
+        ``alive``."""
         state = self._read_state()
         if state is None:
             return []
-        return [{**d, "alive": _is_alive(d["pid"], d["start_ticks"])} for d in state["daemons"]]
+        return [{**d, "alive": is_running(d["pid"], d["started"])} for d in state["daemons"]]
 
     def is_running(self) -> bool:
         """True when every daemon of a completed start is alive."""
@@ -392,7 +361,7 @@ class LocalSlurmCluster:
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(os.urandom(128))
-        memory = self.spec.memory_mb or _total_memory_mb()
+        memory = self.spec.memory_mb or psutil.virtual_memory().total // 2**20
         hostname = socket.gethostname().split(".")[0]
         atomic_write_text(self.conf_path, render_slurm_conf(
             self.spec, d, hostname, getpass.getuser(), self.munge_socket, memory))
@@ -410,11 +379,11 @@ class LocalSlurmCluster:
             # A new session: Ctrl-C in the starting terminal must not reach the daemons.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     env=env, cwd=self.state_dir, start_new_session=True)
-        stat = _proc_stat(proc.pid)
-        if stat is None:  # exited before we could look: record nothing, report the log
+        started = start_time(proc.pid)
+        if started is None:  # exited before we could look: record nothing, report the log
             proc.wait()
             raise ClusterError(f"{name} exited at once with code {proc.returncode}")
-        recorded.append({"name": name, "pid": proc.pid, "start_ticks": stat[2], "argv": argv,
+        recorded.append({"name": name, "pid": proc.pid, "started": started, "argv": argv,
                          "log": str(log)})
         # Record before waiting on anything, so `stop` can find it even if we die now.
         self._write_state(recorded, complete=False)
@@ -521,21 +490,21 @@ class LocalSlurmCluster:
         for group in (slurm, munge):
             actions += self._terminate(group, timeout_s)
         strays = self._stray_processes()
-        for pid, start_ticks, what in strays:
-            if _is_alive(pid, start_ticks):
+        for pid, started, what in strays:
+            if is_running(pid, started):
                 os.kill(pid, signal.SIGKILL)
                 actions.append(f"killed leftover {what} (pid {pid})")
-        self._wait_gone([(pid, ticks) for pid, ticks, _ in strays], 5.0)
+        self._wait_gone([(pid, started) for pid, started, _ in strays], 5.0)
         return actions
 
     def _terminate(self, daemons: list[dict], timeout_s: float) -> list[str]:
         actions = []
-        live = [d for d in daemons if _is_alive(d["pid"], d["start_ticks"])]
+        live = [d for d in daemons if is_running(d["pid"], d["started"])]
         for d in live:
             os.kill(d["pid"], signal.SIGTERM)
-        left = self._wait_gone([(d["pid"], d["start_ticks"]) for d in live], timeout_s)
+        left = self._wait_gone([(d["pid"], d["started"]) for d in live], timeout_s)
         for d in live:
-            if (d["pid"], d["start_ticks"]) in left:
+            if (d["pid"], d["started"]) in left:
                 os.kill(d["pid"], signal.SIGKILL)
                 actions.append(f"killed {d['name']} (pid {d['pid']}): no exit {timeout_s:.0f} s "
                                f"after SIGTERM")
@@ -545,52 +514,40 @@ class LocalSlurmCluster:
         return actions
 
     @staticmethod
-    def _wait_gone(procs: list[tuple[int, int]], timeout_s: float) -> set[tuple[int, int]]:
+    def _wait_gone(procs: list[tuple[int, float]], timeout_s: float) -> set[tuple[int, float]]:
         deadline = time.monotonic() + timeout_s
         left = set(procs)
         while left:
-            left = {p for p in left if _is_alive(*p)}
+            left = {p for p in left if is_running(*p)}
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         return left
 
-    def _stray_processes(self) -> list[tuple[int, int, str]]:
-        """(pid, start_ticks, description) of live processes this cluster's slurmd spawned.
+    def _stray_processes(self) -> list[tuple[int, float, str]]:
+        """(pid, start time, description) of live processes this cluster's slurmd spawned.
 
         slurmstepd carries MARKER_VAR from slurmd's environment; job processes are its
         descendants. Only root or the cluster's user can read those environments, which is
         also who runs the cluster.
         """
-        marker = b"\0" + f"{MARKER_VAR}={self.state_dir}".encode() + b"\0"
-        stats: dict[int, tuple[str, int, int]] = {}
-        marked: set[int] = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            stat = _proc_stat(pid)
-            if stat is None or stat[0] == "Z":
-                continue
-            stats[pid] = stat
+        found: dict[int, psutil.Process] = {}
+        for process in psutil.process_iter(["environ"]):
+            environ = process.info["environ"] or {}
+            if environ.get(MARKER_VAR) == str(self.state_dir) and process.pid != os.getpid():
+                try:
+                    for member in [process, *process.children(recursive=True)]:
+                        found[member.pid] = member
+                except psutil.NoSuchProcess:
+                    continue
+        strays = []
+        for pid in sorted(found):
             try:
-                if marker in b"\0" + (entry / "environ").read_bytes() + b"\0":
-                    marked.add(pid)
-            except (PermissionError, FileNotFoundError, ProcessLookupError):
+                with found[pid].oneshot():
+                    if found[pid].status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    what = " ".join(found[pid].cmdline()).strip() or "?"
+                    strays.append((pid, found[pid].create_time(), what))
+            except psutil.NoSuchProcess:
                 continue
-        marked.discard(os.getpid())
-        family = set(marked)
-        grew = True
-        while grew:
-            children = {pid for pid, st in stats.items() if st[1] in family} - family
-            family |= children
-            grew = bool(children)
-        found = []
-        for pid in sorted(family):
-            try:
-                what = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                        .decode(errors="replace").strip())
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            found.append((pid, stats[pid][2], what or "?"))
-        return found
+        return strays
