@@ -88,4 +88,4 @@ def test_plan_estimate_measures_a_stage_at_full_size_over_the_runs_shards(tmp_pa
     assert scratch and not Path(scratch[1]).exists()  # measured in a scratch run directory, then removed
     assert re.search(r"^  denoiser +1 task\(s\), 40 steps x [\d.e-]+ s: .* per task", res.stdout, re.M), res.stdout
     assert re.search(r"^  wall time with --cluster local --local-parallelism 2: about \d", res.stdout, re.M)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "config.json", "data"]  # nothing else written
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "config.yaml", "data"]  # nothing else written
