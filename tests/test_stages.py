@@ -67,7 +67,7 @@ def test_rows_come_after_the_stages_they_read():
 def test_every_stage_has_a_train_section_a_network_and_a_task_class():
     from gtl_dist.models import ROLES
     from gtl_dist.train.jobs import RECIPES
-    from gtl_dist.train.loop import Recipe
+    from gtl_dist.train.recipe import Recipe
     assert [f.name for f in dataclasses.fields(StagesConfig)] == list(STAGES)
     assert set(RECIPES) == {name for name, spec in STAGES.items() if spec.role != "chain"}
     assert {spec.role for spec in STAGES.values()} <= set(ROLES)
@@ -213,7 +213,7 @@ def record_reads(cfg: RunConfig) -> tuple[set[str], dict[str, bool]]:
 
 
 def record_loads() -> list[str]:
-    """Make every export a task checks before loading it (train.export.upstream_export_path, the
+    """Make every export a task checks before loading it (exports.upstream_export_path, the
     one door to an upstream export) add its path to the returned list."""
     import gtl_dist.exports as export
     loaded: list[str] = []

@@ -327,7 +327,7 @@ def consolidated_params(step_dir: Path) -> dict[str, torch.Tensor]:
 def params_fingerprint(params: dict[str, torch.Tensor]) -> str:
     """The fingerprint the loop logs on resume ("weights fingerprint ..."), from a checkpoint's
     consolidated parameters (names carry the LossModule's ``model.`` prefix)."""
-    from gtl_dist.train.loop import fingerprint
+    from gtl_dist.train.state import fingerprint
     names = {n for n, _ in ToyNet().named_parameters()}
     plain = {k[len("model."):]: v for k, v in params.items() if k[len("model."):] in names}
     assert set(plain) == names, sorted(params)

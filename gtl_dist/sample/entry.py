@@ -98,7 +98,7 @@ def shard_seed(seed: int, shard: int, replicate: int = 0) -> int:
     """The generator seed of one shard: a hash of (seed, shard[, replicate]), so shards and
     replicates draw unrelated streams (replicate 0 keeps the single-seed streams).
 
-    Not train.loop.derive_seed, though it does the same job: its formula fixes every sample
+    Not train.recipe.derive_seed, though it does the same job: its formula fixes every sample
     stream, so changing it would change every existing run's samples."""
     tag = f"gtl_dist.sample:{seed}:{shard}" + (f":{replicate}" if replicate else "")
     digest = hashlib.sha256(tag.encode()).digest()

@@ -6,13 +6,14 @@
 
 Modules: dist (rank/world from env or SLURM, DeepSpeed's process group and JIT op), engine
 (deepspeed.initialize from TrainConfig), ema, checkpoint (committed step folders), preempt
-(signals -> collective save), metrics (TensorBoard), loop (the shared loop), jobs (the stages'
-recipes), counts (the closed-form counts stages). Exports are gtl_dist/exports.py's.
+(signals -> collective save), metrics (TensorBoard), recipe (what a stage brings to the loop;
+the random streams), state (the training state and its set-up), loop (the shared loop), jobs
+(the stages' recipes), counts (the closed-form counts stages). Exports are gtl_dist/exports.py's.
 """
 
 from typing import Any
 
-from gtl_dist.train.loop import StageResult
+from gtl_dist.train.recipe import StageResult
 
 __all__ = ["StageResult", "run_stage"]
 

@@ -34,7 +34,7 @@ from gtl_dist.objectives import masked_token_ce
 from gtl_dist.paths import RunPaths, task_name
 from gtl_dist.stages import STAGES
 from gtl_dist.exports import write_export
-from gtl_dist.train.loop import StageResult, derive_seed
+from gtl_dist.train.recipe import StageResult, derive_seed
 
 log = get_logger("train.counts")
 

@@ -1,7 +1,7 @@
 """The one wrapper around ``deepspeed.initialize``: batch geometry, precision, ZeRO, optimiser, LR.
 
 Every stage trains through :func:`build_engine`; what varies is only the module it wraps
-(a :class:`~gtl_dist.train.loop.LossModule` around the stage's network). Choices made here:
+(a :class:`~gtl_dist.train.recipe.LossModule` around the stage's network). Choices made here:
 
 - Batch: ``micro_batch`` None -> ``global_batch / world`` per rank, no accumulation; otherwise
   ``grad_accum = global_batch / (micro_batch * world)``. Only micro-batch and accumulation are

@@ -1,6 +1,6 @@
 """The stages' recipes: what each stage trains, on which shards, with which loss.
 
-Every stage's recipe is a :class:`~gtl_dist.train.loop.Recipe` run by the one shared loop; they
+Every stage's recipe is a :class:`~gtl_dist.train.recipe.Recipe` run by the one shared loop; they
 differ only in the network they build, the sets they read and the objective they call.
 
 Which sets each stage trains and validates on, and which export it starts from, are its row's
@@ -68,7 +68,8 @@ from gtl_dist.train.checkpoint import retire_stale
 from gtl_dist.train.engine import compile_step
 from gtl_dist.exports import (ExportError, load_exported, read_export, read_export_meta,
                                    upstream_export_path, write_export)
-from gtl_dist.train.loop import Recipe, StageContext, StageResult, StepRandom, execute
+from gtl_dist.train.loop import execute
+from gtl_dist.train.recipe import Recipe, StageContext, StageResult, StepRandom
 
 log = get_logger("train.jobs")
 

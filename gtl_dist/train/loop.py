@@ -1,230 +1,48 @@
 """The training loop every stage shares.
 
-A stage's :class:`Recipe` builds its network, its training loaders and its loss, and runs its
-validation pass. Everything else happens here, once, in this order:
+A stage's :class:`~gtl_dist.train.recipe.Recipe` builds its network, its training loaders and its
+loss, and runs its validation. Everything else happens here, once, in this order:
 
     signals -> process group -> resume point -> model (same init on every rank) -> DeepSpeed
     -> checkpoint load -> loaders (+ cursors) -> RNG states -> loop -> export
 
-:func:`execute` sets up the signals and the process group; :func:`setup` builds the rest up to the
-RNG states into one :class:`TrainState`, whose stateful parts the checkpointer is given once;
+:func:`execute` sets up the signals and the process group; :func:`~gtl_dist.train.state.setup`
+builds the rest up to the RNG states into one :class:`~gtl_dist.train.state.TrainState`;
 :func:`train` runs the loop (:func:`train_step`, :func:`log_train`, :func:`maybe_validate`,
 ``checkpointer.save``) and ends in :func:`export`, or in :func:`stop_for_requeue` when preempted.
 
 Per optimiser step: ``grad_accum`` micro-batches (forward through the engine, backward, step),
 the EMA update, then ONE all-reduce that carries the preemption flag, the loss and the recipe's
 statistics. Validation every ``val_every`` steps and at the last step, on EMA weights when
-``ema > 0``; a checkpoint every ``save_every`` steps, at the last step and on preemption.
-
-Randomness, and why a resumed run repeats an uninterrupted one bit for bit:
-- the initial weights come from the stage's seed (``StageContext.run_seed``: ``cfg.seed``, or a
-  seed derived from it for replicate s > 0 of pipeline.seeds) on every rank (ZeRO-3 partitions each rank's own
-  copy, so they must agree);
-- the noise of each micro-step comes from two generators re-seeded from (seed, step, micro-step):
-  ``shared`` is identical on all ranks (the diffusion time t is stratified over the global
-  batch), ``local`` adds the rank (masks, label smoothing). Their state is a function of the step,
-  so a checkpoint needs nothing for them;
-- everything else that draws from the global RNGs (dropout) continues from the per-rank
-  python/numpy/torch RNG states saved in every checkpoint, restored after all set-up work
-  (which may draw from them) is done; fetching batches runs outside that stream;
-- the data position is the loaders' cursors, saved per rank.
+``ema > 0``; a checkpoint every ``save_every`` steps, at the last step and on preemption. Why a
+resumed run repeats an uninterrupted one bit for bit: gtl_dist/train/recipe.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import random
 import time
-import zlib
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from gtl_dist.config import RunConfig, TrainConfig
+from gtl_dist.config import RunConfig
+from gtl_dist.exports import read_export_meta, write_export
 from gtl_dist.log import Progress, get_logger
-from gtl_dist.paths import RunPaths, task_name
+from gtl_dist.paths import RunPaths
 from gtl_dist.stages import STAGES
 from gtl_dist.train import dist
-from gtl_dist.train.checkpoint import Checkpointer, ResumePoint, StatefulParts, set_rng_state
-from gtl_dist.train.dist import DistEnv
-from gtl_dist.train.ema import WeightEMA
-from gtl_dist.train.engine import (BatchGeometry, Hardware, batch_geometry, build_engine,
-                                   detect_hardware, full_fp32_state, resolve_precision)
-from gtl_dist.exports import read_export_meta, write_export
+from gtl_dist.train.engine import detect_hardware, full_fp32_state
 from gtl_dist.train.metrics import StageMetrics, memory_stats
 from gtl_dist.train.preempt import PreemptionGuard
+from gtl_dist.train.recipe import Recipe, StageContext, StageResult, StepRandom, forked_rng
+from gtl_dist.train.state import TrainState, fingerprint, setup
 
 log = get_logger("train.loop")
-
-
-@dataclass
-class StageResult:
-    status: str  # "finished" | "preempted"
-    stage: str
-    target: Optional[str]
-    fraction: Optional[float]
-    step: int
-    input_hash: str
-    export: Optional[Path] = None
-    val_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    val_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values, stable across processes and Python versions."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-class StepRandom:
-    """The random streams of one micro-step (see the module docstring).
-
-    ``shared`` is seeded by the step alone, so it is identical on every rank and micro-step: one
-    stratified draw of t covers the whole global batch, and this micro-batch keeps share
-    ``slot`` of ``slots`` (rank-major over ranks x accumulation steps, as ``sample_t`` expects).
-    ``local`` is this rank's and micro-step's own.
-    """
-
-    def __init__(self, device: torch.device, shared_seed: int, local_seed: int, slot: int,
-                 slots: int):
-        self.shared = torch.Generator(device=device).manual_seed(shared_seed)
-        self.local = torch.Generator(device=device).manual_seed(local_seed)
-        self.slot, self.slots = slot, slots
-
-    @classmethod
-    def for_step(cls, seed: int, step: int, micro: int, grad_accum: int, dist_env: DistEnv,
-                 device: torch.device) -> "StepRandom":
-        return cls(device, derive_seed(seed, "shared", step),
-                   derive_seed(seed, "local", step, micro, dist_env.rank),
-                   dist_env.rank * grad_accum + micro, dist_env.world_size * grad_accum)
-
-    @classmethod
-    def for_validation(cls, seed: int, dist_env: DistEnv, device: torch.device) -> "StepRandom":
-        """Fixed streams: every validation pass masks the same way, so losses are comparable."""
-        return cls(device, derive_seed(seed, "val-shared"), derive_seed(seed, "val-local", dist_env.rank),
-                   dist_env.rank, dist_env.world_size)
-
-
-class Recipe(ABC):
-    """What one stage contributes to the loop (gtl_dist/train/jobs.py holds one per stage)."""
-
-    stage: str
-    role: str                 # the model role recorded in the export (build_model's role)
-    train_config: TrainConfig
-    seq_len: int
-    tokenizer_hash: str
-
-    @abstractmethod
-    def build_model(self) -> nn.Module:
-        """A freshly initialised network (called for the trained copy and the evaluation copy)."""
-
-    def initial_weights(self) -> Optional[dict[str, torch.Tensor]]:
-        """Weights to start from instead of the random initialisation (fine-tuning, AR2Diff)."""
-        return None
-
-    def prepare(self, device: torch.device) -> None:
-        """Move frozen helper networks to ``device``."""
-
-    def compile(self) -> None:
-        """From now on, run the training steps' network forward and loss as one compiled graph
-        (``train.<stage>.compile``; only stages whose row in the stage table ``compiles``)."""
-        raise NotImplementedError(f"stage {self.stage} has no compiled training step")
-
-    @abstractmethod
-    def train_loaders(self, micro_batch: int, dist_env: DistEnv, seed: int) -> dict[str, Any]:
-        """Infinite loaders with ``state_dict``/``load_state_dict``, one batch per micro-step."""
-
-    @abstractmethod
-    def training_loss(self, model: nn.Module, batches: dict[str, Any],
-                      rng: StepRandom) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch (and float statistics, the same keys on every rank)."""
-
-    @abstractmethod
-    def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> Optional[dict[str, Any]]:
-        """Single-pass, unshuffled loaders; built before training so that a validation set
-        that cannot be read (too few shards for the ranks, ...) fails at once, not at the
-        first validation hours later. None: the stage has no validation data (a per-target
-        stage under protocol.selection=budget) and trains for its fixed budget."""
-
-    @abstractmethod
-    def validate(self, model: nn.Module, rng: StepRandom, loaders: dict[str, Any],
-                 dist_env: DistEnv) -> dict[str, float]:
-        """One deterministic pass on this rank's share; returns metrics averaged over ALL ranks
-        (collective), including ``"loss"``."""
-
-    @abstractmethod
-    def export_info(self) -> dict[str, Any]:
-        """Metadata an export needs to rebuild the model: role, config, vocab, seq_len."""
-
-    def validation_report(self) -> Optional[str]:
-        """Optional text written to TensorBoard after each validation (e.g. an overlap report)."""
-        return None
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: the trained network plus the recipe's loss. Frozen helper networks
-    stay outside (the recipe holds them), so they are neither partitioned nor optimised."""
-
-    def __init__(self, model: nn.Module, recipe: Recipe):
-        super().__init__()
-        self.model = model
-        self._recipe = recipe
-
-    def forward(self, batches: dict[str, Any], rng: StepRandom) -> tuple[torch.Tensor, dict]:
-        return self._recipe.training_loss(self.model, batches, rng)
-
-
-@dataclass
-class StageContext:
-    cfg: RunConfig
-    paths: RunPaths
-    stage: str
-    target: Optional[str]
-    fraction: Optional[float]
-    input_hash: str
-    dist_env: DistEnv
-    hardware: Hardware
-    guard: PreemptionGuard
-    seed: int = 0  # replicate (pipeline.seeds) of a per-target stage
-    variant: Optional[str] = None  # one run of the stage's learning-rate grid (lr-<value>)
-
-    @property
-    def label(self) -> str:
-        name = task_name(self.stage, target=self.target, fraction=self.fraction, seed=self.seed)
-        return f"{name}/{self.variant}" if self.variant else name
-
-    @property
-    def run_seed(self) -> int:
-        """The seed of this stage's randomness (weights, data order, masks): cfg.seed for
-        replicate 0, an independent seed derived from it for every other replicate."""
-        return self.cfg.seed if not self.seed else derive_seed(self.cfg.seed, "replicate", self.seed) % 2**31
-
-    def export_path(self) -> Path:
-        return self.paths.export(self.stage, self.target, self.fraction, self.seed, self.variant)
-
-
-# ----------------------------------------------------------------------------------------------
-# RNG
-# ----------------------------------------------------------------------------------------------
-
-def seed_rngs(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    """A block whose draws leave the global RNGs (the CPU's, and ``device``'s if it is a GPU) as
-    they were."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,16 +55,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def fingerprint(batch: Any) -> int:
-    """CRC32 of every tensor in a batch: logged per step (summed over ranks) so that a resumed
-    run can be seen to read exactly the data an uninterrupted one did."""
-    if isinstance(batch, torch.Tensor):
-        return zlib.crc32(batch.detach().cpu().contiguous().numpy().tobytes())
-    if isinstance(batch, dict):
-        return sum(fingerprint(batch[k]) for k in sorted(batch)) % 2**32
-    return 0
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -278,45 +86,6 @@ def due(step: int, every: int, last: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainState:
-    """One stage's training, as :func:`setup` builds it and the loop advances it: the counters
-    every rank shares (``state_dict``, saved with the EMA as a checkpoint's shared state), the
-    stateful parts the checkpointer saves beside them, and what the phases use."""
-    engine: Any                               # DeepSpeed's, around a LossModule
-    ema: Optional[WeightEMA]
-    loaders: dict[str, Any]                   # training loaders; their cursors are per rank
-    val_loaders: Optional[dict[str, Any]]     # None: the stage has no validation data
-    eval_model: nn.Module                     # the copy validation loads the weights into
-    geometry: BatchGeometry
-    precision: str
-    tokens_per_step: int
-    checkpointer: Checkpointer
-    iterators: dict[str, Iterator] = field(default_factory=dict)  # started after the cursors
-    step: int = 0
-    tokens_seen: int = 0
-    best_val: Optional[float] = None
-    best_step: Optional[int] = None
-    last_val: Optional[float] = None
-    val_metrics: dict[str, float] = field(default_factory=dict)   # this process's last validation
-    val_weights: Optional[dict[str, torch.Tensor]] = None         # and the weights it validated
-
-    @property
-    def model(self) -> nn.Module:
-        """The trained network."""
-        return self.engine.module.model
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counters every rank shares, as a checkpoint stores them."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                "best_step": self.best_step, "last_val": self.last_val}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.best_val, self.best_step = state["best_val"], state["best_step"]
-        self.last_val = state["last_val"]
-
 
 @dataclass
 class StepOutcome:
@@ -395,100 +164,6 @@ def train(recipe: Recipe, ctx: StageContext) -> StageResult:
     if signals and state.step < tc.steps:  # a signal during the last step: just finish
         return stop_for_requeue(ctx, state, metrics, signals)
     return export(recipe, ctx, state, metrics)
-
-
-# -- set-up ----------------------------------------------------------------------------------
-
-def setup(recipe: Recipe, ctx: StageContext) -> TrainState:
-    """The training state at the newest usable checkpoint, or at step 0. Built in the order the
-    module docstring gives: every draw from the global RNGs happens where a resumed run repeats
-    it, and the RNG states are set last."""
-    tc, device = recipe.train_config, ctx.hardware.device
-    geometry = batch_geometry(tc, ctx.dist_env.world_size, ctx.stage)
-    precision = resolve_precision(tc, ctx.hardware, ctx.stage)
-    checkpointer = stage_checkpointer(recipe, ctx)
-    point = checkpointer.find_resume_point()
-    # Loaders first: an unreadable data set fails before the engine is built.
-    loaders = recipe.train_loaders(geometry.micro_batch, ctx.dist_env, data_seed(ctx, point))
-    val_loaders = recipe.validation_loaders(geometry.micro_batch, ctx.dist_env)
-    engine = build_trained_engine(recipe, ctx, point, geometry, precision)
-    if tc.compile:
-        recipe.compile()
-        if ctx.dist_env.is_main:
-            log.info("%s: train.%s.compile: the first step compiles the network and the loss",
-                     ctx.label, ctx.stage)
-    ema = WeightEMA(tc.ema, engine.module.model, tc.zero_stage) if tc.ema > 0 else None
-    with forked_rng(device):
-        eval_model = recipe.build_model().to(device).eval()
-    state = TrainState(engine, ema, loaders, val_loaders, eval_model, geometry, precision,
-                       tokens_per_step=geometry.global_batch * recipe.seq_len,
-                       checkpointer=checkpointer)
-    checkpointer.attach(StatefulParts(engine, train_state=state, ema=ema, loaders=loaders,
-                                      device=device))
-    rng = resume(recipe, ctx, state, point) if point is not None else None
-    state.iterators = {name: iter(loader) for name, loader in loaders.items()}
-    # Only now: set-up above (model builds, DataLoader iterators) draws from the global RNGs.
-    if rng is not None:
-        set_rng_state(rng, device)
-    else:
-        seed_rngs(derive_seed(ctx.run_seed, "rank", ctx.dist_env.rank, state.step))
-    return state
-
-
-def stage_checkpointer(recipe: Recipe, ctx: StageContext) -> Checkpointer:
-    """The checkpoints of this stage (and replicate), under its config and tokenizer hashes."""
-    tc = recipe.train_config
-    return Checkpointer(ctx.paths.checkpoints(ctx.stage, ctx.target, ctx.fraction, ctx.seed, ctx.variant),
-                        ctx.dist_env, zero_stage=tc.zero_stage, config_hash=ctx.input_hash,
-                        tokenizer_hash=recipe.tokenizer_hash, keep_last=tc.keep_last,
-                        label=ctx.label)
-
-
-def data_seed(ctx: StageContext, point: Optional[ResumePoint]) -> int:
-    """The seed of the training data order. Cursors and RNG states are per rank, so they carry
-    over only at the same world size; at another, the data restarts on a fresh shuffle."""
-    d = ctx.dist_env
-    if point is None or point.commit.world_size == d.world_size:
-        return ctx.run_seed
-    seed = derive_seed(ctx.run_seed, "reshuffle", point.step, d.world_size) % 2**31
-    if d.is_main:
-        log.warning("%s: the checkpoint was written by %d ranks and this run has %d, so the "
-                    "per-rank data cursors and RNG states do not apply: the data restarts on "
-                    "a fresh shuffle (seed %d) and the RNGs are re-seeded", ctx.label,
-                    point.commit.world_size, d.world_size, seed)
-    return seed
-
-
-def build_trained_engine(recipe: Recipe, ctx: StageContext, point: Optional[ResumePoint],
-                         geometry: BatchGeometry, precision: str) -> Any:
-    """DeepSpeed's engine around the recipe's network, initialised alike on every rank: from the
-    stage's seed, or on a fresh start from the recipe's initial weights if it has any."""
-    device = ctx.hardware.device
-    seed_rngs(ctx.run_seed)  # identical initial weights on every rank
-    model = recipe.build_model()
-    if point is None:
-        init = recipe.initial_weights()
-        if init is not None:
-            model.load_state_dict(init)
-    recipe.prepare(device)
-    return build_engine(LossModule(model, recipe).to(device), recipe.train_config, geometry, precision,
-                        ctx.hardware, load_universal=point is not None and point.universal)
-
-
-def resume(recipe: Recipe, ctx: StageContext, state: TrainState,
-           point: ResumePoint) -> Optional[dict[str, Any]]:
-    """Restore ``point`` into the attached parts and say so; returns what
-    :meth:`Checkpointer.load` does (this rank's RNG states, or None)."""
-    rng = state.checkpointer.load(point)
-    # Logged so that a resume can be checked against the checkpoint it came from. Keep the
-    # format: tests/test_resume.py and tests/test_pipeline_slurm.py (the requeued SLURM job)
-    # parse "resumed from <step dir> (step N of M, weights fingerprint XXXXXXXX)".
-    params = {n for n, _ in state.model.named_parameters()}
-    weights_crc = fingerprint({n: v for n, v in full_fp32_state(state.model).items() if n in params})
-    if ctx.dist_env.is_main:
-        log.info("%s: resumed from %s (step %d of %d, weights fingerprint %08x)", ctx.label,
-                 point.step_dir, point.step, recipe.train_config.steps, weights_crc)
-    return rng
 
 
 def open_metrics(ctx: StageContext, step: int) -> StageMetrics:
