@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from gtl_dist.batch_stats import BatchStats
 from gtl_dist.config import NoiseConfig
-from gtl_dist.models.dit import check_id_range
 from gtl_dist.models.heads import subs_token_log_probs
 
 
@@ -176,36 +176,23 @@ MDLM_STATS = ("loss", "nll", "accuracy", "masked_fraction")
 
 def mdlm_loss(denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
               generator: torch.Generator | None, *, vocab: Any = None, terms: Any = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              ) -> tuple[torch.Tensor, BatchStats]:
     """The MDLM NELBO estimate for a batch (fp32): weighted masked-position cross-entropy,
     averaged over all valid tokens (tokens equal to vocab.pad_id, if any, are not counted).
 
     ``denoiser.logits(z, sigma)`` gives the scores the loss reads (:func:`mdlm_terms`); ``vocab``
     defaults to denoiser.vocab.
-    The data check and the masking run here, eagerly; the network and the loss are ``terms``
-    (:func:`mdlm_terms`, or a compiled copy of it: ``train.<stage>.compile``).
+    The masking runs here, eagerly; the network and the loss are ``terms`` (:func:`mdlm_terms`,
+    or a compiled copy of it: ``train.<stage>.compile``). ``x0``'s ids were checked on the host
+    where it was loaded (gtl_dist.models.check_token_ids): nothing here reads the batch back.
     Stats: loss, nll (mean CE over masked positions), accuracy (greedy, masked positions),
     masked_fraction.
     """
     vocab = denoiser.vocab if vocab is None else vocab
-    check_clean(x0, vocab)
     t = t.to(x0.device, torch.float32)
     z = mask_tokens(x0, schedule.move_chance(t), vocab.mask_id, generator)
     loss, stats = (terms or mdlm_terms)(denoiser, x0, z, t, schedule, vocab)
-    return loss, dict(zip(MDLM_STATS, stats.tolist()))
-
-
-def check_clean(x0: torch.Tensor, vocab: Any) -> None:
-    """Clean data must hold ids of the vocabulary and no [MASK]. Checked before the network runs,
-    so a compiled network, which skips its own id check (reading the ids on the host would break
-    its graph), still refuses data built with another vocabulary."""
-    if not x0.numel():
-        return
-    lo, hi, masks = torch.stack([*torch.aminmax(x0), (x0 == vocab.mask_id).sum()]).tolist()
-    if masks:
-        raise ValueError(f"clean data x0 contains the [MASK] id {vocab.mask_id}; the data and the "
-                         f"model disagree about the vocabulary (check the manifest's mask_id)")
-    check_id_range(lo, hi, vocab.size)
+    return loss, BatchStats(MDLM_STATS, stats)
 
 
 def mdlm_terms(denoiser: Any, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor,

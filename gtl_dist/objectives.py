@@ -1,7 +1,8 @@
 """Training objectives of the small GTL networks and of the AR model (docs/method.md §4-§6, §8, §11).
 
-Each loss returns ``(loss, stats)``: a scalar fp32 tensor to back-propagate and a dict of floats
-for logging. The MDLM denoiser loss lives with the process in ``gtl_dist.diffusion``.
+Each loss returns ``(loss, stats)``: a scalar fp32 tensor to back-propagate and its statistics as
+a :class:`~gtl_dist.batch_stats.BatchStats` (floats by name, kept on the device until read). The
+MDLM denoiser loss lives with the process in ``gtl_dist.diffusion``.
 
 Conventions: domain labels are source = 1, target = 0, so -logit d(x0) = log q(x0)/p(x0) plus
 the class-prior constant. Networks used as frozen teachers (classifiers for the ratio net, the
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gtl_dist.batch_stats import BatchStats
 from gtl_dist.config import DEFAULT_LABEL_SMOOTHING, POOR_OVERLAP_ACCURACY
 from gtl_dist.diffusion import NoiseSchedule, mask_tokens
 from gtl_dist.log import get_logger
@@ -39,11 +41,6 @@ def _require_frozen(teacher: Any, name: str) -> None:
     if getattr(teacher, "training", False):
         raise ValueError(f"the {name} is in training mode (dropout would make its targets noisy); "
                          f"freeze it first: gtl_dist.objectives.freeze({name})")
-
-
-def _as_floats(names: Sequence[str], values: Sequence[torch.Tensor]) -> dict[str, float]:
-    """One device sync for all stats."""
-    return dict(zip(names, torch.stack([v.detach().float() for v in values]).tolist()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +65,7 @@ def smoothed_labels(labels: torch.Tensor, beta: Sequence[float] | None,
 
 
 def _domain_bce(logits: torch.Tensor, n_source: int, training: bool, beta: Sequence[float] | None,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+                generator: torch.Generator | None) -> tuple[torch.Tensor, BatchStats]:
     labels = torch.full_like(logits, TARGET_LABEL)
     labels[:n_source] = SOURCE_LABEL
     # Label smoothing is for training only: validation measures the real cross-entropy.
@@ -78,7 +75,7 @@ def _domain_bce(logits: torch.Tensor, n_source: int, training: bool, beta: Seque
         hard_bce = F.binary_cross_entropy_with_logits(logits, labels)
         correct = ((logits > 0).float() == labels).float()
         prob = torch.sigmoid(logits)
-        stats = _as_floats(
+        stats = BatchStats(
             ("loss", "bce", "accuracy", "source_prob", "target_prob"),
             (loss, hard_bce, correct.mean(), prob[:n_source].mean(), prob[n_source:].mean()))
     return loss, stats
@@ -87,7 +84,7 @@ def _domain_bce(logits: torch.Tensor, n_source: int, training: bool, beta: Seque
 def classifier_ti_loss(classifier: Any, x_source: torch.Tensor, x_target: torch.Tensor,
                        generator: torch.Generator | None = None, *,
                        label_smoothing: Sequence[float] | None = DEFAULT_LABEL_SMOOTHING
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       ) -> tuple[torch.Tensor, BatchStats]:
     """BCE of the time-independent classifier d(x0) on clean source (label 1) and target (0).
 
     Label smoothing applies only while ``classifier.training``; the caller forms balanced
@@ -103,7 +100,7 @@ def classifier_td_loss(classifier: Any, x_source: torch.Tensor, x_target: torch.
                        schedule: NoiseSchedule, t: torch.Tensor, generator: torch.Generator | None,
                        *, mask_id: int | None = None,
                        label_smoothing: Sequence[float] | None = DEFAULT_LABEL_SMOOTHING
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       ) -> tuple[torch.Tensor, BatchStats]:
     """BCE of the time-dependent classifier d(z_t, t) on masked source and target sequences.
 
     ``t`` has one entry per row of cat([x_source, x_target]) (use ``sample_t``).
@@ -127,7 +124,7 @@ def ratio_loss(ratio_net: Any, classifier_ti: Any, classifier_td: Any, x_source:
                x_target: torch.Tensor, schedule: NoiseSchedule, t_source: torch.Tensor,
                t_target: torch.Tensor, generator: torch.Generator | None, *,
                eta_cycle: float = 0.1, mask_id: int | None = None
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+               ) -> tuple[torch.Tensor, BatchStats]:
     """L_ratio + eta_cycle * L_cycle with both classifiers frozen:
 
         L_ratio = MSE(r(mask(x_src, t)),   -logit d_ti(x_src))
@@ -149,7 +146,7 @@ def ratio_loss(ratio_net: Any, classifier_ti: Any, classifier_td: Any, x_source:
     ratio_mse = F.mse_loss(ratio_net(z_source, schedule.sigma(t_source)), target_ratio)
     cycle_mse = F.mse_loss(ratio_net(z_target, schedule.sigma(t_target)), target_cycle)
     loss = ratio_mse + eta_cycle * cycle_mse
-    stats = _as_floats(("loss", "ratio_mse", "cycle_mse", "target_mean", "target_std"),
+    stats = BatchStats(("loss", "ratio_mse", "cycle_mse", "target_mean", "target_std"),
                        (loss, ratio_mse, cycle_mse, target_ratio.mean(),
                         target_ratio.std() if target_ratio.numel() > 1 else target_ratio.new_zeros(())))
     return loss, stats
@@ -161,7 +158,7 @@ def ratio_loss(ratio_net: Any, classifier_ti: Any, classifier_td: Any, x_source:
 
 def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_rate: torch.Tensor,
                     generator: torch.Generator | None, *, mask_id: int | None = None,
-                    pad_id: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    pad_id: int | None = None) -> tuple[torch.Tensor, BatchStats]:
     """Cross-entropy of the target's masked tokens under the guided conditional
 
         q_phi(x0^l = v | z)  ∝  p_theta(x0^l = v | z) · exp(e_phi(z)[l, v])
@@ -194,7 +191,7 @@ def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_r
         source_nll = torch.where(scored, -source_logp.gather(-1, truth).squeeze(-1),
                                  torch.zeros((), device=z.device)).sum() / num_scored
         correct = (guided.argmax(-1) == x_target) & scored
-        stats = _as_floats(("loss", "source_nll", "accuracy", "masked_fraction"),
+        stats = BatchStats(("loss", "source_nll", "accuracy", "masked_fraction"),
                            (loss, source_nll, correct.sum() / num_scored, scored.float().mean()))
     return loss, stats
 
@@ -239,7 +236,7 @@ def masked_token_ce(model: Any, x0: torch.Tensor, mask_rate: torch.Tensor, gener
 
 def planner_loss(planner: Any, denoiser: Any, x0: torch.Tensor, schedule: NoiseSchedule,
                  t: torch.Tensor, generator: torch.Generator | None, *, mask_id: int | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 ) -> tuple[torch.Tensor, BatchStats]:
     """BCE over masked positions; label 1 where the frozen denoiser's greedy guess is right.
 
     Stats: loss, accuracy (logit > 0 vs label), positive_rate (share of masked positions the
@@ -259,7 +256,7 @@ def planner_loss(planner: Any, denoiser: Any, x0: torch.Tensor, schedule: NoiseS
     loss = torch.where(masked, bce, torch.zeros_like(bce)).sum() / num_masked
     with torch.no_grad():
         correct = ((logits > 0).float() == labels) & masked
-        stats = _as_floats(("loss", "accuracy", "positive_rate", "masked_fraction"),
+        stats = BatchStats(("loss", "accuracy", "positive_rate", "masked_fraction"),
                            (loss, correct.sum() / num_masked, labels.sum() / num_masked,
                             masked.float().mean()))
     return loss, stats
@@ -270,7 +267,7 @@ def planner_loss(planner: Any, denoiser: Any, x0: torch.Tensor, schedule: NoiseS
 # ----------------------------------------------------------------------------------------------
 
 def ar_loss(model: Any, x: torch.Tensor, *, pad_id: int | None = None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+            ) -> tuple[torch.Tensor, BatchStats]:
     """Next-token cross-entropy: position i predicts x[i + 1]; pad targets are not counted.
 
     ``pad_id`` defaults to model.vocab.pad_id. Stats: loss, accuracy, perplexity.
@@ -287,8 +284,9 @@ def ar_loss(model: Any, x: torch.Tensor, *, pad_id: int | None = None
     loss = torch.where(valid, ce, torch.zeros_like(ce)).sum() / num_valid
     with torch.no_grad():
         correct = (logits.argmax(-1).reshape(-1) == targets.reshape(-1)) & valid
-        stats = _as_floats(("loss", "accuracy"), (loss, correct.sum() / num_valid))
-    stats["perplexity"] = float(np.exp(min(stats["loss"], 50.0)))
+        perplexity = loss.detach().double().clamp(max=50.0).exp()
+        stats = BatchStats(("loss", "accuracy", "perplexity"),
+                           (loss, correct.sum() / num_valid, perplexity))
     return loss, stats
 
 

@@ -141,6 +141,10 @@ def test_input_checks():
         sample_ar(model, torch.zeros(2, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="temperature"):
         sample_ar(model, prompt(), 2, temperature=-1.0)
+    bad = prompt()
+    bad[1, 2] = VOCAB.size
+    with pytest.raises(ValueError, match=r"prompt: token id 9 is outside the model's vocabulary \[0, 9\)"):
+        sample_ar(model, bad, 2)
     model.train()
     sample_ar(model, prompt(), 2)
     assert model.training  # the caller's mode is restored

@@ -2,6 +2,7 @@
 determinism, bad input, and workers that survive preemption signals; splits with fewer shards (or
 samples) than readers, read by sample, and finite passes that read every sample exactly once."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from gtl_dist.data import Manifest, ManifestError, ShardInfo, ShardSet, make_loader
+from gtl_dist.data import Manifest, ManifestError, ShardInfo, ShardSet, make_loader, read_samples
 from gtl_dist.data import loader as loader_module
 from gtl_dist.data.loader import ConsumerStream
 from gtl_dist.data.shards import Chunk, ShardError, write_shard
@@ -269,6 +270,22 @@ def test_bad_input_fails_when_the_loader_is_made(uneven, tmp_path):
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim}: shard listed in the manifest is missing"):
         make_loader(uneven, "source/train", 4)
+
+
+def test_ids_outside_the_vocabulary_or_masks_are_refused_as_batches_are_read(uneven):
+    """The one id check of a training or validation batch: on the host, before any device sees
+    it (the networks and losses do not read ids back). Every sample holds id 7."""
+    where = rf"{uneven.path} \[source/train\]"
+    smaller = dataclasses.replace(uneven, vocab_size=7)
+    with pytest.raises(ValueError, match=where + r": token id 7 is outside the model's vocabulary "
+                                                 r"\[0, 7\); the data and the model were built"):
+        take(make_loader(smaller, "source/train", 4), 1)
+    with pytest.raises(ValueError, match=where + r": token id 7 is outside"):
+        read_samples(smaller, "source/train", 0, 3)
+    masked = dataclasses.replace(uneven, mask_id=7)
+    with pytest.raises(ValueError, match=where + r": clean data contains the \[MASK\] id 7"):
+        take(make_loader(masked, "source/train", 4, shuffle=False, infinite=False), 1)
+    assert len(take(make_loader(uneven, "source/train", 4), 8)) == 8
 
 
 def test_bad_manifests_are_named(uneven, tmp_path):

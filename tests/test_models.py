@@ -7,7 +7,7 @@ import torch
 
 from gtl_dist.config import ModelConfig, load_config
 from gtl_dist.models import (ARLM, Denoiser, Planner, RatioNet, SequenceClassifier, VocabSpec,
-                             build_model, check_compatible, count_parameters)
+                             build_model, check_compatible, check_token_ids, count_parameters)
 from gtl_dist.models.heads import subs_log_probs, subs_token_log_probs
 
 SMALL = ModelConfig(hidden=32, blocks=2, heads=2, cond_dim=16, dropout=0.0)
@@ -207,10 +207,15 @@ def test_fresh_models_start_neutral():
 
 def test_bad_input_fails_with_a_clear_error():
     model = Denoiser(SMALL, VOCAB, L)
-    with pytest.raises(ValueError, match=r"token id 7 is outside the model's vocabulary \[0, 7\)"):
-        model(torch.full((1, L), 7))
-    with pytest.raises(ValueError, match="outside"):
-        model(torch.full((1, L), -1))
+    # Ids are checked on the host where batches are loaded and prompts given, not in forward.
+    with pytest.raises(ValueError, match=r"batch 3: token id 7 is outside the model's vocabulary \[0, 7\); "
+                                         r"the data and the model were built with different"):
+        check_token_ids(torch.full((1, L), 7), VOCAB.size, "batch 3")
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        check_token_ids(torch.full((1, L), -1), VOCAB.size, "batch 3")
+    with pytest.raises(ValueError, match=r"x: clean data contains the \[MASK\] id 6"):
+        check_token_ids(torch.tensor([[0, 6, 1]]), VOCAB.size, "x", mask_id=VOCAB.mask_id)
+    check_token_ids(torch.tensor([[0, 5, 1]]), VOCAB.size, "x", mask_id=VOCAB.mask_id)
     with pytest.raises(ValueError, match="exceeds the model's seq_len 10"):
         model(torch.zeros(1, L + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[batch, length\]"):

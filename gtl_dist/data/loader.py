@@ -34,6 +34,11 @@ its batches stay 0, 1, ... without gaps when the short workers run out.) The onl
 counted in the main process as batches are consumed (not as workers prefetch them), and the same on
 every rank. From k every worker seeks its stream by arithmetic on the manifest's sample counts and
 reads only the shard it resumes in.
+
+Token ids. Every batch (and every :func:`read_samples` window) is checked against the manifest's
+vocabulary here, on the host, before it goes to a device (``gtl_dist.models.check_token_ids``):
+ids outside [0, vocab_size) and the [MASK] id are refused naming the manifest and the set. The
+networks and the losses do not check ids again, so no training step reads a batch back.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from gtl_dist.compat import dataloader_workers, shut_down_dataloader_workers
 from gtl_dist.data.manifest import Manifest, ManifestError, verify_shard
 from gtl_dist.data.shards import read_shard
 from gtl_dist.log import get_logger
+from gtl_dist.models.dit import check_token_ids
 
 log = get_logger("data.loader")
 
@@ -269,6 +275,7 @@ class ShardLoader:
         else:
             self.batches_per_epoch = pass_batches(where, total, rank, world_size, workers, batch_size)
         self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
+        self.where = where
         self.start = start
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
@@ -306,6 +313,8 @@ class ShardLoader:
                     raise RuntimeError(f"data loader yielded batch {k} where {self._position} was due")
                 self._position += 1
                 batch["tokens"] = batch["tokens"].long()
+                check_token_ids(batch["tokens"], self.manifest.vocab_size, self.where,
+                                mask_id=self.manifest.mask_id)
                 yield batch
         finally:
             if self.num_workers:
@@ -400,4 +409,7 @@ def read_samples(manifest: Manifest, set_name: str, start: int, stop: int,
             tokens, _ = read_shard(path, manifest.seq_len, limit=min(stop, last) - first)
             rows.append(tokens[max(start - first, 0):])
         first = last
-    return torch.from_numpy(np.concatenate(rows)).long()
+    samples = torch.from_numpy(np.concatenate(rows)).long()
+    check_token_ids(samples, manifest.vocab_size, f"{manifest.path} [{set_name}]",
+                    mask_id=manifest.mask_id)
+    return samples

@@ -202,21 +202,16 @@ class DiT(nn.Module):
         self.attention = mode
 
     def check_tokens(self, z: torch.Tensor, start: int = 0) -> None:
-        """Cheap input check: shape, dtype and id range, with an error that says what to fix.
-
-        Under torch.compile the id range is left out: reading it needs the ids on the host, which
-        would break the compiled graph. The compiled training step checks its batch before the
-        call instead (gtl_dist.diffusion.check_clean, train.<stage>.compile).
-        """
+        """Cheap input check on shapes alone: an integer tensor [batch, length] that fits seq_len
+        from ``start`` on, with an error that says what to fix. The ids themselves are checked
+        where batches are loaded and prompts are given (:func:`check_token_ids`), not here:
+        reading them on a device would make every forward pass wait for it."""
         if z.dim() != 2 or z.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected token ids as an integer tensor [batch, length], got "
                              f"{tuple(z.shape)} {z.dtype}")
         if start + z.shape[1] > self.seq_len:
             raise ValueError(f"sequence length {start + z.shape[1]} exceeds the model's seq_len "
                              f"{self.seq_len} (built from the config's sequence length)")
-        if z.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(z)).tolist()
-            check_id_range(lo, hi, self.vocab_size)
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         if sigma is None or not self.time_conditioning:
@@ -273,12 +268,25 @@ class DiT(nn.Module):
                        [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks])
 
 
-def check_id_range(lo: int, hi: int, vocab_size: int) -> None:
-    """Token ids spanning [lo, hi] must lie in the model's vocabulary [0, vocab_size)."""
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, where: str,
+                    mask_id: int | None = None) -> None:
+    """Refuse ids outside the vocabulary [0, vocab_size) and, in clean data (``mask_id`` given),
+    the [MASK] id, naming ``where`` (the file or set the ids come from).
+
+    Run once on the host, where a batch is loaded (gtl_dist.data's readers) or a prompt is given
+    (gtl_dist.sample.ar), before the ids move to a device: no step re-checks them, because
+    reading ids back from a device makes the host wait for every kernel queued before.
+    """
+    if not tokens.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's "
+        raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
                          f"vocabulary [0, {vocab_size}); the data and the model were built with "
                          f"different vocabularies (check the manifest)")
+    if mask_id is not None and bool((tokens == mask_id).any()):
+        raise ValueError(f"{where}: clean data contains the [MASK] id {mask_id}; the data and the "
+                         f"model disagree about the vocabulary (check the manifest's mask_id)")
 
 
 def float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

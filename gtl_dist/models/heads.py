@@ -226,7 +226,7 @@ class ARLM(_Network):
 
     def forward_cached(self, x_new: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, T, V] for ``x_new`` placed at positions cache.length .. cache.length + T - 1;
-        checks the tokens and advances ``cache.length``."""
+        checks the shapes and advances ``cache.length`` (the ids: ``check_token_ids``)."""
         if x_new.shape[0] != cache.batch_size:
             raise ValueError(f"batch size {x_new.shape[0]} does not match the cache's {cache.batch_size}")
         if cache.length + x_new.shape[1] > cache.max_len:

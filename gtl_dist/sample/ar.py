@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from gtl_dist.models import ARLM, KVCache
+from gtl_dist.models import ARLM, KVCache, check_token_ids
 from gtl_dist.sample.guidance import draw_categorical
 
 
@@ -91,7 +91,8 @@ def sample_ar(model: ARLM, prompt: torch.Tensor, num_tokens: int, *,
               banned_ids: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ARStats]:
     """Continue ``prompt`` [B, P >= 1] by ``num_tokens`` tokens; returns ([B, P + num_tokens], stats).
 
-    With the cache (default) the prompt is checked and encoded once, then each token costs one
+    The prompt's ids are checked here, once, on the host. With the cache (default) the prompt is
+    encoded once, then each token costs one
     single-position pass over a preallocated cache: no tensor is grown, and nothing waits for
     the device except what the caller's generator needs (pass a generator on the model's device
     to draw there). ``cuda_graph`` replays each step as a CUDA graph (CUDA only). Without the
@@ -149,3 +150,4 @@ def _check_request(model: ARLM, prompt: torch.Tensor, num_tokens: int, temperatu
         raise ValueError(f"top_k={top_k} must be >= 1 (or None for the full vocabulary)")
     if cuda_graph and (not use_cache or next(model.parameters()).device.type != "cuda"):
         raise ValueError("cuda_graph=True needs the KV cache and a model on a CUDA device")
+    check_token_ids(prompt, model.vocab.size, "prompt")
