@@ -1,4 +1,5 @@
-"""AR sampling with a KV cache: cached decoding equals uncached decoding, draws are exact."""
+"""AR sampling with a KV cache: cached (op by op or compiled) decoding equals uncached decoding and
+the reference decoder token for token, the step is one graph, draws are exact."""
 
 import math
 
@@ -7,7 +8,8 @@ import torch
 
 from gtl_dist.config import ModelConfig
 from gtl_dist.models import ARLM, VocabSpec
-from gtl_dist.sample.ar import draw_next_token, sample_ar
+from gtl_dist.sample.ar import decode_step, draw_next_token, sample_ar
+from gtl_dist.sample.guidance import draw_categorical
 
 CFG = ModelConfig(hidden=32, blocks=2, heads=4, cond_dim=16, dropout=0.0)
 VOCAB = VocabSpec(9, mask_id=8, pad_id=0)
@@ -90,6 +92,58 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(temperature, top_k):
     assert s_plain.positions == 5 * sum(range(3, L))
 
 
+def reference_decode(model, p, num_tokens, seed, temperature, top_k):
+    """Decoding as the package did before its step was compiled: the whole prefix re-run for
+    every token, [MASK] banned, and one float64 inverse-CDF draw per token with uniforms drawn
+    from the generator token by token."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = p.clone()
+    for _ in range(num_tokens):
+        scores = model(tokens)[:, -1].double()
+        scores[:, VOCAB.mask_id] = -math.inf
+        if temperature == 0:
+            nxt = scores.argmax(-1)
+        else:
+            scores = scores / temperature
+            if top_k is not None:
+                scores = scores.masked_fill(scores < scores.topk(top_k, dim=-1).values[:, -1:], -math.inf)
+            u = torch.rand(len(tokens), generator=g, dtype=torch.float64)
+            nxt = draw_categorical(scores, u)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 3), (1.3, 8)])
+def test_every_decoding_path_gives_the_tokens_of_the_reference_decoder(temperature, top_k, monkeypatch):
+    """Cached op by op, cached and compiled (the step and its draw as one graph), and uncached:
+    the same tokens as the reference under every seed. The compiled step uses the aot_eager
+    backend here (same graph, eager kernels: compiled in seconds); the GPU suite runs inductor."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    model, p = random_ar(), prompt()
+    try:
+        for seed in range(3):
+            expected = reference_decode(model, p, L - 3, seed, temperature, top_k)
+            for kwargs in (dict(), dict(compile=True), dict(use_cache=False)):
+                out, _ = sample_ar(model, p, L - 3, generator=torch.Generator().manual_seed(seed),
+                                   temperature=temperature, top_k=top_k, **kwargs)
+                assert torch.equal(out, expected), (seed, kwargs)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_decoding_step_is_one_graph_without_a_host_read():
+    """fullgraph tracing fails on any host read (.item(), .tolist(), a tensor in an if)."""
+    model = random_ar()
+    cache = model.new_cache(2, 8)
+    model.forward_cached(prompt(batch=2), cache)
+    args = (model, cache, torch.tensor([[5], [6]]), torch.tensor([3]), torch.rand(2, dtype=torch.float64))
+    explained = torch._dynamo.explain(decode_step)(*args, temperature=0.8, top_k=4,
+                                                   banned=torch.tensor([VOCAB.mask_id]))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_greedy_is_the_argmax_continuation_and_seeds_are_reproducible():
     model = random_ar()
     p = prompt(batch=2)
@@ -122,8 +176,8 @@ def test_draw_next_token_matches_the_tempered_top_k_distribution():
     logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, -3.0]])
     n, temperature, k = 40_000, 0.8, 4
     g = torch.Generator().manual_seed(0)
-    draws = torch.cat([draw_next_token(logits.expand(1000, -1), g, temperature=temperature, top_k=k)
-                       for _ in range(n // 1000)])
+    draws = torch.cat([draw_next_token(logits.expand(1000, -1), torch.rand(1000, generator=g, dtype=torch.float64),
+                                       temperature=temperature, top_k=k) for _ in range(n // 1000)])
     scores = logits[0].double() / temperature
     keep = scores >= scores.topk(k).values[-1]
     probs = torch.where(keep, torch.softmax(scores.masked_fill(~keep, -math.inf), -1), 0.0)
@@ -145,6 +199,8 @@ def test_input_checks():
     bad[1, 2] = VOCAB.size
     with pytest.raises(ValueError, match=r"prompt: token id 9 is outside the model's vocabulary \[0, 9\)"):
         sample_ar(model, bad, 2)
+    with pytest.raises(ValueError, match="compile=True compiles the cached decoding step"):
+        sample_ar(model, prompt(), 2, compile=True, use_cache=False)
     model.train()
     sample_ar(model, prompt(), 2)
     assert model.training  # the caller's mode is restored

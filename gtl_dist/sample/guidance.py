@@ -6,12 +6,12 @@
 - ``keep_top_k``: the top-K truncation used by guided and unguided samplers alike.
 - ``stabilise_mask_mass``: the stabiliser of the ancestral sampler.
 - ``draw_categorical``: inverse-CDF draws in float64 from pre-drawn uniforms.
-- ``draw_uniforms``: those uniforms, from a CPU generator, sent to the device without waiting.
+- ``draw_uniforms``: those uniforms, from the caller's generator, sent to the device without waiting.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -124,14 +124,17 @@ def draw_categorical(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.minimum(index, last_positive)
 
 
-def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """float64 U[0, 1) of ``shape`` from the caller's CPU generator, on ``device``.
+def draw_uniforms(shape: tuple[int, ...], generator: Optional[torch.Generator],
+                  device: torch.device) -> torch.Tensor:
+    """float64 U[0, 1) of ``shape`` from the caller's generator (torch's global CPU one if None),
+    drawn where the generator lives and sent to ``device``.
 
-    Drawing on the CPU keeps the random stream the same on every device (samples do not depend
-    on where they are drawn). On a GPU the copy goes through pinned memory without blocking, so
-    it does not make the host wait for the kernels already queued.
+    A CPU generator keeps the random stream the same on every device (samples do not depend on
+    where they are drawn). On a GPU its draws go through pinned memory without blocking, so the
+    copy does not make the host wait for the kernels already queued.
     """
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    if device.type != "cuda":
+    home = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=home)
+    if device.type != "cuda" or home.type == "cuda":
         return u.to(device)
     return u.pin_memory().to(device, non_blocking=True)
