@@ -9,7 +9,7 @@ import torch
 
 from gtl_dist.config import ModelConfig, SampleConfig
 from gtl_dist.diffusion import LogLinearSchedule
-from gtl_dist.models import Denoiser, Planner, RatioNet, VocabSpec, subs_log_probs
+from gtl_dist.models import Denoiser, EditRatioNet, Planner, RatioNet, VocabSpec, subs_log_probs
 from gtl_dist.sample import (AncestralSampler, MethodNetworks, PlannerSampler, SamplerConfigError,
                              SamplerStats, build_sampler, sample_sequences, sample_shard, shard_seed,
                              shard_sizes, stabilise_mask_mass, unguided_sampler, write_sample_shard)
@@ -329,6 +329,50 @@ def test_real_models_end_to_end(sampler):
     assert out.stats.sequences == 5 and out.stats.ratio.rows > 0
     again = sample_sequences(MethodNetworks(denoiser, ratio_net, planner), cfg, SCHEDULE, num=5, seed=0)
     assert torch.equal(out.tokens, again.tokens)
+
+
+def randomized(net, scale=0.3):
+    """A network with every weight drawn (fresh ones start neutral: a uniform denoiser)."""
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.normal_(0.0, scale)
+    return net.eval()
+
+
+class FullOutput:
+    """A denoiser seen only through its [B, L, V] output: the planner sampler's route before it
+    scored the chosen positions alone."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.vocab, self.seq_len = denoiser, denoiser.vocab, denoiser.seq_len
+
+    def __call__(self, z):
+        return self.denoiser(z)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_the_planner_sampler_scores_only_the_chosen_positions_and_draws_the_same_tokens(guided):
+    """Denoiser.masked_log_probs runs the output layer at one position per sequence. Its values
+    are the full output's up to float rounding (a matrix product of another shape may round some
+    last bits otherwise, as it does on some CPUs at this size), and the tokens are those of the
+    full route."""
+    vocab, length = VocabSpec(1001, 1000), 24
+    cfg = ModelConfig(hidden=64, blocks=2, heads=4, cond_dim=32, dropout=0.0)
+    torch.manual_seed(3)
+    denoiser, edit, planner = (randomized(net(cfg, vocab, length))
+                               for net in (Denoiser, EditRatioNet, Planner))
+    z = torch.randint(0, vocab.mask_id, (6, length), generator=gen(0))
+    z[:, ::2] = vocab.mask_id
+    rows, positions = torch.arange(6), torch.arange(6) * 2
+    with torch.no_grad():
+        fast, full = denoiser.masked_log_probs(z, rows, positions), denoiser(z)[rows, positions]
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    guide = dict(ratio_net=edit, gamma=2.0, n_ratio=32) if guided else dict(ratio_net=None, gamma=0.0)
+    for seed in range(2):
+        fast = PlannerSampler(denoiser, planner=planner, top_k=8, **guide).sample(6, gen(seed), 6)
+        full = PlannerSampler(FullOutput(denoiser), planner=planner, top_k=8, **guide).sample(6, gen(seed), 6)
+        assert torch.equal(fast.tokens, full.tokens)
+        assert fast.stats.denoiser.rows == full.stats.denoiser.rows == 6 * length
 
 
 def test_tiny_preset_samples_every_method_through_the_entry_point(configs_dir):

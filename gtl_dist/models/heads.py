@@ -205,6 +205,15 @@ class Denoiser(_Network):
         """fp32 log-probabilities [B, L, V]: [MASK] column -inf, unmasked rows one-hot on z."""
         return subs_log_probs(self.logits(z, sigma), z, self.vocab.mask_id)
 
+    def masked_log_probs(self, z: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 [P, V]: ``forward(z)[rows, positions]`` where every z[rows[p], positions[p]] is
+        [MASK], i.e. the softmax of the logits without [MASK] there; the output layer runs at
+        those positions only (with |V| in the tens of thousands it is most of a pass)."""
+        h, c = self.backbone(z)
+        logits = self.output(h[rows, positions].unsqueeze(1), c[rows]).squeeze(1)
+        logits[..., self.vocab.mask_id] = float("-inf")
+        return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
 
 class ARLM(_Network):
     """Autoregressive LM with the Denoiser's parameter names (AR2Diff, docs/method.md §11).

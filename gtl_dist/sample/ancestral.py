@@ -119,9 +119,10 @@ class AncestralSampler:
     @torch.inference_mode()
     def sample_batch(self, batch: int, generator: torch.Generator) -> SampleResult:
         """S steps. The host waits for the device twice per step: once for the decision that
-        needs it (which sequences changed, hence whether the networks run) and once for the
-        positions still masked (their number varies); refresh steps of a guided sampler add the
-        ratio net's own."""
+        needs it (which sequences changed, hence whether and on which the networks run) and once
+        for the positions still masked (their number varies); steps on which a guided sampler's
+        networks run add one, for the masked positions the ratio net scores. Nothing else in a
+        step reads a value back (tests/test_host_reads.py)."""
         stats = SamplerStats(sequences=batch)
         mask_id = self.vocab.mask_id
         z = torch.full((batch, self.seq_len), mask_id, dtype=torch.long, device=self.device)
@@ -153,17 +154,18 @@ class AncestralSampler:
 
     def _update(self, z: torch.Tensor, prop: Proposals, refresh: torch.Tensor, stats: SamplerStats
                 ) -> Proposals:
-        """Re-run the networks on the sequences in ``refresh`` (one host wait to decide)."""
-        any_row, every_row = torch.stack([refresh.any(), refresh.all()]).tolist()
-        if every_row:
+        """Re-run the networks on the sequences in ``refresh`` (one host wait: which they are)."""
+        rows = torch.nonzero(refresh).squeeze(-1)
+        if len(rows) == len(refresh):
             return self.proposals(z, stats)
-        if any_row:
-            return self._refresh(z, prop, refresh, stats)
+        if len(rows):
+            return self._refresh(z, prop, rows, stats)
         stats.cached_steps += 1
         return prop
 
     def _refresh(self, z: torch.Tensor, prop: Proposals, rows: torch.Tensor, stats: SamplerStats
                  ) -> Proposals:
+        """New proposals for the sequences ``rows`` (indices: no boolean mask, which would wait)."""
         fresh = self.proposals(z[rows], stats)
         prop.ids[rows], prop.logp[rows] = fresh.ids, fresh.logp
         if prop.scores is not None:
@@ -177,9 +179,9 @@ class AncestralSampler:
         if not masked.any():
             return
         stats.filled_at_end += int(masked.sum())
-        refresh = stale & masked.any(dim=-1)
-        if refresh.any():
-            prop = self._refresh(z, prop, refresh, stats)
+        rows = torch.nonzero(stale & masked.any(dim=-1)).squeeze(-1)
+        if len(rows):
+            prop = self._refresh(z, prop, rows, stats)
         # Proposals are sorted by descending denoiser log-prob, so column 0 is the argmax.
         z[masked] = prop.ids[..., 0][masked]
 

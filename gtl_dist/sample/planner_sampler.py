@@ -23,7 +23,7 @@ import torch
 
 from gtl_dist.sample import checks
 from gtl_dist.sample.guidance import draw_categorical, draw_uniforms, guided_logits, keep_top_k, score_edits
-from gtl_dist.sample.stats import SampleResult, SamplerStats, counted, sample_in_batches
+from gtl_dist.sample.stats import NetworkCount, SampleResult, SamplerStats, counted, sample_in_batches
 
 
 class PlannerSampler:
@@ -69,7 +69,7 @@ class PlannerSampler:
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept token ids [B, K] (ordered by id) and their float64 log-probabilities for z^ℓ."""
         rows = torch.arange(z.shape[0], device=z.device)
-        a = counted(self.denoiser, stats.denoiser, z)[rows, positions]  # [B, V]
+        a = denoiser_log_probs_at(self.denoiser, z, rows, positions, stats.denoiser)  # [B, V]
         if self.ratio_net is None:
             ids = torch.arange(a.shape[-1], device=z.device).expand_as(a)
             kept_ids, kept = keep_top_k(ids, a.double(), self.top_k)
@@ -99,4 +99,16 @@ class PlannerSampler:
 
     def sample(self, num: int, generator: torch.Generator, batch_size: int = 32) -> SampleResult:
         return sample_in_batches(self.sample_batch, num, generator, batch_size)
+
+
+def denoiser_log_probs_at(denoiser: Callable, z: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                          count: NetworkCount) -> torch.Tensor:
+    """The denoiser's log-probabilities [P, V] at the masked positions (rows[p], positions[p]) of z:
+    from ``masked_log_probs`` where the network has it (gtl_dist.models.Denoiser: its output layer
+    runs at those positions only), else read from its full [B, L, V] output."""
+    if not hasattr(denoiser, "masked_log_probs"):
+        return counted(denoiser, count, z)[rows, positions]
+    count.calls += 1
+    count.rows += int(z.shape[0])
+    return denoiser.masked_log_probs(z, rows, positions)
 
