@@ -197,7 +197,7 @@ def edit_ratio_loss(edit_net: Any, denoiser: Any, x_target: torch.Tensor, mask_r
 
 
 def masked_token_ce(model: Any, x0: torch.Tensor, mask_rate: torch.Tensor, generator: torch.Generator | None,
-                    *, vocab: Any, reference: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    *, vocab: Any, reference: Any = None) -> tuple[torch.Tensor, BatchStats]:
     """Cross-entropy of x0's masked tokens under ``model``'s prediction: the adapter's objective
     and the one held-out rule by which every per-target stage is selected (docs/method.md §12).
 
@@ -226,7 +226,7 @@ def masked_token_ce(model: Any, x0: torch.Tensor, mask_rate: torch.Tensor, gener
         if reference is not None:
             names.append("source_nll")
             values.append(nll_of(reference)[0])
-        stats = _as_floats(names, values)
+        stats = BatchStats(names, values)
     return loss, stats
 
 

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from gtl_dist.config import ModelConfig, SampleConfig
+from gtl_dist.config import AdapterConfig, LoraConfig, ModelConfig, SampleConfig
 from gtl_dist.diffusion import LogLinearSchedule
 from gtl_dist.models import Denoiser, EditRatioNet, Planner, RatioNet, VocabSpec, subs_log_probs
+from gtl_dist.models.adapter import AdaptedDenoiser, GuideAdapter
+from gtl_dist.models.lora import LoraDenoiser
 from gtl_dist.sample import (AncestralSampler, MethodNetworks, PlannerSampler, SamplerConfigError,
                              SamplerStats, build_sampler, sample_sequences, sample_shard, shard_seed,
                              shard_sizes, stabilise_mask_mass, unguided_sampler, write_sample_shard)
@@ -350,17 +352,33 @@ class FullOutput:
         return self.denoiser(z)
 
 
+def scored_denoiser(kind, cfg, vocab, length):
+    """A denoiser of each kind the planner sampler scores at the chosen positions alone: plain, a
+    LoRA fine-tune of it, and one with a guide adapter composed in (the edit through the output
+    layer or direct, with and without its attention head), every weight drawn."""
+    if kind == "denoiser":
+        return randomized(Denoiser(cfg, vocab, length))
+    if kind == "lora":
+        return randomized(LoraDenoiser(cfg, vocab, length, LoraConfig(rank=2, layers=["attn_qkv", "mlp.0"])))
+    through, attention = kind.split("-")[1:]
+    adapter = GuideAdapter(AdapterConfig(rank=4, through=through, attention=attention == "attention"),
+                           vocab, length, cfg.hidden)
+    return AdaptedDenoiser(randomized(Denoiser(cfg, vocab, length)), randomized(adapter), gamma=1.5).eval()
+
+
+@pytest.mark.parametrize("kind", ["denoiser", "lora", "adapter-output-attention", "adapter-direct-attention",
+                                  "adapter-output-plain"])
 @pytest.mark.parametrize("guided", [True, False])
-def test_the_planner_sampler_scores_only_the_chosen_positions_and_draws_the_same_tokens(guided):
-    """Denoiser.masked_log_probs runs the output layer at one position per sequence. Its values
-    are the full output's up to float rounding (a matrix product of another shape may round some
-    last bits otherwise, as it does on some CPUs at this size), and the tokens are those of the
-    full route."""
+def test_the_planner_sampler_scores_only_the_chosen_positions_and_draws_the_same_tokens(kind, guided):
+    """masked_log_probs runs the output layer (and an adapter's maps to |V|) at one position per
+    sequence. Its values are the full output's up to float rounding (a matrix product of another
+    shape may round some last bits otherwise, as it does on some CPUs at this size), and the
+    tokens are those of the full route."""
     vocab, length = VocabSpec(1001, 1000), 24
     cfg = ModelConfig(hidden=64, blocks=2, heads=4, cond_dim=32, dropout=0.0)
     torch.manual_seed(3)
-    denoiser, edit, planner = (randomized(net(cfg, vocab, length))
-                               for net in (Denoiser, EditRatioNet, Planner))
+    denoiser = scored_denoiser(kind, cfg, vocab, length)
+    edit, planner = (randomized(net(cfg, vocab, length)) for net in (EditRatioNet, Planner))
     z = torch.randint(0, vocab.mask_id, (6, length), generator=gen(0))
     z[:, ::2] = vocab.mask_id
     rows, positions = torch.arange(6), torch.arange(6) * 2

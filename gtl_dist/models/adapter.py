@@ -29,7 +29,7 @@ from torch import nn
 
 from gtl_dist.config import AdapterConfig
 from gtl_dist.models.dit import Rotary, apply_rotary, float32_linear
-from gtl_dist.models.heads import Denoiser, VocabSpec, _Network, subs_log_probs
+from gtl_dist.models.heads import Denoiser, VocabSpec, _Network, masked_subs_log_probs, subs_log_probs
 
 
 class GuideAdapter(_Network):
@@ -53,11 +53,15 @@ class GuideAdapter(_Network):
             nn.init.zeros_(self.mix.weight)
             self.rotary = Rotary(cfg.rank)
 
-    def delta(self, features: torch.Tensor) -> torch.Tensor:
-        """δ [B, L, H] (through the output layer) or the scores themselves [B, L, V] (direct)."""
-        delta = self.up(self.down(features))
+    def delta(self, features: torch.Tensor, rows: Optional[torch.Tensor] = None,
+              positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """δ [B, L, H] (through the output layer) or the scores themselves [B, L, V] (direct); with
+        ``rows`` and ``positions``, δ at those positions only [P, ·]. The attention head reads
+        every position's features whichever positions it writes."""
+        at = (lambda x: x) if rows is None else (lambda x: x[rows, positions])
+        delta = self.up(self.down(at(features)))
         if self.cfg.attention:
-            delta = delta + self.mix(self.attend(features))
+            delta = delta + self.mix(at(self.attend(features)))
         return delta
 
     def forward(self, features: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
@@ -93,13 +97,27 @@ class AdaptedDenoiser(nn.Module):
         """logits_θ(z) + γ·e_φ(z). Through the output layer the edit is added before the
         projection, W·(u + γ·δ) + b: one |V|-wide product per step, as the source alone (equal to
         the sum of the two up to float rounding; exactly the source's at δ = 0)."""
-        features = self.denoiser.features(z, sigma)
-        projection = self.denoiser.output.linear
-        if self.gamma == 0.0:
-            return float32_linear(features, projection)
-        if self.adapter.cfg.through == "output":
-            return float32_linear(features + self.gamma * self.adapter.delta(features), projection)
-        return float32_linear(features, projection) + self.gamma * self.adapter(features, projection)
+        return self.edited_logits(self.denoiser.features(z, sigma))
 
     def forward(self, z: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         return subs_log_probs(self.logits(z, sigma), z, self.vocab.mask_id)
+
+    def masked_log_probs(self, z: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 [P, V]: ``forward(z)[rows, positions]`` where every z[rows[p], positions[p]] is
+        [MASK], with the |V|-wide products run at those positions only (as
+        ``Denoiser.masked_log_probs``; the planner and first-hitting samplers' route)."""
+        return masked_subs_log_probs(self.edited_logits(self.denoiser.features(z), rows, positions),
+                                     self.vocab.mask_id)
+
+    def edited_logits(self, features: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """logits_θ + γ·e_φ from the source's ``features`` [B, L, H]: at every position, or at
+        (``rows``, ``positions``) only [P, V]."""
+        projection = self.denoiser.output.linear
+        own = features if rows is None else features[rows, positions]
+        if self.gamma == 0.0:
+            return float32_linear(own, projection)
+        delta = self.adapter.delta(features, rows, positions)
+        if self.adapter.cfg.through == "output":
+            return float32_linear(own + self.gamma * delta, projection)
+        return float32_linear(own, projection) + self.gamma * delta.float()

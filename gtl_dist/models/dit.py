@@ -279,12 +279,13 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, where: str,
     """
     if not tokens.numel():
         return
-    lo, hi = (int(v) for v in torch.aminmax(tokens))
+    found = [*torch.aminmax(tokens)] + ([(tokens == mask_id).sum()] if mask_id is not None else [])
+    lo, hi, *masks = torch.stack(found).tolist()
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
                          f"vocabulary [0, {vocab_size}); the data and the model were built with "
                          f"different vocabularies (check the manifest)")
-    if mask_id is not None and bool((tokens == mask_id).any()):
+    if masks and masks[0]:
         raise ValueError(f"{where}: clean data contains the [MASK] id {mask_id}; the data and the "
                          f"model disagree about the vocabulary (check the manifest's mask_id)")
 

@@ -78,6 +78,13 @@ class VocabSpec:
                    pad_id=get("pad_id", None), data_ids=get("data_ids", None))
 
 
+def masked_subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """:func:`subs_log_probs` of logits [P, V] taken at masked positions only: the softmax
+    without [MASK]. In place on ``logits``, as subs_log_probs."""
+    logits[..., mask_id] = float("-inf")
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS parameterisation (MDLM): [MASK] never predicted, observed tokens carried over.
 
@@ -210,9 +217,8 @@ class Denoiser(_Network):
         [MASK], i.e. the softmax of the logits without [MASK] there; the output layer runs at
         those positions only (with |V| in the tens of thousands it is most of a pass)."""
         h, c = self.backbone(z)
-        logits = self.output(h[rows, positions].unsqueeze(1), c[rows]).squeeze(1)
-        logits[..., self.vocab.mask_id] = float("-inf")
-        return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return masked_subs_log_probs(self.output(h[rows, positions].unsqueeze(1), c[rows]).squeeze(1),
+                                     self.vocab.mask_id)
 
 
 class ARLM(_Network):

@@ -16,9 +16,10 @@ Resolution order (:func:`resolve_dist_env`, a pure function of an environment ma
 3. a single process.
 
 DeepSpeed is initialised with ``auto_mpi_discovery=False`` (without the variables above it would
-try mpi4py, docs/operations.md), NCCL on GPUs and gloo on CPU. ``DS_ACCELERATOR`` must be chosen
-before DeepSpeed is first imported (its accelerator choice is cached), so every module imports
-DeepSpeed through :func:`import_deepspeed`.
+try mpi4py, docs/operations.md), NCCL on GPUs and gloo on CPU; on GPUs a gloo group beside it
+carries the loop's host values (:func:`all_reduce`), so agreeing on them never waits for the
+device. ``DS_ACCELERATOR`` must be chosen before DeepSpeed is first imported (its accelerator
+choice is cached), so every module imports DeepSpeed through :func:`import_deepspeed`.
 
 On CPU DeepSpeed's process-group wrapper JIT-compiles a C++ op (``deepspeed_shm_comm``) the first
 time it starts, about 40 s. SLURM's preemption signal reaches every process of a job step, the
@@ -256,6 +257,9 @@ def require_ops(env: Mapping[str, str]) -> None:
 # shutdown puts them back, so a later stage in the same process resolves its environment afresh
 # (a single process gets a new free port instead of inheriting the last stage's).
 _saved_env: dict[str, Optional[str]] = {}
+# The gloo group that carries host values beside NCCL ("gloo" -> group; empty: the default group
+# is gloo already, or none is up). Set by init_distributed, dropped by shutdown.
+_host_group: dict[str, Any] = {}
 
 
 def init_distributed(env: Optional[Mapping[str, str]] = None, timeout_s: float = 1800.0) -> DistEnv:
@@ -281,6 +285,9 @@ def init_distributed(env: Optional[Mapping[str, str]] = None, timeout_s: float =
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s),
                                    rank=dist_env.rank, world_size=dist_env.world_size)
+        if backend == "nccl":  # every rank creates it, in the same place: a collective
+            _host_group["gloo"] = torch.distributed.new_group(backend="gloo",
+                                                              timeout=timedelta(seconds=timeout_s))
     set_log_context(rank=dist_env.rank)
     log.debug("rank %d/%d (local %d) via %s, rendezvous %s:%d, backend %s", dist_env.rank,
               dist_env.world_size, dist_env.local_rank, dist_env.source, dist_env.master_addr,
@@ -312,20 +319,17 @@ if __name__ == "__main__":
 # Small collectives the loop and the checkpointer share
 # ----------------------------------------------------------------------------------------------
 
-def _comm_device() -> Any:
-    import torch
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Reduce a short list of floats over all ranks in one collective (float64)."""
+    """Reduce a short list of host floats over all ranks in one collective (float64), on the
+    host: through gloo, the process group on CPUs and a group of its own beside NCCL on GPUs
+    (:func:`init_distributed`), so that it never waits for the device (an NCCL collective is
+    queued behind every kernel before it, and its result read back after them)."""
     import torch
     ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
            "min": torch.distributed.ReduceOp.MIN}
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    torch.distributed.all_reduce(t, op=ops[op])
-    return t.cpu().tolist()
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=ops[op], group=_host_group.get("gloo"))
+    return t.tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -362,6 +366,7 @@ def shutdown(barrier: bool = True) -> None:
         if barrier:
             torch.distributed.barrier()
         import_deepspeed().comm.destroy_process_group()
+    _host_group.clear()  # destroyed with the process group
     for key, value in _saved_env.items():
         if value is None:
             os.environ.pop(key, None)

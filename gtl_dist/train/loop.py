@@ -12,8 +12,11 @@ builds the rest up to the RNG states into one :class:`~gtl_dist.train.state.Trai
 ``checkpointer.save``) and ends in :func:`export`, or in :func:`stop_for_requeue` when preempted.
 
 Per optimiser step: ``grad_accum`` micro-batches (forward through the engine, backward, step),
-the EMA update, then ONE all-reduce that carries the preemption flag, the loss and the recipe's
-statistics. Validation every ``val_every`` steps and at the last step, on EMA weights when
+the EMA update, then one all-reduce on the host of the preemption flags (and the data
+fingerprint). The loss and the recipe's statistics stay on the device, summed over the
+micro-batches, and are read and all-reduced only on the steps that are logged (every
+``log_every`` steps, the last, a preempted one), as nanoGPT and torchtitan do: no other step waits
+for the device. Validation every ``val_every`` steps and at the last step, on EMA weights when
 ``ema > 0``; a checkpoint every ``save_every`` steps, at the last step and on preemption. Why a
 resumed run repeats an uninterrupted one bit for bit: gtl_dist/train/recipe.py.
 """
@@ -23,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
+from gtl_dist.batch_stats import BatchStats
 from gtl_dist.config import RunConfig
 from gtl_dist.exports import read_export_meta, write_export
 from gtl_dist.log import Progress, get_logger
@@ -63,19 +67,47 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _grad_norm(engine: Any) -> Optional[float]:
+def engine_grad_norm(engine: Any) -> Optional[float]:
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
-def plain_grad_norm(module: nn.Module) -> float:
+def plain_grad_norm(module: nn.Module) -> torch.Tensor:
     """Gradient 2-norm where DeepSpeed keeps none: without ZeRO and without a bf16 optimiser it
     clips through torch's clip_grad_norm_ and drops the norm. The gradients are already
-    all-reduced at the accumulation boundary, so every rank gets the same value."""
+    all-reduced at the accumulation boundary, so every rank gets the same value. A device
+    scalar: read only when the step is logged."""
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+@dataclass
+class StepSums:
+    """One step's loss and statistics summed over its micro-batches where they were computed:
+    a loss's :class:`BatchStats` on the device, in float64 (one tensor, never read per
+    micro-batch), a recipe's plain floats on the host. Float64 sums in micro-batch order, as the
+    host's Python floats made them."""
+    device: Optional[torch.Tensor] = None   # the loss, then the BatchStats' values
+    names: tuple[str, ...] = ()
+    host: dict[str, float] = field(default_factory=dict)
+
+    def add(self, loss: torch.Tensor, stats: Mapping[str, float]) -> None:
+        values = loss.detach().double().reshape(1)
+        if isinstance(stats, BatchStats):
+            values, self.names = torch.cat([values, stats.tensor]), stats.names
+        else:
+            for k, v in stats.items():
+                self.host[k] = self.host.get(k, 0.0) + float(v)
+        if self.device is None:
+            self.device = torch.zeros_like(values)
+        self.device += values
+
+    def read(self) -> tuple[float, dict[str, float]]:
+        """(summed loss, summed statistics): the step's one read of the device."""
+        loss, *values = self.device.tolist()
+        return loss, {**dict(zip(self.names, values)), **self.host}
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -89,11 +121,11 @@ def due(step: int, every: int, last: int) -> bool:
 
 @dataclass
 class StepOutcome:
-    """What one optimiser step reports, summed over the ranks in its one all-reduce."""
-    values: dict[str, float]    # the loss and the recipe's statistics, averaged over the batch
+    """What one optimiser step reports, summed over the ranks."""
+    values: Optional[dict[str, float]]  # loss and statistics averaged over the batch; logged steps only
     data_crc: float             # fingerprint of every batch the step read
     signals: list[int]          # the preemption signals any rank received
-    grad_norm: Optional[float]  # only where DeepSpeed keeps none; else the engine has it
+    grad_norm: Optional[float]  # logged steps where DeepSpeed keeps none; else the engine has it
     seconds: float
 
 
@@ -133,17 +165,20 @@ def train(recipe: Recipe, ctx: StageContext) -> StageResult:
     if state.step == 0 and STAGES[ctx.stage].init_is_candidate:
         validate_and_select(recipe, ctx, state, metrics)
     while state.step < tc.steps:
-        # One optimiser step: the micro-batches, the EMA update, then one all-reduce that also
-        # carries the preemption flags, so that every rank stops after the same step.
+        # One optimiser step: the micro-batches, the EMA update, then one host all-reduce of the
+        # preemption flags, so that every rank stops after the same step. Its loss and
+        # statistics are read from the device only when they are logged.
         out = train_step(recipe, ctx, state)
         signals = out.signals
         window.add(out.seconds)
-        progress.update(1, postfix=f"loss {out.values['loss']:.4f}")
 
         # Log every log_every steps, after the last step and on preemption.
-        if due(state.step, tc.log_every, tc.steps) or signals:
+        if out.values is not None:
+            progress.update(1, postfix=f"loss {out.values['loss']:.4f}")
             log_train(ctx, state, metrics, out, window)
             window = Throughput()
+        else:
+            progress.update(1)
 
         # Validate every val_every steps and after the last step; keep the best weights.
         maybe_validate(recipe, ctx, state, metrics)
@@ -180,38 +215,43 @@ def open_metrics(ctx: StageContext, step: int) -> StageMetrics:
 # -- one optimiser step ----------------------------------------------------------------------
 
 def train_step(recipe: Recipe, ctx: StageContext, state: TrainState) -> StepOutcome:
-    """One optimiser step, gradient accumulation included, then the EMA update and ONE
-    all-reduce of the preemption flags, the loss, the recipe's statistics and the data
-    fingerprint."""
+    """One optimiser step, gradient accumulation included, then the EMA update and one host
+    all-reduce of the preemption flags and the data fingerprint. The loss and the recipe's
+    statistics stay on the device, summed over the micro-batches; on a step that is logged
+    (every ``log_every`` steps, the last, a preempted one) they are read once and all-reduced."""
     t0 = time.perf_counter()
-    loss_sum, stats_sum, crc, grad_norm = accumulate_gradients(recipe, ctx, state)
+    sums, crc, grad_norm = accumulate_gradients(recipe, ctx, state)
     state.step += 1
     if state.engine.global_steps != state.step:
         raise RuntimeError(f"DeepSpeed counts {state.engine.global_steps} optimiser steps, the "
                            f"loop {state.step}: the micro-batch geometry and the engine disagree")
     if state.ema is not None:
         state.ema.update(state.model)
-    keys = sorted(stats_sum)
     flags = ctx.guard.flags()
-    reduced = dist.all_reduce([*flags, loss_sum, *(stats_sum[k] for k in keys), float(crc)],
-                              "sum")
-    signals = ctx.guard.agreed(reduced[:len(flags)])
-    reduced = reduced[len(flags):]
-    n = state.geometry.grad_accum * ctx.dist_env.world_size
-    values = {"loss": reduced[0] / n, **{k: v / n for k, v in zip(keys, reduced[1:-1])}}
+    agreed = dist.all_reduce([*flags, float(crc)], "sum")
+    signals = ctx.guard.agreed(agreed[:len(flags)])
     state.tokens_seen += state.tokens_per_step
-    return StepOutcome(values, reduced[-1], signals, grad_norm, time.perf_counter() - t0)
+    tc = recipe.train_config
+    if not (due(state.step, tc.log_every, tc.steps) or signals):
+        return StepOutcome(None, agreed[-1], signals, None, time.perf_counter() - t0)
+    loss_sum, stats_sum = sums.read()
+    keys = sorted(stats_sum)
+    reduced = dist.all_reduce([loss_sum, *(stats_sum[k] for k in keys)], "sum")
+    n = state.geometry.grad_accum * ctx.dist_env.world_size
+    values = {"loss": reduced[0] / n, **{k: v / n for k, v in zip(keys, reduced[1:])}}
+    return StepOutcome(values, agreed[-1], signals, None if grad_norm is None else float(grad_norm),
+                       time.perf_counter() - t0)
 
 
 def accumulate_gradients(recipe: Recipe, ctx: StageContext,
-                         state: TrainState) -> tuple[float, dict[str, float], int, Optional[float]]:
+                         state: TrainState) -> tuple[StepSums, int, Optional[torch.Tensor]]:
     """The step's ``grad_accum`` micro-batches through the engine, each with the random streams
     of its (step, micro-step, rank); DeepSpeed steps the optimiser after the last. Returns this
-    rank's summed loss and statistics, the data fingerprint and, where DeepSpeed keeps none,
-    the gradient norm."""
+    rank's summed loss and statistics (unread), the data fingerprint and, where DeepSpeed keeps
+    none, the gradient norm (a device scalar)."""
     d, device, accum = ctx.dist_env, ctx.hardware.device, state.geometry.grad_accum
     untracked_norm = recipe.train_config.zero_stage == 0 and state.precision == "fp32"
-    loss_sum, stats_sum, crc, grad_norm = 0.0, {}, 0, None
+    sums, crc, grad_norm = StepSums(), 0, None
     for micro in range(accum):
         batches = next_batches(state.iterators)
         crc += fingerprint(batches)
@@ -221,10 +261,8 @@ def accumulate_gradients(recipe: Recipe, ctx: StageContext,
         if state.engine.is_gradient_accumulation_boundary() and untracked_norm:
             grad_norm = plain_grad_norm(state.model)
         state.engine.step()
-        loss_sum += float(loss.item())
-        for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-    return loss_sum, stats_sum, crc, grad_norm
+        sums.add(loss, stats)
+    return sums, crc, grad_norm
 
 
 def next_batches(iterators: dict[str, Iterator]) -> dict[str, Any]:
@@ -239,7 +277,7 @@ def log_train(ctx: StageContext, state: TrainState, metrics: StageMetrics, out: 
               window: Throughput) -> None:
     """The step's train record: loss and statistics, learning rate, gradient norm, throughput
     since the last record, tokens seen, data fingerprint, memory."""
-    grad_norm = out.grad_norm if out.grad_norm is not None else _grad_norm(state.engine)
+    grad_norm = out.grad_norm if out.grad_norm is not None else engine_grad_norm(state.engine)
     record = {**out.values, "lr": state.engine.get_lr()[0], "grad_norm": grad_norm,
               "tokens_per_s": window.rate(state.tokens_per_step),
               "samples_per_s": window.rate(state.geometry.global_batch),
