@@ -65,6 +65,14 @@ class RunPaths:
     def data(self) -> Path:
         return self.root / "data"
 
+    def train_logs(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
+                   seed: Optional[int] = None, lr_grid: Optional[list[float]] = None) -> list[Path]:
+        """Every train_log.jsonl a task wrote: its own, or one per run of its learning-rate grid."""
+        if lr_grid:
+            return [self.stage(stage, target, fraction, seed, lr_variant(lr)) / "train_log.jsonl"
+                    for lr in lr_grid]
+        return [self.stage(stage, target, fraction, seed) / "train_log.jsonl"]
+
     def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
               seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
         """A stage task's folder; ``variant`` is one run of its learning-rate grid (lr-<value>/)."""
@@ -106,3 +114,8 @@ def _cell(path: Path, target: Optional[str], fraction: Optional[float]) -> Path:
     if target is not None:
         path = path / target
     return path / fraction_name(fraction) if fraction is not None else path
+
+
+def lr_variant(lr: float) -> str:
+    """The folder of one run of a stage's learning-rate grid, under the task's folder."""
+    return f"lr-{lr:g}"

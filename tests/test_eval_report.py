@@ -186,7 +186,9 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
            {"kind": "train", "step": 20, "samples_per_s": 40.0}, {"kind": "val", "step": 20, "loss": 0.5}]
     assert training_seconds(log, global_batch=4) == pytest.approx(10 * 4 / 20 + 10 * 4 / 40)
 
-    cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1]"])
+    # edit_ratio runs a learning-rate grid: one log per run, each counted.
+    grid = ["pipeline.seeds=[0, 1]", "train.edit_ratio.lr_grid=[0.001, 0.01]"]
+    cfg = load_config(CONFIGS / "tiny.yaml", grid)
     paths = RunPaths(tmp_path)
     sizes = {"denoiser": 1000, "edit_ratio": 50, "finetune_small": 1000}
     for stage, size in sizes.items():
@@ -196,17 +198,18 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
         meta = {"stage": stage, **({"trainable_parameters": 30} if stage == "finetune_small" else {})}
         for target, fraction, seed in cells:
             write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, meta)
-            batch = getattr(cfg.train, stage).global_batch
-            (paths.stage(stage, target, fraction, seed) / "train_log.jsonl").write_text(
-                json.dumps({"kind": "train", "step": 60, "samples_per_s": batch}) + "\n")  # 60 s
-    cfg = load_config(CONFIGS / "tiny.yaml", ["pipeline.seeds=[0, 1]",
-                                              "sample.methods=[gtl_edit, finetune_small, source]"])
+            tc = getattr(cfg.train, stage)
+            for log in paths.train_logs(stage, target, fraction, seed, tc.lr_grid):
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(json.dumps({"kind": "train", "step": 60, "samples_per_s": tc.global_batch})
+                               + "\n")  # 60 s
+    cfg = load_config(CONFIGS / "tiny.yaml", [*grid, "sample.methods=[gtl_edit, finetune_small, source]"])
     costs = {c.stage: c for c in stage_costs(cfg, paths)}
     assert set(costs) == set(sizes)  # stages without an export are left out
     assert (costs["edit_ratio"].tasks, costs["edit_ratio"].parameters) == (4, 50)
     assert costs["finetune_small"].parameters == 30
     assert costs["denoiser"].minutes == [pytest.approx(1.0)]
     text = render_costs(list(costs.values()), "denoiser", ["gtl_edit", "finetune_small", "source"])
-    assert "| edit_ratio | 4 | 50 | 1.0 | 4.0 |" in text
+    assert "| edit_ratio | 4 | 50 | 2.0 | 8.0 |" in text  # two grid runs of 1 minute per task
     assert ("source denoiser's 1,000 parameters: gtl_edit trains 50 (edit_ratio, 5.0%); finetune_small "
             "trains 30 (finetune_small, 3.0%).") in text

@@ -4,8 +4,9 @@ Parameters are counted in each stage's export (every tensor of the exported stat
 trained: frozen helpers, such as the source denoiser inside the edit-ratio objective, are not
 exported with it). Training time is the time the optimiser steps took, summed from the throughput
 that every train record of ``train_log.jsonl`` carries (``samples_per_s`` over the steps since the
-previous record); it leaves out start-up, validation and checkpoints. A task resumed after a
-preemption logs the steps it repeats again, so its time counts them twice.
+previous record), over every run of the stage's learning-rate grid; it leaves out start-up,
+validation and checkpoints. A task resumed after a preemption logs the steps it repeats again, so
+its time counts them twice.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def stage_costs(cfg: RunConfig, paths: RunPaths) -> list[StageCost]:
             continue
         first = tasks[0]
         parameters = exported_parameters(paths.export(stage, first.target, first.fraction, first.seed))
-        batch = getattr(cfg.train, stage).global_batch
-        minutes = [training_seconds(read_json_lines(
-            paths.stage(stage, t.target, t.fraction, t.seed) / "train_log.jsonl"), batch) / 60 for t in tasks]
+        tc = getattr(cfg.train, stage)
+        minutes = [sum(training_seconds(read_json_lines(log), tc.global_batch)
+                       for log in paths.train_logs(stage, t.target, t.fraction, t.seed, tc.lr_grid)
+                       if log.is_file()) / 60 for t in tasks]
         out.append(StageCost(stage, len(tasks), parameters or 0, minutes))
     return out
 
