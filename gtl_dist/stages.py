@@ -5,8 +5,9 @@ how many copies a run trains (its scope), the config sections that are its input
 whose exports it reads, its size on the cluster and its ``train.<stage>`` defaults. The rest of
 the package reads the table: ``config`` builds the ``train`` section from it, ``train.jobs`` looks
 up each stage's network, ``cluster.dag`` groups the tasks into jobs and ``launchers/submit.py``
-lists the stages ``--stages`` accepts. Adding a stage is one row here plus one task class in
-``gtl_dist/train/jobs.py`` (docs/architecture.md, "Adding a stage").
+lists the stages ``--stages`` accepts. Adding a stage is one row here plus one recipe class in
+``gtl_dist/train/``, listed in ``RECIPES`` of ``gtl_dist/train/jobs.py`` (docs/architecture.md,
+"Adding a stage").
 
 :class:`StageGraph` turns one configuration into tasks: the tasks it runs (:attr:`StageGraph.plan`),
 the tasks each one reads (:meth:`StageGraph.task_deps`) and each task's *input hash*: the config

@@ -277,7 +277,7 @@ def _check_replicate_overlap(ctx: Context, report: Report, manifest) -> None:
 
 def finite_sets(cfg: RunConfig, task: Task) -> list[str]:
     """The shard sets ``task`` reads in finite passes: the loaders of its ``validation_loaders``
-    (gtl_dist/train/jobs.py), its row's validation sets; held-out target parts are read whole, not
+    (gtl_dist/train/shard_recipe.py), its row's validation sets; held-out target parts are read whole, not
     through a loader, and a stage that validates on one validates on nothing under selection budget."""
     val_sets = list(StageGraph(cfg).stage_sets(task.kind)[1].values())
     if HELD_OUT in val_sets and cfg.protocol.selection != "holdout":

@@ -184,8 +184,8 @@ class Manifest:
                     start: int = 0) -> list[tuple[Path, int, int]]:
         """(path, samples to skip, samples to read) per piece of shard: the set, or the window of
         a target fraction's count of samples that begins at sample ``start`` (a replicate's draw,
-        gtl_dist/config.py ``replicate_start``; read cyclically, so it may wrap to the set's first
-        shard), less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
+        gtl_dist/config/protocol.py ``replicate_start``; read cyclically, so it may wrap to the
+        set's first shard), less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
         count = self.num_samples(set_name, fraction)
         remaining = count - drop_last
         if remaining < 1:

@@ -1,6 +1,6 @@
 """What a stage brings to the training loop, and the random streams of its steps.
 
-A stage's :class:`Recipe` (gtl_dist/train/jobs.py holds one per stage) builds its network, its
+A stage's :class:`Recipe` (``RECIPES`` in gtl_dist/train/jobs.py) builds its network, its
 loaders and its loss, and runs its validation; :class:`StageContext` says which stage, cell and
 rank this process trains; :class:`StageResult` is what the loop (gtl_dist/train/loop.py) returns.
 
@@ -89,7 +89,7 @@ class StepRandom:
 
 
 class Recipe(ABC):
-    """What one stage contributes to the loop (gtl_dist/train/jobs.py holds one per stage)."""
+    """What one stage contributes to the loop (``RECIPES`` in gtl_dist/train/jobs.py: one per stage)."""
 
     stage: str
     role: str                 # the model role recorded in the export (build_model's role)

@@ -1,0 +1,48 @@
+"""What a config hash covers: the named sections of the config, less the settings that say how
+shards are built or a stage runs rather than what they compute."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gtl_dist.io import dict_hash
+
+# Settings that change how shards are built or where they go, but not a byte of what they hold
+# (the build is independent of its worker count): excluded from every hash.
+BUILD_ONLY_KEYS = ("shards.build_workers", "shards.dir")
+# Settings that say how a training stage runs, not what it computes (torch.compile runs the same
+# network and loss): excluded from every hash too, and free to change between submissions of a
+# run (gtl_dist/cluster/run_dir.py), so switching one neither retrains a stage nor orphans its
+# checkpoints. A "*" part stands for any one name: every stage.
+EXECUTION_ONLY_KEYS = ("train.*.compile",)
+
+
+def _get_path(d: Any, keys: list[str]) -> Any:
+    for k in keys:
+        d = d[k]
+    return d
+
+
+def _drop_path(d: dict[str, Any], keys: list[str]) -> None:
+    """Remove the dotted path ``keys`` from ``d``; a "*" part stands for every entry there."""
+    head, *rest = keys
+    if not rest:
+        d.pop(head)
+        return
+    for sub in (d.values() if head == "*" else [d[head]]):
+        _drop_path(sub, rest)
+
+
+def execution_only(key: str) -> bool:
+    """Whether the dotted ``key`` is one of EXECUTION_ONLY_KEYS."""
+    parts = key.split(".")
+    return any(len(parts) == len(pattern) and all(p in ("*", k) for k, p in zip(parts, pattern))
+               for pattern in (k.split(".") for k in EXECUTION_ONLY_KEYS))
+
+
+def sections_hash(config: dict[str, Any], paths: tuple[str, ...]) -> str:
+    """Hash of the dotted ``paths`` of the plain ``config`` (changed in place: BUILD_ONLY_KEYS and
+    EXECUTION_ONLY_KEYS are dropped from it first)."""
+    for key in BUILD_ONLY_KEYS + EXECUTION_ONLY_KEYS:
+        _drop_path(config, key.split("."))
+    return dict_hash({p: _get_path(config, p.split(".")) for p in paths})
