@@ -106,7 +106,7 @@ def test_the_evaluation_loads_exactly_its_dependencies(run, monkeypatch):
 
     monkeypatch.setattr(exports, "read_export_meta", recording)
     cfg = load_config([REPO / c for c in CONFIGS], settings)
-    _evaluate(cfg, RunPaths(run_dir))
+    _evaluate(cfg, RunPaths(run_dir), None)
     declared = declared_exports(StageGraph(cfg), str(run_dir), Task("eval"))
     assert sorted(set(loaded)) == declared, (
         "the evaluation loads exports its task does not declare (fix StageGraph.task_deps for 'eval'), or "

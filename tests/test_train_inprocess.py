@@ -73,3 +73,48 @@ def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noq
     assert all(r["left_env"] == [] for r in results)
     assert "denoiser: already finished" in proc.stderr + proc.stdout
     assert (run_dir / "reference_lm" / "sticky" / "export" / "model.pt").is_file()
+
+
+GRID_DRIVER = """
+import json, sys
+import torch
+from gtl_dist.config import load_config
+from gtl_dist.exports import read_export
+from gtl_dist.paths import RunPaths, lr_variant
+from gtl_dist.train import run_stage
+cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
+run_stage(cfg, sys.argv[2], "denoiser")
+result = run_stage(cfg, sys.argv[2], "vanilla", target="sticky", fraction=1.0)
+paths = RunPaths(sys.argv[2])
+kept = read_export(result.export)
+runs = {lr: read_export(paths.export("vanilla", "sticky", 1.0, 0, lr_variant(lr)))
+        for lr in cfg.train.vanilla.lr_grid}
+same = [lr for lr, r in runs.items()
+        if all(torch.equal(r["state_dict"][k], v) for k, v in kept["state_dict"].items())]
+print("RESULTS " + json.dumps({"grid": kept["meta"]["lr_grid"], "same_as": same,
+                               "val_loss": result.val_loss}), flush=True)
+"""
+
+
+def test_a_learning_rate_grid_keeps_the_run_with_the_lowest_held_out_loss(tmp_path, deepspeed_ops):  # noqa: F811
+    from gtl_dist.config import load_config
+    from gtl_dist.data import prepare_data
+    config = REPO / "configs" / "tiny.yaml"
+    settings = SETTINGS + ["train.vanilla.lr_grid=[1e-4, 3e-3]", "train.vanilla.steps=8",
+                           "train.vanilla.val_every=4", "train.vanilla.save_every=4"]
+    run_dir = tmp_path / "run"
+    prepare_data(load_config(config, settings), run_dir)
+    env = {k: v for k, v in rank_env(0, 1, 0).items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([PYTHON, "-c", GRID_DRIVER, str(config), str(run_dir), json.dumps(settings)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(lines[0][len("RESULTS "):])
+    # One run per learning rate, each with its own held-out loss; the stage's export is the run
+    # whose loss is lowest, and its metadata lists the whole grid.
+    assert [g["lr"] for g in out["grid"]] == [1e-4, 3e-3]
+    best = min(out["grid"], key=lambda g: g["val_loss"])
+    assert out["val_loss"] == best["val_loss"] and best["lr"] in out["same_as"]
+    for lr in (1e-4, 3e-3):
+        assert (run_dir / "vanilla" / "sticky" / "1" / f"lr-{lr:g}" / "train_log.jsonl").is_file()

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -266,6 +267,11 @@ def test_metrics_purge_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
     for step in range(1, 9):
         first.scalars(step, {"loss": 10.0 + step})
     first.flush()  # then "killed": never closed; its checkpoint was step 5
+    # TensorBoard reads event files in name order, and a name holds the second it was opened and
+    # a per-process counter: a resumed run opens its file seconds later, so its purge is read
+    # after what it purges. Two writers in one second of one process could sort either way
+    # (counter 9 before 10 by name): wait as a real restart does.
+    time.sleep(1.05)
     second = StageMetrics(tb, log, enabled=True, start_step=5)
     for step in range(6, 11):
         second.scalars(step, {"loss": 100.0 + step})

@@ -14,7 +14,7 @@ from typing import Optional
 from gtl_dist.config import ConfigError, RunConfig
 from gtl_dist.exports import read_export, read_export_meta, write_export
 from gtl_dist.log import get_logger
-from gtl_dist.paths import RunPaths, task_name
+from gtl_dist.paths import RunPaths, lr_variant, task_name
 from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
 from gtl_dist.train.checkpoint import retire_stale
 from gtl_dist.train.denoiser_recipes import ARRecipe, DiffusionRecipe
@@ -111,7 +111,7 @@ def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optiona
     runs = {}
     for lr in tc.lr_grid:
         one = replace(cfg, train=replace(cfg.train, **{stage: replace(tc, lr=lr, lr_grid=None)}))
-        variant = f"lr-{lr:g}"
+        variant = lr_variant(lr)
         retire_stale_variant(paths, stage, target, fraction, seed, variant, input_hash)
         result = execute(one, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed,
                          variant=variant)
