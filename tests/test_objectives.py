@@ -96,10 +96,12 @@ def test_label_smoothing_is_off_at_eval():
 def test_classifier_separates_two_chains_near_the_bayes_accuracy():
     """Source diag 0.1 vs target diag 0.8 (4 states, L = 8): equal marginals, so only adjacent
     pairs tell the domains apart. Bayes accuracy (0.985) by enumeration of all 4^8 sequences;
-    after 800 steps the trained classifier must come within 0.05 of it on 2,000 held-out
-    sequences per domain (binomial SE about 0.003; a bag-of-tokens classifier is at chance).
+    after 800 steps the trained classifier must come within 0.1 of it on 2,000 held-out
+    sequences per domain (binomial SE about 0.003; a bag-of-tokens classifier is at chance, 0.5).
     At 300 steps initialisations differ by up to 0.06 (0.90-0.96); at 800 they reach 0.95-0.99
-    (seeds 0-5 of both the initialisation and the data)."""
+    (seeds 0-5 of both the initialisation and the data) with AVX2 kernels, but 0.932 at seed 0
+    with ATen's default kernels (ATEN_CPU_CAPABILITY=default, as on a CPU without AVX2): float
+    rounding moves the trajectory that much, so the bound leaves room for it."""
     states, length = 4, 8
     P, Q = chain_matrix(states, 0.1), chain_matrix(states, 0.8)
     _, p = enumerate_chain(P, length)
@@ -114,7 +116,7 @@ def test_classifier_separates_two_chains_near_the_bayes_accuracy():
     xs, xt = sample_chain(P, length, 2000, g), sample_chain(Q, length, 2000, g)
     with torch.no_grad():
         report = overlap_report(clf(xs), clf(xt), warn_accuracy=1.01)
-    assert report["accuracy"] >= bayes - 0.05, (report["accuracy"], bayes)
+    assert report["accuracy"] >= bayes - 0.1, (report["accuracy"], bayes)
 
 
 def _domain_tables(states=3, length=4):
