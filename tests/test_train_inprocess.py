@@ -53,19 +53,25 @@ print("RESULTS " + json.dumps(out), flush=True)
 """
 
 
-def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noqa: F811
+def run_driver(driver: str, run_dir, settings: list[str]):
+    """Build tiny.yaml's data under ``settings``, run ``driver`` in one fresh process of one rank
+    (its rendezvous left to the stages), and return the process and its RESULTS line, parsed."""
     from gtl_dist.config import load_config
     from gtl_dist.data import prepare_data
     config = REPO / "configs" / "tiny.yaml"
-    run_dir = tmp_path / "run"
-    prepare_data(load_config(config, SETTINGS), run_dir)
+    prepare_data(load_config(config, settings), run_dir)
     env = {k: v for k, v in rank_env(0, 1, 0).items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([PYTHON, "-c", DRIVER, str(config), str(run_dir), json.dumps(SETTINGS)],
+    proc = subprocess.run([PYTHON, "-c", driver, str(config), str(run_dir), json.dumps(settings)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = json.loads(lines[0][len("RESULTS "):])
+    return proc, json.loads(lines[0][len("RESULTS "):])
+
+
+def test_two_stages_back_to_back_in_one_process(tmp_path, deepspeed_ops):  # noqa: F811
+    run_dir = tmp_path / "run"
+    proc, results = run_driver(DRIVER, run_dir, SETTINGS)
     assert [(r["stage"], r["status"], r["step"], r["class"]) for r in results] == [
         ("finetune", "failed", 0, "ExportError"), ("denoiser", "finished", 6, "Denoiser"),
         ("reference_lm", "finished", 6, "ARLM"), ("denoiser", "finished", 6, "Denoiser")]
@@ -97,20 +103,10 @@ print("RESULTS " + json.dumps({"grid": kept["meta"]["lr_grid"], "same_as": same,
 
 
 def test_a_learning_rate_grid_keeps_the_run_with_the_lowest_held_out_loss(tmp_path, deepspeed_ops):  # noqa: F811
-    from gtl_dist.config import load_config
-    from gtl_dist.data import prepare_data
-    config = REPO / "configs" / "tiny.yaml"
     settings = SETTINGS + ["train.vanilla.lr_grid=[1e-4, 3e-3]", "train.vanilla.steps=8",
                            "train.vanilla.val_every=4", "train.vanilla.save_every=4"]
     run_dir = tmp_path / "run"
-    prepare_data(load_config(config, settings), run_dir)
-    env = {k: v for k, v in rank_env(0, 1, 0).items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([PYTHON, "-c", GRID_DRIVER, str(config), str(run_dir), json.dumps(settings)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = json.loads(lines[0][len("RESULTS "):])
+    _, out = run_driver(GRID_DRIVER, run_dir, settings)
     # One run per learning rate, each with its own held-out loss; the stage's export is the run
     # whose loss is lowest, and its metadata lists the whole grid.
     assert [g["lr"] for g in out["grid"]] == [1e-4, 3e-3]
