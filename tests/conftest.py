@@ -29,3 +29,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``slurm`` first: they spend most of their time waiting on the cluster, so that
+    under pytest-xdist (the README's test command) they overlap with the CPU-bound rest of the
+    suite instead of forming its tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)

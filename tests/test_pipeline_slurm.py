@@ -1,7 +1,7 @@
 """The whole pipeline on the real three-node SLURM cluster the test session starts on localhost,
-at two topologies: ``submit.py --nodes 2`` and ``--nodes 3`` on tiny.yaml each run to a report,
-the denoiser spans that many nodes with one rank each, per-(target, fraction) stages run as job
-arrays, an explicit preemption of the multi-node denoiser is followed by requeue and completion
+at two topologies at once: ``submit.py --nodes 2`` and ``--nodes 3`` on tiny.yaml each run to a
+report, the denoiser spans that many nodes with one rank each, per-(target, fraction) stages run
+as job arrays, an explicit preemption of the multi-node denoiser is followed by requeue and completion
 from its saved step at the same world size, and re-submitting submits nothing.
 
 Every wait has its own deadline (subprocess timeouts, polling with a clock), so nothing can hang.
@@ -35,14 +35,45 @@ TOPOLOGY = {2: [], 3: ["--set", "train.denoiser.global_batch=48"]}
 pytestmark = pytest.mark.slurm
 
 
+def submit_command(run_dir: Path, *extra: str, nodes: int) -> list[str]:
+    return [sys.executable, str(REPO / "launchers" / "submit.py"), "--config", "configs/tiny.yaml",
+            "--cluster", "slurm", "--nodes", str(nodes), "--cpus-per-task", "1",
+            "--run-dir", str(run_dir), *DENOISER, *METHODS, *TOPOLOGY[nodes], *extra]
+
+
+def submit_env() -> dict[str, str]:
+    return {**os.environ, "GTL_NO_PROGRESS_BAR": "1"}  # SLURM_CONF is set by the cluster fixture
+
+
 def submit(run_dir: Path, *extra: str, timeout: float, nodes: int = 2
            ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "launchers" / "submit.py"), "--config", "configs/tiny.yaml",
-         "--cluster", "slurm", "--nodes", str(nodes), "--cpus-per-task", "1",
-         "--run-dir", str(run_dir), *DENOISER, *METHODS, *TOPOLOGY[nodes], *extra],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, "GTL_NO_PROGRESS_BAR": "1"})
+    return subprocess.run(submit_command(run_dir, *extra, nodes=nodes), check=False,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=submit_env())
+
+
+def submit_side_by_side(commands: dict[int, list[str]], out_dir: Path, timeout: float
+                        ) -> dict[int, subprocess.CompletedProcess]:
+    """Run the commands at once (output to files, so that no pipe fills up), each with the same
+    deadline; the finished processes by key."""
+    procs, files = {}, {}
+    for key, command in commands.items():
+        files[key] = (out_dir / f"{key}.out", out_dir / f"{key}.err")
+        with open(files[key][0], "w") as out, open(files[key][1], "w") as err:
+            procs[key] = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO,
+                                          env=submit_env())
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {key: subprocess.CompletedProcess(commands[key], proc.returncode,
+                                             files[key][0].read_text(), files[key][1].read_text())
+            for key, proc in procs.items()}
 
 
 def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
@@ -82,25 +113,42 @@ class SlurmRun:
         return submit(self.run_dir, *extra, timeout=timeout, nodes=self.nodes)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}-nodes")
-def slurm_run(request, slurm_cluster, tmp_path_factory) -> SlurmRun:
-    nodes = request.param
-    run_dir = tmp_path_factory.mktemp(f"slurm-pipeline-{nodes}") / "tiny"
-    proc = submit(run_dir, timeout=300, nodes=nodes)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    subs = json.loads((run_dir / "jobs" / "submissions.json").read_text())
-    denoiser_job = subs["denoiser"]["job_id"]
+@pytest.fixture(scope="module")
+def slurm_runs(slurm_cluster, tmp_path_factory) -> dict[int, SlurmRun]:
+    """Both topologies on the one cluster at once (the nodes are shared, as on a real cluster):
+    each is submitted, its denoiser preempted once it has committed a checkpoint and trained past
+    it, and the same command with --wait then follows both runs to the end side by side."""
+    base = tmp_path_factory.mktemp("slurm-pipeline")
+    run_dirs = {nodes: base / f"tiny-{nodes}-nodes" for nodes in TOPOLOGY}
+    firsts = {nodes: submit(run_dir, timeout=300, nodes=nodes) for nodes, run_dir in run_dirs.items()}
+    for proc in firsts.values():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = {nodes: json.loads((run_dir / "jobs" / "submissions.json").read_text())["denoiser"]["job_id"]
+            for nodes, run_dir in run_dirs.items()}
 
-    # Preempt the denoiser once it has committed a checkpoint and trained past it.
-    wait_until(lambda: committed_steps(run_dir) and last_train_step(run_dir) >= 25, 420,
-               "the denoiser to commit a checkpoint and pass step 25")
-    preempted_at = last_train_step(run_dir)
-    run_slurm(["scancel", "--signal=USR2", denoiser_job])
+    preempted_at: dict[int, int] = {}
 
+    def preempt_each_once_past_a_checkpoint() -> bool:
+        for nodes, run_dir in run_dirs.items():
+            if nodes not in preempted_at and committed_steps(run_dir) and last_train_step(run_dir) >= 25:
+                preempted_at[nodes] = last_train_step(run_dir)
+                run_slurm(["scancel", "--signal=USR2", jobs[nodes]])
+        return len(preempted_at) == len(run_dirs)
+
+    wait_until(preempt_each_once_past_a_checkpoint, 600,
+               "each denoiser to commit a checkpoint and pass step 25")
     # The same command with --wait finds the jobs queued/running, submits nothing new, and
     # follows the run to the end.
-    follow = submit(run_dir, "--wait", "--wait-timeout", "20", timeout=1500, nodes=nodes)
-    return SlurmRun(nodes, run_dir, proc, follow, denoiser_job, preempted_at)
+    follows = submit_side_by_side(
+        {nodes: submit_command(run_dir, "--wait", "--wait-timeout", "20", nodes=nodes)
+         for nodes, run_dir in run_dirs.items()}, base, timeout=1500)
+    return {nodes: SlurmRun(nodes, run_dirs[nodes], firsts[nodes], follows[nodes], jobs[nodes],
+                            preempted_at[nodes]) for nodes in TOPOLOGY}
+
+
+@pytest.fixture(params=sorted(TOPOLOGY), ids=lambda n: f"{n}-nodes")
+def slurm_run(request, slurm_runs) -> SlurmRun:
+    return slurm_runs[request.param]
 
 
 def test_pipeline_completes_with_a_report(slurm_run):
@@ -112,17 +160,24 @@ def test_pipeline_completes_with_a_report(slurm_run):
     assert "done. report:" in follow.stdout
 
 
-def denoiser_starts(run_dir: Path, job: str) -> list[tuple[int, int, str]]:
-    """(rank, world size, node) of every start of the denoiser's tasks, the requeued one included."""
-    return [(int(m.group(1)), int(m.group(2)), m.group(3))
-            for log in (run_dir / "jobs" / "denoiser" / job).glob(f"{job}_*_log.err")
-            for m in re.finditer(r"rank (\d+)/(\d+) on node (\w+)", log.read_text())]
+def denoiser_starts(run_dir: Path, job: str) -> list[list[tuple[int, int, str]]]:
+    """Every start of the denoiser, the requeued one included: per start, (rank, world size,
+    node) of each of its tasks. A task's log holds its starts in order."""
+    per_task = [[(int(m.group(1)), int(m.group(2)), m.group(3))
+                 for m in re.finditer(r"rank (\d+)/(\d+) on node (\w+)", log.read_text())]
+                for log in (run_dir / "jobs" / "denoiser" / job).glob(f"{job}_*_log.err")]
+    return [sorted(start) for start in zip(*per_task)]
 
 
 def test_denoiser_spans_every_node_with_one_rank_each_before_and_after_requeue(slurm_run):
     starts = denoiser_starts(slurm_run.run_dir, slurm_run.denoiser_job)
-    expected = [(i, slurm_run.nodes, f"n{i + 1}") for i in range(slurm_run.nodes)]
-    assert sorted(starts) == sorted(expected * 2), starts  # first start and requeued start
+    nodes = slurm_run.nodes
+    assert len(starts) == 2, starts  # first start and requeued start
+    for start in starts:
+        # Which nodes SLURM picks depends on what else runs (the other topology shares them).
+        assert [(rank, world) for rank, world, _ in start] == [(i, nodes) for i in range(nodes)]
+        assert len({node for *_, node in start}) == nodes, start
+        assert {node for *_, node in start} <= {"n1", "n2", "n3"}, start
 
 
 def test_per_target_stages_ran_as_arrays(slurm_run):
