@@ -1,0 +1,126 @@
+"""The README's Markov tables, regenerated from the published reports' CSVs.
+
+    python results/markov/summary.py        # writes results/markov/summary.md
+
+Reads results/markov/{sticky,perturbed}/results.csv (written by the evaluation stage) and prints,
+per pair and n_T: each method's masked cross-entropy (mean ± std over replicates), and which
+methods gtl beats, ties with and loses to on the paired 95 % intervals of the report (method − gtl
+per replicate: an interval above 0 is a gtl win, below 0 a loss, across 0 a tie), for masked
+cross-entropy and for the exact-sampler error. n_T is the fraction times the target pool of
+configs/markov.yaml (data.markov.num_target).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUNS = ("sticky", "perturbed")
+ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
+        ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
+        ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
+        ("scratch_head", "scratch_head (no source)"), ("counts", "counts (transition counts)"),
+        ("counts_source", "counts + source prior"), ("exact target chain", "exact target chain (floor)"))
+LEARNED = {"gtl", "gtl_edit", "vanilla", "finetune", "finetune_small", "scratch_head"}
+METRICS = (("masked_ce", "masked cross-entropy"), ("transition_mean_abs_err", "exact-sampler error"))
+
+
+def read_rows() -> list[dict]:
+    rows = []
+    for run in RUNS:
+        with open(HERE / run / "results.csv", newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def target_pool() -> int:
+    cfg = yaml.safe_load((REPO / "configs" / "markov.yaml").read_text())
+    return int(cfg["data"]["markov"]["num_target"])
+
+
+def cells(rows: list[dict]) -> list[tuple[str, str]]:
+    """(target, fraction) of every cell gtl was scored in, largest n_T first per target."""
+    found = {(r["target"], r["fraction"]) for r in rows
+             if r["method"] == "gtl" and r["metric"] == "masked_ce"}
+    order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}
+    return sorted(found, key=lambda c: (order[c[0]], -float(c[1])))
+
+
+def value(rows: list[dict], method: str, target: str, fraction: str, metric: str) -> dict | None:
+    """A method's row in a cell; unfractioned rows (the source, the exact chains) serve every cell."""
+    for r in rows:
+        if (r["method"], r["target"], r["metric"]) == (method, target, metric) \
+                and r["fraction"] in (fraction, ""):
+            return r
+    return None
+
+
+def fmt(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    mean = float(row["value"])
+    std = float(row["std"]) if row["std"] not in ("", "0.0") else None
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def ce_table(rows: list[dict], pool: int) -> list[str]:
+    cols = cells(rows)
+    head = [f"{t} {round(float(f) * pool)}" for t, f in cols]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    best = {}
+    for t, f in cols:
+        learned = [(float(r["value"]), m) for m in LEARNED
+                   if (r := value(rows, m, t, f, "masked_ce")) is not None]
+        best[(t, f)] = min(learned)[1]
+    for method, label in ROWS:
+        cells_text = []
+        for t, f in cols:
+            text = fmt(value(rows, method, t, f, "masked_ce"))
+            cells_text.append(f"**{text}**" if best[(t, f)] == method else text)
+        lines.append(f"| {label} | " + " | ".join(cells_text) + " |")
+    return lines
+
+
+def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
+    lines = ["| pair, n_T | replicates | gtl wins against | ties with | loses to |", "|---|---|---|---|---|"]
+    for t, f in cells(rows):
+        verdicts: dict[str, list[str]] = {"wins": [], "ties": [], "loses": []}
+        reps = ""
+        for r in rows:
+            if (r["target"], r["fraction"], r["metric"]) != (t, f, f"paired_diff[{metric}]"):
+                continue
+            low, high, mean = float(r["ci_low"]), float(r["ci_high"]), float(r["value"])
+            reps = r["n"]
+            kind = "wins" if low > 0 else "loses" if high < 0 else "ties"
+            text = (f"{r['method']} ({mean:+.3f})" if kind != "ties"
+                    else f"{r['method']} ({mean:+.3f} [{low:+.3f}, {high:+.3f}])")
+            verdicts[kind].append(text)
+        lines.append(f"| {t}, {round(float(f) * pool)} | {reps} | "
+                     + " | ".join(", ".join(verdicts[k]) or "—" for k in ("wins", "ties", "loses")) + " |")
+    return lines
+
+
+def main() -> None:
+    rows, pool = read_rows(), target_pool()
+    parts = ["# Markov study, low-data end: summary tables",
+             "", "Written by `python results/markov/summary.py` from "
+             + ", ".join(f"`{run}/results.csv`" for run in RUNS) + ".", "",
+             "## Masked cross-entropy (nats per masked token, mean ± std over replicates; bold: the "
+             "lowest learned method)", "", *ce_table(rows, pool)]
+    for metric, label in METRICS:
+        parts += ["", f"## Paired differences, {label} (method − gtl, 95 % t-interval over "
+                  "replicates; ties shown with their interval)", "", *verdict_table(rows, pool, metric)]
+    out = HERE / "summary.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts) + "\n")
+    os.replace(tmp, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
