@@ -13,7 +13,7 @@ from gtl_dist.methods import METHODS
 from gtl_dist.data.markov import diagonal_matrix
 from gtl_dist.eval.mauve import MauveResult
 from gtl_dist.eval.paper import paper_rows
-from gtl_dist.eval.report import MarkovMatrices, render_table, write_report
+from gtl_dist.eval.report import MarkovMatrices, render_table, seeds_text, write_report
 from gtl_dist.eval.results import ResultRow, mauve_row, read_results_csv, rows_from_metrics
 from gtl_dist.paths import RunPaths
 
@@ -213,3 +213,14 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
     assert "| edit_ratio | 4 | 50 | 2.0 | 8.0 |" in text  # two grid runs of 1 minute per task
     assert ("source denoiser's 1,000 parameters: gtl_edit trains 50 (edit_ratio, 5.0%); finetune_small "
             "trains 30 (finetune_small, 3.0%).") in text
+
+
+@pytest.mark.parametrize("replicates,says", [
+    ("redraw", "each seed is a replicate that draws its own n_T target sequences"),
+    ("shared", "the same n_T target sequences for every seed"),
+])
+def test_the_report_says_what_each_seed_redraws(replicates, says):
+    cfg = load_config(CONFIGS / "markov.yaml", [f"protocol.replicates={replicates}"])
+    text = seeds_text(cfg)
+    assert text.startswith("seeds: 3 (0, 1, 2); ") and says in text
+    assert "the source denoiser" in text and "shared by all" in text

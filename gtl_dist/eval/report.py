@@ -161,10 +161,7 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str, notes: Sequ
                      f"({cfg.noise.schedule} schedule) for the ancestral samplers, {s.num_samples} "
                      f"samples per method and seed)")
         lines.append(f"- protocol: {protocol_text(cfg)}")
-        seeds = cfg.pipeline.seeds
-        lines.append(f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); every per-target network "
-                     f"and every sample set is drawn once per seed; the data and the source "
-                     f"denoiser{' and planner' if 'planner' in s.sampler else ''} are shared by all seeds")
+        lines.append(f"- {seeds_text(cfg)}")
     lines += [f"- {note}" for note in notes]
     lines += [f"- command: `{command}`", f"- date: {date}",
               "- columns are target-data fractions; cells are the mean ± std over seeds where a metric "
@@ -227,6 +224,20 @@ def metric_direction(metric: str) -> str:
     if family.startswith(_REFERENCE):
         return "closest to the held-out target text (heldout_target) is best"
     return _DIRECTION.get(family, "")
+
+
+def seeds_text(cfg: RunConfig) -> str:
+    """What a seed redraws and what all seeds share (protocol.replicates)."""
+    seeds = cfg.pipeline.seeds
+    shared = f"the source denoiser{' and planner' if 'planner' in cfg.sample.sampler else ''}"
+    if cfg.protocol.replicates == "redraw":
+        drawn = ("each seed is a replicate that draws its own n_T target sequences (disjoint from the "
+                 "other replicates' draws), and trains every per-target network and draws every "
+                 f"sample set once; the source data and {shared} are shared by all replicates")
+    else:
+        drawn = ("every per-target network and every sample set is drawn once per seed; the data "
+                 f"(the same n_T target sequences for every seed) and {shared} are shared by all seeds")
+    return f"seeds: {len(seeds)} ({', '.join(map(str, seeds))}); {drawn}"
 
 
 def protocol_text(cfg: RunConfig) -> str:
