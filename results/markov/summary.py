@@ -64,7 +64,9 @@ def fmt(row: dict | None) -> str:
     if row is None:
         return "—"
     mean = float(row["value"])
-    std = float(row["std"]) if row["std"] not in ("", "0.0") else None
+    std = float(row["std"]) if row["std"] else None
+    if std is not None and std < 5e-4:  # one value for every replicate (the unguided source)
+        std = None
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
