@@ -1,8 +1,8 @@
 """The whole pipeline on the real three-node SLURM cluster the test session starts on localhost,
 at two topologies at once: ``submit.py --nodes 2`` and ``--nodes 3`` on tiny.yaml each run to a
 report, the denoiser spans that many nodes with one rank each, per-(target, fraction) stages run
-as job arrays, an explicit preemption of the multi-node denoiser is followed by requeue and completion
-from its saved step at the same world size, and re-submitting submits nothing.
+as job arrays, an explicit preemption of the multi-node denoiser is followed by requeue and
+completion from its saved step at the same world size, and re-submitting submits nothing.
 
 Every wait has its own deadline (subprocess timeouts, polling with a clock), so nothing can hang.
 """
@@ -166,7 +166,7 @@ def denoiser_starts(run_dir: Path, job: str) -> list[list[tuple[int, int, str]]]
     per_task = [[(int(m.group(1)), int(m.group(2)), m.group(3))
                  for m in re.finditer(r"rank (\d+)/(\d+) on node (\w+)", log.read_text())]
                 for log in (run_dir / "jobs" / "denoiser" / job).glob(f"{job}_*_log.err")]
-    return [sorted(start) for start in zip(*per_task)]
+    return [sorted(start) for start in zip(*per_task, strict=True)]  # as many starts in every log
 
 
 def test_denoiser_spans_every_node_with_one_rank_each_before_and_after_requeue(slurm_run):
