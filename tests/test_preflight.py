@@ -141,6 +141,38 @@ def test_a_bad_launcher_flag_is_one_line_naming_it_and_the_fix(submit, tmp_path,
     assert "#SBATCH" not in out and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+def test_publish_into_a_folder_of_other_files_is_refused_before_anything_runs(submit, tmp_path):
+    """Publishing replaces its folder as a whole: a folder holding more than a report (say the
+    repository's results/markov with its studies and scripts) is refused at once, and kept."""
+    results = tmp_path / "results"
+    (results / "sticky").mkdir(parents=True)
+    (results / "summary.py").write_text("print('keep me')\n")
+    code, out, err = submit("--config", "configs/tiny.yaml", "--cluster", "local", "--publish", str(results))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --publish {results}: it holds sticky, summary.py, which is not part of "
+                          f"a published report"), err
+    assert f"e.g. {results / 'main'}" in err
+    assert (results / "summary.py").read_text() == "print('keep me')\n" and not (tmp_path / "run").exists()
+
+
+def test_publish_may_replace_an_earlier_report_or_fill_an_empty_folder(tmp_path):
+    from gtl_dist.eval.report import publish_problem, publish_report
+    report = tmp_path / "report"
+    assert publish_problem(report) is None  # absent
+    report.mkdir()
+    assert publish_problem(report) is None  # empty
+    eval_dir = tmp_path / "eval"
+    (eval_dir / "plots").mkdir(parents=True)
+    for name in ("report.md", "results.csv", "plots/error.png"):
+        (eval_dir / name).write_text(name)
+    publish_report(eval_dir, report)
+    assert publish_problem(report) is None  # a published report: replaced by the next one
+    (report / "notes.txt").write_text("mine")
+    assert "it holds notes.txt" in publish_problem(report)
+    (tmp_path / "file").write_text("x")
+    assert "it holds file" in publish_problem(tmp_path / "file")
+
+
 @pytest.mark.parametrize("setting, line", [
     ("train.denoiser.lr=-0.001", "train.denoiser.lr: -0.001: the learning rate must be above 0 (e.g. 3e-4)"),
     ("train.vanilla.lr=0", "train.vanilla.lr: 0.0: the learning rate must be above 0"),

@@ -132,19 +132,23 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
                         "it has any")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="when the run ends with its report (--wait, --cluster local or debug), copy "
-                        "report.md, results.csv and plots/ into DIR (e.g. results/markov), replacing "
-                        "what DIR held")
+                        "report.md, results.csv and plots/ into DIR (e.g. results/markov/main), replacing "
+                        "a report DIR held; a DIR with other files is refused before anything runs")
     return p.parse_args(argv)
 
 
 def flag_problems(args: argparse.Namespace) -> list[str]:
-    """One line per numeric flag outside its range, naming the flag and the fix."""
+    """One line per flag that cannot work (a number outside its range, a --publish folder that
+    publishing would destroy), naming the flag and the fix."""
     problems = []
     for flag, dest, least, what in FLAG_MINIMUMS:
         value = getattr(args, dest)
         if value is not None and value < least:
             problems.append(f"{flag} {value}: the {what} must be at least {least}; use {flag} {max(least, 1)} "
                             f"or more" + (" (0 for CPU-only nodes)" if least == 0 else ""))
+    if args.publish is not None:
+        from gtl_dist.eval.report import publish_problem
+        problems += filter(None, [publish_problem(Path(args.publish))])
     if args.wait_timeout is not None and not args.wait_timeout > 0:
         problems.append(f"--wait-timeout {args.wait_timeout}: give the minutes to follow the run, a number "
                         f"above 0, or leave the flag out to follow it to its end")

@@ -90,8 +90,28 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
     return ReportFiles(results_csv, report_md, tuple(plots), tb_dir)
 
 
+SAMPLES_MD = "samples.md"
+# What a published report folder holds (publish_report); nothing else may be replaced by one.
+PUBLISHED = ("report.md", "results.csv", SAMPLES_MD, "plots")
+
+
+def publish_problem(dest: Path) -> Optional[str]:
+    """Why ``--publish dest`` would lose files, or None: publishing replaces the folder as a
+    whole, so it must be absent, empty, or a published report (nothing but PUBLISHED)."""
+    others = sorted(p.name for p in dest.iterdir() if p.name not in PUBLISHED) if dest.is_dir() else []
+    if dest.exists() and not dest.is_dir():
+        others = [dest.name]
+    if not others:
+        return None
+    shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+    return (f"--publish {dest}: it holds {shown}, which is not part of a published report, and publishing "
+            f"replaces the folder as a whole; publish into a new folder (e.g. {dest / 'main'}) or one that "
+            f"holds only a report ({', '.join(PUBLISHED)})")
+
+
 def publish_report(eval_dir: Path, dest: Path) -> Path:
-    """Copy a finished report (report.md, results.csv, plots/) to ``dest`` as a whole."""
+    """Copy a finished report (report.md, results.csv, plots/) to ``dest`` as a whole (see
+    :func:`publish_problem` for the folders it may replace)."""
     with atomic_dir(dest) as fresh:
         for name in ("report.md", "results.csv", SAMPLES_MD):
             if name == SAMPLES_MD and not (eval_dir / name).is_file():
@@ -168,8 +188,6 @@ def render_header(cfg: Optional[RunConfig], command: str, date: str, notes: Sequ
               "is repeated; rows marked (paper) are the paper's published numbers", ""]
     return "\n".join(lines) + "\n"
 
-
-SAMPLES_MD = "samples.md"
 
 
 def quoted(texts: Sequence[str]) -> str:
