@@ -96,6 +96,45 @@ def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
     assert "| vanilla | vanilla | 20 | 32 | 10 | 0.003 |" in report
 
 
+def test_heldout_curves_show_where_selection_stopped_and_how_far_the_loss_climbed(tmp_path):
+    """The report's held-out curves come from the kept learning rate's train_log.jsonl: a
+    replicate stopped early by patience stays at its last loss, a step logged twice (a resumed
+    run) keeps its last value, and heldout_ce[kept] / [last] give the loss at the kept step and
+    at the last validation."""
+    from gtl_dist.eval.report import plot_heldout_curves
+    from gtl_dist.eval.selection import heldout_curves, selection_rows
+    from gtl_dist.exports import write_export
+    from gtl_dist.paths import lr_variant
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.methods=[finetune]", "data.target_fractions=[0.2]",
+                                              "pipeline.seeds=[0, 1]", "train.finetune.lr_grid=[0.001, 0.01]",
+                                              "train.finetune.select_best=true"])
+    paths = RunPaths(tmp_path)
+    logs = {0: [(0, 2.0), (10, 1.5), (20, 1.2), (20, 1.1), (30, 1.4)],  # resumed at 20: its last value counts
+            1: [(0, 2.0), (10, 1.3)]}  # stopped by patience after step 10
+    for seed, points in logs.items():
+        kept_step = min(points, key=lambda p: p[1])[0] if seed else 20
+        config = cfg.to_dict()
+        config["train"]["finetune"]["lr"] = 0.01
+        write_export(paths.export("finetune", "sticky", 0.2, seed), {}, {
+            "stage": "finetune", "target": "sticky", "fraction": 0.2, "config": config, "step": kept_step,
+            "trained_steps": points[-1][0], "val_loss": 1.1 if seed == 0 else 1.3,
+            "lr_grid": [{"lr": 0.001}, {"lr": 0.01}]})
+        folder = paths.stage("finetune", "sticky", 0.2, seed, lr_variant(0.01))
+        folder.mkdir(parents=True)
+        (folder / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": s, "kind": "val", "loss": v}) + "\n" + json.dumps({"step": s, "kind": "train", "loss": 9.0}) + "\n"
+            for s, v in points))
+    rows = {(r.metric): r for r in selection_rows(cfg, paths)}
+    assert rows["heldout_ce[kept]"].value == pytest.approx((1.1 + 1.3) / 2)
+    assert rows["heldout_ce[last]"].value == pytest.approx((1.4 + 1.3) / 2)
+    assert rows["kept_step"].value == 15 and rows["out_of_budget"].value == 0.5  # seed 1 kept its last step
+    curve = heldout_curves(cfg, paths)["sticky"][0.2]["finetune"]
+    assert list(curve.steps) == [0, 10, 20, 30] and curve.replicates == 2 and curve.kept_step == 15
+    assert curve.mean_loss == pytest.approx([2.0, (1.5 + 1.3) / 2, (1.1 + 1.3) / 2, (1.4 + 1.3) / 2])
+    png = plot_heldout_curves(heldout_curves(cfg, paths)["sticky"], "sticky", tmp_path / "plots")
+    assert png.name == "heldout_curves-sticky.png" and png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_missing_or_mixed_shards_are_named(tmp_path):
     folder = tmp_path / "samples" / "gtl" / "sticky" / "1"
     with pytest.raises(FileNotFoundError, match="no sample shards"):

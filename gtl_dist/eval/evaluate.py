@@ -25,7 +25,7 @@ from gtl_dist.config import RunConfig
 from gtl_dist.eval.cost import render_costs, stage_costs
 from gtl_dist.data import load_run_manifest
 from gtl_dist.eval.report import ReportFiles, write_report
-from gtl_dist.eval.selection import render_budgets
+from gtl_dist.eval.selection import heldout_curves, render_budgets, selection_rows
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import StageGraph
@@ -46,8 +46,9 @@ def run_eval(cfg: RunConfig, paths: RunPaths, *, command: Optional[str] = None,
         out = evaluate_text(cfg, paths, **text_inputs)
     cost = render_budgets(cfg) + render_costs(stage_costs(cfg, paths), StageGraph(cfg).source_stage,
                                               cfg.sample.methods)
-    return write_report(out.rows, paths, cfg, command=command, markov=out.matrices, findings=out.findings,
-                        examples=out.examples, cost=cost, notes=overlap_notes(cfg, paths))
+    return write_report(out.rows + selection_rows(cfg, paths), paths, cfg, command=command, markov=out.matrices,
+                        findings=out.findings, examples=out.examples, cost=cost,
+                        notes=overlap_notes(cfg, paths), curves=heldout_curves(cfg, paths))
 
 
 def overlap_notes(cfg: RunConfig, paths: RunPaths) -> list[str]:

@@ -1,6 +1,6 @@
 """The Markov evaluation (docs/method.md §10): every method's samples against the known chains, its
-masked cross-entropy on held-out sequences, paired differences to gtl over replicates, what
-selection kept, the exact references and the ladder."""
+masked cross-entropy on held-out sequences, paired differences to gtl over replicates, the exact
+references and the ladder (what selection kept is added for every corpus, gtl_dist/eval/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from gtl_dist.eval.report import MarkovMatrices
 from gtl_dist.eval.results import ResultRow, rows_from_metrics, seed_rows
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.eval.scores import MaskedViews, masked_ce, masked_views
-from gtl_dist.eval.selection import selection_rows
 from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
 from gtl_dist.sample.networks import method_log_probs, method_networks
@@ -37,8 +36,8 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
     Per (method, fraction, replicate): the transition error and NLLs of the run's samples, the
     masked-token cross-entropy on the target's held-out sequences (scores.py) and, with
     ``eval.paper_sampler_steps``, the transition error of samples drawn with the paper's sampler;
-    then every method's paired differences to gtl over the replicates (paired.py), what each
-    method's selection kept (selection.py), the exact references and the ladder."""
+    then every method's paired differences to gtl over the replicates (paired.py), the exact
+    references and the ladder."""
     chains = transition_matrices(cfg.data.markov)
     source, length = chains[SOURCE], cfg.data.markov.length
     manifest = load_run_manifest(cfg, paths.root)
@@ -73,7 +72,6 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
             mats.estimated[(method, fraction)] = empirical_transitions(merged.transitions)
         rows += paired_rows(per_seed_all, target, PAIRED_METRICS, cfg.data.target_fractions)
         matrices[target] = mats
-    rows += selection_rows(cfg, paths)
     if cfg.eval.ladder and any(METHODS[m].guided for m in cfg.sample.methods):
         rows += ladder_rows(cfg, paths) + calibration_rows(cfg, paths)
     return out.finish()

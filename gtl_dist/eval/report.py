@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -37,6 +37,9 @@ from gtl_dist.eval.results import ResultRow, write_results_csv  # noqa: E402
 from gtl_dist.io import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
 from gtl_dist.methods import METHODS  # noqa: E402
 from gtl_dist.paths import RunPaths  # noqa: E402
+
+if TYPE_CHECKING:
+    from gtl_dist.eval.selection import HeldOutCurve
 
 
 @dataclass
@@ -60,13 +63,15 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
                  markov: Optional[Mapping[str, MarkovMatrices]] = None,
                  findings: Optional[Sequence[str]] = None,
                  examples: Optional[Mapping[str, Sequence[str]]] = None,
-                 cost: str = "", notes: Sequence[str] = (), tensorboard: bool = True) -> ReportFiles:
+                 cost: str = "", notes: Sequence[str] = (), tensorboard: bool = True,
+                 curves: Optional[Mapping[str, Mapping[float, Mapping[str, "HeldOutCurve"]]]] = None) -> ReportFiles:
     """Write every report artefact for ``rows``; the paper's numbers are added where ``cfg``
     reproduces the paper's set-up. ``command`` defaults to this process's command line.
     ``findings`` (problems the evaluation found, in words) head the report under "Checks";
     ``examples`` (decoded samples per sample set) go to samples.md and TensorBoard as text;
     ``cost`` (gtl_dist/eval/cost.py's section) ends the report; ``notes`` (lines about the run's
-    set-up a reader must know, e.g. data overlap) go into the header."""
+    set-up a reader must know, e.g. data overlap) go into the header; ``curves`` (selection.py's
+    held-out curves per target, fraction and method) are plotted per target."""
     rows = list(rows)
     if not rows:
         raise ValueError("write_report: no result rows (did the sample shards score nothing?)")
@@ -84,6 +89,8 @@ def write_report(rows: Sequence[ResultRow], paths: RunPaths, cfg: Optional[RunCo
              for metric in _ordered(r.metric for r in rows) if not metric.startswith(UNPLOTTED)]
     for target, mats in (markov or {}).items():
         plots.append(plot_transitions(mats, target, paths.eval / "plots", label))
+    for target, per_fraction in (curves or {}).items():
+        plots.append(plot_heldout_curves(per_fraction, target, paths.eval / "plots", label))
     if examples:
         atomic_write_text(paths.eval / SAMPLES_MD, render_examples(examples))
     tb_dir = write_tensorboard(rows, tables, paths.tb("eval"), examples) if tensorboard else None
@@ -151,7 +158,7 @@ def column_labeller(cfg: Optional[RunConfig]) -> Callable[[Optional[float]], str
 
 
 # Metrics with no plot of their own (what selection kept; the report's tables show them).
-UNPLOTTED = ("kept_", "out_of_budget", "prior_strength")
+UNPLOTTED = ("kept_", "out_of_budget", "prior_strength", "heldout_ce")
 
 
 def format_value(value: float, std: Optional[float] = None, ci: Optional[tuple[float, float]] = None) -> str:
@@ -228,6 +235,8 @@ _DIRECTION = {
     "kept_step": "step held-out selection kept, mean over replicates",
     "out_of_budget": "share of replicates whose kept step was their last: they ran out of steps",
     "prior_strength": "prior strength held-out selection kept, mean over replicates",
+    "heldout_ce": "the method's own held-out sequences (its selection data, not the test set): [kept] at "
+                  "the kept step, [last] at the kept learning rate's last validation; plots/heldout_curves-*",
     "edit_slope": "1 is calibrated", "edit_corr": "higher is better",
     "ce_gain": "higher is better: nats per masked token the method saves over the source's masked_ce",
     "domain_distance": "lower is better: |domain_source_prob of the set − that of held-out target text|",
@@ -377,6 +386,26 @@ def plot_metric(rows: Sequence[ResultRow], paper: Sequence[ResultRow], metric: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, out_dir / plot_file_name(metric))
+
+
+def plot_heldout_curves(curves: Mapping[float, Mapping[str, "HeldOutCurve"]], target: str, out_dir: Path,
+                        label: Callable[[Optional[float]], str] = fraction_label) -> Path:
+    """Held-out loss against step, one panel per fraction, one line per method (mean over
+    replicates of the kept learning rate's run), its mean kept step marked: where selection
+    stopped, and whether the loss turned up after it (memorisation) or was still falling."""
+    fractions = sorted(curves, reverse=True)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5.5 * len(fractions), 4), squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        for i, method in enumerate(_method_order(curves[fraction])):
+            c = curves[fraction][method]
+            ax.plot(c.steps, c.mean_loss, color=f"C{i}", label=f"{method} ({c.replicates} rep.)")
+            ax.plot([c.kept_step], [np.interp(c.kept_step, c.steps, c.mean_loss)], marker="o", color=f"C{i}")
+        ax.set_xlabel("step (dot: mean kept step)")
+        ax.set_ylabel("held-out masked CE (own held-out sequences)")
+        ax.set_title(f"{target}, {label(fraction)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir / f"heldout_curves-{plot_file_name(target)}")
 
 
 def plot_transitions(mats: MarkovMatrices, target: str, out_dir: Path,

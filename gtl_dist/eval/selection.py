@@ -4,18 +4,25 @@ Every per-target stage trains for at most ``train.<stage>.steps`` steps, validat
 ``val_every`` steps on its held-out part, tries each learning rate of ``lr_grid``, and keeps the
 weights with the lowest held-out loss (the start too, for stages that start from the source).
 Read from each export's metadata: the learning rate and the step kept, and whether the kept step
-is the last one trained, i.e. the run ran out of budget before its held-out loss turned up.
+is the last one trained, i.e. the run ran out of budget before its held-out loss turned up. From
+the kept learning rate's ``train_log.jsonl``: its held-out curve, the loss at every validation,
+so the report shows where a method's held-out loss turned (memorisation) and what selection
+stopped it at (``heldout_ce[kept]``, ``heldout_ce[last]``, and the plot of the curves).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from gtl_dist.config import RunConfig
 from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.exports import read_export_meta
+from gtl_dist.io import read_json_lines
 from gtl_dist.methods import METHODS, SOURCE
-from gtl_dist.paths import RunPaths
+from gtl_dist.paths import RunPaths, lr_variant
 
 SELECTION_METRICS = ("kept_lr", "kept_step", "out_of_budget", "prior_strength")
 
@@ -36,22 +43,85 @@ def kept(meta: dict) -> dict[str, float]:
             "out_of_budget": float(trained > 0 and step == trained)}
 
 
-def selection_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
-    """kept_lr, kept_step and out_of_budget (the share of replicates whose kept step is their
-    last) per method, target and fraction, over the replicates."""
-    rows = []
+def heldout_curve(paths: RunPaths, meta: dict, seed: int) -> dict[int, float]:
+    """Step -> held-out loss of the kept learning rate's run, from its train_log.jsonl (a step
+    logged twice, by a run resumed after preemption, keeps its last value); empty when the run
+    validated on nothing (selection: budget) or has no log (a closed-form stage)."""
+    stage, target, fraction = meta["stage"], meta.get("target"), meta.get("fraction")
+    variant = lr_variant(meta["config"]["train"][stage]["lr"]) if meta.get("lr_grid") else None
+    log = paths.stage(stage, target, fraction, seed, variant) / "train_log.jsonl"
+    if not log.is_file():
+        return {}
+    return {int(e["step"]): float(e["loss"]) for e in read_json_lines(log) if e.get("kind") == "val"}
+
+
+def selection_metas(cfg: RunConfig, paths: RunPaths):
+    """(method, stage, target, fraction, {seed: export metadata}) of every per-target method's
+    finished tasks."""
     for method in cfg.sample.methods:
         stage = trained_stage(method)
         if stage is None:
             continue
         for target in cfg.targets:
             for fraction in cfg.data.target_fractions:
-                metas = {s: read_export_meta(paths.export(stage, target, fraction, s)) for s in cfg.pipeline.seeds_at(fraction)}
-                per_seed = {s: kept(m) for s, m in metas.items() if m is not None}
-                if per_seed:
-                    rows += seed_rows(method, target, fraction, per_seed,
-                                      notes=f"stage {stage}: held-out selection")
+                metas = {s: read_export_meta(paths.export(stage, target, fraction, s))
+                         for s in cfg.pipeline.seeds_at(fraction)}
+                metas = {s: m for s, m in metas.items() if m is not None}
+                if metas:
+                    yield method, stage, target, fraction, metas
+
+
+def selection_rows(cfg: RunConfig, paths: RunPaths) -> list[ResultRow]:
+    """kept_lr, kept_step and out_of_budget (the share of replicates whose kept step is their
+    last) per method, target and fraction, over the replicates; with a held-out curve also the
+    held-out loss at the kept step and at the last validation (how far it climbed after it)."""
+    rows = []
+    for method, stage, target, fraction, metas in selection_metas(cfg, paths):
+        per_seed = {}
+        for seed, meta in metas.items():
+            per_seed[seed] = kept(meta)
+            curve = heldout_curve(paths, meta, seed)
+            if curve and meta.get("val_loss") is not None:
+                per_seed[seed].update({"heldout_ce[kept]": float(meta["val_loss"]),
+                                       "heldout_ce[last]": curve[max(curve)]})
+        common = set.intersection(*(set(v) for v in per_seed.values()))  # a replicate may lack a curve
+        per_seed = {s: {k: v for k, v in d.items() if k in common} for s, d in per_seed.items()}
+        rows += seed_rows(method, target, fraction, per_seed, notes=f"stage {stage}: held-out selection")
     return rows
+
+
+@dataclass(frozen=True)
+class HeldOutCurve:
+    """One method's held-out curve in one cell, over its replicates: at each validated step the
+    mean loss (a replicate that stopped early keeps its last value), and the mean kept step."""
+    steps: np.ndarray
+    mean_loss: np.ndarray
+    kept_step: float
+    replicates: int
+
+
+def heldout_curves(cfg: RunConfig, paths: RunPaths) -> dict[str, dict[float, dict[str, HeldOutCurve]]]:
+    """target -> fraction -> method -> its held-out curve (methods with validation logs only)."""
+    out: dict[str, dict[float, dict[str, HeldOutCurve]]] = {}
+    for method, _, target, fraction, metas in selection_metas(cfg, paths):
+        curves = {s: heldout_curve(paths, m, s) for s, m in metas.items()}
+        curves = {s: c for s, c in curves.items() if c}
+        if not curves:
+            continue
+        steps = np.array(sorted({step for c in curves.values() for step in c}))
+        losses = np.stack([carried(curves[s], steps) for s in curves])
+        kept_steps = [float(metas[s].get("step") or 0) for s in curves]
+        out.setdefault(target, {}).setdefault(fraction, {})[method] = HeldOutCurve(
+            steps, losses.mean(axis=0), sum(kept_steps) / len(kept_steps), len(curves))
+    return out
+
+
+def carried(curve: dict[int, float], steps: np.ndarray) -> np.ndarray:
+    """The curve at ``steps``: before its first step its first value, after its last its last
+    (a run stopped by patience stays where it stopped)."""
+    own = np.array(sorted(curve))
+    index = np.clip(np.searchsorted(own, steps, side="right") - 1, 0, len(own) - 1)
+    return np.array([curve[int(own[i])] for i in index])
 
 
 def render_budgets(cfg: RunConfig) -> str:
