@@ -1,0 +1,245 @@
+"""Levers for gtl at the low end, measured on a finished Markov run before any study adopts them.
+
+Every lever is scored like the report scores the methods: masked cross-entropy (nats per masked
+token, mean over ``eval.ce_mask_rates``) on the target's test sequences, with the evaluation's
+masks, paired over the run's replicates with 95 % t-intervals. Only ``gamma-schedule`` reads test
+data to choose anything, and it says so: it is an upper bound, not a method.
+
+- ``refit``: retrain gtl's adapter and the fine-tunes on all n_T sequences (``selection: budget``)
+  for the step and at the learning rate their held-out selection kept (kept step 0 = the source:
+  nothing to retrain). Does the fifth of the data that selection holds out pay for itself?
+- ``weight-decay``: gtl's adapter retrained under holdout selection at other weight decays (the
+  pull toward the source, docs/method.md §5a), the decay then chosen with the learning rate by the
+  same held-out loss. Shrinkage chosen by the n_T sequences themselves.
+- ``gamma-schedule``: the adapter's guidance strength per mask rate, chosen per rate on the test
+  set from a grid: the most any γ(t) schedule (or one γ) could gain over the trained γ = 1.
+- ``lr-ensemble``: each method's three learning-rate runs averaged (mean of log-probabilities,
+  renormalised) instead of the best one: does variance reduction favour gtl or the fine-tunes?
+
+    python results/diagnostics/markov_levers.py refit --run-dir runs/markov_low_perturbed \\
+        --scratch runs/levers_perturbed --out results/diagnostics/markov_levers_refit.md
+
+and likewise ``weight-decay``, ``gamma-schedule`` and ``lr-ensemble`` (the last two need no
+``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from gtl_dist.config import RunConfig, load_config
+from gtl_dist.data import load_run_manifest
+from gtl_dist.eval.evaluate_markov import heldout_views
+from gtl_dist.eval.paired import t_interval
+from gtl_dist.eval.scores import MaskedViews, masked_ce
+from gtl_dist.exports import load_exported, read_export_meta
+from gtl_dist.io import atomic_write_text
+from gtl_dist.models.adapter import AdaptedDenoiser
+from gtl_dist.paths import RunPaths, lr_variant
+from gtl_dist.sample import MethodNetworks
+from gtl_dist.sample.networks import method_log_probs, method_networks
+from gtl_dist.train.jobs import run_stage
+
+# method -> the stage it trains per target
+STAGE_OF = {"gtl": "adapter", "finetune": "finetune", "finetune_small": "finetune_small"}
+GAMMAS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished Markov run, its replicates and the evaluation's test views."""
+    root: Path
+    seeds: list[int] | None
+
+    @cached_property
+    def cfg(self) -> RunConfig:
+        return load_config([self.root / "config.yaml"])
+
+    @cached_property
+    def manifest(self):
+        return load_run_manifest(self.cfg, self.root)
+
+    def cells(self) -> Iterator[tuple[str, float, int, MaskedViews]]:
+        for target in self.cfg.targets:
+            views = heldout_views(self.cfg, self.manifest, target)
+            for fraction in self.cfg.data.target_fractions:
+                for seed in self.seeds or self.cfg.pipeline.seeds_at(fraction):
+                    yield target, fraction, seed, views
+
+    def ce(self, log_probs: Callable[[torch.Tensor], torch.Tensor], views: MaskedViews) -> float:
+        return masked_ce(log_probs, views, self.manifest.mask_id)
+
+    def method_ce(self, method: str, target: str, fraction: float, seed: int, views: MaskedViews,
+                  cfg: RunConfig | None = None, root: Path | None = None) -> float:
+        nets = method_networks(cfg or self.cfg, RunPaths(root or self.root), method, target, fraction, seed,
+                               needed_by="markov_levers.py")
+        return self.ce(lambda z: method_log_probs(nets, z), views)
+
+    def n_t(self, fraction: float) -> int:
+        return round(fraction * self.cfg.data.markov.num_target)
+
+
+def scratch_dir(run: Run, scratch: Path) -> Path:
+    """A run directory that shares the run's data and source and trains stages of its own."""
+    for shared in ("data", "denoiser"):
+        link = scratch / shared
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(run.root / shared, link)
+    return scratch
+
+
+def with_train(cfg: RunConfig, stage: str, protocol: dict | None = None, **train) -> RunConfig:
+    tc = dataclasses.replace(getattr(cfg.train, stage), **train)
+    return dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, **(protocol or {})),
+                               train=dataclasses.replace(cfg.train, **{stage: tc}))
+
+
+def kept_choice(run: Run, stage: str, target: str, fraction: float, seed: int) -> tuple[float, int, float]:
+    """(learning rate, step, held-out loss) the run's selection kept for one task."""
+    meta = read_export_meta(RunPaths(run.root).export(stage, target, fraction, seed))
+    best = min(meta["lr_grid"], key=lambda r: r["val_loss"])
+    return best["lr"], int(meta["step"]), float(meta["val_loss"])
+
+
+def variant_pairs(variant: str, both: str) -> list[tuple[str, str, str]]:
+    """The comparisons of a lever applied to every method alike: each method against its variant,
+    then each baseline against gtl, as the run kept them and with the lever on both."""
+    methods = list(STAGE_OF)
+    return ([(m, f"{m}:{variant}", f"{m}: kept − {variant}") for m in methods]
+            + [(m, "gtl", f"{m} − gtl") for m in methods[1:]]
+            + [(f"{m}:{variant}", f"gtl:{variant}", f"{m} − gtl, {both}") for m in methods[1:]])
+
+
+# -- the levers: each returns per-replicate rows and the comparisons to report ------------------
+def refit(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    scratch, rows = scratch_dir(run, args.scratch), []
+    for target, fraction, seed, views in run.cells():
+        row = {"target": target, "fraction": fraction, "seed": seed}
+        for method, stage in STAGE_OF.items():
+            lr, step, _ = kept_choice(run, stage, target, fraction, seed)
+            row[method] = run.method_ce(method, target, fraction, seed, views)
+            row[f"{method}:refit"] = row[method]
+            if step:  # step 0 kept the source: nothing to retrain
+                cfg = with_train(run.cfg, stage, {"selection": "budget"}, lr=lr, lr_grid=None, steps=step,
+                                 save_every=step, val_every=step)
+                run_stage(cfg, scratch, stage, target, fraction, seed)
+                row[f"{method}:refit"] = run.method_ce(method, target, fraction, seed, views, cfg, scratch)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, variant_pairs("refit", "both refit")
+
+
+def weight_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    rows, own = [], run.cfg.train.adapter.weight_decay
+    for target, fraction, seed, views in run.cells():
+        row = {"target": target, "fraction": fraction, "seed": seed}
+        for method in STAGE_OF:
+            row[method] = run.method_ce(method, target, fraction, seed, views)
+        held = {own: kept_choice(run, "adapter", target, fraction, seed)[2]}
+        scores = {own: row["gtl"]}
+        for decay in args.decays:
+            cfg = with_train(run.cfg, "adapter", weight_decay=decay)
+            root = scratch_dir(run, args.scratch / f"wd-{decay:g}")
+            held[decay] = run_stage(cfg, root, "adapter", target, fraction, seed).val_loss
+            scores[decay] = run.method_ce("gtl", target, fraction, seed, views, cfg, root)
+            row[f"gtl:wd {decay:g}"] = scores[decay]
+        chosen = min(held, key=held.get)
+        row["gtl:wd chosen"], row["chosen_decay"] = scores[chosen], chosen
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    pairs = [("gtl", f"gtl:wd {d:g}", f"gtl (wd {own:g}) − gtl at wd {d:g}") for d in args.decays]
+    pairs.append(("gtl", "gtl:wd chosen", f"gtl (wd {own:g}) − gtl, decay chosen on held-out"))
+    pairs += [(m, "gtl:wd chosen", f"{m} − gtl, decay chosen on held-out") for m in ("finetune", "finetune_small")]
+    return rows, pairs
+
+
+def gamma_schedule(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    rows = []
+    for target, fraction, seed, views in run.cells():
+        nets = method_networks(run.cfg, RunPaths(run.root), "gtl", target, fraction, seed, needed_by="markov_levers.py")
+        per_rate = [MaskedViews(views.x[i:i + 1], views.z[i:i + 1], (r,)) for i, r in enumerate(views.rates)]
+        table = {}
+        for gamma in GAMMAS:
+            nets.denoiser.gamma = gamma
+            table[gamma] = [run.ce(lambda z: method_log_probs(nets, z), v) for v in per_rate]
+        mean = {g: sum(v) / len(v) for g, v in table.items()}
+        best = [min(GAMMAS, key=lambda g: table[g][i]) for i in range(len(per_rate))]
+        row = {"target": target, "fraction": fraction, "seed": seed, "gtl": mean[1.0],
+               "gtl:best single γ": min(mean.values()), "single γ": min(mean, key=mean.get),
+               "gtl:best γ per rate": sum(table[g][i] for i, g in enumerate(best)) / len(best), "γ per rate": best}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, [("gtl", "gtl:best single γ", "γ = 1 − best single γ (test-chosen)"),
+                  ("gtl", "gtl:best γ per rate", "γ = 1 − best γ per mask rate (test-chosen)")]
+
+
+def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    paths, rows = RunPaths(run.root), []
+    source = load_exported(paths.export("denoiser"))
+
+    def networks(method: str, path: Path) -> MethodNetworks:
+        model = load_exported(path)
+        return MethodNetworks(AdaptedDenoiser(source, model).eval()) if method == "gtl" else MethodNetworks(model)
+
+    for target, fraction, seed, views in run.cells():
+        row = {"target": target, "fraction": fraction, "seed": seed}
+        for method, stage in STAGE_OF.items():
+            row[method] = run.method_ce(method, target, fraction, seed, views)
+            runs = [networks(method, paths.export(stage, target, fraction, seed, variant=lr_variant(lr)))
+                    for lr in getattr(run.cfg.train, stage).lr_grid]
+            row[f"{method}:ensemble"] = run.ce(
+                lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, variant_pairs("ensemble", "both ensembles")
+
+
+LEVERS = {"refit": refit, "weight-decay": weight_decay, "gamma-schedule": gamma_schedule, "lr-ensemble": lr_ensemble}
+
+
+def report(run: Run, lever: str, rows: list[dict], pairs: list[tuple[str, str, str]], command: str) -> str:
+    lines = [f"# Lever `{lever}` on {run.root.name}", "", f"    {command}", "",
+             f"Masked cross-entropy on {run.cfg.eval.ce_sequences} test sequences (the evaluation's masks); "
+             "a − b per replicate, mean and 95 % t-interval (> 0: b scores lower, i.e. better).", "",
+             "| target | n_T | a − b | mean | 95 % interval | replicates |", "|---|---|---|---|---|---|"]
+    for target in run.cfg.targets:
+        for fraction in run.cfg.data.target_fractions:
+            cell = [r for r in rows if (r["target"], r["fraction"]) == (target, fraction)]
+            for a, b, label in pairs:
+                mean, _, lo, hi = t_interval([r[a] - r[b] for r in cell])
+                lines.append(f"| {target} | {run.n_t(fraction)} | {label} | {mean:+.4f} | "
+                             f"[{lo:+.4f}, {hi:+.4f}] | {len(cell)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lever", choices=LEVERS)
+    parser.add_argument("--run-dir", required=True, type=Path, help="a finished Markov run directory")
+    parser.add_argument("--scratch", type=Path, help="where retrained stages go (refit, weight-decay)")
+    parser.add_argument("--out", required=True, type=Path, help="the Markdown table (rows beside it, .jsonl)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="replicates (default: the run's)")
+    parser.add_argument("--decays", type=float, nargs="+", default=[0.1, 10.0], help="weight-decay: the other decays")
+    args = parser.parse_args()
+    if args.lever in ("refit", "weight-decay") and args.scratch is None:
+        parser.error(f"{args.lever} retrains stages: pass --scratch DIR (not the run directory)")
+    run = Run(args.run_dir.resolve(), args.seeds)
+    rows, pairs = LEVERS[args.lever](run, args)
+    command = "python results/diagnostics/markov_levers.py " + " ".join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, report(run, args.lever, rows, pairs, command))
+    atomic_write_text(args.out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
