@@ -125,6 +125,21 @@ def test_sigterm_stops_the_launcher_with_its_jobs_and_says_how_to_resume(built):
     assert status_main(["--run-dir", str(run_dir), "--only", "cancelled"]) == 1
 
 
+def test_sigterm_stops_a_debug_launcher_and_names_the_task_it_was_running(built):
+    """--cluster debug runs the task in the launcher's own process: the stop line names it (it
+    used to say that no job was running) and status.py shows it cancelled."""
+    run_dir = built("sigterm-debug")
+    launcher = Launcher(run_dir, "--cluster", "debug", "--set", "train.denoiser.steps=100000")
+    wait_until(lambda: training(run_dir), 600, "the denoiser's first train record")
+    launcher.proc.send_signal(signal.SIGTERM)
+    rc, out, err = launcher.finish(timeout_s=120)
+    assert rc == 130, out + err
+    assert err.strip().splitlines()[-1].startswith(
+        "stopped by SIGTERM: its 1 running job(s) (denoiser) stopped with it; finished tasks are kept"), err
+    assert "Traceback" not in err
+    assert status_main(["--run-dir", str(run_dir), "--only", "cancelled"]) == 1
+
+
 def test_a_killed_launchers_job_is_adopted_by_the_next_launcher_never_run_twice(built):
     run_dir = built("killed")
     first = Launcher(run_dir, "--set", "train.denoiser.steps=100000")

@@ -55,9 +55,12 @@ class LocalRunner:
         try:
             return self._run(plan, running, on_event)
         except BaseException as exc:  # the launcher stops: its jobs stop with it
-            why = (str(exc) or "Ctrl-C") if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+            why = (exc.signal_name if isinstance(exc, Interrupted)
+                   else (str(exc) or "Ctrl-C") if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
             with _signals_ignored(signal.SIGINT, signal.SIGTERM):  # a second one must not leave half the jobs
                 stopped = self._stop(running, plan, reason=why)
+            if isinstance(exc, Interrupted):  # --cluster debug: the task this process was running
+                raise Interrupted(why, exc.stopped + stopped) from None
             if isinstance(exc, KeyboardInterrupt):
                 raise Interrupted(why, stopped) from None
             raise
@@ -163,9 +166,10 @@ class LocalRunner:
             self.runner(task)
             return None
         except KeyboardInterrupt as exc:
-            self.subs.record(task, replace(sub, cancelled=f"stopped with its launcher ({exc or 'Ctrl-C'})"))
+            why = str(exc) or "Ctrl-C"
+            self.subs.record(task, replace(sub, cancelled=f"stopped with its launcher ({why})"))
             self.subs.save()
-            raise
+            raise Interrupted(why, [task]) from None  # so the stop line names it
         except Exception as exc:  # report and go on with independent work
             log.exception("%s failed", task.key)
             atomic_write_bytes(job_paths.result_pickle, pickle.dumps(("error", traceback.format_exc())))
