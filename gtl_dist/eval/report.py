@@ -105,9 +105,9 @@ PUBLISHED = ("report.md", "results.csv", SAMPLES_MD, "plots")
 def publish_problem(dest: Path) -> Optional[str]:
     """Why ``--publish dest`` would lose files, or None: publishing replaces the folder as a
     whole, so it must be absent, empty, or a published report (nothing but PUBLISHED)."""
-    others = sorted(p.name for p in dest.iterdir() if p.name not in PUBLISHED) if dest.is_dir() else []
-    if dest.exists() and not dest.is_dir():
-        others = [dest.name]
+    if not dest.exists():
+        return None
+    others = sorted(p.name for p in dest.iterdir() if p.name not in PUBLISHED) if dest.is_dir() else [dest.name]
     if not others:
         return None
     shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
