@@ -11,8 +11,9 @@
           ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
           export/model.pt             consolidated fp32 weights, loadable without DeepSpeed
           DONE.json                   completion marker with the hashes of the stage's inputs
-          lr-<value>/                 one run of train.<stage>.lr_grid (its own ckpt/, export/);
-                                      export/ above is the run with the best held-out loss
+          lr-<value>[-wd-<value>]/    one run of train.<stage>.lr_grid (x weight_decay_grid), its
+                                      own ckpt/, export/; export/ above is the run with the best
+                                      held-out loss
       samples/<method>/<target>/<fraction>[/seed-s]/shard-0000.jsonl
       tb/<stage>[/<target>/<fraction>]  TensorBoard event files, one directory per job
       eval/                           report.md, results.csv, plots
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 
 def fraction_name(fraction: float) -> str:
@@ -66,16 +67,17 @@ class RunPaths:
         return self.root / "data"
 
     def train_logs(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
-                   seed: Optional[int] = None, lr_grid: Optional[list[float]] = None) -> list[Path]:
-        """Every train_log.jsonl a task wrote: its own, or one per run of its learning-rate grid."""
-        if lr_grid:
-            return [self.stage(stage, target, fraction, seed, lr_variant(lr)) / "train_log.jsonl"
-                    for lr in lr_grid]
+                   seed: Optional[int] = None,
+                   grid: Sequence[tuple[float, Optional[float]]] = ()) -> list[Path]:
+        """Every train_log.jsonl a task wrote: its own, or one per run of its grid (TrainConfig.grid)."""
+        if grid:
+            return [self.stage(stage, target, fraction, seed, grid_variant(*point)) / "train_log.jsonl"
+                    for point in grid]
         return [self.stage(stage, target, fraction, seed) / "train_log.jsonl"]
 
     def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
               seed: Optional[int] = None, variant: Optional[str] = None) -> Path:
-        """A stage task's folder; ``variant`` is one run of its learning-rate grid (lr-<value>/)."""
+        """A stage task's folder; ``variant`` is one run of its grid (grid_variant)."""
         folder = seed_folder(_cell(self.root / stage, target, fraction), seed)
         return folder / variant if variant else folder
 
@@ -116,6 +118,7 @@ def _cell(path: Path, target: Optional[str], fraction: Optional[float]) -> Path:
     return path / fraction_name(fraction) if fraction is not None else path
 
 
-def lr_variant(lr: float) -> str:
-    """The folder of one run of a stage's learning-rate grid, under the task's folder."""
-    return f"lr-{lr:g}"
+def grid_variant(lr: float, weight_decay: Optional[float] = None) -> str:
+    """The folder of one run of a stage's grid (TrainConfig.grid), under the task's folder: lr-<value>,
+    or lr-<value>-wd-<value> where the grid also searches the weight decay."""
+    return f"lr-{lr:g}" if weight_decay is None else f"lr-{lr:g}-wd-{weight_decay:g}"

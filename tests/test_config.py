@@ -157,6 +157,28 @@ def test_hash_is_stable_and_sections_are_independent():
         b.section_hash("data", "models.denoiser", "train.denoiser")
 
 
+def test_an_unset_weight_decay_grid_keeps_earlier_hashes_and_run_dirs(tmp_path):
+    """train.<stage>.weight_decay_grid came after run directories existed (UNSET_UNHASHED_KEYS):
+    unset it changes no input hash (tests/test_task_hashes.py pins them) and a run directory
+    whose config.yaml lacks it is resubmitted as is; set, it retrains the stage it names only."""
+    from gtl_dist.cluster.run_dir import prepare_run_dir
+    from gtl_dist.stages import StageGraph
+    base = load_config(CONFIGS / "tiny.yaml")
+    searched = load_config(CONFIGS / "tiny.yaml", ["train.vanilla.weight_decay_grid=[0.1, 1]",
+                                                   "train.vanilla.select_best=true"])
+    before, after = StageGraph(base), StageGraph(searched)
+    changed = {t.kind for kind in before.plan.values() for t in kind
+               if before.input_hash(t) != after.input_hash(t)}
+    assert "vanilla" in changed and not changed & {"data", "denoiser", "finetune", "edit_ratio"}
+    saved = base.to_dict()
+    for section in saved["train"].values():
+        del section["weight_decay_grid"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    prepare_run_dir(base, run)  # no "differing keys"
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(CONFIGS / "demo.yaml", ["seed=7"])
     out = tmp_path / "resolved.yaml"

@@ -104,7 +104,7 @@ def test_heldout_curves_show_where_selection_stopped_and_how_far_the_loss_climbe
     from gtl_dist.eval.report import plot_heldout_curves
     from gtl_dist.eval.selection import heldout_curves, selection_rows
     from gtl_dist.exports import write_export
-    from gtl_dist.paths import lr_variant
+    from gtl_dist.paths import grid_variant
     cfg = load_config(CONFIGS / "tiny.yaml", ["sample.methods=[finetune]", "data.target_fractions=[0.2]",
                                               "pipeline.seeds=[0, 1]", "train.finetune.lr_grid=[0.001, 0.01]",
                                               "train.finetune.select_best=true"])
@@ -119,7 +119,7 @@ def test_heldout_curves_show_where_selection_stopped_and_how_far_the_loss_climbe
             "stage": "finetune", "target": "sticky", "fraction": 0.2, "config": config, "step": kept_step,
             "trained_steps": points[-1][0], "val_loss": 1.1 if seed == 0 else 1.3,
             "lr_grid": [{"lr": 0.001}, {"lr": 0.01}]})
-        folder = paths.stage("finetune", "sticky", 0.2, seed, lr_variant(0.01))
+        folder = paths.stage("finetune", "sticky", 0.2, seed, grid_variant(0.01))
         folder.mkdir(parents=True)
         (folder / "train_log.jsonl").write_text("".join(
             json.dumps({"step": s, "kind": "val", "loss": v}) + "\n" + json.dumps({"step": s, "kind": "train", "loss": 9.0}) + "\n"
@@ -133,6 +133,33 @@ def test_heldout_curves_show_where_selection_stopped_and_how_far_the_loss_climbe
     assert curve.mean_loss == pytest.approx([2.0, (1.5 + 1.3) / 2, (1.1 + 1.3) / 2, (1.4 + 1.3) / 2])
     png = plot_heldout_curves(heldout_curves(cfg, paths)["sticky"], "sticky", tmp_path / "plots")
     assert png.name == "heldout_curves-sticky.png" and png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_searched_weight_decay_is_reported_and_its_run_gives_the_curve(tmp_path):
+    """With train.<stage>.weight_decay_grid the report gives the kept decay per replicate, and the
+    held-out curve comes from the kept (learning rate, decay) run's folder."""
+    from gtl_dist.eval.selection import heldout_curves, selection_rows
+    from gtl_dist.exports import write_export
+    from gtl_dist.paths import grid_variant
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.methods=[finetune]", "data.target_fractions=[0.2]",
+                                              "pipeline.seeds=[0, 1]", "train.finetune.weight_decay_grid=[0, 3]",
+                                              "train.finetune.select_best=true"])
+    paths = RunPaths(tmp_path)
+    for seed, decay in ((0, 0.0), (1, 3.0)):
+        config = cfg.to_dict()
+        config["train"]["finetune"].update(weight_decay=decay, weight_decay_grid=None)
+        lr = config["train"]["finetune"]["lr"]
+        write_export(paths.export("finetune", "sticky", 0.2, seed), {}, {
+            "stage": "finetune", "target": "sticky", "fraction": 0.2, "config": config, "step": 10,
+            "trained_steps": 20, "val_loss": 1.0 + seed,
+            "lr_grid": [{"lr": lr, "weight_decay": 0.0}, {"lr": lr, "weight_decay": 3.0}]})
+        folder = paths.stage("finetune", "sticky", 0.2, seed, grid_variant(lr, decay))
+        folder.mkdir(parents=True)
+        (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "kind": "val", "loss": v}) + "\n"
+                                                        for s, v in ((10, 1.0 + seed), (20, 2.0 + seed))))
+    rows = {r.metric: r for r in selection_rows(cfg, paths)}
+    assert rows["kept_weight_decay"].value == 1.5 and rows["heldout_ce[last]"].value == 2.5
+    assert list(heldout_curves(cfg, paths)["sticky"][0.2]["finetune"].steps) == [10, 20]
 
 
 def test_missing_or_mixed_shards_are_named(tmp_path):

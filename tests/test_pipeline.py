@@ -93,8 +93,8 @@ def test_run_dir_of_another_config_is_refused_naming_the_keys(local_run):
 
 
 def test_a_crashing_stage_is_reported_and_its_dependants_cancelled(tmp_path, local_run):
-    """A corrupted source export makes fine-tuning crash: the failure names the log, and the
-    fine-tuned samples that depend on it are cancelled, not left waiting."""
+    """A corrupted source export makes fine-tuning crash: the failure names the log and quotes its
+    end, and the fine-tuned samples that depend on it are cancelled, not left waiting."""
     src, _ = local_run
     run_dir = tmp_path / "run"
     # Reuse the finished run's data and denoiser; re-run fine-tuning and its samples only.
@@ -111,6 +111,8 @@ def test_a_crashing_stage_is_reported_and_its_dependants_cancelled(tmp_path, loc
     assert "cancelled eval" in proc.stdout
     log_path = Path(proc.stdout.split("FAILED finetune/sticky/1")[1].split("log: ")[1].split(")")[0])
     assert log_path.is_file() and "Traceback" in log_path.read_text()
+    # The launcher's closing lines quote the end of the failed task's log: the error itself.
+    assert f"    | {log_path.read_text().splitlines()[-1]}" in proc.stderr
 
 
 def test_the_report_has_the_protocol_the_oracle_ladder_and_the_calibration(local_run):

@@ -92,6 +92,12 @@ def test_a_study_setting_that_cannot_work_is_refused_naming_the_key():
         load_config(CONFIGS / "tiny.yaml", ["train.vanilla.lr_grid=[1e-3, -0.1]"])
     with pytest.raises(ConfigError, match=r"train\.edit_ratio\.lr_grid: picking a learning rate needs"):
         load_config(CONFIGS / "tiny.yaml", ["train.edit_ratio.lr_grid=[1e-3]", "train.edit_ratio.select_best=false"])
+    with pytest.raises(ConfigError, match=r"train\.adapter\.weight_decay_grid: \[1\.0, -1\.0\]: a weight-decay grid needs"):
+        load_config(CONFIGS / "tiny.yaml", ["train.adapter.weight_decay_grid=[1, -1]", "train.adapter.select_best=true"])
+    with pytest.raises(ConfigError, match=r"train\.adapter\.weight_decay_grid: \[\]"):
+        load_config(CONFIGS / "tiny.yaml", ["train.adapter.weight_decay_grid=[]", "train.adapter.select_best=true"])
+    with pytest.raises(ConfigError, match=r"train\.vanilla\.weight_decay_grid: picking a weight decay needs"):
+        load_config(CONFIGS / "tiny.yaml", ["train.vanilla.weight_decay_grid=[0, 1]", "train.vanilla.select_best=false"])
     with pytest.raises(ConfigError, match=r"holds out 2 of the 2 target sequences .* leaves none to train on"):
         load_config(CONFIGS / "tiny.yaml", ["data.target_fractions=[1.0, 0.01]"])
     with pytest.raises(ConfigError, match=r"sample\.methods: \['counts'\] estimate a Markov chain"):

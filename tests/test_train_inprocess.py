@@ -86,18 +86,19 @@ import json, sys
 import torch
 from gtl_dist.config import load_config
 from gtl_dist.exports import read_export
-from gtl_dist.paths import RunPaths, lr_variant
+from gtl_dist.paths import RunPaths, grid_variant
 from gtl_dist.train import run_stage
 cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
 run_stage(cfg, sys.argv[2], "denoiser")
 result = run_stage(cfg, sys.argv[2], "vanilla", target="sticky", fraction=1.0)
 paths = RunPaths(sys.argv[2])
 kept = read_export(result.export)
-runs = {lr: read_export(paths.export("vanilla", "sticky", 1.0, 0, lr_variant(lr)))
-        for lr in cfg.train.vanilla.lr_grid}
-same = [lr for lr, r in runs.items()
+runs = {grid_variant(*p): read_export(paths.export("vanilla", "sticky", 1.0, 0, grid_variant(*p)))
+        for p in cfg.train.vanilla.grid()}
+same = [v for v, r in runs.items()
         if all(torch.equal(r["state_dict"][k], v) for k, v in kept["state_dict"].items())]
-print("RESULTS " + json.dumps({"grid": kept["meta"]["lr_grid"], "same_as": same,
+norms = {v: sum(float(w.float().norm() ** 2) for w in r["state_dict"].values()) for v, r in runs.items()}
+print("RESULTS " + json.dumps({"grid": kept["meta"]["lr_grid"], "same_as": same, "norms": norms,
                                "val_loss": result.val_loss}), flush=True)
 """
 
@@ -111,6 +112,22 @@ def test_a_learning_rate_grid_keeps_the_run_with_the_lowest_held_out_loss(tmp_pa
     # whose loss is lowest, and its metadata lists the whole grid.
     assert [g["lr"] for g in out["grid"]] == [1e-4, 3e-3]
     best = min(out["grid"], key=lambda g: g["val_loss"])
-    assert out["val_loss"] == best["val_loss"] and best["lr"] in out["same_as"]
+    assert out["val_loss"] == best["val_loss"] and out["same_as"] == [f"lr-{best['lr']:g}"]
     for lr in (1e-4, 3e-3):
         assert (run_dir / "vanilla" / "sticky" / "1" / f"lr-{lr:g}" / "train_log.jsonl").is_file()
+
+
+def test_a_weight_decay_grid_crosses_the_learning_rates_and_keeps_the_best_pair(tmp_path, deepspeed_ops):  # noqa: F811
+    settings = SETTINGS + ["train.vanilla.lr_grid=[3e-3]", "train.vanilla.weight_decay_grid=[0, 30]",
+                           "train.vanilla.steps=8", "train.vanilla.val_every=4", "train.vanilla.save_every=4"]
+    run_dir = tmp_path / "run"
+    _, out = run_driver(GRID_DRIVER, run_dir, settings)
+    # One run per (learning rate, decay) pair in its own folder; the decay is applied (the heavily
+    # decayed run's weights are smaller), and the kept run is the pair with the lowest held-out loss.
+    assert [(g["lr"], g["weight_decay"]) for g in out["grid"]] == [(3e-3, 0), (3e-3, 30)]
+    assert out["norms"]["lr-0.003-wd-30"] < out["norms"]["lr-0.003-wd-0"]
+    best = min(out["grid"], key=lambda g: g["val_loss"])
+    assert out["val_loss"] == best["val_loss"]
+    assert out["same_as"] == [f"lr-0.003-wd-{best['weight_decay']:g}"]
+    for variant in ("lr-0.003-wd-0", "lr-0.003-wd-30"):
+        assert (run_dir / "vanilla" / "sticky" / "1" / variant / "train_log.jsonl").is_file()

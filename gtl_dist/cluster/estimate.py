@@ -73,9 +73,9 @@ def _wall_seconds(paths: RunPaths, subs: SubmissionLog, task: Task) -> Optional[
 
 def work_steps(cfg: RunConfig, stage: str) -> float:
     """A task's optimiser steps, with its validation passes counted as VALIDATION_SHARE of a step
-    per batch, over every run of its learning-rate grid."""
+    per batch, over every run of its grid (TrainConfig.grid)."""
     tc = getattr(cfg.train, stage)
-    runs = len(tc.lr_grid) if tc.lr_grid else 1
+    runs = len(tc.grid()) or 1
     return runs * (tc.steps + (tc.steps // tc.val_every) * tc.val_batches * VALIDATION_SHARE)
 
 
@@ -169,7 +169,7 @@ def _measuring_config(cfg: RunConfig, shards: Path) -> RunConfig:
     d["shards"]["dir"] = str(shards)
     for tc in d["train"].values():
         tc.update(steps=MEASURED_STEPS, log_every=1, val_every=MEASURED_STEPS, save_every=MEASURED_STEPS,
-                  keep_last=1, lr_grid=None)
+                  keep_last=1, lr_grid=None, weight_decay_grid=None)
     d["sample"]["num_samples"] = d["sample"]["batch_size"] * d["sample"]["shards"]
     d["pipeline"].update(seeds=[0], replicates_at={})
     return config_from_dict(d, "the estimate's scratch config")

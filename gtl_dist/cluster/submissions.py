@@ -7,6 +7,7 @@ without accounting) or, for a local job, whether its process still lives.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ TASK_STATES = ("done", "running", "pending", "failed", "cancelled", "stale", "no
 def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Submission],
                slurm_states: dict[str, str]) -> str:
     """One of TASK_STATES."""
+    # Whether the job lives is read before its marker: a job that ends between the two reads is
+    # then seen done, not failed (``slurm_states`` is a snapshot taken before either).
+    active = sub is not None and job_active(sub, slurm_states)
     if marker_valid(pipeline, paths, task):
         return "done"
     if sub is None:
@@ -128,7 +132,7 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
     result = sub.result()
     if result is not None and result[0] == "error":
         return "failed"
-    if job_active(sub, slurm_states):
+    if active:
         pending = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING")
         return "pending" if slurm_states.get(sub.job_id) in pending else "running"
     if sub.cluster == "slurm":
@@ -141,6 +145,17 @@ def task_state(pipeline: Pipeline, paths: RunPaths, task: Task, sub: Optional[Su
     # A local job or debug task whose process is gone and left no completion marker: it failed,
     # or was killed (its log says which).
     return "failed"
+
+
+def log_tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a job's log, or none where it was never written."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 200 * lines))
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return text.splitlines()[-lines:]
 
 
 def job_active(sub: Submission, slurm_states: dict[str, str]) -> bool:

@@ -58,7 +58,7 @@ from gtl_dist.cluster.estimate import MEASURED_STEPS, estimate_lines, local_thre
 from gtl_dist.cluster.launch import Launcher
 from gtl_dist.cluster.options import CLUSTERS, Interrupted, LaunchError, LaunchOptions, world_size
 from gtl_dist.cluster.sbatch import render_sbatch
-from gtl_dist.cluster.submissions import Plan, task_state
+from gtl_dist.cluster.submissions import Plan, log_tail, task_state
 from gtl_dist.cluster.preflight import Report, gather_facts, preflight
 from gtl_dist.cluster.run_dir import check_writable, prepare_run_dir
 from gtl_dist.cluster.run_lock import RunDirBusy, hold_run_dir
@@ -71,6 +71,7 @@ log = get_logger("submit")
 # How the launcher is called from a clone of the repository; the gtl-submit entry point is the same.
 PROG = "python launchers/submit.py"
 EXIT_STOPPED = 130  # as a shell reports a command ended by SIGINT
+FAILED_LOG_LINES = 15  # of each failed task's error log, printed when the launcher ends
 # Numeric flags: (flag, argparse dest, least value, what it counts).
 FLAG_MINIMUMS = (("--nodes", "nodes", 1, "nodes of the source stage's job"),
                  ("--gpus-per-node", "gpus_per_node", 0, "GPUs per node (0: CPU-only nodes)"),
@@ -371,6 +372,9 @@ def _report_end(run_dir: Path, failed: list, launcher: Launcher | None = None,
             sub = launcher.subs.get(task) if launcher else None
             where = f" (log: {sub.log_paths()[1]})" if sub else ""
             print(f"  {task.key}{where}", file=sys.stderr)
+            if sub:
+                for line in log_tail(sub.log_paths()[1], FAILED_LOG_LINES):
+                    print(f"    | {line}", file=sys.stderr)
         print(f"see: python launchers/status.py --run-dir {run_dir}", file=sys.stderr)
         return 1
     report = run_dir / "eval" / "report.md"

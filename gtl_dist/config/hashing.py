@@ -15,6 +15,9 @@ BUILD_ONLY_KEYS = ("shards.build_workers", "shards.dir")
 # run (gtl_dist/cluster/run_dir.py), so switching one neither retrains a stage nor orphans its
 # checkpoints. A "*" part stands for any one name: every stage.
 EXECUTION_ONLY_KEYS = ("train.*.compile",)
+# Settings added after run directories existed, hashed only when set: unset they change nothing
+# a stage computes, so the tasks of an earlier run directory keep their hashes and stay done.
+UNSET_UNHASHED_KEYS = ("train.*.weight_decay_grid",)
 
 
 def _get_path(d: Any, keys: list[str]) -> Any:
@@ -23,26 +26,39 @@ def _get_path(d: Any, keys: list[str]) -> Any:
     return d
 
 
-def _drop_path(d: dict[str, Any], keys: list[str]) -> None:
-    """Remove the dotted path ``keys`` from ``d``; a "*" part stands for every entry there."""
+def _drop_path(d: dict[str, Any], keys: list[str], only_unset: bool = False) -> None:
+    """Remove the dotted path ``keys`` from ``d`` (with ``only_unset``, only where its value is
+    None); a "*" part stands for every entry there."""
     head, *rest = keys
     if not rest:
-        d.pop(head)
+        if not only_unset or d[head] is None:
+            del d[head]
         return
     for sub in (d.values() if head == "*" else [d[head]]):
-        _drop_path(sub, rest)
+        _drop_path(sub, rest, only_unset)
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    parts = key.split(".")
+    return any(len(parts) == len(pattern) and all(p in ("*", k) for k, p in zip(parts, pattern))
+               for pattern in (k.split(".") for k in patterns))
 
 
 def execution_only(key: str) -> bool:
     """Whether the dotted ``key`` is one of EXECUTION_ONLY_KEYS."""
-    parts = key.split(".")
-    return any(len(parts) == len(pattern) and all(p in ("*", k) for k, p in zip(parts, pattern))
-               for pattern in (k.split(".") for k in EXECUTION_ONLY_KEYS))
+    return _matches(key, EXECUTION_ONLY_KEYS)
+
+
+def unset_unhashed(key: str) -> bool:
+    """Whether the dotted ``key`` is one of UNSET_UNHASHED_KEYS (absent and None mean the same)."""
+    return _matches(key, UNSET_UNHASHED_KEYS)
 
 
 def sections_hash(config: dict[str, Any], paths: tuple[str, ...]) -> str:
     """Hash of the dotted ``paths`` of the plain ``config`` (changed in place: BUILD_ONLY_KEYS and
-    EXECUTION_ONLY_KEYS are dropped from it first)."""
+    EXECUTION_ONLY_KEYS are dropped from it first, and UNSET_UNHASHED_KEYS where unset)."""
     for key in BUILD_ONLY_KEYS + EXECUTION_ONLY_KEYS:
         _drop_path(config, key.split("."))
+    for key in UNSET_UNHASHED_KEYS:
+        _drop_path(config, key.split("."), only_unset=True)
     return dict_hash({p: _get_path(config, p.split(".")) for p in paths})

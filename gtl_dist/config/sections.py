@@ -282,6 +282,12 @@ class TrainConfig:
     lr-<value>/) and export the run whose best held-out validation loss is lowest, so that every
     method picks its learning rate by the same rule on its own held-out data (docs/method.md §12).
     None: train once at ``lr``."""
+    weight_decay_grid: Optional[list[float]] = None
+    """Per-target stages: also train once per weight decay of this list, crossed with ``lr_grid``
+    (each pair its own folder, lr-<value>-wd-<value>/), and keep the pair whose best held-out
+    validation loss is lowest. Decay pulls the trained weights toward zero: for an adapter, whose
+    zero output is the source itself, that is shrinkage toward the source, chosen per replicate on
+    its own held-out data. None: every run at ``weight_decay``."""
     min_lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -316,6 +322,14 @@ class TrainConfig:
     label_smoothing: list[float] = field(default_factory=lambda: list(DEFAULT_LABEL_SMOOTHING))
     """classifiers: Beta(a, b) label smoothing; [] = off."""
 
+    def grid(self) -> list[tuple[float, Optional[float]]]:
+        """The runs of this stage's search, one (learning rate, weight decay) per pair of
+        ``lr_grid`` x ``weight_decay_grid`` (the decay None where it is not searched); [] when
+        neither grid is set: the stage trains once."""
+        if not (self.lr_grid or self.weight_decay_grid):
+            return []
+        return [(lr, wd) for lr in self.lr_grid or [self.lr] for wd in self.weight_decay_grid or [None]]
+
     def check(self) -> None:
         require_at_least(self, 1, "steps", "global_batch", "val_every", "save_every", "log_every",
                          "keep_last")
@@ -349,6 +363,13 @@ class TrainConfig:
         require(grid is None or self.select_best, "lr_grid",
                 "picking a learning rate needs held-out validation: set select_best=true (with "
                 "protocol.selection=holdout) or lr_grid=null")
+        decays = self.weight_decay_grid
+        require(decays is None or (bool(decays) and min(decays) >= 0 and len(set(decays)) == len(decays)),
+                "weight_decay_grid", f"{decays}: a weight-decay grid needs distinct values of 0 or more, "
+                                     f"e.g. [1, 3, 10] (or null: train at weight_decay)")
+        require(decays is None or self.select_best, "weight_decay_grid",
+                "picking a weight decay needs held-out validation: set select_best=true (with "
+                "protocol.selection=holdout) or weight_decay_grid=null")
         ls = self.label_smoothing
         require(not ls or (len(ls) == 2 and min(ls) > 0), "label_smoothing",
                 "expected [] (off) or two positive Beta parameters [a, b]")

@@ -72,7 +72,7 @@ def stage_costs(cfg: RunConfig, paths: RunPaths) -> list[StageCost]:
         parameters = exported_parameters(paths.export(stage, first.target, first.fraction, first.seed))
         tc = getattr(cfg.train, stage)
         minutes = [sum(training_seconds(read_json_lines(log), tc.global_batch)
-                       for log in paths.train_logs(stage, t.target, t.fraction, t.seed, tc.lr_grid)
+                       for log in paths.train_logs(stage, t.target, t.fraction, t.seed, tc.grid())
                        if log.is_file()) / 60 for t in tasks]
         out.append(StageCost(stage, len(tasks), parameters or 0, minutes))
     return out

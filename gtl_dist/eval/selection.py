@@ -22,9 +22,9 @@ from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.exports import read_export_meta
 from gtl_dist.io import read_json_lines
 from gtl_dist.methods import METHODS, SOURCE
-from gtl_dist.paths import RunPaths, lr_variant
+from gtl_dist.paths import RunPaths, grid_variant
 
-SELECTION_METRICS = ("kept_lr", "kept_step", "out_of_budget", "prior_strength")
+SELECTION_METRICS = ("kept_lr", "kept_weight_decay", "kept_step", "out_of_budget", "prior_strength")
 
 
 def trained_stage(method: str) -> Optional[str]:
@@ -37,19 +37,32 @@ def trained_stage(method: str) -> Optional[str]:
 def kept(meta: dict) -> dict[str, float]:
     if "prior_strength" in meta:  # a counts stage: its prior's strength is what selection picks
         return {"prior_strength": float(meta["prior_strength"])}
-    stage = meta["stage"]
+    tc = meta["config"]["train"][meta["stage"]]
     step, trained = meta.get("step") or 0, meta.get("trained_steps") or 0
-    return {"kept_lr": float(meta["config"]["train"][stage]["lr"]), "kept_step": float(step),
+    decay = {"kept_weight_decay": float(tc["weight_decay"])} if searched_decay(meta) else {}
+    return {"kept_lr": float(tc["lr"]), **decay, "kept_step": float(step),
             "out_of_budget": float(trained > 0 and step == trained)}
 
 
+def searched_decay(meta: dict) -> bool:
+    """Whether the export's stage searched a weight-decay grid (its runs list their decays)."""
+    return any("weight_decay" in run for run in meta.get("lr_grid") or [])
+
+
+def kept_variant(meta: dict) -> Optional[str]:
+    """The folder of the grid run an export kept (grid_variant), None where it trained once."""
+    if not meta.get("lr_grid"):
+        return None
+    tc = meta["config"]["train"][meta["stage"]]
+    return grid_variant(tc["lr"], tc["weight_decay"] if searched_decay(meta) else None)
+
+
 def heldout_curve(paths: RunPaths, meta: dict, seed: int) -> dict[int, float]:
-    """Step -> held-out loss of the kept learning rate's run, from its train_log.jsonl (a step
+    """Step -> held-out loss of the kept grid run, from its train_log.jsonl (a step
     logged twice, by a run resumed after preemption, keeps its last value); empty when the run
     validated on nothing (selection: budget) or has no log (a closed-form stage)."""
     stage, target, fraction = meta["stage"], meta.get("target"), meta.get("fraction")
-    variant = lr_variant(meta["config"]["train"][stage]["lr"]) if meta.get("lr_grid") else None
-    log = paths.stage(stage, target, fraction, seed, variant) / "train_log.jsonl"
+    log = paths.stage(stage, target, fraction, seed, kept_variant(meta)) / "train_log.jsonl"
     if not log.is_file():
         return {}
     return {int(e["step"]): float(e["loss"]) for e in read_json_lines(log) if e.get("kind") == "val"}
@@ -129,19 +142,23 @@ def render_budgets(cfg: RunConfig) -> str:
     lines = ["## Budgets and selection", "",
              "Every per-target stage: at most `steps` optimiser steps of `global_batch` sequences, "
              "validated every `val_every` steps on its own held-out sequences, once per learning rate "
-             "of `lr_grid`; the kept weights are those with the lowest held-out masked-token "
-             "cross-entropy. The tables `kept_lr`, `kept_step` and `out_of_budget` above give what "
-             "was kept (`out_of_budget`: share of replicates whose kept step was their last).", "",
-             "| method | stage | steps | global batch | val every | learning rates |", "|---|---|---:|---:|---:|---|"]
+             "of `lr_grid` (and per weight decay of `weight_decay_grid`, where set); the kept weights are "
+             "those with the lowest held-out masked-token cross-entropy. The tables `kept_lr`, "
+             "`kept_weight_decay`, `kept_step` and `out_of_budget` above give what was kept "
+             "(`out_of_budget`: share of replicates whose kept step was their last).", "",
+             "| method | stage | steps | global batch | val every | learning rates | weight decays |",
+             "|---|---|---:|---:|---:|---|---|"]
     for method in cfg.sample.methods:
         stage = trained_stage(method)
         if stage is None:
             continue
         tc = getattr(cfg.train, stage)
-        lrs = ", ".join(f"{lr:g}" for lr in tc.lr_grid) if tc.lr_grid else f"{tc.lr:g}"
+        lrs = ", ".join(f"{lr:g}" for lr in tc.lr_grid or [tc.lr])
+        decays = ", ".join(f"{wd:g}" for wd in tc.weight_decay_grid or [tc.weight_decay])
         if METHODS[method].model.startswith("counts"):
-            lines.append(f"| {method} | {stage} | closed form | | | prior strengths "
+            lines.append(f"| {method} | {stage} | closed form | | | | prior strengths "
                          f"{', '.join(f'{s:g}' for s in cfg.models.counts.strengths)} |")
             continue
-        lines.append(f"| {method} | {stage} | {tc.steps} | {tc.global_batch} | {tc.val_every} | {lrs} |")
+        lines.append(f"| {method} | {stage} | {tc.steps} | {tc.global_batch} | {tc.val_every} | {lrs} "
+                     f"| {decays} |")
     return "\n".join(lines) + "\n\n"

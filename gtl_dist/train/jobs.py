@@ -14,7 +14,7 @@ from typing import Optional
 from gtl_dist.config import ConfigError, RunConfig
 from gtl_dist.exports import read_export, read_export_meta, write_export
 from gtl_dist.log import get_logger
-from gtl_dist.paths import RunPaths, lr_variant, task_name
+from gtl_dist.paths import RunPaths, grid_variant, task_name
 from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, stage_input_hash
 from gtl_dist.train.checkpoint import retire_stale
 from gtl_dist.train.denoiser_recipes import ARRecipe, DiffusionRecipe
@@ -24,7 +24,7 @@ from gtl_dist.train.loop import execute
 from gtl_dist.train.recipe import StageResult
 from gtl_dist.train.shard_recipe import upstream_export
 
-__all__ = ["RECIPES", "check_classifier_micro_batch", "check_stage_args", "run_lr_grid", "run_stage",
+__all__ = ["RECIPES", "check_classifier_micro_batch", "check_stage_args", "run_grid", "run_stage",
            "upstream_export"]
 
 log = get_logger("train.jobs")
@@ -82,8 +82,8 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     Resumes from the newest committed checkpoint; returns at once when the stage already
     finished with the same inputs; returns ``status="preempted"`` after a preemption signal
     (unless an earlier handler, e.g. submitit's, took over and exited). With
-    ``train.<stage>.lr_grid`` it trains once per learning rate and exports the best run
-    (:func:`run_lr_grid`).
+    ``train.<stage>.lr_grid`` (or ``weight_decay_grid``) it trains once per point of the grid and
+    exports the best run (:func:`run_grid`).
     """
     check_stage_args(cfg, stage, target, fraction, seed)
     RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
@@ -91,16 +91,18 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     if STAGES[stage].role == "chain":  # closed form, no optimiser
         from gtl_dist.train.counts import fit_counts
         return fit_counts(cfg, run_dir, stage, target, fraction, seed, input_hash)
-    if getattr(cfg.train, stage).lr_grid:
-        return run_lr_grid(cfg, run_dir, stage, target, fraction, seed, input_hash)
+    if getattr(cfg.train, stage).grid():
+        return run_grid(cfg, run_dir, stage, target, fraction, seed, input_hash)
     return execute(cfg, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed)
 
 
-def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
-                fraction: Optional[float], seed: int, input_hash: str) -> StageResult:
-    """One run per learning rate of ``train.<stage>.lr_grid``, each in its own folder (lr-<value>/,
-    resumable on its own), then the export of the run whose best held-out validation loss is
-    lowest becomes the stage's export, its metadata listing every run (docs/method.md §12)."""
+def run_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
+             fraction: Optional[float], seed: int, input_hash: str) -> StageResult:
+    """One run per point of ``train.<stage>``'s grid (each learning rate of ``lr_grid``, crossed
+    with each decay of ``weight_decay_grid``; TrainConfig.grid), each in its own folder
+    (grid_variant, resumable on its own), then the export of the run whose best held-out
+    validation loss is lowest becomes the stage's export, its metadata listing every run under
+    ``lr_grid`` (docs/method.md §12)."""
     paths = RunPaths(run_dir)
     final = paths.export(stage, target, fraction, seed)
     meta = read_export_meta(final)
@@ -109,30 +111,32 @@ def run_lr_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optiona
                            export=final, val_loss=meta.get("val_loss"), best_step=meta.get("step"))
     tc = getattr(cfg.train, stage)
     runs = {}
-    for lr in tc.lr_grid:
-        one = replace(cfg, train=replace(cfg.train, **{stage: replace(tc, lr=lr, lr_grid=None)}))
-        variant = lr_variant(lr)
+    for lr, wd in tc.grid():
+        point = replace(tc, lr=lr, lr_grid=None, weight_decay_grid=None,
+                        weight_decay=tc.weight_decay if wd is None else wd)
+        one = replace(cfg, train=replace(cfg.train, **{stage: point}))
+        variant = grid_variant(lr, wd)
         retire_stale_variant(paths, stage, target, fraction, seed, variant, input_hash)
         result = execute(one, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed,
                          variant=variant)
         if result.status != "finished":
             return result
-        runs[lr] = result
-    finite = {lr: r for lr, r in runs.items() if r.val_loss is not None and math.isfinite(r.val_loss)}
+        runs[lr, wd] = result
+    finite = {p: r for p, r in runs.items() if r.val_loss is not None and math.isfinite(r.val_loss)}
     if not finite:
-        raise ConfigError(f"train.{stage}.lr_grid: no run of {tc.lr_grid} reached a finite held-out "
-                          f"validation loss at {task_name(stage, target=target, fraction=fraction, seed=seed)}; "
+        raise ConfigError(f"train.{stage}.lr_grid: no run of {[grid_variant(*p) for p in runs]} reached a "
+                          f"finite held-out validation loss at "
+                          f"{task_name(stage, target=target, fraction=fraction, seed=seed)}; "
                           f"lower the learning rates")
-    best_lr = min(finite, key=lambda lr: finite[lr].val_loss)
-    best = runs[best_lr]
+    kept = min(finite, key=lambda p: finite[p].val_loss)
+    best = runs[kept]
     if int(os.environ.get("RANK", "0")) == 0:
         chosen = read_export(best.export)
-        grid = [{"lr": lr, "val_loss": r.val_loss, "step": r.best_step, "trained_steps": r.step}
-                for lr, r in runs.items()]
+        grid = [{"lr": lr, **({} if wd is None else {"weight_decay": wd}), "val_loss": r.val_loss,
+                 "step": r.best_step, "trained_steps": r.step} for (lr, wd), r in runs.items()]
         write_export(final, chosen["state_dict"], {**chosen["meta"], "lr_grid": grid})
-        log.info("%s: lr %g kept (held-out loss %s; grid %s)", task_name(stage, target=target,
-                 fraction=fraction, seed=seed), best_lr, best.val_loss,
-                 ", ".join(f"{g['lr']:g}: {g['val_loss']}" for g in grid))
+        log.info("%s: %s kept (held-out loss %s; grid %s)", task_name(stage, target=target,
+                 fraction=fraction, seed=seed), grid_variant(*kept), best.val_loss, ", ".join(f"{grid_variant(*p)}: {r.val_loss}" for p, r in runs.items()))
     return StageResult("finished", stage, target, fraction, best.step, input_hash, export=final,
                        val_loss=best.val_loss, best_step=best.best_step)
 

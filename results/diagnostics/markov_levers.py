@@ -44,7 +44,7 @@ from gtl_dist.eval.scores import MaskedViews, masked_ce
 from gtl_dist.exports import load_exported, read_export_meta
 from gtl_dist.io import atomic_write_text
 from gtl_dist.models.adapter import AdaptedDenoiser
-from gtl_dist.paths import RunPaths, lr_variant
+from gtl_dist.paths import RunPaths, grid_variant
 from gtl_dist.sample import MethodNetworks
 from gtl_dist.sample.networks import method_log_probs, method_networks
 from gtl_dist.train.jobs import run_stage
@@ -195,7 +195,7 @@ def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]
         row = {"target": target, "fraction": fraction, "seed": seed}
         for method, stage in STAGE_OF.items():
             row[method] = run.method_ce(method, target, fraction, seed, views)
-            runs = [networks(method, paths.export(stage, target, fraction, seed, variant=lr_variant(lr)))
+            runs = [networks(method, paths.export(stage, target, fraction, seed, variant=grid_variant(lr)))
                     for lr in getattr(run.cfg.train, stage).lr_grid]
             row[f"{method}:ensemble"] = run.ce(
                 lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
