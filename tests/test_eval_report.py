@@ -199,7 +199,7 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
         for target, fraction, seed in cells:
             write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, meta)
             tc = getattr(cfg.train, stage)
-            for log in paths.train_logs(stage, target, fraction, seed, tc.lr_grid):
+            for log in paths.train_logs(stage, target, fraction, seed, tc.grid()):
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text(json.dumps({"kind": "train", "step": 60, "samples_per_s": tc.global_batch})
                                + "\n")  # 60 s
