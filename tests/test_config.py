@@ -170,13 +170,19 @@ def test_an_unset_weight_decay_grid_keeps_earlier_hashes_and_run_dirs(tmp_path):
     changed = {t.kind for kind in before.plan.values() for t in kind
                if before.input_hash(t) != after.input_hash(t)}
     assert "vanilla" in changed and not changed & {"data", "denoiser", "finetune", "edit_ratio"}
-    saved = base.to_dict()
+    prepare_run_dir(base, run_dir_made_without(base, "weight_decay_grid", tmp_path))  # no "differing keys"
+
+
+def run_dir_made_without(cfg, train_key: str, tmp_path: Path) -> Path:
+    """A run directory whose config.yaml is ``cfg`` less ``train.<every stage>.<train_key>``: as
+    one made before the key existed."""
+    saved = cfg.to_dict()
     for section in saved["train"].values():
-        del section["weight_decay_grid"]
+        del section[train_key]
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    prepare_run_dir(base, run)  # no "differing keys"
+    return run
 
 
 def test_yaml_round_trip(tmp_path):
@@ -209,12 +215,7 @@ def test_execution_only_keys_change_no_input_hash_and_may_change_in_a_run_dir(tm
     assert stage_input_hash(eager, "denoiser", None, None) == before.input_hash(tasks[1])
 
     # A run directory made before the key existed (its config.yaml lacks it) takes it on.
-    saved = eager.to_dict()
-    for section in saved["train"].values():
-        del section["compile"]
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    run = run_dir_made_without(eager, "compile", tmp_path)
     paths = prepare_run_dir(compiled, run)
     assert yaml.safe_load(paths.config_yaml.read_text())["train"]["denoiser"]["compile"] is True
     with pytest.raises(ValueError, match=r"differing keys.*\n  seed: 0 -> 1"):
