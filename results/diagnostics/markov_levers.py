@@ -15,12 +15,17 @@ data to choose anything, and it says so: it is an upper bound, not a method.
   set from a grid: the most any γ(t) schedule (or one γ) could gain over the trained γ = 1.
 - ``lr-ensemble``: each method's three learning-rate runs averaged (mean of log-probabilities,
   renormalised) instead of the best one: does variance reduction favour gtl or the fine-tunes?
+- ``guidance-weight``: Domain Guidance's extrapolation, adapted + w·(adapted − source) in log
+  space (renormalised), for gtl and the fine-tunes alike, w chosen per replicate from a grid by
+  the masked cross-entropy on the replicate's own held-out sequences (the ones its selection used,
+  ``protocol.holdout_views`` masked views each at the evaluation's mask rates). For gtl this is
+  exactly its guidance strength γ = 1 + w; w < 0 shrinks toward the source.
 
     python results/diagnostics/markov_levers.py refit --run-dir runs/markov_low_perturbed \\
         --scratch runs/levers_perturbed --out results/diagnostics/markov_levers_refit.md
 
-and likewise ``weight-decay``, ``gamma-schedule`` and ``lr-ensemble`` (the last two need no
-``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
+and likewise ``weight-decay``, ``gamma-schedule``, ``lr-ensemble`` and ``guidance-weight`` (the
+last three need no ``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from gtl_dist.config import RunConfig, load_config
-from gtl_dist.data import load_run_manifest
+from gtl_dist.config import RunConfig, check_holdout, load_config, replicate_start
+from gtl_dist.data import load_run_manifest, read_samples
 from gtl_dist.eval.evaluate_markov import heldout_views
 from gtl_dist.eval.paired import t_interval
-from gtl_dist.eval.scores import MaskedViews, masked_ce
+from gtl_dist.eval.scores import MaskedViews, masked_ce, masked_views
 from gtl_dist.exports import load_exported, read_export_meta
 from gtl_dist.io import atomic_write_text
 from gtl_dist.models.adapter import AdaptedDenoiser
@@ -52,6 +57,7 @@ from gtl_dist.train.jobs import run_stage
 # method -> the stage it trains per target
 STAGE_OF = {"gtl": "adapter", "finetune": "finetune", "finetune_small": "finetune_small"}
 GAMMAS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+GUIDANCE_WEIGHTS = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
 
 @dataclasses.dataclass
@@ -83,6 +89,17 @@ class Run:
         nets = method_networks(cfg or self.cfg, RunPaths(root or self.root), method, target, fraction, seed,
                                needed_by="markov_levers.py")
         return self.ce(lambda z: method_log_probs(nets, z), views)
+
+    def selection_views(self, target: str, fraction: float, seed: int) -> MaskedViews:
+        """The replicate's own held-out sequences (the last k of its n_T draw, as its stages'
+        selection read them), each masked ``protocol.holdout_views`` times per evaluation rate."""
+        cfg, man, name = self.cfg, self.manifest, f"{target}/train"
+        n, total = man.num_samples(name, fraction), man.num_samples(name)
+        n_train, held = check_holdout(n, cfg.protocol, f"target '{target}' at fraction {fraction}")
+        start = (replicate_start(total, n, seed, cfg.protocol) + n_train) % total
+        x = read_samples(man, name, start, start + held, man.tokenizer_hash)
+        return masked_views(x.repeat(cfg.protocol.holdout_views, 1), cfg.eval.ce_mask_rates,
+                            cfg.sample.seed + 1 + seed, man.mask_id)
 
     def n_t(self, fraction: float) -> int:
         return round(fraction * self.cfg.data.markov.num_target)
@@ -204,7 +221,29 @@ def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]
     return rows, variant_pairs("ensemble", "both ensembles")
 
 
-LEVERS = {"refit": refit, "weight-decay": weight_decay, "gamma-schedule": gamma_schedule, "lr-ensemble": lr_ensemble}
+def guidance_weight(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    rows, paths = [], RunPaths(run.root)
+    source = method_networks(run.cfg, paths, "source", None, None, 0, needed_by="markov_levers.py")
+    for target, fraction, seed, views in run.cells():
+        row = {"target": target, "fraction": fraction, "seed": seed}
+        held = run.selection_views(target, fraction, seed)
+        for method in STAGE_OF:
+            nets = method_networks(run.cfg, paths, method, target, fraction, seed, needed_by="markov_levers.py")
+
+            def guided(w: float):  # -inf (the mask token) held finite: 0·(-inf) would be nan
+                return lambda z: torch.log_softmax((1 + w) * method_log_probs(nets, z).clamp_min(-1e30)
+                                                   - w * method_log_probs(source, z).clamp_min(-1e30), -1)
+
+            chosen = min(GUIDANCE_WEIGHTS, key=lambda w: run.ce(guided(w), held))
+            row[method], row[f"{method}:w chosen"] = run.ce(guided(0.0), views), run.ce(guided(chosen), views)
+            row[f"{method}:w"] = chosen
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, variant_pairs("w chosen", "both with w chosen on held-out")
+
+
+LEVERS = {"refit": refit, "weight-decay": weight_decay, "gamma-schedule": gamma_schedule, "lr-ensemble": lr_ensemble,
+          "guidance-weight": guidance_weight}
 
 
 def report(run: Run, lever: str, rows: list[dict], pairs: list[tuple[str, str, str]], command: str) -> str:
