@@ -34,7 +34,7 @@ def read_rows() -> list[dict]:
     rows = []
     for run in RUNS:
         with open(HERE / run / "results.csv", newline="") as f:
-            rows += list(csv.DictReader(f))
+            rows += [{**r, "run": run} for r in csv.DictReader(f)]
     return rows
 
 
@@ -43,18 +43,20 @@ def target_pool() -> int:
     return int(cfg["data"]["markov"]["num_target"])
 
 
-def cells(rows: list[dict]) -> list[tuple[str, str]]:
-    """(target, fraction) of every cell gtl was scored in, largest n_T first per target."""
-    found = {(r["target"], r["fraction"]) for r in rows
+def cells(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(run, target, fraction) of every cell gtl was scored in, largest n_T first per target."""
+    found = {(r["run"], r["target"], r["fraction"]) for r in rows
              if r["method"] == "gtl" and r["metric"] == "masked_ce"}
     order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}
-    return sorted(found, key=lambda c: (order[c[0]], -float(c[1])))
+    return sorted(found, key=lambda c: (order[c[1]], -float(c[2])))
 
 
-def value(rows: list[dict], method: str, target: str, fraction: str, metric: str) -> dict | None:
-    """A method's row in a cell; unfractioned rows (the source, the exact chains) serve every cell."""
+def value(rows: list[dict], method: str, cell: tuple[str, str, str], metric: str) -> dict | None:
+    """A method's row in a cell; a run's unfractioned rows (its source, the exact chains) serve
+    every cell of that run."""
+    run, target, fraction = cell
     for r in rows:
-        if (r["method"], r["target"], r["metric"]) == (method, target, metric) \
+        if (r["run"], r["method"], r["target"], r["metric"]) == (run, method, target, metric) \
                 and r["fraction"] in (fraction, ""):
             return r
     return None
@@ -72,29 +74,29 @@ def fmt(row: dict | None) -> str:
 
 def ce_table(rows: list[dict], pool: int) -> list[str]:
     cols = cells(rows)
-    head = [f"{t} {round(float(f) * pool)}" for t, f in cols]
+    head = [f"{t} {round(float(f) * pool)}" for _, t, f in cols]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     best = {}
-    for t, f in cols:
+    for cell in cols:
         learned = [(float(r["value"]), m) for m in LEARNED
-                   if (r := value(rows, m, t, f, "masked_ce")) is not None]
-        best[(t, f)] = min(learned)[1]
+                   if (r := value(rows, m, cell, "masked_ce")) is not None]
+        best[cell] = min(learned)[1]
     for method, label in ROWS:
         cells_text = []
-        for t, f in cols:
-            text = fmt(value(rows, method, t, f, "masked_ce"))
-            cells_text.append(f"**{text}**" if best[(t, f)] == method else text)
+        for cell in cols:
+            text = fmt(value(rows, method, cell, "masked_ce"))
+            cells_text.append(f"**{text}**" if best[cell] == method else text)
         lines.append(f"| {label} | " + " | ".join(cells_text) + " |")
     return lines
 
 
 def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
     lines = ["| pair, n_T | replicates | gtl wins against | ties with | loses to |", "|---|---|---|---|---|"]
-    for t, f in cells(rows):
+    for run, t, f in cells(rows):
         verdicts: dict[str, list[str]] = {"wins": [], "ties": [], "loses": []}
         reps = ""
         for r in rows:
-            if (r["target"], r["fraction"], r["metric"]) != (t, f, f"paired_diff[{metric}]"):
+            if (r["run"], r["target"], r["fraction"], r["metric"]) != (run, t, f, f"paired_diff[{metric}]"):
                 continue
             low, high, mean = float(r["ci_low"]), float(r["ci_high"]), float(r["value"])
             reps = r["n"]
