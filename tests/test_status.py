@@ -131,6 +131,35 @@ def test_running_training_tasks_report_their_step_at_most_every_30_s(training_ru
     assert "\r" not in lines[0] and "\n" not in lines[0]
 
 
+def test_a_task_with_a_grid_shows_its_steps_over_all_its_runs(tmp_path, configs_dir):
+    """A per-target stage with an lr_grid writes one train log per run (lr-<v>/): the progress line,
+    launchers/status.py's step column and the measured step time all read them, the step counted
+    over the whole grid so that the eta covers the runs still to come."""
+    from gtl_dist.cluster.estimate import step_seconds
+    from gtl_dist.cluster.status import status_rows
+    from gtl_dist.paths import fraction_name, grid_variant
+    cfg = load_config(configs_dir / "tiny.yaml", ["train.finetune.lr_grid=[0.001, 0.01]",
+                                                   "train.finetune.select_best=true"])
+    paths = prepare_run_dir(cfg, tmp_path / "run")
+    pipeline = build_pipeline(cfg)
+    task = next(t for t in pipeline.tasks if t.kind == "finetune")
+    run_log = lambda lr: paths.stage(task.kind, task.target, task.fraction, task.seed,  # noqa: E731
+                                     grid_variant(lr, None)) / "train_log.jsonl"
+    assert train_log_path(paths, task) != run_log(0.001)
+    for lr, step, mtime in ((0.001, 20, 1000), (0.01, 10, 1010)):  # the first run done, the second half-way
+        run_log(lr).parent.mkdir(parents=True)
+        run_log(lr).write_text(json.dumps({"step": step, "kind": "train", "loss": 0.5, "samples_per_s": 64.0}) + "\n")
+        os.utime(run_log(lr), (mtime, mtime))
+    progress = TrainProgress(pipeline, paths, clock=lambda: 0.0)
+    # 2 runs of 20 steps; 64 samples/s over batches of 32.
+    assert progress.lines([task]) == [f"running {task.key}: step 30/40 (75%), 2 step/s, eta 5 s"]
+    row = next(r for r in status_rows(paths.root) if r.stage == "finetune" and r.target == task.target
+               and r.fraction == fraction_name(task.fraction) and not r.detail)
+    assert (row.step, row.total, row.loss) == (30, 40, 0.5)
+    step_s, log = step_seconds(cfg, paths, [task])
+    assert step_s == pytest.approx(0.5) and log == run_log(0.01)
+
+
 def test_following_a_slurm_run_prints_progress_of_running_tasks(training_run, monkeypatch, capsys):
     pipeline, paths, denoiser = training_run
     states = {t.key: "running" if t is denoiser else "pending" for t in pipeline.tasks}

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from gtl_dist.cluster.dag import Pipeline, build_pipeline
 from gtl_dist.cluster.options import LaunchError, LaunchOptions, world_size
-from gtl_dist.cluster.progress import format_duration, train_log_path, train_log_records
+from gtl_dist.cluster.progress import current_train_log, format_duration, train_log_records
 from gtl_dist.cluster.submissions import Plan, SubmissionLog
 from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.io import read_json
@@ -50,15 +50,17 @@ class Rates:
     other_s: dict[str, float] = field(default_factory=dict)   # group -> seconds besides steps/samples
 
 
-def step_seconds(paths: RunPaths, tasks: list[Task], global_batch: int) -> Optional[tuple[float, Path]]:
-    """The slowest of the tasks' median step times in their train_log.jsonl (seconds per step of
-    ``global_batch`` samples), with that log; None when no task logged one."""
+def step_seconds(cfg: RunConfig, paths: RunPaths, tasks: list[Task]) -> Optional[tuple[float, Path]]:
+    """The slowest of the tasks' median step times in their train logs (seconds per step of the
+    stage's global batch; all the runs of a grid), with a log that holds them; None when no task
+    logged one."""
     found = []
     for task in tasks:
-        rates = sorted(r["samples_per_s"] for r in train_log_records(paths, task)
+        rates = sorted(r["samples_per_s"] for r in train_log_records(cfg, paths, task)
                        if r.get("kind") == "train" and (r.get("samples_per_s") or 0) > 0)
         if rates:
-            found.append((global_batch / rates[len(rates) // 2], train_log_path(paths, task)))
+            global_batch = getattr(cfg.train, task.kind).global_batch
+            found.append((global_batch / rates[len(rates) // 2], current_train_log(cfg, paths, task)[1]))
     return max(found, default=None)
 
 
@@ -84,8 +86,7 @@ def read_rates(pipeline: Pipeline, paths: RunPaths) -> Rates:
     rates, subs = Rates(), SubmissionLog(paths)
     for group in pipeline.all_groups:
         if group.name in STAGES:
-            tc = getattr(pipeline.cfg.train, group.name)
-            measured = step_seconds(paths, group.tasks, tc.global_batch)
+            measured = step_seconds(pipeline.cfg, paths, group.tasks)
             if measured is None:
                 continue
             rates.step_s[group.name] = measured[0]

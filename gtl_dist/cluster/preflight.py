@@ -351,7 +351,7 @@ def check_time_limits(ctx: Context, report: Report) -> None:
     for group, tasks in ctx.groups_to_run(training=True):
         stage = tasks[0].kind
         tc = getattr(ctx.cfg.train, stage)
-        measured = step_seconds(ctx.paths, group.tasks, tc.global_batch)
+        measured = step_seconds(ctx.cfg, ctx.paths, group.tasks)
         if measured is None:
             unmeasured.append(stage)
             continue

@@ -9,24 +9,55 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from gtl_dist.cluster.dag import Pipeline
+from gtl_dist.config import RunConfig
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import STAGES, Task
 
 
-def train_log_records(paths: RunPaths, task: Task) -> list[dict]:
-    """The records of a task's train_log.jsonl, without a last line being written right now (or cut
-    short by a kill); none when the task has not logged yet."""
-    return read_json_lines(train_log_path(paths, task))
-
-
 def train_log_path(paths: RunPaths, task: Task) -> Path:
+    """The stage task's own train_log.jsonl (a task with a grid writes one per run instead:
+    train_logs)."""
     return paths.stage(task.kind, task.target, task.fraction, task.seed) / "train_log.jsonl"
 
 
-def last_train_record(paths: RunPaths, task: Task) -> Optional[dict]:
-    """The task's last "train" record (step, loss, samples_per_s, ...); None before its first."""
-    return next((r for r in reversed(train_log_records(paths, task)) if r.get("kind") == "train"), None)
+def train_logs(cfg: RunConfig, paths: RunPaths, task: Task) -> list[Path]:
+    """The train_log.jsonl files a training task writes, in the order it writes them: its own, or
+    one per run of its grid (TrainConfig.grid)."""
+    grid = getattr(cfg.train, task.kind).grid()
+    return paths.train_logs(task.kind, task.target, task.fraction, task.seed, grid)
+
+
+def train_log_records(cfg: RunConfig, paths: RunPaths, task: Task) -> list[dict]:
+    """The records of all the task's train logs, run after run, without a last line being written
+    right now (or cut short by a kill); none when the task has not logged yet."""
+    return [r for log in train_logs(cfg, paths, task) for r in read_json_lines(log)]
+
+
+def task_steps(cfg: RunConfig, task: Task) -> int:
+    """A training task's optimiser steps over all the runs of its grid."""
+    tc = getattr(cfg.train, task.kind)
+    return tc.steps * max(1, len(tc.grid()))
+
+
+def current_train_log(cfg: RunConfig, paths: RunPaths, task: Task) -> Optional[tuple[int, Path]]:
+    """The log the task writes now, or wrote last (the last of train_logs that exists), with the
+    index of its run in the grid; None before the task logs."""
+    found = [(i, log) for i, log in enumerate(train_logs(cfg, paths, task)) if log.is_file()]
+    return found[-1] if found else None
+
+
+def last_train_record(cfg: RunConfig, paths: RunPaths, task: Task) -> Optional[dict]:
+    """The task's last "train" record (step, loss, samples_per_s, ...), its step counted over the
+    whole grid (run i's step s is i * steps + s, out of task_steps); None before its first."""
+    current = current_train_log(cfg, paths, task)
+    if current is None:
+        return None
+    run, log = current
+    record = next((r for r in reversed(read_json_lines(log)) if r.get("kind") == "train"), None)
+    if record is None or "step" not in record:
+        return record
+    return {**record, "step": run * getattr(cfg.train, task.kind).steps + record["step"]}
 
 
 def format_progress(step: int, total: int, rate: Optional[float] = None) -> str:
@@ -49,7 +80,8 @@ def format_duration(seconds: float) -> str:
 class TrainProgress:
     """One plain line ``running <task>: <format_progress>`` per running training task, for a
     launcher that follows a run: per task at most one every ``every_s`` seconds, and only when its
-    logged step moved. A log that has not grown costs a ``stat``, not a read.
+    logged step moved. A log that has not grown costs a ``stat``, not a read. A task with a grid
+    (TrainConfig.grid) counts its steps over all its runs, so its eta covers the runs still to come.
 
     The rate is the one observed while following (train_log.jsonl's modification times, so
     validation and checkpoints count), and until a second sighting the log's own ``samples_per_s``
@@ -61,7 +93,7 @@ class TrainProgress:
         self.pipeline, self.paths, self.every_s, self.clock = pipeline, paths, every_s, clock
         self._shown: dict[str, tuple[float, int]] = {}  # key -> (clock, step) of the last line
         self._origin: dict[str, tuple[float, int]] = {}  # key -> (mtime, step) the rate starts from
-        self._sizes: dict[str, int] = {}  # key -> size of train_log.jsonl when last read
+        self._sizes: dict[str, tuple[int, int]] = {}  # key -> (grid run, size of its log) when last read
 
     def lines(self, tasks: Iterable[Task]) -> list[str]:
         now = self.clock()
@@ -76,20 +108,22 @@ class TrainProgress:
         if step is None or (shown is not None and step == shown[1]):
             return None
         self._shown[task.key] = (now, step)
-        tc = getattr(self.pipeline.cfg.train, task.kind)
-        rate = self._rate(task.key, step, seen[1]) or (seen[0].get("samples_per_s") or 0) / tc.global_batch
-        return f"running {task.key}: {format_progress(step, tc.steps, rate)}"
+        cfg = self.pipeline.cfg
+        rate = self._rate(task.key, step, seen[1]) or \
+            (seen[0].get("samples_per_s") or 0) / getattr(cfg.train, task.kind).global_batch
+        return f"running {task.key}: {format_progress(step, task_steps(cfg, task), rate)}"
 
     def _grown_log(self, task: Task) -> Optional[tuple[dict, float]]:
         """The last train record and the log's mtime, when the log changed since the last read."""
+        current = current_train_log(self.pipeline.cfg, self.paths, task)
         try:
-            st = train_log_path(self.paths, task).stat()
+            st = current[1].stat() if current else None
         except FileNotFoundError:
             return None
-        if self._sizes.get(task.key) == st.st_size:
+        if st is None or self._sizes.get(task.key) == (current[0], st.st_size):
             return None
-        self._sizes[task.key] = st.st_size
-        record = last_train_record(self.paths, task)
+        self._sizes[task.key] = (current[0], st.st_size)
+        record = last_train_record(self.pipeline.cfg, self.paths, task)
         return (record, st.st_mtime) if record is not None else None
 
     def _rate(self, key: str, step: int, mtime: float) -> Optional[float]:

@@ -26,8 +26,8 @@ import yaml
 
 from gtl_dist.cluster.dag import Pipeline, build_pipeline
 from gtl_dist.cluster.submissions import TASK_STATES, SubmissionLog, slurm_job_states, task_state
-from gtl_dist.cluster.progress import last_train_record
-from gtl_dist.config import config_from_dict
+from gtl_dist.cluster.progress import last_train_record, task_steps
+from gtl_dist.config import RunConfig, config_from_dict
 from gtl_dist.log import quiet_closed_stdout, setup_logging
 from gtl_dist.paths import RunPaths, fraction_name
 from gtl_dist.stages import STAGES, Task
@@ -47,9 +47,9 @@ class StatusRow:
     log: str
 
 
-def _progress(paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
-    """Last logged training step and loss."""
-    rec = last_train_record(paths, task) or {}
+def _progress(cfg: RunConfig, paths: RunPaths, task: Task) -> tuple[Optional[int], Optional[float]]:
+    """Last logged training step (over all the runs of the task's grid) and loss."""
+    rec = last_train_record(cfg, paths, task) or {}
     return rec.get("step"), rec.get("loss")
 
 
@@ -77,8 +77,8 @@ def status_rows(run_dir: str | Path) -> list[StatusRow]:
         state = task_state(pipeline, paths, task, sub, states)
         step = loss = total = None
         if task.kind in STAGES:
-            total = getattr(pipeline.cfg.train, task.kind).steps
-            step, loss = _progress(paths, task)
+            total = task_steps(pipeline.cfg, task)
+            step, loss = _progress(pipeline.cfg, paths, task)
             if state == "done":
                 step = total
         detail = " ".join(x for x in ("" if task.kind != "sample" else f"{task.method}#{task.shard}",

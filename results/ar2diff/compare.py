@@ -55,11 +55,11 @@ from typing import Optional, Sequence
 import yaml
 
 from gtl_dist.cluster.dag import build_pipeline
-from gtl_dist.cluster.progress import train_log_path, train_log_records
+from gtl_dist.cluster.progress import train_log_path
 from gtl_dist.cluster.tasks import marker_valid
 from gtl_dist.config import ConfigError, RunConfig, load_config, parse_override
 from gtl_dist.eval.results import ResultRow, read_results_csv
-from gtl_dist.io import atomic_path, atomic_write_text
+from gtl_dist.io import atomic_path, atomic_write_text, read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.stages import Task
 
@@ -274,7 +274,7 @@ def read_run(outcome: Outcome, s_ar: int, target: str, fraction: float) -> None:
 
 def val_curve(paths: RunPaths, task: Task, offset: int) -> list[tuple[int, float]]:
     """(offset + step, validation loss) of a stage's "val" records, one per step (the last)."""
-    by_step = {int(r["step"]): float(r["loss"]) for r in train_log_records(paths, task)
+    by_step = {int(r["step"]): float(r["loss"]) for r in read_json_lines(train_log_path(paths, task))
                if r.get("kind") == "val" and "loss" in r and "step" in r}
     if not by_step:
         raise CompareError(f"{train_log_path(paths, task)}: no validation records (\"kind\": \"val\"); "
