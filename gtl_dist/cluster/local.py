@@ -94,7 +94,8 @@ class LocalRunner:
                         self._ranks(t) for t in running) <= max(slots, self._ranks(task)) and (
                         not running or not debug):
                     pending.remove(task)
-                    running[task] = self._start(task, slots, on_event)
+                    running[task] = self._start(task, self._sharing(task, pending, running, plan, slots),
+                                                on_event)
             for task, job in list(running.items()):
                 error = self._outcome(job)
                 if error is False:
@@ -125,6 +126,20 @@ class LocalRunner:
         self.subs.record(task, sub)
         self.subs.save()
         return sub
+
+    def _sharing(self, task: Task, pending: list[Task], running: dict[Task, Any], plan: Plan,
+                 slots: int) -> int:
+        """How many tasks ``task`` shares the cores with: ``slots``, or 1 when nothing else runs
+        and every task left reads it (directly or through others), so that nothing can start
+        beside it until it ends: the data build, the source's training, the evaluation."""
+        if running or plan.in_flight:
+            return slots
+        downstream = {task}
+        for later in pending:  # in pipeline order: a task's inputs come before it
+            if not any(d in downstream for d in self.pipeline.task_deps(later)):
+                return slots
+            downstream.add(later)
+        return 1
 
     def _start(self, task: Task, slots: int, on_event: Events) -> Any:
         """Submit one task to submitit's local executor (or, for debug, run it right here)."""
