@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gtl_dist.config import ConfigError, TrainConfig, load_config
-from gtl_dist.train.dist import DistError, first_host, resolve_dist_env, slurm_port
+from gtl_dist.train.dist import DistError, first_host, job_port, resolve_dist_env
 from gtl_dist.train.engine import (BatchGeometry, CosineWithWarmup, Hardware, batch_geometry,
                                    deepspeed_config, fused_adamw, resolve_precision)
 
@@ -56,9 +56,40 @@ def test_slurm_env_uses_node_address_and_job_port():
     d = resolve_dist_env(env, node_addr=node_addr)
     assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.source) == (5, 8, 1, "192.168.7.1", "slurm")
     assert asked == ["gpu07"]
-    assert d.master_port == slurm_port("123456") == 20_000 + 123456 % 40_000
+    assert d.master_port == job_port("123456") == 20_000 + 123456 % 12_768
     # every rank derives the same port; consecutive jobs get different ones
-    assert slurm_port("123457") == d.master_port + 1
+    assert job_port("123457") == d.master_port + 1
+    # below Linux's ephemeral range, where outgoing connections take their ports
+    assert all(20_000 <= job_port(str(i)) < 32_768 for i in range(0, 100_000, 7))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_local_jobs_rendezvous_port_is_free_or_derived_below_the_ephemeral_range(ranks):
+    """submitit's local executor picked MASTER_PORT at random in 20000-60000, where another
+    connection can hold it (a job failed with EADDRINUSE): one rank now takes a free port, several
+    derive theirs from the job id below the ephemeral range."""
+    import random
+    import socket
+    from unittest import mock
+    from gtl_dist.cluster.tasks import _export_local_distributed_env
+    local = {f"SUBMITIT_LOCAL_{key}": value for key, value in (
+        ("JOB_ID", "15709"), ("NTASKS", str(ranks)), ("JOB_NUM_NODES", "1"), ("NODEID", "0"),
+        ("GLOBALID", "0"), ("LOCALID", "0"))}
+    submitits_pick = random.Random("15709").randint(20_000, 60_000)  # submitit's own, for this job
+    held = socket.socket()
+    held.bind(("127.0.0.1", submitits_pick))  # as another connection may hold it
+    held.listen()
+    with held, mock.patch.dict(os.environ, {"SUBMITIT_EXECUTOR": "local", **local}):  # restored after
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        _export_local_distributed_env()
+        port = int(os.environ["MASTER_PORT"])
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", str(ranks))
+        if ranks > 1:
+            assert port == job_port("15709")
+        else:
+            with socket.socket() as s:  # free when picked
+                s.bind(("127.0.0.1", port))
 
 
 def test_slurm_node_address_falls_back_to_the_name(monkeypatch):

@@ -256,8 +256,16 @@ def _limit_threads(threads: Optional[int]) -> None:
 
 def _export_local_distributed_env() -> None:
     """Under submitit's local executor, expose the ranks as RANK/WORLD_SIZE/... (on SLURM the
-    resolver reads SLURM_* itself and finds rank 0's address through NodeAddr)."""
+    resolver reads SLURM_* itself and finds rank 0's address through NodeAddr). The rendezvous
+    port is a free one for a single rank, and one derived from the job id below the ephemeral
+    range for several (train.dist.job_port): submitit's own pick, anywhere in 20000-60000, can
+    be a port another connection holds."""
     if "SUBMITIT_LOCAL_JOB_ID" not in os.environ or "RANK" in os.environ:
         return
     import submitit
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    from gtl_dist.train.dist import find_free_port, job_port
+    ranks = submitit.helpers.TorchDistributedEnvironment()
+    if "MASTER_PORT" not in os.environ:
+        ranks.master_port = find_free_port() if ranks.world_size == 1 \
+            else job_port(submitit.JobEnvironment().job_id)
+    ranks.export(set_cuda_visible_devices=False)

@@ -49,9 +49,11 @@ from gtl_dist.log import get_logger, set_log_context
 
 log = get_logger("train.dist")
 
-# Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
+# Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): below Linux's default
+# ephemeral range (32768-60999), where every outgoing connection (gloo's among them) takes its
+# local port, so a port derived inside it can be held already (EADDRINUSE at the rendezvous).
 PORT_BASE = 20_000
-PORT_SPAN = 40_000
+PORT_SPAN = 12_768
 
 
 class DistError(RuntimeError):
@@ -97,11 +99,12 @@ def first_host(nodelist: str) -> str:
     return hosts[0]
 
 
-def slurm_port(job_id: str) -> int:
-    """A port every rank of one SLURM job derives alike; consecutive job ids get distinct ports."""
+def job_port(job_id: str) -> int:
+    """A port every rank of one job (SLURM's, or the local executor's) derives alike;
+    consecutive job ids get distinct ports."""
     digits = re.sub(r"\D", "", job_id)
     if not digits:
-        raise DistError(f"SLURM_JOB_ID={job_id!r} has no digits to derive MASTER_PORT from; "
+        raise DistError(f"job id {job_id!r} has no digits to derive MASTER_PORT from; "
                         f"set MASTER_PORT explicitly")
     return PORT_BASE + int(digits) % PORT_SPAN
 
@@ -155,7 +158,7 @@ def resolve_dist_env(env: Mapping[str, str],
         if "MASTER_PORT" in env:
             port = _int(env, "MASTER_PORT")
         elif "SLURM_JOB_ID" in env:
-            port = slurm_port(env["SLURM_JOB_ID"])
+            port = job_port(env["SLURM_JOB_ID"])
         else:
             raise DistError("SLURM_PROCID is set but SLURM_JOB_ID is not: cannot derive "
                             "MASTER_PORT; set MASTER_PORT")
