@@ -20,7 +20,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-RUNS = ("sticky", "perturbed", "perturbed_mid")
+# Published run -> what its cells' labels start with (runs whose pairs differ from the others').
+RUNS = {"sticky": "", "perturbed": "", "perturbed_mid": ""}
 ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
         ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
         ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
@@ -44,11 +45,12 @@ def target_pool() -> int:
 
 
 def cells(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(run, target, fraction) of every cell gtl was scored in, largest n_T first per target."""
+    """(run, target, fraction) of every cell gtl was scored in, largest n_T first per target; a
+    labelled run's cells (pairs of their own) after the others'."""
     found = {(r["run"], r["target"], r["fraction"]) for r in rows
              if r["method"] == "gtl" and r["metric"] == "masked_ce"}
     order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}
-    return sorted(found, key=lambda c: (order[c[1]], -float(c[2])))
+    return sorted(found, key=lambda c: (RUNS[c[0]], order[c[1]], -float(c[2])))
 
 
 def value(rows: list[dict], method: str, cell: tuple[str, str, str], metric: str) -> dict | None:
@@ -74,7 +76,7 @@ def fmt(row: dict | None) -> str:
 
 def ce_table(rows: list[dict], pool: int) -> list[str]:
     cols = cells(rows)
-    head = [f"{t} {round(float(f) * pool)}" for _, t, f in cols]
+    head = [f"{RUNS[run]}{t} {round(float(f) * pool)}" for run, t, f in cols]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     best = {}
     for cell in cols:
@@ -104,7 +106,7 @@ def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
             text = (f"{r['method']} ({mean:+.3f})" if kind != "ties"
                     else f"{r['method']} ({mean:+.3f} [{low:+.3f}, {high:+.3f}])")
             verdicts[kind].append(text)
-        lines.append(f"| {t}, {round(float(f) * pool)} | {reps} | "
+        lines.append(f"| {RUNS[run]}{t}, {round(float(f) * pool)} | {reps} | "
                      + " | ".join(", ".join(verdicts[k]) or "—" for k in ("wins", "ties", "loses")) + " |")
     return lines
 
