@@ -131,7 +131,7 @@ class LocalRunner:
                  slots: int) -> int:
         """How many tasks ``task`` shares the cores with: ``slots``, or 1 when nothing else runs
         and every task left reads it (directly or through others), so that nothing can start
-        beside it until it ends: the data build, the source's training, the evaluation."""
+        beside it until it ends, such as the data build and the evaluation."""
         if running or plan.in_flight:
             return slots
         downstream = {task}

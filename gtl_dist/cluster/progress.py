@@ -47,10 +47,12 @@ def current_train_log(cfg: RunConfig, paths: RunPaths, task: Task) -> Optional[t
     return found[-1] if found else None
 
 
-def last_train_record(cfg: RunConfig, paths: RunPaths, task: Task) -> Optional[dict]:
+def last_train_record(cfg: RunConfig, paths: RunPaths, task: Task,
+                      current: Optional[tuple[int, Path]] = None) -> Optional[dict]:
     """The task's last "train" record (step, loss, samples_per_s, ...), its step counted over the
-    whole grid (run i's step s is i * steps + s, out of task_steps); None before its first."""
-    current = current_train_log(cfg, paths, task)
+    whole grid (run i's step s is i * steps + s, out of task_steps); None before its first.
+    ``current``: current_train_log's answer, when the caller has it already."""
+    current = current or current_train_log(cfg, paths, task)
     if current is None:
         return None
     run, log = current
@@ -123,7 +125,7 @@ class TrainProgress:
         if st is None or self._sizes.get(task.key) == (current[0], st.st_size):
             return None
         self._sizes[task.key] = (current[0], st.st_size)
-        record = last_train_record(self.pipeline.cfg, self.paths, task)
+        record = last_train_record(self.pipeline.cfg, self.paths, task, current)
         return (record, st.st_mtime) if record is not None else None
 
     def _rate(self, key: str, step: int, mtime: float) -> Optional[float]:
