@@ -15,6 +15,9 @@ data to choose anything, and it says so: it is an upper bound, not a method.
   set from a grid: the most any γ(t) schedule (or one γ) could gain over the trained γ = 1.
 - ``lr-ensemble``: each method's three learning-rate runs averaged (mean of log-probabilities,
   renormalised) instead of the best one: does variance reduction favour gtl or the fine-tunes?
+- ``no-decay``: for a run whose stages searched ``weight_decay_grid``, each method's selection
+  redone over its weight-decay-0 runs only (the same runs, the same held-out losses): the study
+  as it would have come out without the decay lever, for every method alike. Needs no training.
 - ``guidance-weight``: Domain Guidance's extrapolation, adapted + w·(adapted − source) in log
   space (renormalised), for gtl and the fine-tunes alike, w chosen per replicate from a grid by
   the masked cross-entropy on the replicate's own held-out sequences (the ones its selection used,
@@ -24,8 +27,8 @@ data to choose anything, and it says so: it is an upper bound, not a method.
     python results/diagnostics/markov_levers.py refit --run-dir runs/markov_low_perturbed \\
         --scratch runs/levers_perturbed --out results/diagnostics/markov_levers_refit.md
 
-and likewise ``weight-decay``, ``gamma-schedule``, ``lr-ensemble`` and ``guidance-weight`` (the
-last three need no ``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
+and likewise ``weight-decay``, ``gamma-schedule``, ``lr-ensemble``, ``no-decay`` and
+``guidance-weight`` (the last four need no ``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from gtl_dist.train.jobs import run_stage
 
 # method -> the stage it trains per target
 STAGE_OF = {"gtl": "adapter", "finetune": "finetune", "finetune_small": "finetune_small"}
+# no-decay also redoes vanilla's selection: the decay study searched its decay too
+DECAY_STAGE_OF = {**STAGE_OF, "vanilla": "vanilla"}
 GAMMAS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 GUIDANCE_WEIGHTS = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
@@ -128,10 +133,10 @@ def kept_choice(run: Run, stage: str, target: str, fraction: float, seed: int) -
     return best["lr"], int(meta["step"]), float(meta["val_loss"])
 
 
-def variant_pairs(variant: str, both: str) -> list[tuple[str, str, str]]:
-    """The comparisons of a lever applied to every method alike: each method against its variant,
-    then each baseline against gtl, as the run kept them and with the lever on both."""
-    methods = list(STAGE_OF)
+def variant_pairs(variant: str, both: str, methods: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """The comparisons of a lever applied to every method alike (gtl first): each method against
+    its variant, then each baseline against gtl, as the run kept them and with the lever on both."""
+    methods = methods or list(STAGE_OF)
     return ([(m, f"{m}:{variant}", f"{m}: kept − {variant}") for m in methods]
             + [(m, "gtl", f"{m} − gtl") for m in methods[1:]]
             + [(f"{m}:{variant}", f"gtl:{variant}", f"{m} − gtl, {both}") for m in methods[1:]])
@@ -200,25 +205,49 @@ def gamma_schedule(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str
                   ("gtl", "gtl:best γ per rate", "γ = 1 − best γ per mask rate (test-chosen)")]
 
 
+def grid_run_networks(source: torch.nn.Module, method: str, path: Path) -> MethodNetworks:
+    """The networks one grid run of a method's stage exported (gtl's adapter over the source)."""
+    model = load_exported(path)
+    return MethodNetworks(AdaptedDenoiser(source, model).eval()) if method == "gtl" else MethodNetworks(model)
+
+
 def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     paths, rows = RunPaths(run.root), []
     source = load_exported(paths.export("denoiser"))
-
-    def networks(method: str, path: Path) -> MethodNetworks:
-        model = load_exported(path)
-        return MethodNetworks(AdaptedDenoiser(source, model).eval()) if method == "gtl" else MethodNetworks(model)
-
     for target, fraction, seed, views in run.cells():
         row = {"target": target, "fraction": fraction, "seed": seed}
         for method, stage in STAGE_OF.items():
             row[method] = run.method_ce(method, target, fraction, seed, views)
-            runs = [networks(method, paths.export(stage, target, fraction, seed, variant=grid_variant(lr)))
+            runs = [grid_run_networks(source, method, paths.export(stage, target, fraction, seed,
+                                                                   variant=grid_variant(lr)))
                     for lr in getattr(run.cfg.train, stage).lr_grid]
             row[f"{method}:ensemble"] = run.ce(
                 lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows, variant_pairs("ensemble", "both ensembles")
+
+
+def no_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    paths, rows = RunPaths(run.root), []
+    source = load_exported(paths.export("denoiser"))
+    for target, fraction, seed, views in run.cells():
+        row = {"target": target, "fraction": fraction, "seed": seed}
+        for method, stage in DECAY_STAGE_OF.items():
+            row[method] = run.method_ce(method, target, fraction, seed, views)
+            meta = read_export_meta(paths.export(stage, target, fraction, seed))
+            undecayed = [r for r in meta["lr_grid"] if r.get("weight_decay") == 0.0]
+            if not undecayed:
+                sys.exit(f"{paths.export(stage, target, fraction, seed)}: no weight-decay-0 run in its grid; "
+                         "no-decay needs a run whose train.<stage>.weight_decay_grid includes 0")
+            best = min(undecayed, key=lambda r: r["val_loss"])
+            nets = grid_run_networks(source, method, paths.export(
+                stage, target, fraction, seed, variant=grid_variant(best["lr"], 0.0)))
+            row[f"{method}:no decay"] = run.ce(lambda z: method_log_probs(nets, z), views)
+            row[f"{method}:kept decay"] = min(meta["lr_grid"], key=lambda r: r["val_loss"])["weight_decay"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, variant_pairs("no decay", "neither searching decay", list(DECAY_STAGE_OF))
 
 
 def guidance_weight(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
@@ -243,7 +272,7 @@ def guidance_weight(run: Run, args) -> tuple[list[dict], list[tuple[str, str, st
 
 
 LEVERS = {"refit": refit, "weight-decay": weight_decay, "gamma-schedule": gamma_schedule, "lr-ensemble": lr_ensemble,
-          "guidance-weight": guidance_weight}
+          "no-decay": no_decay, "guidance-weight": guidance_weight}
 
 
 def report(run: Run, lever: str, rows: list[dict], pairs: list[tuple[str, str, str]], command: str) -> str:
