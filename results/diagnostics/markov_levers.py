@@ -40,7 +40,7 @@ import os
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -85,6 +85,18 @@ class Run:
             for fraction in self.cfg.data.target_fractions:
                 for seed in self.seeds or self.cfg.pipeline.seeds_at(fraction):
                     yield target, fraction, seed, views
+
+    def scored(self, methods: Iterable[str], rows: list[dict]) -> Iterator[tuple[dict, tuple[str, float, int, MaskedViews]]]:
+        """Each replicate's row, with every method's masked cross-entropy as the run kept it, and
+        its cell; the lever adds its own entries, and the row joins ``rows`` (and is printed) when
+        the lever moves on to the next replicate."""
+        for target, fraction, seed, views in self.cells():
+            row = {"target": target, "fraction": fraction, "seed": seed}
+            for method in methods:
+                row[method] = self.method_ce(method, target, fraction, seed, views)
+            yield row, (target, fraction, seed, views)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     def ce(self, log_probs: Callable[[torch.Tensor], torch.Tensor], views: MaskedViews) -> float:
         return masked_ce(log_probs, views, self.manifest.mask_id)
@@ -145,28 +157,21 @@ def variant_pairs(variant: str, both: str, methods: list[str] | None = None) -> 
 # -- the levers: each returns per-replicate rows and the comparisons to report ------------------
 def refit(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     scratch, rows = scratch_dir(run, args.scratch), []
-    for target, fraction, seed, views in run.cells():
-        row = {"target": target, "fraction": fraction, "seed": seed}
+    for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
             lr, step, _ = kept_choice(run, stage, target, fraction, seed)
-            row[method] = run.method_ce(method, target, fraction, seed, views)
             row[f"{method}:refit"] = row[method]
             if step:  # step 0 kept the source: nothing to retrain
                 cfg = with_train(run.cfg, stage, {"selection": "budget"}, lr=lr, lr_grid=None, steps=step,
                                  save_every=step, val_every=step)
                 run_stage(cfg, scratch, stage, target, fraction, seed)
                 row[f"{method}:refit"] = run.method_ce(method, target, fraction, seed, views, cfg, scratch)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows, variant_pairs("refit", "both refit")
 
 
 def weight_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     rows, own = [], run.cfg.train.adapter.weight_decay
-    for target, fraction, seed, views in run.cells():
-        row = {"target": target, "fraction": fraction, "seed": seed}
-        for method in STAGE_OF:
-            row[method] = run.method_ce(method, target, fraction, seed, views)
+    for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         held = {own: kept_choice(run, "adapter", target, fraction, seed)[2]}
         scores = {own: row["gtl"]}
         for decay in args.decays:
@@ -177,8 +182,6 @@ def weight_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]
             row[f"gtl:wd {decay:g}"] = scores[decay]
         chosen = min(held, key=held.get)
         row["gtl:wd chosen"], row["chosen_decay"] = scores[chosen], chosen
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     pairs = [("gtl", f"gtl:wd {d:g}", f"gtl (wd {own:g}) − gtl at wd {d:g}") for d in args.decays]
     pairs.append(("gtl", "gtl:wd chosen", f"gtl (wd {own:g}) − gtl, decay chosen on held-out"))
     pairs += [(m, "gtl:wd chosen", f"{m} − gtl, decay chosen on held-out") for m in ("finetune", "finetune_small")]
@@ -214,27 +217,21 @@ def grid_run_networks(source: torch.nn.Module, method: str, path: Path) -> Metho
 def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     paths, rows = RunPaths(run.root), []
     source = load_exported(paths.export("denoiser"))
-    for target, fraction, seed, views in run.cells():
-        row = {"target": target, "fraction": fraction, "seed": seed}
+    for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
-            row[method] = run.method_ce(method, target, fraction, seed, views)
             runs = [grid_run_networks(source, method, paths.export(stage, target, fraction, seed,
                                                                    variant=grid_variant(lr)))
                     for lr in getattr(run.cfg.train, stage).lr_grid]
             row[f"{method}:ensemble"] = run.ce(
                 lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows, variant_pairs("ensemble", "both ensembles")
 
 
 def no_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     paths, rows = RunPaths(run.root), []
     source = load_exported(paths.export("denoiser"))
-    for target, fraction, seed, views in run.cells():
-        row = {"target": target, "fraction": fraction, "seed": seed}
+    for row, (target, fraction, seed, views) in run.scored(DECAY_STAGE_OF, rows):
         for method, stage in DECAY_STAGE_OF.items():
-            row[method] = run.method_ce(method, target, fraction, seed, views)
             meta = read_export_meta(paths.export(stage, target, fraction, seed))
             undecayed = [r for r in meta["lr_grid"] if r.get("weight_decay") == 0.0]
             if not undecayed:
@@ -245,8 +242,6 @@ def no_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
                 stage, target, fraction, seed, variant=grid_variant(best["lr"], 0.0)))
             row[f"{method}:no decay"] = run.ce(lambda z: method_log_probs(nets, z), views)
             row[f"{method}:kept decay"] = min(meta["lr_grid"], key=lambda r: r["val_loss"])["weight_decay"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows, variant_pairs("no decay", "neither searching decay", list(DECAY_STAGE_OF))
 
 
