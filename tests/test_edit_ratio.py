@@ -76,3 +76,13 @@ def test_an_untrained_network_is_no_guidance():
     z = torch.full((2, L), S)
     assert torch.count_nonzero(net(z)) == 0  # zero-initialised output layer
     assert net.edit_scores(z, torch.tensor([0, 1]), torch.tensor([2, 5])).shape == (2, S + 1)
+
+
+def test_the_zero_edit_is_uncalibrated_not_undefined():
+    """A kept step-0 network (the zero edit: the source itself) scores slope 0 and correlation 0,
+    so that a cell with such a replicate still has a mean."""
+    zero = lambda z: torch.zeros(*z.shape, S + 1)  # noqa: E731
+    zero.edit_scores = lambda z, rows, positions: torch.zeros(len(rows), S + 1)
+    slope, corr = edit_calibration("edit_ratio", zero, edit_set(RUN, "sticky", "sticky", seed=1, size=300),
+                                   RUN.schedule)
+    assert (slope, corr) == pytest.approx((0.0, 0.0))

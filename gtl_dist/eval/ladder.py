@@ -183,9 +183,14 @@ def edit_set(run: MarkovRun, target: str, domain: str, seed: int, size: int = ED
 def edit_calibration(stage: str, net: torch.nn.Module, edits: EditSet, schedule: NoiseSchedule,
                      source: Optional[torch.nn.Module] = None) -> tuple[float, float]:
     """(slope, correlation) of the network's edit differences against the exact ones; an adapter
-    reads the learned ``source``'s features."""
+    reads the learned ``source``'s features. A network whose edit differences are all equal (the
+    zero edit, which selection keeps when the source itself scores best on the held-out part) has
+    slope 0 and correlation 0, not an undefined correlation that would make its cell's mean nan."""
     learned = learned_edit_differences(stage, net, edits, schedule, source)
-    return float(np.polyfit(edits.exact, learned, 1)[0]), float(np.corrcoef(edits.exact, learned)[0, 1])
+    slope = float(np.polyfit(edits.exact, learned, 1)[0])
+    if np.ptp(learned) == 0.0:
+        return slope, 0.0
+    return slope, float(np.corrcoef(edits.exact, learned)[0, 1])
 
 
 def learned_edit_differences(stage: str, net: torch.nn.Module, edits: EditSet, schedule: NoiseSchedule,
