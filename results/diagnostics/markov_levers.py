@@ -2,8 +2,8 @@
 
 Every lever is scored like the report scores the methods: masked cross-entropy (nats per masked
 token, mean over ``eval.ce_mask_rates``) on the target's test sequences, with the evaluation's
-masks, paired over the run's replicates with 95 % t-intervals. Only ``gamma-schedule`` reads test
-data to choose anything, and it says so: it is an upper bound, not a method.
+masks, paired over the run's replicates with 95 % t-intervals. Only ``gamma-schedule`` and
+``grid-oracle`` read test data to choose anything, and they say so: upper bounds, not methods.
 
 - ``refit``: retrain gtl's adapter and the fine-tunes on all n_T sequences (``selection: budget``)
   for the step and at the learning rate their held-out selection kept (kept step 0 = the source:
@@ -18,6 +18,11 @@ data to choose anything, and it says so: it is an upper bound, not a method.
 - ``no-decay``: for a run whose stages searched ``weight_decay_grid``, each method's selection
   redone over its weight-decay-0 runs only (the same runs, the same held-out losses): the study
   as it would have come out without the decay lever, for every method alike. Needs no training.
+- ``grid-oracle``: each method's grid runs (learning rates, and decays where searched) scored on
+  the **test** set, the best one kept: how much a perfect choice among the runs its held-out part
+  chose between would add (each run at its own held-out-chosen step). An upper bound that reads
+  test data, not a method: it says whether a method trails for its selection's noise or for what
+  its runs can reach.
 - ``guidance-weight``: Domain Guidance's extrapolation, adapted + w·(adapted − source) in log
   space (renormalised), for gtl and the fine-tunes alike, w chosen per replicate from a grid by
   the masked cross-entropy on the replicate's own held-out sequences (the ones its selection used,
@@ -27,8 +32,8 @@ data to choose anything, and it says so: it is an upper bound, not a method.
     python results/diagnostics/markov_levers.py refit --run-dir runs/markov_low_perturbed \\
         --scratch runs/levers_perturbed --out results/diagnostics/markov_levers_refit.md
 
-and likewise ``weight-decay``, ``gamma-schedule``, ``lr-ensemble``, ``no-decay`` and
-``guidance-weight`` (the last four need no ``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
+and likewise ``weight-decay``, ``gamma-schedule``, ``lr-ensemble``, ``no-decay``, ``grid-oracle``
+and ``guidance-weight`` (the last five need no ``--scratch``). The run directory is read, never written; retrained stages go to ``--scratch``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Run:
     """A finished Markov run, its replicates and the evaluation's test views."""
     root: Path
     seeds: list[int] | None
+    targets: list[str] | None = None
 
     @cached_property
     def cfg(self) -> RunConfig:
@@ -80,7 +86,7 @@ class Run:
         return load_run_manifest(self.cfg, self.root)
 
     def cells(self) -> Iterator[tuple[str, float, int, MaskedViews]]:
-        for target in self.cfg.targets:
+        for target in self.targets or self.cfg.targets:
             views = heldout_views(self.cfg, self.manifest, target)
             for fraction in self.cfg.data.target_fractions:
                 for seed in self.seeds or self.cfg.pipeline.seeds_at(fraction):
@@ -245,6 +251,21 @@ def no_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     return rows, variant_pairs("no decay", "neither searching decay", list(DECAY_STAGE_OF))
 
 
+def grid_oracle(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    paths, rows = RunPaths(run.root), []
+    source = load_exported(paths.export("denoiser"))
+    for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
+        for method, stage in STAGE_OF.items():
+            decays = getattr(run.cfg.train, stage).weight_decay_grid
+            scores = []
+            for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]:
+                variant = grid_variant(r["lr"], r["weight_decay"] if decays else None)
+                nets = grid_run_networks(source, method, paths.export(stage, target, fraction, seed, variant=variant))
+                scores.append(run.ce(lambda z: method_log_probs(nets, z), views))
+            row[f"{method}:test-chosen run"] = min(scores)
+    return rows, variant_pairs("test-chosen run", "both test-chosen")
+
+
 def guidance_weight(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     rows, paths = [], RunPaths(run.root)
     source = method_networks(run.cfg, paths, "source", None, None, 0, needed_by="markov_levers.py")
@@ -267,7 +288,7 @@ def guidance_weight(run: Run, args) -> tuple[list[dict], list[tuple[str, str, st
 
 
 LEVERS = {"refit": refit, "weight-decay": weight_decay, "gamma-schedule": gamma_schedule, "lr-ensemble": lr_ensemble,
-          "no-decay": no_decay, "guidance-weight": guidance_weight}
+          "no-decay": no_decay, "grid-oracle": grid_oracle, "guidance-weight": guidance_weight}
 
 
 def report(run: Run, lever: str, rows: list[dict], pairs: list[tuple[str, str, str]], command: str) -> str:
@@ -275,7 +296,7 @@ def report(run: Run, lever: str, rows: list[dict], pairs: list[tuple[str, str, s
              f"Masked cross-entropy on {run.cfg.eval.ce_sequences} test sequences (the evaluation's masks); "
              "a − b per replicate, mean and 95 % t-interval (> 0: b scores lower, i.e. better).", "",
              "| target | n_T | a − b | mean | 95 % interval | replicates |", "|---|---|---|---|---|---|"]
-    for target in run.cfg.targets:
+    for target in run.targets or run.cfg.targets:
         for fraction in run.cfg.data.target_fractions:
             cell = [r for r in rows if (r["target"], r["fraction"]) == (target, fraction)]
             for a, b, label in pairs:
@@ -292,11 +313,12 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, help="where retrained stages go (refit, weight-decay)")
     parser.add_argument("--out", required=True, type=Path, help="the Markdown table (rows beside it, .jsonl)")
     parser.add_argument("--seeds", type=int, nargs="+", help="replicates (default: the run's)")
+    parser.add_argument("--targets", nargs="+", help="targets (default: the run's)")
     parser.add_argument("--decays", type=float, nargs="+", default=[0.1, 10.0], help="weight-decay: the other decays")
     args = parser.parse_args()
     if args.lever in ("refit", "weight-decay") and args.scratch is None:
         parser.error(f"{args.lever} retrains stages: pass --scratch DIR (not the run directory)")
-    run = Run(args.run_dir.resolve(), args.seeds)
+    run = Run(args.run_dir.resolve(), args.seeds, args.targets)
     rows, pairs = LEVERS[args.lever](run, args)
     command = "python results/diagnostics/markov_levers.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
