@@ -214,6 +214,12 @@ def gamma_schedule(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str
                   ("gtl", "gtl:best γ per rate", "γ = 1 − best γ per mask rate (test-chosen)")]
 
 
+def grid_run_export(paths: RunPaths, stage: str, target: str, fraction: float, seed: int, entry: dict) -> Path:
+    """The export of one run that a task's export metadata lists (``lr_grid``; an entry carries its
+    decay where the stage searched one, as gtl_dist.eval.selection.searched_decay reads it)."""
+    return paths.export(stage, target, fraction, seed, variant=grid_variant(entry["lr"], entry.get("weight_decay")))
+
+
 def grid_run_networks(source: torch.nn.Module, method: str, path: Path) -> MethodNetworks:
     """The networks one grid run of a method's stage exported (gtl's adapter over the source)."""
     model = load_exported(path)
@@ -244,8 +250,7 @@ def no_decay(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
                 sys.exit(f"{paths.export(stage, target, fraction, seed)}: no weight-decay-0 run in its grid; "
                          "no-decay needs a run whose train.<stage>.weight_decay_grid includes 0")
             best = min(undecayed, key=lambda r: r["val_loss"])
-            nets = grid_run_networks(source, method, paths.export(
-                stage, target, fraction, seed, variant=grid_variant(best["lr"], 0.0)))
+            nets = grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, best))
             row[f"{method}:no decay"] = run.ce(lambda z: method_log_probs(nets, z), views)
             row[f"{method}:kept decay"] = min(meta["lr_grid"], key=lambda r: r["val_loss"])["weight_decay"]
     return rows, variant_pairs("no decay", "neither searching decay", list(DECAY_STAGE_OF))
@@ -256,11 +261,9 @@ def grid_oracle(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]
     source = load_exported(paths.export("denoiser"))
     for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
-            decays = getattr(run.cfg.train, stage).weight_decay_grid
             scores = []
             for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]:
-                variant = grid_variant(r["lr"], r["weight_decay"] if decays else None)
-                nets = grid_run_networks(source, method, paths.export(stage, target, fraction, seed, variant=variant))
+                nets = grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, r))
                 scores.append(run.ce(lambda z: method_log_probs(nets, z), views))
             row[f"{method}:test-chosen run"] = min(scores)
     return rows, variant_pairs("test-chosen run", "both test-chosen")
