@@ -90,3 +90,27 @@ def test_the_adapter_s_attention_reads_other_positions_by_their_place():
     changed[0, -1] += 5.0  # only the last position's feature moves
     edits = adapter(features, source.output.linear), adapter(changed, source.output.linear)
     assert not torch.allclose(edits[0][0, 0], edits[1][0, 0])  # the first position's edit follows it
+
+
+def test_the_adapter_s_offset_shifts_every_position_s_scores_alike():
+    """models.adapter.offset: one learned score per token, added at every position at strength γ,
+    on the full route and on the masked-positions route the planner and first-hitting samplers
+    take; through the output layer alone no such shift is reachable when |V| > H."""
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11", "models.adapter.offset=true",
+                                                 "models.adapter.attention=false"])
+    torch.manual_seed(0)
+    source = build_model("denoiser", cfg, VOCAB).eval()
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    adapter = build_model("adapter", cfg, VOCAB)
+    assert count_parameters(adapter) == 2 * source.cfg.hidden * cfg.models.adapter.rank + VOCAB.size
+    z = torch.randint(0, 11, (3, cfg.seq_len))
+    guided = AdaptedDenoiser(source, adapter, 0.5)
+    torch.testing.assert_close(guided.logits(z), source.logits(z))  # zero at the start: the source
+    with torch.no_grad():
+        adapter.offset.copy_(torch.linspace(-2.0, 2.0, VOCAB.size))
+    torch.testing.assert_close(guided.logits(z), source.logits(z) + 0.5 * adapter.offset, rtol=1e-5, atol=1e-5)
+    z[:, :4] = VOCAB.mask_id
+    rows, positions = torch.arange(3).repeat_interleave(4), torch.arange(4).repeat(3)
+    torch.testing.assert_close(guided.masked_log_probs(z, rows, positions), guided(z)[rows, positions],
+                               rtol=1e-5, atol=1e-5)

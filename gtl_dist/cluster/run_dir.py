@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from gtl_dist.cluster.options import LaunchError
-from gtl_dist.config import RunConfig, config_from_dict, execution_only, unset_unhashed
+from gtl_dist.config import RunConfig, config_from_dict, execution_only, is_unset, unset_unhashed
 from gtl_dist.io import atomic_write_json, atomic_write_text
 from gtl_dist.paths import RunPaths
 
@@ -42,7 +42,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in MUTABLE_SECTIONS or execution_only(key):
             continue
-        if unset_unhashed(key) and a.get(key) is None and b.get(key) is None:
+        if unset_unhashed(key) and is_unset(a.get(key)) and is_unset(b.get(key)):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

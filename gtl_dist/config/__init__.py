@@ -14,7 +14,7 @@ evaluation, protocol, pipeline, cluster and RunConfig), ``hashing`` (what a hash
 
 from gtl_dist.config.choices import (ATTENTION_MODES, CORPORA, DEFAULT_LABEL_SMOOTHING, FEATURIZER_CHOICES,
                                      PLANNER_MODES, POOR_OVERLAP_ACCURACY, SELECTIONS)
-from gtl_dist.config.hashing import BUILD_ONLY_KEYS, EXECUTION_ONLY_KEYS, execution_only, unset_unhashed
+from gtl_dist.config.hashing import BUILD_ONLY_KEYS, EXECUTION_ONLY_KEYS, execution_only, is_unset, unset_unhashed
 from gtl_dist.config.loading import (check_section, config_from_dict, example_override, load_config,
                                      parse_override, validate)
 from gtl_dist.config.protocol import check_holdout, holdout_count, replicate_start, replicates_disjoint
@@ -33,5 +33,5 @@ __all__ = [
     "ProtocolConfig", "RunConfig", "SampleConfig", "ShardConfig", "StagesConfig", "TokenizerConfig",
     "TrainConfig", "check_holdout", "check_section", "config_from_dict", "example_override",
     "execution_only", "holdout_count", "load_config", "parse_override", "replicate_start",
-    "replicates_disjoint", "require", "require_at_least", "require_in", "unset_unhashed", "validate",
+    "replicates_disjoint", "require", "require_at_least", "require_in", "unset_unhashed", "is_unset", "validate",
 ]

@@ -15,9 +15,10 @@ BUILD_ONLY_KEYS = ("shards.build_workers", "shards.dir")
 # run (gtl_dist/cluster/run_dir.py), so switching one neither retrains a stage nor orphans its
 # checkpoints. A "*" part stands for any one name: every stage.
 EXECUTION_ONLY_KEYS = ("train.*.compile",)
-# Settings added after run directories existed, hashed only when set: unset they change nothing
-# a stage computes, so the tasks of an earlier run directory keep their hashes and stay done.
-UNSET_UNHASHED_KEYS = ("train.*.weight_decay_grid",)
+# Settings added after run directories existed, hashed only when set (unset: None, or False for a
+# switch): unset they change nothing a stage computes, so the tasks of an earlier run directory
+# keep their hashes and stay done.
+UNSET_UNHASHED_KEYS = ("train.*.weight_decay_grid", "models.adapter.offset")
 
 
 def _get_path(d: Any, keys: list[str]) -> Any:
@@ -28,10 +29,10 @@ def _get_path(d: Any, keys: list[str]) -> Any:
 
 def _drop_path(d: dict[str, Any], keys: list[str], only_unset: bool = False) -> None:
     """Remove the dotted path ``keys`` from ``d`` (with ``only_unset``, only where its value is
-    None); a "*" part stands for every entry there."""
+    None or False); a "*" part stands for every entry there."""
     head, *rest = keys
     if not rest:
-        if not only_unset or d[head] is None:
+        if not only_unset or is_unset(d[head]):
             del d[head]
         return
     for sub in (d.values() if head == "*" else [d[head]]):
@@ -44,13 +45,18 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
                for pattern in (k.split(".") for k in patterns))
 
 
+def is_unset(value: Any) -> bool:
+    """Whether an UNSET_UNHASHED_KEYS value is unset: None (absent), or False for a switch."""
+    return value is None or value is False
+
+
 def execution_only(key: str) -> bool:
     """Whether the dotted ``key`` is one of EXECUTION_ONLY_KEYS."""
     return _matches(key, EXECUTION_ONLY_KEYS)
 
 
 def unset_unhashed(key: str) -> bool:
-    """Whether the dotted ``key`` is one of UNSET_UNHASHED_KEYS (absent and None mean the same)."""
+    """Whether the dotted ``key`` is one of UNSET_UNHASHED_KEYS (absent, None and False mean the same)."""
     return _matches(key, UNSET_UNHASHED_KEYS)
 
 

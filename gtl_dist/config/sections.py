@@ -211,6 +211,10 @@ class AdapterConfig:
     that a position's edit can read the other positions: better where the source's features miss
     what the target needs (the paper's sticky pair), worse at a few dozen sequences where they
     carry it (the perturbed pairs; docs/method.md §5a)."""
+    offset: bool = False
+    """Add a per-token edit c_v shared by every position (|V| parameters, zero at the start): the
+    shift of token frequencies between the domains. Through the output layer the edit W·δ lies in
+    W's H-dimensional column space, which a frequency shift over |V| > H tokens need not."""
 
     def check(self) -> None:
         require_at_least(self, 1, "rank")

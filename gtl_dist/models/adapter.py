@@ -52,6 +52,7 @@ class GuideAdapter(_Network):
             self.mix = nn.Linear(cfg.rank, width, bias=False)
             nn.init.zeros_(self.mix.weight)
             self.rotary = Rotary(cfg.rank)
+        self.offset = nn.Parameter(torch.zeros(vocab.size)) if cfg.offset else None
 
     def delta(self, features: torch.Tensor, rows: Optional[torch.Tensor] = None,
               positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,9 +70,13 @@ class GuideAdapter(_Network):
         ``projection`` (used when the edit goes through it)."""
         delta = self.delta(features)
         if self.cfg.through == "direct":
-            return delta.float()
+            return self.with_offset(delta.float())
         with torch.autocast(delta.device.type, enabled=False):
-            return nn.functional.linear(delta.to(projection.weight.dtype), projection.weight).float()
+            return self.with_offset(nn.functional.linear(delta.to(projection.weight.dtype), projection.weight).float())
+
+    def with_offset(self, scores: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+        """``scores`` [..., V] plus γ·c_v, the per-token edit (``offset``), where the adapter has one."""
+        return scores if self.offset is None else scores + gamma * self.offset.float()
 
     def attend(self, features: torch.Tensor) -> torch.Tensor:
         """One rank-r attention head with rotary positions over the source's features [B, L, r]:
@@ -119,5 +124,7 @@ class AdaptedDenoiser(nn.Module):
             return float32_linear(own, projection)
         delta = self.adapter.delta(features, rows, positions)
         if self.adapter.cfg.through == "output":
-            return float32_linear(own + self.gamma * delta, projection)
-        return float32_linear(own, projection) + self.gamma * delta.float()
+            logits = float32_linear(own + self.gamma * delta, projection)
+        else:
+            logits = float32_linear(own, projection) + self.gamma * delta.float()
+        return self.adapter.with_offset(logits, self.gamma)
