@@ -1,0 +1,105 @@
+"""What the text adapter lacks, measured on a finished demo run before the study adopts anything.
+
+Each variant of gtl's adapter (rank, the per-token offset, the attention head, weight decay, the
+learning-rate grid) is trained like the run's adapter stage, on the replicate's own n_T sequences
+less its held-out part, and scored by what held-out selection scores: the lowest masked
+cross-entropy on that held-out part (the method's own selection data; no test text is read).
+Beside it, the run's full fine-tune on the same held-out part, the same number.
+
+    python results/diagnostics/text_adapter_levers.py --run-dir runs/demo_study \\
+        --scratch runs/text_levers --cell python:0.05:0 --cell numpy:0.05:0 \\
+        --out results/diagnostics/text_adapter_levers.md
+
+The run directory is read, never written; every variant trains into ``--scratch/<variant>``,
+which shares the run's data and source (and is resumable: a finished variant is read back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from gtl_dist.config import RunConfig, load_config
+from gtl_dist.exports import read_export_meta
+from gtl_dist.io import atomic_write_text
+from gtl_dist.paths import RunPaths
+from gtl_dist.train.jobs import run_stage
+
+# name -> (models.adapter settings, train.adapter settings); every field spelled out, so that a
+# variant means the same whatever the run's own adapter is.
+GRID = [3e-4, 1e-3, 3e-3, 1e-2]
+VARIANTS = {
+    "r8": ({"rank": 8, "offset": False}, {"weight_decay": 1.0}),
+    "wd0": ({"rank": 8, "offset": False}, {"weight_decay": 0.0}),
+    "lrhi": ({"rank": 8, "offset": False}, {"weight_decay": 1.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
+    "r32": ({"rank": 32, "offset": False}, {"weight_decay": 1.0}),
+    "attn": ({"rank": 8, "offset": False, "attention": True}, {"weight_decay": 1.0}),
+    "off": ({"rank": 8, "offset": True}, {"weight_decay": 1.0}),
+    "off_lrhi": ({"rank": 8, "offset": True}, {"weight_decay": 1.0, "lr_grid": [3e-3, 1e-2, 3e-2]}),
+    "r32off": ({"rank": 32, "offset": True}, {"weight_decay": 1.0}),
+    "offattn": ({"rank": 8, "offset": True, "attention": True}, {"weight_decay": 1.0}),
+    "off_wd0": ({"rank": 8, "offset": True}, {"weight_decay": 0.0}),
+    "r1off_wd0": ({"rank": 1, "offset": True}, {"weight_decay": 0.0}),
+}
+
+
+def variant_cfg(cfg: RunConfig, name: str) -> RunConfig:
+    models, train = VARIANTS[name]
+    adapter = dataclasses.replace(cfg.models.adapter, **{"through": "output", "attention": False, **models})
+    stage = dataclasses.replace(cfg.train.adapter, **{"lr_grid": GRID, **train})
+    return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, adapter=adapter),
+                               train=dataclasses.replace(cfg.train, adapter=stage))
+
+
+def scratch_dir(run_dir: Path, root: Path) -> Path:
+    """A run directory that shares the run's data and source and trains an adapter of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shared in ("data", "denoiser"):
+        if not (root / shared).exists():
+            os.symlink(run_dir.resolve() / shared, root / shared)
+    return root
+
+
+def heldout(root: Path, stage: str, target: str, fraction: float, seed: int) -> tuple[float, int, float, int]:
+    """(held-out loss, kept step, kept learning rate, trainable parameters) of a stage's export."""
+    meta = read_export_meta(RunPaths(root).export(stage, target, fraction, seed))
+    best = min(meta["lr_grid"], key=lambda r: r["val_loss"])
+    return float(meta["val_loss"]), int(meta["step"]), float(best["lr"]), int(meta["trainable_parameters"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--scratch", type=Path, required=True)
+    parser.add_argument("--cell", action="append", required=True, help="target:fraction:seed")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_config([args.run_dir / "config.yaml"])
+    names = args.variants.split(",")
+    lines = ["# Text adapter levers: held-out masked cross-entropy (selection data, not test text)", "",
+             f"Written by `python results/diagnostics/text_adapter_levers.py --run-dir {args.run_dir} "
+             f"--scratch {args.scratch} " + " ".join(f"--cell {c}" for c in args.cell)
+             + f" --out {args.out}`. Cells are the lowest held-out loss over the learning-rate grid "
+             f"and steps (nats per masked token), with the kept step, learning rate and trainable "
+             f"parameters; `finetune` is the run's full fine-tune on the same held-out sequences.", "",
+             "| variant | " + " | ".join(args.cell) + " |", "|---" * (len(args.cell) + 1) + "|"]
+    cells = [(t, float(f), int(s)) for t, f, s in (c.split(":") for c in args.cell)]
+    rows = {"finetune": [heldout(args.run_dir, "finetune", *c) for c in cells]}
+    for name in names:
+        root, vcfg = scratch_dir(args.run_dir, args.scratch / name), variant_cfg(cfg, name)
+        for cell in cells:
+            run_stage(vcfg, root, "adapter", *cell)
+        rows[name] = [heldout(root, "adapter", *c) for c in cells]
+        print(name, rows[name], flush=True)
+    for name, found in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{loss:.4f} (step {step}, lr {lr:g}, {params:,} p.)"
+                                                for loss, step, lr, params in found) + " |")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
