@@ -2,7 +2,7 @@
 
     python results/demo/summary.py        # writes results/demo/summary.md
 
-Reads results/demo/results.csv (written by the evaluation stage of configs/demo.yaml) and prints,
+Reads results/demo/study/results.csv (the report of configs/demo.yaml, published there) and prints,
 per target and fraction:
 - every method's masked cross-entropy on the target's test text (mean ± std over replicates) and
   its gain over the unguided source with a 95 % t-interval over replicates (from the per-replicate
@@ -36,7 +36,7 @@ INSTRUMENTS = (("mauve", "MAUVE (higher is better)"), ("domain_distance", "domai
                ("gen_ppl", "generative perplexity"), ("distinct_2", "distinct-2 (closest to held-out text)"))
 
 
-def read_rows(path: Path = HERE / "results.csv") -> list[dict]:
+def read_rows(path: Path = HERE / "study" / "results.csv") -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -128,7 +128,7 @@ def instrument_table(rows: list[dict], metric: str) -> list[str]:
 def main() -> None:
     rows = read_rows()
     parts = ["# Text study (configs/demo.yaml): summary tables", "",
-             "Written by `python results/demo/summary.py` from `results.csv`.", "",
+             "Written by `python results/demo/summary.py` from `study/results.csv`.", "",
              "## Masked cross-entropy on the targets' test text (nats per masked token, mean ± std over "
              "replicates) and the gain over the unguided source (mean [95 % t-interval])", "", *ce_table(rows)]
     for metric, label in PAIRED:

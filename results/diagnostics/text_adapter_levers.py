@@ -45,6 +45,15 @@ VARIANTS = {
 }
 
 
+def describe(name: str) -> str:
+    models, train = VARIANTS[name]
+    parts = [f"rank {models['rank']}", "offset" if models["offset"] else "no offset"]
+    parts += ["attention head"] * bool(models.get("attention"))
+    parts.append(f"weight decay {train['weight_decay']:g}")
+    parts.append("learning rates " + " / ".join(f"{lr:g}" for lr in train.get("lr_grid", GRID)))
+    return f"`{name}`: " + ", ".join(parts)
+
+
 def variant_cfg(cfg: RunConfig, name: str) -> RunConfig:
     models, train = VARIANTS[name]
     adapter = dataclasses.replace(cfg.models.adapter, **{"through": "output", "attention": False, **models})
@@ -85,6 +94,7 @@ def main() -> None:
              + f" --out {args.out}`. Cells are the lowest held-out loss over the learning-rate grid "
              f"and steps (nats per masked token), with the kept step, learning rate and trainable "
              f"parameters; `finetune` is the run's full fine-tune on the same held-out sequences.", "",
+             *(f"- {describe(name)}" for name in names), "",
              "| variant | " + " | ".join(args.cell) + " |", "|---" * (len(args.cell) + 1) + "|"]
     cells = [(t, float(f), int(s)) for t, f, s in (c.split(":") for c in args.cell)]
     rows = {"finetune": [heldout(args.run_dir, "finetune", *c) for c in cells]}
