@@ -17,14 +17,13 @@ per target and fraction:
 from __future__ import annotations
 
 import csv
-import os
 import re
-import sys
 from pathlib import Path
 
+from gtl_dist.eval.paired import t_interval, verdict
+from gtl_dist.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-from gtl_dist.eval.paired import t_interval, verdict  # noqa: E402
 
 METHODS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
            ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
@@ -136,11 +135,8 @@ def main() -> None:
                   *verdict_table(rows, metric)]
     for metric, label in INSTRUMENTS:
         parts += ["", f"## Samples: {label}, mean ± std over replicates", "", *instrument_table(rows, metric)]
-    out = HERE / "summary.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    os.replace(tmp, out)
-    print(out)
+    atomic_write_text(HERE / "summary.md", "\n".join(parts) + "\n")
+    print(HERE / "summary.md")
 
 
 if __name__ == "__main__":
