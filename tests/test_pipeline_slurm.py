@@ -23,8 +23,11 @@ import pytest
 from gtl_dist.slurm_query import job_states, parse_record, run_slurm
 
 REPO = Path(__file__).resolve().parents[1]
-# Long enough for the preemption to land mid-run with a checkpoint to resume from.
-DENOISER = ["--set", "train.denoiser.steps=120", "--set", "train.denoiser.save_every=10"]
+# Long enough for the preemption to land mid-run with a checkpoint to resume from: the tiny
+# denoiser trains at up to ~30 steps/s on an idle 2-core machine, so 120 steps could finish
+# between two 2-s polls and leave no job to signal; 600 leave the poll ~20 s.
+DENOISER_STEPS = 600
+DENOISER = ["--set", f"train.denoiser.steps={DENOISER_STEPS}", "--set", "train.denoiser.save_every=10"]
 # What this file checks is the orchestration (multi-node ranks, arrays, preemption, requeue), not
 # the methods: GTL, one baseline and the source keep every kind of job (a multi-node denoiser,
 # per-target arrays, sample arrays, the evaluation) at half the jobs of tiny.yaml's method list.
@@ -199,7 +202,7 @@ def test_preempted_denoiser_was_requeued_and_resumed(slurm_run):
     assert resumed, "no resume in the denoiser's log"
     # It resumed from the checkpoint the preemption saved, not from scratch or an older one.
     assert resumed[-1] >= preempted_at - 10 and resumed[-1] > 0
-    assert committed_steps(run_dir)[-1] == 120
+    assert committed_steps(run_dir)[-1] == DENOISER_STEPS
     assert job_states([job])[job] == "COMPLETED"
 
 
