@@ -19,8 +19,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = VocabSpec(size=12, mask_id=11, pad_id=None)
 
 
-def source_and_adapter(seed: int = 0, attention: bool = True):
-    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11", f"models.adapter.attention={attention}"])
+def source_and_adapter(seed: int = 0, attention: bool = True, offset: bool = False):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11", f"models.adapter.attention={attention}",
+                                             f"models.adapter.offset={offset}"])
     torch.manual_seed(seed)
     source = build_model("denoiser", cfg, VOCAB)
     for p in source.parameters():  # a source that predicts something, not the zero-init output
@@ -96,13 +97,7 @@ def test_the_adapter_s_offset_shifts_every_position_s_scores_alike():
     """models.adapter.offset: one learned score per token, added at every position at strength γ,
     on the full route and on the masked-positions route the planner and first-hitting samplers
     take; through the output layer alone no such shift is reachable when |V| > H."""
-    cfg = load_config(CONFIGS / "tiny.yaml", ["data.markov.num_states=11", "models.adapter.offset=true",
-                                                 "models.adapter.attention=false"])
-    torch.manual_seed(0)
-    source = build_model("denoiser", cfg, VOCAB).eval()
-    for p in source.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    adapter = build_model("adapter", cfg, VOCAB)
+    cfg, source, adapter = source_and_adapter(attention=False, offset=True)
     assert count_parameters(adapter) == 2 * source.cfg.hidden * cfg.models.adapter.rank + VOCAB.size
     z = torch.randint(0, 11, (3, cfg.seq_len))
     guided = AdaptedDenoiser(source, adapter, 0.5)

@@ -16,7 +16,7 @@ head lets a position's edit read the others (its neighbours' tokens): the source
 position carries what the source needed, not necessarily what the target needs. It plays the role of the edit-ratio network's
 log q(v | z) − log p(v | z), and a guided step combines it exactly like one (guidance.py):
 log q_γ(v | z) ∝ log p_θ(v | z) + γ·e_φ(z)[ℓ, v]. It has 6·H·r parameters through the output layer
-(2·H·r without attention), a few thousand where the source has millions, and it costs the sampler no network call of its own:
+(2·H·r without attention; |V| more with the per-token ``offset``), a few thousand where the source has millions, and it costs the sampler no network call of its own:
 ``AdaptedDenoiser`` runs the source once and applies the adapter to the same hidden state.
 """
 
