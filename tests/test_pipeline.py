@@ -208,6 +208,11 @@ def test_rendered_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     assert "gpus-per-node" not in data and data["cpus-per-task"] == str(cfg.shards.build_workers)
     samples = _flags(render_sbatch(pipeline.group("sample"), cfg, opts, run_dir))
     assert samples["array"].startswith(f"0-{len(pipeline.group('sample').tasks) - 1}%")
+    assert samples["time"] == str(cfg.cluster.small_timeout_min)
+    # The evaluation keeps nothing when cut off: it gets the long limit, not the small jobs'.
+    evaluation = _flags(render_sbatch(pipeline.group("eval"), cfg, opts, run_dir))
+    assert evaluation["time"] == str(cfg.cluster.timeout_min) != str(cfg.cluster.small_timeout_min)
+    assert "array" not in evaluation and evaluation["nodes"] == "1"
 
 
 def test_update_config_reruns_only_what_the_change_affects(tmp_path, local_run):

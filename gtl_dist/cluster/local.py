@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterator, Optional
 
 from gtl_dist.cluster.dag import Pipeline
-from gtl_dist.cluster.options import Interrupted, LaunchOptions, world_size
+from gtl_dist.cluster.options import Interrupted, LaunchOptions, time_limit_min, world_size
 from gtl_dist.cluster.progress import TrainProgress
 from gtl_dist.cluster.submissions import Plan, Submission, SubmissionLog
 from gtl_dist.cluster.tasks import TaskRunner, marker_valid
@@ -151,8 +151,7 @@ class LocalRunner:
         folder = self.paths.jobs / group.name / "%j"
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=self.cfg.cluster.max_requeue)
         executor.update_parameters(
-            timeout_min=(self.opts.time_min or self.cfg.cluster.timeout_min) if big
-            else self.cfg.cluster.small_timeout_min,
+            timeout_min=time_limit_min(group, self.cfg, self.opts),
             tasks_per_node=self._ranks(task),  # one machine: --nodes ranks on it
             gpus_per_node=min(self.opts.gpus(self.cfg), 1) if not big else self.opts.gpus(self.cfg),
             signal_delay_s=min(self.cfg.cluster.signal_delay_s, 60))

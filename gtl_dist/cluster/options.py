@@ -11,7 +11,7 @@ from typing import Optional
 
 from gtl_dist.cluster.dag import Group
 from gtl_dist.config import RunConfig
-from gtl_dist.stages import BIG
+from gtl_dist.stages import BIG, EVAL
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -48,6 +48,23 @@ class LaunchOptions:
 
     def cpus(self, cfg: RunConfig) -> int:
         return cfg.cluster.cpus_per_task if self.cpus_per_task is None else self.cpus_per_task
+
+
+def time_limit_min(group: Group, cfg: RunConfig, opts: LaunchOptions) -> int:
+    """A job's time limit in minutes: --time (or cluster.timeout_min) for the source stage;
+    cluster.timeout_min for the evaluation, one job that scores every cell and keeps nothing when
+    it is cut off, so that a study's evaluation is not timed out and requeued without end under
+    the small jobs' limit; cluster.small_timeout_min for every other task."""
+    if group.size == BIG:
+        return opts.time_min or cfg.cluster.timeout_min
+    return cfg.cluster.timeout_min if group.size == EVAL else cfg.cluster.small_timeout_min
+
+
+def time_limit_key(group: Group, opts: LaunchOptions) -> str:
+    """The setting that sets ``group``'s time limit (time_limit_min), as an error names it."""
+    if group.size == BIG and opts.time_min:
+        return "--time"
+    return "cluster.timeout_min" if group.size in (BIG, EVAL) else "cluster.small_timeout_min"
 
 
 def job_nodes(group: Group, opts: LaunchOptions) -> int:

@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Optional
 
 from gtl_dist.cluster.dag import Group, Pipeline
-from gtl_dist.cluster.options import LaunchOptions, world_size
+from gtl_dist.cluster.options import LaunchOptions, time_limit_key, world_size
 from gtl_dist.cluster.sbatch import slurm_parameters
 from gtl_dist.cluster.submissions import Plan
 from gtl_dist.cluster.estimate import step_seconds
 from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError, run_slurm
-from gtl_dist.stages import BIG, HELD_OUT, STAGES, StageGraph, Task
+from gtl_dist.stages import HELD_OUT, STAGES, StageGraph, Task
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")
 # A DeepSpeed checkpoint holds fp32 weights and two fp32 Adam moments (bf16 weights with an fp32
@@ -360,8 +360,7 @@ def check_time_limits(ctx: Context, report: Report) -> None:
         interval = min(tc.save_every, tc.steps)
         if interval * step_s <= 60 * limit:
             continue
-        key = ("--time" if ctx.opts.time_min else "cluster.timeout_min") if group.size == BIG \
-            else "cluster.small_timeout_min"
+        key = time_limit_key(group, ctx.opts)
         most = math.floor(60 * limit / step_s)
         lower = f"lower train.{stage}.save_every to at most {most} or " if most >= 1 else ""
         report.problems.append(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gtl_dist.cluster.dag import Group
-from gtl_dist.cluster.options import LaunchOptions, job_nodes, ranks_per_node
+from gtl_dist.cluster.options import LaunchOptions, job_nodes, ranks_per_node, time_limit_min
 from gtl_dist.compat import sbatch_script
 from gtl_dist.config import RunConfig
 from gtl_dist.paths import RunPaths
@@ -26,7 +26,7 @@ def slurm_parameters(group: Group, cfg: RunConfig, opts: LaunchOptions, run_name
         "nodes": job_nodes(group, opts),
         "ntasks_per_node": ranks_per_node(group, cfg, opts),
         "cpus_per_task": max(cpus, cfg.shards.build_workers) if group.size == DATA else cpus,
-        "time": (opts.time_min or c.timeout_min) if big else c.small_timeout_min,
+        "time": time_limit_min(group, cfg, opts),
         "signal_delay_s": c.signal_delay_s,
         "array_parallelism": c.array_parallelism,
         # --requeue lets submitit requeue after preemption; --kill-on-invalid-dep cancels the
