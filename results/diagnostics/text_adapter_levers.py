@@ -28,7 +28,8 @@ from gtl_dist.paths import RunPaths
 from gtl_dist.train.jobs import run_stage
 
 # name -> (models.adapter settings, train.adapter settings); every field spelled out, so that a
-# variant means the same whatever the run's own adapter is.
+# variant means the same whatever the run's own adapter is. A variant named `finetune*` trains the
+# run's full fine-tune instead, with its train.finetune settings replaced (its grid's other edge).
 GRID = [3e-4, 1e-3, 3e-3, 1e-2]
 VARIANTS = {
     "r8": ({"rank": 8, "offset": False}, {"weight_decay": 1.0}),
@@ -42,24 +43,37 @@ VARIANTS = {
     "offattn": ({"rank": 8, "offset": True, "attention": True}, {"weight_decay": 1.0}),
     "off_wd0": ({"rank": 8, "offset": True}, {"weight_decay": 0.0}),
     "r1off_wd0": ({"rank": 1, "offset": True}, {"weight_decay": 0.0}),
+    "r1off_lrhi": ({"rank": 1, "offset": True}, {"weight_decay": 0.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
+    "r1off_400": ({"rank": 1, "offset": True}, {"weight_decay": 0.0, "steps": 400, "lr_grid": [1e-3, 3e-3, 1e-2, 3e-2]}),
+    "r8off_lrhi": ({"rank": 8, "offset": True}, {"weight_decay": 0.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
+    "finetune_lrlo": ({}, {"lr_grid": [3e-5, 1e-4, 3e-4]}),
 }
+
+
+def stage_of(name: str) -> str:
+    return "finetune" if name.startswith("finetune") else "adapter"
 
 
 def describe(name: str) -> str:
     models, train = VARIANTS[name]
-    parts = [f"rank {models['rank']}", "offset" if models["offset"] else "no offset"]
+    parts = ["full fine-tune"] if stage_of(name) == "finetune" else [
+        f"rank {models['rank']}", "offset" if models["offset"] else "no offset"]
     parts += ["attention head"] * bool(models.get("attention"))
-    parts.append(f"weight decay {train['weight_decay']:g}")
+    if "weight_decay" in train:
+        parts.append(f"weight decay {train['weight_decay']:g}")
     parts.append("learning rates " + " / ".join(f"{lr:g}" for lr in train.get("lr_grid", GRID)))
+    if "steps" in train:
+        parts.append(f"at most {train['steps']} steps")
     return f"`{name}`: " + ", ".join(parts)
 
 
 def variant_cfg(cfg: RunConfig, name: str) -> RunConfig:
     models, train = VARIANTS[name]
+    stage = stage_of(name)
     adapter = dataclasses.replace(cfg.models.adapter, **{"through": "output", "attention": False, **models})
-    stage = dataclasses.replace(cfg.train.adapter, **{"lr_grid": GRID, **train})
+    trained = dataclasses.replace(getattr(cfg.train, stage), **{"lr_grid": GRID, **train})
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, adapter=adapter),
-                               train=dataclasses.replace(cfg.train, adapter=stage))
+                               train=dataclasses.replace(cfg.train, **{stage: trained}))
 
 
 def scratch_dir(run_dir: Path, root: Path) -> Path:
@@ -101,8 +115,8 @@ def main() -> None:
     for name in names:
         root, vcfg = scratch_dir(args.run_dir, args.scratch / name), variant_cfg(cfg, name)
         for cell in cells:
-            run_stage(vcfg, root, "adapter", *cell)
-        rows[name] = [heldout(root, "adapter", *c) for c in cells]
+            run_stage(vcfg, root, stage_of(name), *cell)
+        rows[name] = [heldout(root, stage_of(name), *c) for c in cells]
         print(name, rows[name], flush=True)
     for name, found in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{loss:.4f} (step {step}, lr {lr:g}, {params:,} p.)"

@@ -2,7 +2,7 @@
 
     python results/markov/summary.py        # writes results/markov/summary.md
 
-Reads results/markov/{sticky,perturbed,perturbed_mid,decay}/results.csv (written by the evaluation stage) and prints,
+Reads results/markov/{sticky,sticky_high,perturbed,perturbed_mid,perturbed_high,decay}/results.csv (written by the evaluation stage) and prints,
 per pair and n_T: each method's masked cross-entropy (mean ± std over replicates), and which
 methods gtl beats, ties with and loses to on the paired 95 % intervals of the report (method − gtl
 per replicate: an interval above 0 is a gtl win, below 0 a loss, across 0 a tie), for masked
@@ -13,15 +13,17 @@ configs/markov.yaml (data.markov.num_target).
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import yaml
 
+from gtl_dist.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 # Published run -> what its cells' labels start with (runs whose pairs differ from the others').
-RUNS = {"sticky": "", "perturbed": "", "perturbed_mid": "", "decay": "decay grid, "}
+RUNS = {"sticky_high": "", "sticky": "", "perturbed_high": "", "perturbed_mid": "", "perturbed": "",
+        "decay": "decay grid, "}
 ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
         ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
         ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
@@ -74,9 +76,9 @@ def fmt(row: dict | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def ce_table(rows: list[dict], pool: int) -> list[str]:
-    cols = cells(rows)
-    head = [f"{RUNS[run]}{t} {round(float(f) * pool)}" for run, t, f in cols]
+def ce_table(rows: list[dict], pool: int, cols: list[tuple[str, str, str]]) -> list[str]:
+    """Masked cross-entropy of every method in the cells ``cols`` (one pair), n_T as the columns."""
+    head = [f"n_T = {round(float(f) * pool)}" for _, _, f in cols]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     best = {}
     for cell in cols:
@@ -90,6 +92,17 @@ def ce_table(rows: list[dict], pool: int) -> list[str]:
             cells_text.append(f"**{text}**" if best[cell] == method else text)
         lines.append(f"| {label} | " + " | ".join(cells_text) + " |")
     return lines
+
+
+def ce_tables(rows: list[dict], pool: int) -> list[str]:
+    """One masked cross-entropy table per pair (a labelled run's pairs apart from the others')."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for cell in cells(rows):
+        groups.setdefault(f"{RUNS[cell[0]]}{cell[1]}", []).append(cell)
+    parts: list[str] = []
+    for name, cols in groups.items():
+        parts += ["", f"### {name}", "", *ce_table(rows, pool, cols)]
+    return parts
 
 
 def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
@@ -113,18 +126,16 @@ def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
 
 def main() -> None:
     rows, pool = read_rows(), target_pool()
-    parts = ["# Markov study, low-data end: summary tables",
+    parts = ["# Markov study: summary tables",
              "", "Written by `python results/markov/summary.py` from "
              + ", ".join(f"`{run}/results.csv`" for run in RUNS) + ".", "",
              "## Masked cross-entropy (nats per masked token, mean ± std over replicates; bold: the "
-             "lowest learned method)", "", *ce_table(rows, pool)]
+             "lowest learned method)", *ce_tables(rows, pool)]
     for metric, label in METRICS:
         parts += ["", f"## Paired differences, {label} (method − gtl, 95 % t-interval over "
                   "replicates; ties shown with their interval)", "", *verdict_table(rows, pool, metric)]
     out = HERE / "summary.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(parts) + "\n")
     print(out)
 
 
