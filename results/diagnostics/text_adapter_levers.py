@@ -115,7 +115,8 @@ def main() -> None:
     for name in names:
         root, vcfg = scratch_dir(args.run_dir, args.scratch / name), variant_cfg(cfg, name)
         for cell in cells:
-            run_stage(vcfg, root, stage_of(name), *cell)
+            if run_stage(vcfg, root, stage_of(name), *cell).status == "preempted":
+                raise SystemExit(f"stopped during {name} {cell}; the same command resumes it")
         rows[name] = [heldout(root, stage_of(name), *c) for c in cells]
         print(name, rows[name], flush=True)
     for name, found in rows.items():
