@@ -105,7 +105,7 @@ def main() -> None:
     lines = ["# Text adapter levers: held-out masked cross-entropy (selection data, not test text)", "",
              f"Written by `python results/diagnostics/text_adapter_levers.py --run-dir {args.run_dir} "
              f"--scratch {args.scratch} " + " ".join(f"--cell {c}" for c in args.cell)
-             + f" --out {args.out}`. Cells are the lowest held-out loss over the learning-rate grid "
+             + f" --variants {args.variants} --out {args.out}`. Cells are the lowest held-out loss over the learning-rate grid "
              f"and steps (nats per masked token), with the kept step, learning rate and trainable "
              f"parameters; `finetune` is the run's full fine-tune on the same held-out sequences.", "",
              *(f"- {describe(name)}" for name in names), "",
