@@ -50,21 +50,20 @@ class LaunchOptions:
         return cfg.cluster.cpus_per_task if self.cpus_per_task is None else self.cpus_per_task
 
 
-def time_limit_min(group: Group, cfg: RunConfig, opts: LaunchOptions) -> int:
-    """A job's time limit in minutes: --time (or cluster.timeout_min) for the source stage;
-    cluster.timeout_min for the evaluation, one job that scores every cell and keeps nothing when
-    it is cut off, so that a study's evaluation is not timed out and requeued without end under
-    the small jobs' limit; cluster.small_timeout_min for every other task."""
-    if group.size == BIG:
-        return opts.time_min or cfg.cluster.timeout_min
-    return cfg.cluster.timeout_min if group.size == EVAL else cfg.cluster.small_timeout_min
-
-
 def time_limit_key(group: Group, opts: LaunchOptions) -> str:
-    """The setting that sets ``group``'s time limit (time_limit_min), as an error names it."""
+    """The setting that sets a job's time limit: --time (or cluster.timeout_min) for the source
+    stage; cluster.timeout_min for the evaluation, one job that scores every cell and keeps nothing
+    when it is cut off, so that a study's evaluation is not timed out and requeued without end under
+    the small jobs' limit; cluster.small_timeout_min for every other task."""
     if group.size == BIG and opts.time_min:
         return "--time"
     return "cluster.timeout_min" if group.size in (BIG, EVAL) else "cluster.small_timeout_min"
+
+
+def time_limit_min(group: Group, cfg: RunConfig, opts: LaunchOptions) -> int:
+    """A job's time limit in minutes, from the setting time_limit_key names."""
+    key = time_limit_key(group, opts)
+    return opts.time_min if key == "--time" else getattr(cfg.cluster, key.removeprefix("cluster."))
 
 
 def job_nodes(group: Group, opts: LaunchOptions) -> int:
