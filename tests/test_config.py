@@ -173,6 +173,20 @@ def test_an_unset_weight_decay_grid_keeps_earlier_hashes_and_run_dirs(tmp_path):
     prepare_run_dir(base, run_dir_made_without(base, "weight_decay_grid", tmp_path))  # no "differing keys"
 
 
+def test_one_adapter_attention_head_keeps_earlier_hashes_and_more_retrain_the_adapter_only():
+    """models.adapter.heads came after run directories existed: its default (1) hashes as absent,
+    so earlier runs' adapters stay done; 2 heads retrain the adapter stage (and what samples and scores
+    it) and nothing else."""
+    from gtl_dist.stages import StageGraph
+    base = StageGraph(load_config(CONFIGS / "tiny.yaml", ["models.adapter.attention=true"]))
+    for heads, retrained in ((1, set()), (2, {"adapter"})):
+        other = StageGraph(load_config(CONFIGS / "tiny.yaml", ["models.adapter.attention=true",
+                                                               f"models.adapter.heads={heads}"]))
+        changed = {t.kind for kind in base.plan.values() for t in kind
+                   if base.input_hash(t) != other.input_hash(t)}
+        assert changed - {"sample", "eval"} == retrained, heads
+
+
 def run_dir_made_without(cfg, train_key: str, tmp_path: Path) -> Path:
     """A run directory whose config.yaml is ``cfg`` less ``train.<every stage>.<train_key>``: as
     one made before the key existed."""

@@ -355,13 +355,13 @@ class FullOutput:
 def scored_denoiser(kind, cfg, vocab, length):
     """A denoiser of each kind the planner sampler scores at the chosen positions alone: plain, a
     LoRA fine-tune of it, and one with a guide adapter composed in (the edit through the output
-    layer or direct, with and without its attention head), every weight drawn."""
+    layer or direct, with and without its attention heads), every weight drawn."""
     if kind == "denoiser":
         return randomized(Denoiser(cfg, vocab, length))
     if kind == "lora":
         return randomized(LoraDenoiser(cfg, vocab, length, LoraConfig(rank=2, layers=["attn_qkv", "mlp.0"])))
     through, attention = kind.split("-")[1:]
-    adapter = GuideAdapter(AdapterConfig(rank=4, through=through, attention=attention == "attention"),
+    adapter = GuideAdapter(AdapterConfig(rank=4, through=through, attention=attention == "attention", heads=2),
                            vocab, length, cfg.hidden)
     return AdaptedDenoiser(randomized(Denoiser(cfg, vocab, length)), randomized(adapter), gamma=1.5).eval()
 

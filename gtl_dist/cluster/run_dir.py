@@ -42,7 +42,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in MUTABLE_SECTIONS or execution_only(key):
             continue
-        if unset_unhashed(key) and is_unset(a.get(key)) and is_unset(b.get(key)):
+        if unset_unhashed(key) and is_unset(key, a.get(key)) and is_unset(key, b.get(key)):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

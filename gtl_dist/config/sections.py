@@ -211,6 +211,9 @@ class AdapterConfig:
     that a position's edit can read the other positions: better where the source's features miss
     what the target needs (the paper's sticky pair), worse at a few dozen sequences where they
     carry it (the perturbed pairs; docs/method.md §5a)."""
+    heads: int = 1
+    """How many rank-``rank`` attention heads (with ``attention``): each adds 4·H·rank parameters
+    and can read other positions than the rest (a neighbour on each side, say)."""
     offset: bool = False
     """Add a per-token edit c_v shared by every position (|V| parameters, zero at the start): the
     shift of token frequencies between the domains. Through the output layer the edit W·δ lies in
@@ -218,6 +221,7 @@ class AdapterConfig:
 
     def check(self) -> None:
         require_at_least(self, 1, "rank")
+        require_at_least(self, 1, "heads")
         require(not self.attention or self.rank % 2 == 0, "rank",
                 f"{self.rank}: the attention head's rotary positions need an even rank")
 

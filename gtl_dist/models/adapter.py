@@ -6,8 +6,8 @@ sequence (the input of its output projection W, logits = W·u + b). The adapter 
 correction to that representation and lets the source's own projection turn it into an edit of
 every token's logit at every position:
 
-    δ(z)_ℓ     = B A u(z)_ℓ + M attn_ℓ(Q u, K u, V u)     (rank-r maps; one rank-r attention head
-                                                          with rotary positions, ``attention``)
+    δ(z)_ℓ     = B A u(z)_ℓ + M attn_ℓ(Q u, K u, V u)     (rank-r maps; ``heads`` rank-r attention
+                                                          heads with rotary positions, ``attention``)
     e_φ(z)[ℓ, v] = (W δ(z)_ℓ)_v                           (``through: output``, the default)
     e_φ(z)[ℓ, v] = (U' δ'(z)_ℓ)_v                          (``through: direct``: maps to |V| of its own)
 
@@ -15,8 +15,8 @@ with B and M zero at the start, so the untrained adapter is no guidance at all. 
 head lets a position's edit read the others (its neighbours' tokens): the source's feature at a
 position carries what the source needed, not necessarily what the target needs. It plays the role of the edit-ratio network's
 log q(v | z) − log p(v | z), and a guided step combines it exactly like one (guidance.py):
-log q_γ(v | z) ∝ log p_θ(v | z) + γ·e_φ(z)[ℓ, v]. It has 6·H·r parameters through the output layer
-(2·H·r without attention; |V| more with the per-token ``offset``), a few thousand where the source has millions, and it costs the sampler no network call of its own:
+log q_γ(v | z) ∝ log p_θ(v | z) + γ·e_φ(z)[ℓ, v]. It has (2 + 4·heads)·H·r parameters through the
+output layer (2·H·r without attention; |V| more with the per-token ``offset``), a few thousand where the source has millions, and it costs the sampler no network call of its own:
 ``AdaptedDenoiser`` runs the source once and applies the adapter to the same hidden state.
 """
 
@@ -46,10 +46,11 @@ class GuideAdapter(_Network):
         self.up = nn.Linear(cfg.rank, width, bias=False)
         nn.init.zeros_(self.up.weight)
         if cfg.attention:
-            self.query = nn.Linear(hidden, cfg.rank, bias=False)
-            self.key = nn.Linear(hidden, cfg.rank, bias=False)
-            self.value = nn.Linear(hidden, cfg.rank, bias=False)
-            self.mix = nn.Linear(cfg.rank, width, bias=False)
+            heads = cfg.heads * cfg.rank
+            self.query = nn.Linear(hidden, heads, bias=False)
+            self.key = nn.Linear(hidden, heads, bias=False)
+            self.value = nn.Linear(hidden, heads, bias=False)
+            self.mix = nn.Linear(heads, width, bias=False)
             nn.init.zeros_(self.mix.weight)
             self.rotary = Rotary(cfg.rank)
         self.offset = nn.Parameter(torch.zeros(vocab.size)) if cfg.offset else None
@@ -79,13 +80,17 @@ class GuideAdapter(_Network):
         return scores if self.offset is None else scores + gamma * self.offset.float()
 
     def attend(self, features: torch.Tensor) -> torch.Tensor:
-        """One rank-r attention head with rotary positions over the source's features [B, L, r]:
-        what a position's edit may read of the others (its neighbours' tokens, say), which the
-        source's own feature at that position need not carry."""
-        cos, sin = self.rotary.cos_sin(0, features.shape[1], features.device)
-        q, k, v = (layer(features).unsqueeze(1) for layer in (self.query, self.key, self.value))
+        """``heads`` rank-r attention heads with rotary positions over the source's features,
+        concatenated [B, L, heads·r]: what a position's edit may read of the others (its
+        neighbours' tokens, say), which the source's own feature at that position need not carry.
+        Several heads can read several neighbours at once (the nearest on the left and on the
+        right, say); one head averages whatever it reads."""
+        batch, length, _ = features.shape
+        cos, sin = self.rotary.cos_sin(0, length, features.device)
+        q, k, v = (layer(features).view(batch, length, self.cfg.heads, self.cfg.rank).transpose(1, 2)
+                   for layer in (self.query, self.key, self.value))
         out = nn.functional.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
-        return out.squeeze(1)
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 class AdaptedDenoiser(nn.Module):

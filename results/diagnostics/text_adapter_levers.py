@@ -37,6 +37,8 @@ VARIANTS = {
     "lrhi": ({"rank": 8, "offset": False}, {"weight_decay": 1.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
     "r32": ({"rank": 32, "offset": False}, {"weight_decay": 1.0}),
     "attn": ({"rank": 8, "offset": False, "attention": True}, {"weight_decay": 1.0}),
+    "attn2": ({"rank": 8, "offset": False, "attention": True, "heads": 2}, {"weight_decay": 1.0}),
+    "attn4": ({"rank": 8, "offset": False, "attention": True, "heads": 4}, {"weight_decay": 1.0}),
     "off": ({"rank": 8, "offset": True}, {"weight_decay": 1.0}),
     "off_lrhi": ({"rank": 8, "offset": True}, {"weight_decay": 1.0, "lr_grid": [3e-3, 1e-2, 3e-2]}),
     "r32off": ({"rank": 32, "offset": True}, {"weight_decay": 1.0}),
@@ -58,7 +60,9 @@ def describe(name: str) -> str:
     models, train = VARIANTS[name]
     parts = ["full fine-tune"] if stage_of(name) == "finetune" else [
         f"rank {models['rank']}", "offset" if models["offset"] else "no offset"]
-    parts += ["attention head"] * bool(models.get("attention"))
+    if models.get("attention"):
+        heads = models.get("heads", 1)
+        parts.append("attention head" if heads == 1 else f"{heads} attention heads")
     if "weight_decay" in train:
         parts.append(f"weight decay {train['weight_decay']:g}")
     parts.append("learning rates " + " / ".join(f"{lr:g}" for lr in train.get("lr_grid", GRID)))
@@ -70,7 +74,7 @@ def describe(name: str) -> str:
 def variant_cfg(cfg: RunConfig, name: str) -> RunConfig:
     models, train = VARIANTS[name]
     stage = stage_of(name)
-    adapter = dataclasses.replace(cfg.models.adapter, **{"through": "output", "attention": False, **models})
+    adapter = dataclasses.replace(cfg.models.adapter, **{"through": "output", "attention": False, "heads": 1, **models})
     trained = dataclasses.replace(getattr(cfg.train, stage), **{"lr_grid": GRID, **train})
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, adapter=adapter),
                                train=dataclasses.replace(cfg.train, **{stage: trained}))
@@ -111,7 +115,8 @@ def main() -> None:
              *(f"- {describe(name)}" for name in names), "",
              "| variant | " + " | ".join(args.cell) + " |", "|---" * (len(args.cell) + 1) + "|"]
     cells = [(t, float(f), int(s)) for t, f, s in (c.split(":") for c in args.cell)]
-    rows = {"finetune": [heldout(args.run_dir, "finetune", *c) for c in cells]}
+    rows = {"finetune": [heldout(args.run_dir, "finetune", *c)
+                         if RunPaths(args.run_dir).export("finetune", *c).exists() else None for c in cells]}
     for name in names:
         root, vcfg = scratch_dir(args.run_dir, args.scratch / name), variant_cfg(cfg, name)
         for cell in cells:
@@ -120,8 +125,9 @@ def main() -> None:
         rows[name] = [heldout(root, stage_of(name), *c) for c in cells]
         print(name, rows[name], flush=True)
     for name, found in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{loss:.4f} (step {step}, lr {lr:g}, {params:,} p.)"
-                                                for loss, step, lr, params in found) + " |")
+        lines.append(f"| {name} | " + " | ".join("— (not in the run)" if cell is None else
+                                                "{:.4f} (step {}, lr {:g}, {:,} p.)".format(*cell)
+                                                for cell in found) + " |")
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(args.out)
 
