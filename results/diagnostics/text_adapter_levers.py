@@ -105,6 +105,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_config([args.run_dir / "config.yaml"])
+    cells = [(t, float(f), int(s)) for t, f, s in (c.split(":") for c in args.cell)]
+    # A cell may name a fraction the run did not train (its data holds every fraction's prefix).
+    fractions = sorted({*cfg.data.target_fractions, *(f for _, f, _ in cells)}, reverse=True)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target_fractions=fractions))
     names = args.variants.split(",")
     lines = ["# Text adapter levers: held-out masked cross-entropy (selection data, not test text)", "",
              f"Written by `python results/diagnostics/text_adapter_levers.py --run-dir {args.run_dir} "
@@ -114,7 +118,6 @@ def main() -> None:
              f"parameters; `finetune` is the run's full fine-tune on the same held-out sequences.", "",
              *(f"- {describe(name)}" for name in names), "",
              "| variant | " + " | ".join(args.cell) + " |", "|---" * (len(args.cell) + 1) + "|"]
-    cells = [(t, float(f), int(s)) for t, f, s in (c.split(":") for c in args.cell)]
     rows = {"finetune": [heldout(args.run_dir, "finetune", *c)
                          if RunPaths(args.run_dir).export("finetune", *c).exists() else None for c in cells]}
     for name in names:
