@@ -47,10 +47,10 @@ def export_chain(cfg, paths: RunPaths, stage: str, matrix, target=None, fraction
         "input_hash": stage_input_hash(cfg, stage, target, fraction, seed), "step": 5, "trained_steps": 10})
 
 
-def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
-    """Exact chains stand in for the trained networks: ``counts`` holds the target chain Q and
-    samples from it, every other method the source chain P. The masked cross-entropy of Q's own
-    denoiser is the exact target's forward–backward value (the floor), P's is the source's."""
+def chain_run(tmp_path: Path, markers: bool = False):
+    """A finished tiny Markov run whose networks are exact chains: ``counts`` holds the target
+    chain Q and samples from it, every other method the source chain P. With ``markers`` every
+    sample set has its task's DONE file (input hash: the set's folder), as a real run's has."""
     from gtl_dist.data import prepare_data
     cfg = load_config(CONFIGS / "tiny.yaml", ["sample.num_samples=400", "eval.ladder=false",
                                               "sample.methods=[counts, source, vanilla, finetune]",
@@ -69,7 +69,15 @@ def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
             _write_shards(paths.samples(m, "sticky", f), sample_sequences(p, n, L, rng))
             export_chain(cfg, paths, m, p, "sticky", f)
     _write_shards(paths.samples("source", None, None), sample_sequences(p, n, L, rng))
+    for folder in (paths.root / "samples").glob("**/shard-0000.jsonl") if markers else ():
+        (folder.parent / "DONE-0000.json").write_text(json.dumps({"input_hash": str(folder.parent)}))
+    return cfg, paths
 
+
+def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
+    """Exact chains stand in for the trained networks (chain_run). The masked cross-entropy of
+    Q's own denoiser is the exact target's forward–backward value (the floor), P's is the source's."""
+    cfg, paths = chain_run(tmp_path)
     files = run_eval(cfg, paths, command="test")
     rows = read_results_csv(files.results_csv)
     err = {(r.method, r.fraction): r.value for r in rows if r.metric == "transition_mean_abs_err"}
@@ -94,6 +102,26 @@ def test_markov_stage_scores_every_cell_and_writes_the_report(tmp_path):
     assert "### masked_ce (lower is better: nats per masked token" in report
     assert "## Checks\n\nAll passed" in report  # every sample set was drawn on its own
     assert "| vanilla | vanilla | 20 | 32 | 10 | 0.003 |" in report
+
+
+def test_a_rerun_evaluation_scores_only_the_sample_sets_whose_tasks_changed(tmp_path, monkeypatch):
+    """Each set's network scores are kept under its sample tasks' input hashes (eval/scores/): a
+    second evaluation of the same run scores no set again and writes the same results; after one
+    set's samples were redrawn (its task's input hash changed) it scores that set alone. (The
+    exact chains' reference rows, two per target, are scored every time.)"""
+    from gtl_dist.eval import evaluate_markov
+    cfg, paths = chain_run(tmp_path, markers=True)
+    markers = sorted((paths.root / "samples").glob("**/DONE-0000.json"))
+    scored = []
+    real = evaluate_markov.network_scores
+    monkeypatch.setattr(evaluate_markov, "network_scores", lambda *args: scored.append(args) or real(*args))
+    first = run_eval(cfg, paths, command="test").results_csv.read_text()
+    assert len(scored) == len(markers) + 2
+    assert run_eval(cfg, paths, command="test").results_csv.read_text() == first
+    assert len(scored) == len(markers) + 2 + 2
+    markers[0].write_text(json.dumps({"input_hash": "redrawn"}))
+    run_eval(cfg, paths, command="test")
+    assert len(scored) == len(markers) + 2 + 2 + 3
 
 
 def test_heldout_curves_show_where_selection_stopped_and_how_far_the_loss_climbed(tmp_path):

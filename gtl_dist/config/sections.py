@@ -201,13 +201,13 @@ class ModelConfig:
 @dataclass
 class AdapterConfig:
     """The guide adapter of gtl (docs/method.md §5a): a rank-``rank`` edit of the frozen source's
-    last hidden state (per position and, with ``attention``, through one attention head across
+    last hidden state (per position and, with ``attention``, through attention heads across
     positions), turned into token scores by the source's own output projection (``output``) or
     by a map to |V| of its own (``direct``)."""
     rank: int = 8
     through: AdapterThrough = "output"
     attention: bool = False
-    """Add one rank-``rank`` attention head with rotary positions over the source's features, so
+    """Add ``heads`` rank-``rank`` attention heads with rotary positions over the source's features, so
     that a position's edit can read the other positions: better where the source's features miss
     what the target needs (the paper's sticky pair), worse at a few dozen sequences where they
     carry it (the perturbed pairs; docs/method.md §5a)."""

@@ -5,7 +5,7 @@ references and the ladder (what selection kept is added for every corpus, gtl_di
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 import numpy as np
 from gtl_dist.eval.evaluation import Evaluation, sample_cells, sample_tokens, set_label
 from gtl_dist.config import RunConfig
@@ -20,6 +20,7 @@ from gtl_dist.eval.report import MarkovMatrices
 from gtl_dist.eval.results import ResultRow, rows_from_metrics, seed_rows
 from gtl_dist.eval.samples import read_samples
 from gtl_dist.eval.scores import MaskedViews, masked_ce, masked_views
+from gtl_dist.io import atomic_write_json, dict_hash, read_json
 from gtl_dist.models.chain import ChainDenoiser, MarkovChain
 from gtl_dist.sample import MethodNetworks, sample_sequences as draw_samples, shard_seed
 from gtl_dist.sample.networks import method_log_probs, method_networks
@@ -62,10 +63,11 @@ def evaluate_markov(cfg: RunConfig, paths: RunPaths) -> Evaluation:
                                               cfg.sample.num_samples))
                 out.saw(set_label(method, folder_target, fraction, seed), tokens)
                 counts = markov_counts(np.asarray(tokens), q, source)
-                nets = method_networks(cfg, paths, method, folder_target, fraction, seed,
-                                       needed_by="the evaluation")
-                per_seed[seed] = {**markov_metrics(counts, q), **network_scores(cfg, nets, views, mask_id, q,
-                                                                                source, seed)}
+                per_seed[seed] = {**markov_metrics(counts, q), **cached_scores(
+                    cfg, paths, target, (method, folder_target, fraction, seed),
+                    lambda: network_scores(cfg, method_networks(cfg, paths, method, folder_target, fraction, seed,
+                                                                needed_by="the evaluation"),
+                                           views, mask_id, q, source, seed))}
                 merged = counts if merged is None else merged + counts
             rows += seed_rows(method, target, fraction, per_seed, n=cfg.sample.num_samples)
             per_seed_all[(method, fraction)] = per_seed
@@ -85,6 +87,26 @@ def heldout_views(cfg: RunConfig, manifest, target: str) -> MaskedViews:
     n = min(cfg.eval.ce_sequences, manifest.num_samples(f"{target}/test"))
     x = read_set(manifest, f"{target}/test", 0, n, manifest.tokenizer_hash)
     return masked_views(x, cfg.eval.ce_mask_rates, cfg.sample.seed, manifest.mask_id)
+
+
+def cached_scores(cfg: RunConfig, paths: RunPaths, target: str, cell: tuple, score: Callable[[], dict[str, float]]
+                  ) -> dict[str, float]:
+    """``score()`` of one sample set (``cell``: method, sample-folder target, fraction, seed)
+    against ``target``, kept in ``eval/scores/`` under a key of the set's sample tasks' input
+    hashes (which cover the method's networks) and the settings that score it. An evaluation cut
+    off part-way keeps what it scored, and one rerun after a single method changed (its networks,
+    so its samples) scores that method's sets alone."""
+    folder = paths.samples(*cell)
+    sets = sorted(read_json(done)["input_hash"] for done in folder.glob("DONE-*.json"))
+    if not sets:  # shards written by hand, with no task's marker: nothing says what made them
+        return score()
+    key = dict_hash({"sets": sets, "settings": cfg.section_hash("data", "noise", "sample", "eval")})
+    cache = paths.eval / "scores" / target / folder.relative_to(paths.root / "samples") / "scores.json"
+    if cache.exists() and read_json(cache).get("key") == key:
+        return read_json(cache)["scores"]
+    scores = score()
+    atomic_write_json(cache, {"key": key, "scores": scores})
+    return scores
 
 
 def network_scores(cfg: RunConfig, nets: MethodNetworks, views: MaskedViews, mask_id: int, q: np.ndarray,
