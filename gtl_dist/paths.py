@@ -11,9 +11,9 @@
           ckpt/step-00000100/         DeepSpeed shards + COMMIT.json
           export/model.pt             consolidated fp32 weights, loadable without DeepSpeed
           DONE.json                   completion marker with the hashes of the stage's inputs
-          lr-<value>[-wd-<value>]/    one run of train.<stage>.lr_grid (x weight_decay_grid), its
-                                      own ckpt/, export/; export/ above is the run with the best
-                                      held-out loss
+          lr-<value>[-wd-<value>][-m-<i>]/  one run of train.<stage>.lr_grid (x weight_decay_grid
+                                      x model_grid), its own ckpt/, export/; export/ above is the
+                                      run with the best held-out loss
       samples/<method>/<target>/<fraction>[/seed-s]/shard-0000.jsonl
       tb/<stage>[/<target>/<fraction>]  TensorBoard event files, one directory per job
       eval/                           report.md, results.csv, plots
@@ -68,7 +68,7 @@ class RunPaths:
 
     def train_logs(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
                    seed: Optional[int] = None,
-                   grid: Sequence[tuple[float, Optional[float]]] = ()) -> list[Path]:
+                   grid: Sequence[tuple[float, Optional[float], Optional[int]]] = ()) -> list[Path]:
         """Every train_log.jsonl a task wrote: its own, or one per run of its grid (TrainConfig.grid)."""
         if grid:
             return [self.stage(stage, target, fraction, seed, grid_variant(*point)) / "train_log.jsonl"
@@ -118,7 +118,9 @@ def _cell(path: Path, target: Optional[str], fraction: Optional[float]) -> Path:
     return path / fraction_name(fraction) if fraction is not None else path
 
 
-def grid_variant(lr: float, weight_decay: Optional[float] = None) -> str:
+def grid_variant(lr: float, weight_decay: Optional[float] = None, model: Optional[int] = None) -> str:
     """The folder of one run of a stage's grid (TrainConfig.grid), under the task's folder: lr-<value>,
-    or lr-<value>-wd-<value> where the grid also searches the weight decay."""
-    return f"lr-{lr:g}" if weight_decay is None else f"lr-{lr:g}-wd-{weight_decay:g}"
+    with -wd-<value> where the grid also searches the weight decay and -m-<index> where it searches
+    model settings."""
+    return (f"lr-{lr:g}" + ("" if weight_decay is None else f"-wd-{weight_decay:g}")
+            + ("" if model is None else f"-m-{model}"))

@@ -123,6 +123,23 @@ def test_cross_field_validation_names_the_key(override, key):
         load_config(CONFIGS / "tiny.yaml", [override])
 
 
+def test_a_model_grid_entry_is_checked_like_the_model_section_it_changes():
+    """train.<stage>.model_grid: each entry is type-checked and validated against the stage's own
+    model section, its errors naming the entry; a stage with no model section of its own is refused."""
+    with pytest.raises(ConfigError, match=r"train\.adapter\.model_grid\[1\] \(models\.adapter\)\.attentin"):
+        load_config(CONFIGS / "tiny.yaml", ["train.adapter.select_best=true",
+                                            "train.adapter.model_grid=[{rank: 2}, {attentin: true}]"])
+    with pytest.raises(ConfigError, match=r"train\.adapter\.model_grid\[0\]\.rank: .*even rank"):
+        load_config(CONFIGS / "tiny.yaml", ["train.adapter.select_best=true",
+                                            "train.adapter.model_grid=[{attention: true, rank: 3}]"])
+    with pytest.raises(ConfigError, match=r"train\.adapter\.model_grid: .*select_best=true"):
+        load_config(CONFIGS / "tiny.yaml", ["train.adapter.select_best=false",
+                                            "train.adapter.model_grid=[{rank: 2}]"])
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.adapter.select_best=true",
+                                              "train.adapter.model_grid=[{rank: 2}, {attention: true, heads: 2}]"])
+    assert [p[2] for p in cfg.train.adapter.grid()] == [0, 1]
+
+
 def test_a_choice_outside_its_options_is_refused_naming_file_key_and_options(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("train:\n  planner: {precision: fp16}\n")

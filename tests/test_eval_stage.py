@@ -190,6 +190,33 @@ def test_a_searched_weight_decay_is_reported_and_its_run_gives_the_curve(tmp_pat
     assert list(heldout_curves(cfg, paths)["sticky"][0.2]["finetune"].steps) == [10, 20]
 
 
+def test_a_searched_model_is_reported_and_its_run_gives_the_curve(tmp_path):
+    """With train.<stage>.model_grid the report gives the kept entry per replicate (kept_model),
+    and the held-out curve comes from the kept model's run folder (lr-<value>-m-<index>)."""
+    from gtl_dist.eval.selection import heldout_curves, render_budgets, selection_rows
+    from gtl_dist.exports import write_export
+    from gtl_dist.paths import grid_variant
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sample.methods=[gtl]", "data.target_fractions=[0.2]",
+                                              "pipeline.seeds=[0, 1, 2]", "train.adapter.select_best=true",
+                                              "train.adapter.model_grid=[{attention: false}, {attention: true}]"])
+    paths = RunPaths(tmp_path)
+    for seed, model in ((0, 0), (1, 1), (2, 1)):
+        config = cfg.to_dict()
+        lr = config["train"]["adapter"]["lr"]
+        write_export(paths.export("adapter", "sticky", 0.2, seed), {}, {
+            "stage": "adapter", "target": "sticky", "fraction": 0.2, "config": config, "step": 10,
+            "trained_steps": 20, "val_loss": 1.0, "model_index": model,
+            "lr_grid": [{"lr": lr, "model": 0}, {"lr": lr, "model": 1}]})
+        folder = paths.stage("adapter", "sticky", 0.2, seed, grid_variant(lr, None, model))
+        folder.mkdir(parents=True)
+        (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "kind": "val", "loss": v}) + "\n"
+                                                        for s, v in ((10, 1.0), (30, 2.0))))
+    rows = {r.metric: r for r in selection_rows(cfg, paths)}
+    assert rows["kept_model"].value == pytest.approx(2 / 3) and rows["heldout_ce[last]"].value == 2.0
+    assert list(heldout_curves(cfg, paths)["sticky"][0.2]["gtl"].steps) == [10, 30]
+    assert "0: attention False; 1: attention True |" in render_budgets(cfg)
+
+
 def test_missing_or_mixed_shards_are_named(tmp_path):
     folder = tmp_path / "samples" / "gtl" / "sticky" / "1"
     with pytest.raises(FileNotFoundError, match="no sample shards"):

@@ -131,3 +131,37 @@ def test_a_weight_decay_grid_crosses_the_learning_rates_and_keeps_the_best_pair(
     assert out["same_as"] == [f"lr-0.003-wd-{best['weight_decay']:g}"]
     for variant in ("lr-0.003-wd-0", "lr-0.003-wd-30"):
         assert (run_dir / "vanilla" / "sticky" / "1" / variant / "train_log.jsonl").is_file()
+
+MODEL_GRID_DRIVER = """
+import json, sys
+from gtl_dist.config import load_config
+from gtl_dist.exports import load_exported, read_export_meta
+from gtl_dist.paths import RunPaths, grid_variant
+from gtl_dist.train import run_stage
+cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
+run_stage(cfg, sys.argv[2], "denoiser")
+result = run_stage(cfg, sys.argv[2], "adapter", target="sticky", fraction=1.0)
+paths = RunPaths(sys.argv[2])
+meta = read_export_meta(result.export)
+runs = {grid_variant(*p): read_export_meta(paths.export("adapter", "sticky", 1.0, 0, grid_variant(*p)))
+        for p in cfg.train.adapter.grid()}
+print("RESULTS " + json.dumps({"grid": meta["lr_grid"], "kept": meta["model_index"],
+                               "kept_heads": hasattr(load_exported(result.export), "query"),
+                               "params": {v: m["trainable_parameters"] for v, m in runs.items()},
+                               "val_loss": result.val_loss}), flush=True)
+"""
+
+
+def test_a_model_grid_trains_each_model_and_keeps_the_best_with_its_own_settings(tmp_path, deepspeed_ops):  # noqa: F811
+    settings = SETTINGS + ["train.adapter.lr_grid=[3e-3]", "train.adapter.select_best=true",
+                           "train.adapter.model_grid=[{attention: false}, {attention: true, heads: 2}]",
+                           "train.adapter.steps=8", "train.adapter.val_every=4", "train.adapter.save_every=4"]
+    run_dir = tmp_path / "run"
+    _, out = run_driver(MODEL_GRID_DRIVER, run_dir, settings)
+    # One run per model, each in its own folder with its own architecture (the heads' weights
+    # counted); the kept one has the lowest held-out loss, and its export loads as that model.
+    assert [(g["lr"], g["model"]) for g in out["grid"]] == [(3e-3, 0), (3e-3, 1)]
+    assert out["params"]["lr-0.003-m-1"] > out["params"]["lr-0.003-m-0"]
+    best = min(out["grid"], key=lambda g: g["val_loss"])
+    assert out["val_loss"] == best["val_loss"] and out["kept"] == best["model"]
+    assert out["kept_heads"] == (best["model"] == 1)

@@ -16,7 +16,7 @@ from gtl_dist.config.choices import (ATTENTION_MODES, CORPORA, DEFAULT_LABEL_SMO
                                      PLANNER_MODES, POOR_OVERLAP_ACCURACY, SELECTIONS)
 from gtl_dist.config.hashing import BUILD_ONLY_KEYS, EXECUTION_ONLY_KEYS, execution_only, is_unset, unset_unhashed
 from gtl_dist.config.loading import (check_section, config_from_dict, example_override, load_config,
-                                     parse_override, validate)
+                                     parse_override, validate, with_model_point)
 from gtl_dist.config.protocol import check_holdout, holdout_count, replicate_start, replicates_disjoint
 from gtl_dist.config.rules import ConfigError, require, require_at_least, require_in
 from gtl_dist.config.run import (ClusterConfig, EvalConfig, NoiseConfig, PipelineConfig, ProtocolConfig,
@@ -34,4 +34,5 @@ __all__ = [
     "TrainConfig", "check_holdout", "check_section", "config_from_dict", "example_override",
     "execution_only", "holdout_count", "load_config", "parse_override", "replicate_start",
     "replicates_disjoint", "require", "require_at_least", "require_in", "unset_unhashed", "is_unset", "validate",
+    "with_model_point",
 ]

@@ -238,12 +238,34 @@ def load_config(paths: list[str | Path] | str | Path = (), overrides: list[str] 
 
 
 def validate(cfg: RunConfig, source: str = "<config>") -> None:
-    """Every section's ``check``, innermost first, then the config's own; a broken rule is
-    reported as ``<source>: <section.key>: <what is wrong and the fix>``."""
+    """Every section's ``check``, innermost first, then the config's own, then every entry of a
+    stage's ``model_grid`` applied to its model section; a broken rule is reported as
+    ``<source>: <section.key>: <what is wrong and the fix>``."""
     try:
         check_section(cfg, "")
+        for stage in (f.name for f in dataclasses.fields(cfg.train)):
+            for index in range(len(getattr(cfg.train, stage).model_grid or [])):
+                with_model_point(cfg, stage, index)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def with_model_point(cfg: RunConfig, stage: str, index: int) -> RunConfig:
+    """``cfg`` with entry ``index`` of ``train.<stage>.model_grid`` applied to the stage's model
+    section (the ``models.*`` section among its inputs, gtl_dist/stages.py), type-checked and
+    validated like a section of a config file."""
+    from gtl_dist.stages import STAGES
+    where = f"train.{stage}.model_grid[{index}]"
+    sections = [p for p in STAGES[stage].sections if p.startswith("models.")] if stage in STAGES else []
+    if len(sections) != 1:
+        raise ConfigError(f"{where}: stage {stage} has no model section of its own to vary; "
+                          f"set train.{stage}.model_grid=null")
+    name = sections[0].split(".")[1]
+    current = getattr(cfg.models, name)
+    point = _build(type(current), {**dataclasses.asdict(current), **getattr(cfg.train, stage).model_grid[index]},
+                   f"{where} (models.{name})")
+    check_section(point, f"{where}.")
+    return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, **{name: point}))
 
 
 def check_section(section: Any, where: str) -> None:

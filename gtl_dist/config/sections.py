@@ -296,6 +296,13 @@ class TrainConfig:
     validation loss is lowest. Decay pulls the trained weights toward zero: for an adapter, whose
     zero output is the source itself, that is shrinkage toward the source, chosen per replicate on
     its own held-out data. None: every run at ``weight_decay``."""
+    model_grid: Optional[list[dict[str, Any]]] = None
+    """Per-target stages: also train once per entry, each a set of overrides of the stage's own
+    model section (``models.adapter`` for the adapter stage, say ``{attention: true, heads: 4}``),
+    crossed with ``lr_grid`` and ``weight_decay_grid`` (each its own folder, ...-m-<index>/), and
+    keep the run whose best held-out validation loss is lowest: a capacity chosen per replicate on
+    its own held-out data (docs/method.md §12). Each export carries its own model settings. None:
+    the model section as it is."""
     min_lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -330,13 +337,15 @@ class TrainConfig:
     label_smoothing: list[float] = field(default_factory=lambda: list(DEFAULT_LABEL_SMOOTHING))
     """classifiers: Beta(a, b) label smoothing; [] = off."""
 
-    def grid(self) -> list[tuple[float, Optional[float]]]:
-        """The runs of this stage's search, one (learning rate, weight decay) per pair of
-        ``lr_grid`` x ``weight_decay_grid`` (the decay None where it is not searched); [] when
-        neither grid is set: the stage trains once."""
-        if not (self.lr_grid or self.weight_decay_grid):
+    def grid(self) -> list[tuple[float, Optional[float], Optional[int]]]:
+        """The runs of this stage's search, one (learning rate, weight decay, model) per point of
+        ``lr_grid`` x ``weight_decay_grid`` x ``model_grid`` (the decay None where it is not
+        searched, the model an index of ``model_grid`` or None); [] when no grid is set: the
+        stage trains once."""
+        if not (self.lr_grid or self.weight_decay_grid or self.model_grid):
             return []
-        return [(lr, wd) for lr in self.lr_grid or [self.lr] for wd in self.weight_decay_grid or [None]]
+        return [(lr, wd, m) for lr in self.lr_grid or [self.lr] for wd in self.weight_decay_grid or [None]
+                for m in (range(len(self.model_grid)) if self.model_grid else [None])]
 
     def check(self) -> None:
         require_at_least(self, 1, "steps", "global_batch", "val_every", "save_every", "log_every",
@@ -378,6 +387,13 @@ class TrainConfig:
         require(decays is None or self.select_best, "weight_decay_grid",
                 "picking a weight decay needs held-out validation: set select_best=true (with "
                 "protocol.selection=holdout) or weight_decay_grid=null")
+        models = self.model_grid
+        require(models is None or (bool(models) and all(isinstance(m, dict) for m in models)), "model_grid",
+                f"{models}: a model grid is a list of mappings of model settings, e.g. "
+                f"[{{attention: false}}, {{attention: true, heads: 4}}] (or null)")
+        require(models is None or self.select_best, "model_grid",
+                "picking a model needs held-out validation: set select_best=true (with "
+                "protocol.selection=holdout) or model_grid=null")
         ls = self.label_smoothing
         require(not ls or (len(ls) == 2 and min(ls) > 0), "label_smoothing",
                 "expected [] (off) or two positive Beta parameters [a, b]")

@@ -233,6 +233,7 @@ _DIRECTION = {
     "paired_diff": "method − gtl, mean over replicates [95 % interval]; above 0: gtl is better",
     "kept_lr": "learning rate held-out selection kept, mean over replicates",
     "kept_weight_decay": "weight decay held-out selection kept (train.<stage>.weight_decay_grid), mean over replicates",
+    "kept_model": "entry of train.<stage>.model_grid held-out selection kept (its index), mean over replicates",
     "kept_step": "step held-out selection kept, mean over replicates",
     "out_of_budget": "share of replicates whose kept step was their last: they ran out of steps",
     "prior_strength": "prior strength held-out selection kept, mean over replicates",

@@ -24,7 +24,7 @@ from gtl_dist.io import read_json_lines
 from gtl_dist.methods import METHODS, SOURCE
 from gtl_dist.paths import RunPaths, grid_variant
 
-SELECTION_METRICS = ("kept_lr", "kept_weight_decay", "kept_step", "out_of_budget", "prior_strength")
+SELECTION_METRICS = ("kept_lr", "kept_weight_decay", "kept_model", "kept_step", "out_of_budget", "prior_strength")
 
 
 def trained_stage(method: str) -> Optional[str]:
@@ -40,7 +40,8 @@ def kept(meta: dict) -> dict[str, float]:
     tc = meta["config"]["train"][meta["stage"]]
     step, trained = meta.get("step") or 0, meta.get("trained_steps") or 0
     decay = {"kept_weight_decay": float(tc["weight_decay"])} if searched_decay(meta) else {}
-    return {"kept_lr": float(tc["lr"]), **decay, "kept_step": float(step),
+    model = {"kept_model": float(meta["model_index"])} if "model_index" in meta else {}
+    return {"kept_lr": float(tc["lr"]), **decay, **model, "kept_step": float(step),
             "out_of_budget": float(trained > 0 and step == trained)}
 
 
@@ -54,7 +55,7 @@ def kept_variant(meta: dict) -> Optional[str]:
     if not meta.get("lr_grid"):
         return None
     tc = meta["config"]["train"][meta["stage"]]
-    return grid_variant(tc["lr"], tc["weight_decay"] if searched_decay(meta) else None)
+    return grid_variant(tc["lr"], tc["weight_decay"] if searched_decay(meta) else None, meta.get("model_index"))
 
 
 def heldout_curve(paths: RunPaths, meta: dict, seed: int) -> dict[int, float]:
@@ -142,12 +143,12 @@ def render_budgets(cfg: RunConfig) -> str:
     lines = ["## Budgets and selection", "",
              "Every per-target stage: at most `steps` optimiser steps of `global_batch` sequences, "
              "validated every `val_every` steps on its own held-out sequences, once per learning rate "
-             "of `lr_grid` (and per weight decay of `weight_decay_grid`, where set); the kept weights are "
-             "those with the lowest held-out masked-token cross-entropy. The tables `kept_lr`, "
-             "`kept_weight_decay`, `kept_step` and `out_of_budget` above give what was kept "
-             "(`out_of_budget`: share of replicates whose kept step was their last).", "",
-             "| method | stage | steps | global batch | val every | learning rates | weight decays |",
-             "|---|---|---:|---:|---:|---|---|"]
+             "of `lr_grid` (and per weight decay of `weight_decay_grid` and model of `model_grid`, where "
+             "set); the kept weights are those with the lowest held-out masked-token cross-entropy. The "
+             "tables `kept_lr`, `kept_weight_decay`, `kept_model`, `kept_step` and `out_of_budget` above "
+             "give what was kept (`out_of_budget`: share of replicates whose kept step was their last).", "",
+             "| method | stage | steps | global batch | val every | learning rates | weight decays | models |",
+             "|---|---|---:|---:|---:|---|---|---|"]
     for method in cfg.sample.methods:
         stage = trained_stage(method)
         if stage is None:
@@ -157,8 +158,10 @@ def render_budgets(cfg: RunConfig) -> str:
         decays = ", ".join(f"{wd:g}" for wd in tc.weight_decay_grid or [tc.weight_decay])
         if METHODS[method].model.startswith("counts"):
             lines.append(f"| {method} | {stage} | closed form | | | | prior strengths "
-                         f"{', '.join(f'{s:g}' for s in cfg.models.counts.strengths)} |")
+                         f"{', '.join(f'{s:g}' for s in cfg.models.counts.strengths)} | |")
             continue
+        models = "; ".join(f"{i}: " + ", ".join(f"{k} {v}" for k, v in m.items())
+                           for i, m in enumerate(tc.model_grid or []))
         lines.append(f"| {method} | {stage} | {tc.steps} | {tc.global_batch} | {tc.val_every} | {lrs} "
-                     f"| {decays} |")
+                     f"| {decays} | {models or 'as configured'} |")
     return "\n".join(lines) + "\n\n"

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from gtl_dist.config import ConfigError, RunConfig
+from gtl_dist.config import ConfigError, RunConfig, with_model_point
 from gtl_dist.exports import read_export, read_export_meta, write_export
 from gtl_dist.log import get_logger
 from gtl_dist.paths import RunPaths, grid_variant, task_name
@@ -82,7 +82,7 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     Resumes from the newest committed checkpoint; returns at once when the stage already
     finished with the same inputs; returns ``status="preempted"`` after a preemption signal
     (unless an earlier handler, e.g. submitit's, took over and exited). With
-    ``train.<stage>.lr_grid`` (or ``weight_decay_grid``) it trains once per point of the grid and
+    ``train.<stage>.lr_grid`` (or ``weight_decay_grid``, ``model_grid``) it trains once per point of the grid and
     exports the best run (:func:`run_grid`).
     """
     check_stage_args(cfg, stage, target, fraction, seed)
@@ -99,7 +99,8 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
 def run_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
              fraction: Optional[float], seed: int, input_hash: str) -> StageResult:
     """One run per point of ``train.<stage>``'s grid (each learning rate of ``lr_grid``, crossed
-    with each decay of ``weight_decay_grid``; TrainConfig.grid), each in its own folder
+    with each decay of ``weight_decay_grid`` and each entry of ``model_grid``; TrainConfig.grid),
+    each in its own folder
     (grid_variant, resumable on its own), then the export of the run whose best held-out
     validation loss is lowest becomes the stage's export, its metadata listing every run under
     ``lr_grid`` (docs/method.md §12)."""
@@ -111,17 +112,18 @@ def run_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[s
                            export=final, val_loss=meta.get("val_loss"), best_step=meta.get("step"))
     tc = getattr(cfg.train, stage)
     runs = {}
-    for lr, wd in tc.grid():
-        point = replace(tc, lr=lr, lr_grid=None, weight_decay_grid=None,
+    for lr, wd, model in tc.grid():
+        point = replace(tc, lr=lr, lr_grid=None, weight_decay_grid=None, model_grid=None,
                         weight_decay=tc.weight_decay if wd is None else wd)
-        one = replace(cfg, train=replace(cfg.train, **{stage: point}))
-        variant = grid_variant(lr, wd)
+        one = replace(cfg if model is None else with_model_point(cfg, stage, model),
+                      train=replace(cfg.train, **{stage: point}))
+        variant = grid_variant(lr, wd, model)
         retire_stale_variant(paths, stage, target, fraction, seed, variant, input_hash)
         result = execute(one, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed,
                          variant=variant)
         if result.status != "finished":
             return result
-        runs[lr, wd] = result
+        runs[lr, wd, model] = result
     finite = {p: r for p, r in runs.items() if r.val_loss is not None and math.isfinite(r.val_loss)}
     if not finite:
         raise ConfigError(f"train.{stage}.lr_grid: no run of {[grid_variant(*p) for p in runs]} reached a "
@@ -132,9 +134,11 @@ def run_grid(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[s
     best = runs[kept]
     if int(os.environ.get("RANK", "0")) == 0:
         chosen = read_export(best.export)
-        grid = [{"lr": lr, **({} if wd is None else {"weight_decay": wd}), "val_loss": r.val_loss,
-                 "step": r.best_step, "trained_steps": r.step} for (lr, wd), r in runs.items()]
-        write_export(final, chosen["state_dict"], {**chosen["meta"], "lr_grid": grid})
+        grid = [{"lr": lr, **({} if wd is None else {"weight_decay": wd}),
+                 **({} if model is None else {"model": model}), "val_loss": r.val_loss,
+                 "step": r.best_step, "trained_steps": r.step} for (lr, wd, model), r in runs.items()]
+        kept_model = {} if kept[2] is None else {"model_index": kept[2]}
+        write_export(final, chosen["state_dict"], {**chosen["meta"], "lr_grid": grid, **kept_model})
         log.info("%s: %s kept (held-out loss %s; grid %s)", task_name(stage, target=target,
                  fraction=fraction, seed=seed), grid_variant(*kept), best.val_loss, ", ".join(f"{grid_variant(*p)}: {r.val_loss}" for p, r in runs.items()))
     return StageResult("finished", stage, target, fraction, best.step, input_hash, export=final,
