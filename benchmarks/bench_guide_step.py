@@ -3,7 +3,7 @@ the source with gtl's adapter composed in (``AdaptedDenoiser``), and the source 
 edit-ratio network (a second network).
 
     python benchmarks/bench_guide_step.py [--preset demo|arxiv|markov] [--device cpu|cuda]
-                                          [--batch 32] [--repeats 7]
+                                          [--batch 32] [--repeats 7] [--set KEY=VALUE ...]
 
 The networks are built at the preset's sizes (configs/<preset>.yaml: denoiser, adapter,
 edit-ratio network, vocabulary, sequence length) with random weights; the adapter's output map is
@@ -39,11 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="config override on top of the preset, e.g. --set models.adapter.heads=4")
     return parser.parse_args(argv)
 
 
 def networks(args: argparse.Namespace, device: torch.device) -> tuple[dict, VocabSpec, int]:
-    cfg = load_config(REPO / "configs" / f"{args.preset}.yaml", PRESET_SETTINGS[args.preset])
+    cfg = load_config(REPO / "configs" / f"{args.preset}.yaml", PRESET_SETTINGS[args.preset] + args.overrides)
     if cfg.data.corpus == "markov":
         vocab = VocabSpec(size=cfg.data.markov.num_states + 1, mask_id=cfg.data.markov.num_states)
     else:
