@@ -1,4 +1,4 @@
-"""What the text adapter lacks, measured on a finished demo run before the study adopts anything.
+"""What gtl's adapter lacks, measured on a finished run (text or Markov) before a study adopts anything.
 
 Each variant of gtl's adapter (rank, the per-token offset, the attention head, weight decay, the
 learning-rate grid) is trained like the run's adapter stage, on the replicate's own n_T sequences
@@ -6,7 +6,7 @@ less its held-out part, and scored by what held-out selection scores: the lowest
 cross-entropy on that held-out part (the method's own selection data; no test text is read).
 Beside it, the run's full fine-tune on the same held-out part, the same number.
 
-    python results/diagnostics/text_adapter_levers.py --run-dir runs/demo_study \\
+    python results/diagnostics/adapter_levers.py --run-dir runs/demo_study \\
         --scratch runs/text_levers --cell python:0.05:0 --cell numpy:0.05:0 \\
         --out results/diagnostics/text_adapter_levers.md
 
@@ -114,8 +114,8 @@ def main() -> None:
     fractions = sorted({*cfg.data.target_fractions, *(f for _, f, _ in cells)}, reverse=True)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target_fractions=fractions))
     names = args.variants.split(",")
-    lines = ["# Text adapter levers: held-out masked cross-entropy (selection data, not test text)", "",
-             f"Written by `python results/diagnostics/text_adapter_levers.py --run-dir {args.run_dir} "
+    lines = ["# Adapter levers: held-out masked cross-entropy (selection data, not test data)", "",
+             f"Written by `python results/diagnostics/adapter_levers.py --run-dir {args.run_dir} "
              f"--scratch {args.scratch} " + " ".join(f"--cell {c}" for c in args.cell)
              + f" --variants {args.variants} --out {args.out}`. Cells are the lowest held-out loss over the learning-rate grid "
              f"and steps (nats per masked token), with the kept step, learning rate and trainable "
