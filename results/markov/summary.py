@@ -2,7 +2,8 @@
 
     python results/markov/summary.py        # writes results/markov/summary.md
 
-Reads results/markov/{sticky,sticky_high,perturbed,perturbed_mid,perturbed_high,decay}/results.csv (written by the evaluation stage) and prints,
+Reads results/markov/<run>/results.csv for each published run of RUNS (written by the evaluation
+stage) and prints,
 per pair and n_T: each method's masked cross-entropy (mean ± std over replicates), and which
 methods gtl beats, ties with and loses to on the paired 95 % intervals of the report (method − gtl
 per replicate: an interval above 0 is a gtl win, below 0 a loss, across 0 a tie), for masked
@@ -23,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 # Published run -> what its cells' labels start with (runs whose pairs differ from the others').
 RUNS = {"sticky_high": "", "sticky": "", "perturbed_high": "", "perturbed_mid": "", "perturbed": "",
-        "decay": "decay grid, "}
+        "decay": "decay grid, ", "sticky_high_attention": "attention heads, ",
+        "perturbed_high_attention": "attention heads, "}
 ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
         ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
         ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
