@@ -53,16 +53,17 @@ print("RESULTS " + json.dumps(out), flush=True)
 """
 
 
-def run_driver(driver: str, run_dir, settings: list[str]):
-    """Build tiny.yaml's data under ``settings``, run ``driver`` in one fresh process of one rank
-    (its rendezvous left to the stages), and return the process and its RESULTS line, parsed."""
+def run_driver(driver: str, run_dir, settings: list[str], *args: str):
+    """Build tiny.yaml's data under ``settings``, run ``driver`` (with ``args`` after the config,
+    run directory and settings) in one fresh process of one rank (its rendezvous left to the
+    stages), and return the process and its RESULTS line, parsed."""
     from gtl_dist.config import load_config
     from gtl_dist.data import prepare_data
     config = REPO / "configs" / "tiny.yaml"
     prepare_data(load_config(config, settings), run_dir)
     env = {k: v for k, v in rank_env(0, 1, 0).items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([PYTHON, "-c", driver, str(config), str(run_dir), json.dumps(settings)],
+    proc = subprocess.run([PYTHON, "-c", driver, str(config), str(run_dir), json.dumps(settings), *args],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -85,20 +86,23 @@ GRID_DRIVER = """
 import json, sys
 import torch
 from gtl_dist.config import load_config
-from gtl_dist.exports import read_export
+from gtl_dist.exports import load_exported, read_export
 from gtl_dist.paths import RunPaths, grid_variant
 from gtl_dist.train import run_stage
-cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
+cfg, stage = load_config(sys.argv[1], json.loads(sys.argv[3])), sys.argv[4]
 run_stage(cfg, sys.argv[2], "denoiser")
-result = run_stage(cfg, sys.argv[2], "vanilla", target="sticky", fraction=1.0)
+result = run_stage(cfg, sys.argv[2], stage, target="sticky", fraction=1.0)
 paths = RunPaths(sys.argv[2])
 kept = read_export(result.export)
-runs = {grid_variant(*p): read_export(paths.export("vanilla", "sticky", 1.0, 0, grid_variant(*p)))
-        for p in cfg.train.vanilla.grid()}
+runs = {grid_variant(*p): read_export(paths.export(stage, "sticky", 1.0, 0, grid_variant(*p)))
+        for p in getattr(cfg.train, stage).grid()}
 same = [v for v, r in runs.items()
         if all(torch.equal(r["state_dict"][k], v) for k, v in kept["state_dict"].items())]
 norms = {v: sum(float(w.float().norm() ** 2) for w in r["state_dict"].values()) for v, r in runs.items()}
 print("RESULTS " + json.dumps({"grid": kept["meta"]["lr_grid"], "same_as": same, "norms": norms,
+                               "params": {v: r["meta"]["trainable_parameters"] for v, r in runs.items()},
+                               "kept_model": kept["meta"].get("model_index"),
+                               "kept_heads": hasattr(load_exported(result.export), "query"),
                                "val_loss": result.val_loss}), flush=True)
 """
 
@@ -107,7 +111,7 @@ def test_a_learning_rate_grid_keeps_the_run_with_the_lowest_held_out_loss(tmp_pa
     settings = SETTINGS + ["train.vanilla.lr_grid=[1e-4, 3e-3]", "train.vanilla.steps=8",
                            "train.vanilla.val_every=4", "train.vanilla.save_every=4"]
     run_dir = tmp_path / "run"
-    _, out = run_driver(GRID_DRIVER, run_dir, settings)
+    _, out = run_driver(GRID_DRIVER, run_dir, settings, "vanilla")
     # One run per learning rate, each with its own held-out loss; the stage's export is the run
     # whose loss is lowest, and its metadata lists the whole grid.
     assert [g["lr"] for g in out["grid"]] == [1e-4, 3e-3]
@@ -121,7 +125,7 @@ def test_a_weight_decay_grid_crosses_the_learning_rates_and_keeps_the_best_pair(
     settings = SETTINGS + ["train.vanilla.lr_grid=[3e-3]", "train.vanilla.weight_decay_grid=[0, 30]",
                            "train.vanilla.steps=8", "train.vanilla.val_every=4", "train.vanilla.save_every=4"]
     run_dir = tmp_path / "run"
-    _, out = run_driver(GRID_DRIVER, run_dir, settings)
+    _, out = run_driver(GRID_DRIVER, run_dir, settings, "vanilla")
     # One run per (learning rate, decay) pair in its own folder; the decay is applied (the heavily
     # decayed run's weights are smaller), and the kept run is the pair with the lowest held-out loss.
     assert [(g["lr"], g["weight_decay"]) for g in out["grid"]] == [(3e-3, 0), (3e-3, 30)]
@@ -132,36 +136,17 @@ def test_a_weight_decay_grid_crosses_the_learning_rates_and_keeps_the_best_pair(
     for variant in ("lr-0.003-wd-0", "lr-0.003-wd-30"):
         assert (run_dir / "vanilla" / "sticky" / "1" / variant / "train_log.jsonl").is_file()
 
-MODEL_GRID_DRIVER = """
-import json, sys
-from gtl_dist.config import load_config
-from gtl_dist.exports import load_exported, read_export_meta
-from gtl_dist.paths import RunPaths, grid_variant
-from gtl_dist.train import run_stage
-cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
-run_stage(cfg, sys.argv[2], "denoiser")
-result = run_stage(cfg, sys.argv[2], "adapter", target="sticky", fraction=1.0)
-paths = RunPaths(sys.argv[2])
-meta = read_export_meta(result.export)
-runs = {grid_variant(*p): read_export_meta(paths.export("adapter", "sticky", 1.0, 0, grid_variant(*p)))
-        for p in cfg.train.adapter.grid()}
-print("RESULTS " + json.dumps({"grid": meta["lr_grid"], "kept": meta["model_index"],
-                               "kept_heads": hasattr(load_exported(result.export), "query"),
-                               "params": {v: m["trainable_parameters"] for v, m in runs.items()},
-                               "val_loss": result.val_loss}), flush=True)
-"""
-
-
 def test_a_model_grid_trains_each_model_and_keeps_the_best_with_its_own_settings(tmp_path, deepspeed_ops):  # noqa: F811
     settings = SETTINGS + ["train.adapter.lr_grid=[3e-3]", "train.adapter.select_best=true",
                            "train.adapter.model_grid=[{attention: false}, {attention: true, heads: 2}]",
                            "train.adapter.steps=8", "train.adapter.val_every=4", "train.adapter.save_every=4"]
     run_dir = tmp_path / "run"
-    _, out = run_driver(MODEL_GRID_DRIVER, run_dir, settings)
+    _, out = run_driver(GRID_DRIVER, run_dir, settings, "adapter")
     # One run per model, each in its own folder with its own architecture (the heads' weights
     # counted); the kept one has the lowest held-out loss, and its export loads as that model.
     assert [(g["lr"], g["model"]) for g in out["grid"]] == [(3e-3, 0), (3e-3, 1)]
     assert out["params"]["lr-0.003-m-1"] > out["params"]["lr-0.003-m-0"]
     best = min(out["grid"], key=lambda g: g["val_loss"])
-    assert out["val_loss"] == best["val_loss"] and out["kept"] == best["model"]
+    assert out["val_loss"] == best["val_loss"] and out["kept_model"] == best["model"]
+    assert f"lr-0.003-m-{best['model']}" in out["same_as"]
     assert out["kept_heads"] == (best["model"] == 1)
