@@ -53,7 +53,8 @@ class LaunchOptions:
 def time_limit_key(group: Group, opts: LaunchOptions) -> str:
     """The setting that sets a job's time limit: --time (or cluster.timeout_min) for the source
     stage; cluster.timeout_min for the evaluation, one job that scores every cell, so that a
-    study's evaluation is not timed out and requeued without end under the small jobs' limit; cluster.small_timeout_min for every other task."""
+    study's evaluation is not timed out and requeued without end under the small jobs' limit;
+    cluster.small_timeout_min for every other task."""
     if group.size == BIG and opts.time_min:
         return "--time"
     return "cluster.timeout_min" if group.size in (BIG, EVAL) else "cluster.small_timeout_min"
