@@ -102,8 +102,9 @@ def cached_scores(cfg: RunConfig, paths: RunPaths, target: str, cell: tuple, sco
         return score()
     key = dict_hash({"sets": sets, "settings": cfg.section_hash("data", "noise", "sample", "eval")})
     cache = paths.eval / "scores" / target / folder.relative_to(paths.root / "samples") / "scores.json"
-    if cache.exists() and read_json(cache).get("key") == key:
-        return read_json(cache)["scores"]
+    kept = read_json(cache) if cache.exists() else {}
+    if kept.get("key") == key:
+        return kept["scores"]
     scores = score()
     atomic_write_json(cache, {"key": key, "scores": scores})
     return scores

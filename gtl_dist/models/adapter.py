@@ -46,11 +46,11 @@ class GuideAdapter(_Network):
         self.up = nn.Linear(cfg.rank, width, bias=False)
         nn.init.zeros_(self.up.weight)
         if cfg.attention:
-            heads = cfg.heads * cfg.rank
-            self.query = nn.Linear(hidden, heads, bias=False)
-            self.key = nn.Linear(hidden, heads, bias=False)
-            self.value = nn.Linear(hidden, heads, bias=False)
-            self.mix = nn.Linear(heads, width, bias=False)
+            inner = cfg.heads * cfg.rank  # the heads side by side
+            self.query = nn.Linear(hidden, inner, bias=False)
+            self.key = nn.Linear(hidden, inner, bias=False)
+            self.value = nn.Linear(hidden, inner, bias=False)
+            self.mix = nn.Linear(inner, width, bias=False)
             nn.init.zeros_(self.mix.weight)
             self.rotary = Rotary(cfg.rank)
         self.offset = nn.Parameter(torch.zeros(vocab.size)) if cfg.offset else None
