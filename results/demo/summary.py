@@ -1,9 +1,10 @@
-"""The README's text tables, regenerated from the demo report's CSV.
+"""The README's text tables, regenerated from the demo reports' CSVs.
 
     python results/demo/summary.py        # writes results/demo/summary.md
 
-Reads results/demo/study/results.csv (the report of configs/demo.yaml, published there) and prints,
-per target and fraction:
+Reads results/demo/<study>/results.csv for each published study of STUDIES (the report of its
+configs, published there; a study not yet published is left out) and prints, per study, target
+and fraction:
 - every method's masked cross-entropy on the target's test text (mean ± std over replicates) and
   its gain over the unguided source with a 95 % t-interval over replicates (from the per-replicate
   values in the row's notes; gtl's is the paired source − gtl row itself);
@@ -29,15 +30,24 @@ METHODS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)
            ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
            ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
            ("scratch_head", "scratch_head (no source)"))
+STUDIES = {"study": "configs/demo.yaml",
+           "rank8": "configs/demo.yaml + configs/demo_rank8.yaml: gtl's adapter at rank 8, "
+                    "finetune_small at rank 2, every learning-rate grid widened to 3e-2"}
 HELDOUT = "heldout_target"
 PAIRED = (("masked_ce", "masked cross-entropy"), ("domain_distance", "domain distance"))
 INSTRUMENTS = (("mauve", "MAUVE (higher is better)"), ("domain_distance", "domain distance (lower is better)"),
                ("gen_ppl", "generative perplexity"), ("distinct_2", "distinct-2 (closest to held-out text)"))
 
 
-def read_rows(path: Path = HERE / "study" / "results.csv") -> list[dict]:
-    with open(path, newline="") as f:
+def read_rows(study: str = "study") -> list[dict]:
+    with open(HERE / study / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def methods(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (method, label) pairs of METHODS that the report scored."""
+    scored = {r["method"] for r in rows}
+    return [(m, label) for m, label in METHODS if m in scored]
 
 
 def cells(rows: list[dict]) -> list[tuple[str, str]]:
@@ -93,7 +103,7 @@ def ce_table(rows: list[dict]) -> list[str]:
     head = [f"{t} {float(f):.0%}" for t, f in cols]
     lines = ["| method | " + " | ".join(f"{h} CE | {h} gain" for h in head) + " |",
              "|---" * (2 * len(cols) + 1) + "|"]
-    for method, label in METHODS:
+    for method, label in methods(rows):
         parts = [f"{mean_std(row(rows, method, c, 'masked_ce'))} | "
                  f"{gain(rows, method, c) if method != 'source' else '0'}" for c in cols]
         lines.append(f"| {label} | " + " | ".join(parts) + " |")
@@ -119,22 +129,29 @@ def verdict_table(rows: list[dict], metric: str) -> list[str]:
 def instrument_table(rows: list[dict], metric: str) -> list[str]:
     cols = cells(rows)
     lines = ["| method | " + " | ".join(f"{t} {float(f):.0%}" for t, f in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, label in (*METHODS, (HELDOUT, "held-out target text (reference)")):
+    for method, label in (*methods(rows), (HELDOUT, "held-out target text (reference)")):
         lines.append(f"| {label} | " + " | ".join(mean_std(row(rows, method, c, metric)) for c in cols) + " |")
     return lines
 
 
-def main() -> None:
-    rows = read_rows()
-    parts = ["# Text study (configs/demo.yaml): summary tables", "",
-             "Written by `python results/demo/summary.py` from `study/results.csv`.", "",
-             "## Masked cross-entropy on the targets' test text (nats per masked token, mean ± std over "
+def study_tables(rows: list[dict]) -> list[str]:
+    parts = ["### Masked cross-entropy on the targets' test text (nats per masked token, mean ± std over "
              "replicates) and the gain over the unguided source (mean [95 % t-interval])", "", *ce_table(rows)]
     for metric, label in PAIRED:
-        parts += ["", f"## Paired differences, {label} (method − gtl, 95 % t-interval over replicates)", "",
+        parts += ["", f"### Paired differences, {label} (method − gtl, 95 % t-interval over replicates)", "",
                   *verdict_table(rows, metric)]
     for metric, label in INSTRUMENTS:
-        parts += ["", f"## Samples: {label}, mean ± std over replicates", "", *instrument_table(rows, metric)]
+        parts += ["", f"### Samples: {label}, mean ± std over replicates", "", *instrument_table(rows, metric)]
+    return parts
+
+
+def main() -> None:
+    studies = [s for s in STUDIES if (HERE / s / "results.csv").exists()]
+    parts = ["# Text study: summary tables", "",
+             "Written by `python results/demo/summary.py` from "
+             + ", ".join(f"`{s}/results.csv`" for s in studies) + "."]
+    for study in studies:
+        parts += ["", f"## {study}/ ({STUDIES[study]})", "", *study_tables(read_rows(study))]
     atomic_write_text(HERE / "summary.md", "\n".join(parts) + "\n")
     print(HERE / "summary.md")
 
