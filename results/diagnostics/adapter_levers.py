@@ -52,6 +52,9 @@ VARIANTS = {
     "r1off_lrhi": ({"rank": 1, "offset": True}, {"weight_decay": 0.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
     "r1off_400": ({"rank": 1, "offset": True}, {"weight_decay": 0.0, "steps": 400, "lr_grid": [1e-3, 3e-3, 1e-2, 3e-2]}),
     "r8off_lrhi": ({"rank": 8, "offset": True}, {"weight_decay": 0.0, "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1]}),
+    "r8off_wd0": ({"rank": 8, "offset": True}, {"weight_decay": 0.0, "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}),
+    "r8off_wd1": ({"rank": 8, "offset": True}, {"weight_decay": 1.0, "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}),
+    "r8off_wd10": ({"rank": 8, "offset": True}, {"weight_decay": 10.0, "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}),
     "finetune_lrlo": ({}, {"lr_grid": [3e-5, 1e-4, 3e-4]}),
 }
 
