@@ -134,6 +134,23 @@ def instrument_table(rows: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def across_studies(base: list[dict], rows: list[dict]) -> list[str]:
+    """Each method's masked cross-entropy in an overlay study minus the same method's in study/,
+    per replicate (the same seeds draw the same target sequences): mean [95 % t-interval]; below 0
+    the overlay is better."""
+    cols = cells(rows)
+    lines = ["| method | " + " | ".join(f"{t} {float(f):.0%}" for t, f in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, label in methods(rows):
+        parts = []
+        for c in cols:
+            new, old = (row(r, method, c, "masked_ce") for r in (rows, base))
+            diffs = [a - b for a, b in zip(per_replicate(new), per_replicate(old))] if new and old else []
+            mean, _, low, high = t_interval(diffs) if len(diffs) > 1 else (None,) * 4
+            parts.append("—" if mean is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {label} | " + " | ".join(parts) + " |")
+    return lines
+
+
 def study_tables(rows: list[dict]) -> list[str]:
     parts = ["### Masked cross-entropy on the targets' test text (nats per masked token, mean ± std over "
              "replicates) and the gain over the unguided source (mean [95 % t-interval])", "", *ce_table(rows)]
@@ -151,7 +168,11 @@ def main() -> None:
              "Written by `python results/demo/summary.py` from "
              + ", ".join(f"`{s}/results.csv`" for s in studies) + "."]
     for study in studies:
-        parts += ["", f"## {study}/ ({STUDIES[study]})", "", *study_tables(read_rows(study))]
+        rows = read_rows(study)
+        parts += ["", f"## {study}/ ({STUDIES[study]})", "", *study_tables(rows)]
+        if study != "study" and "study" in studies:
+            parts += ["", f"### Masked cross-entropy, {study}/ − study/ per replicate (the same draws; "
+                      "mean [95 % t-interval], below 0: better here)", "", *across_studies(read_rows(), rows)]
     atomic_write_text(HERE / "summary.md", "\n".join(parts) + "\n")
     print(HERE / "summary.md")
 
