@@ -75,6 +75,12 @@ def per_replicate(r: dict) -> list[float]:
     return [float(v) for v in match.group(1).split(", ")] if match else []
 
 
+def by_seed(r: dict | None) -> dict[str, float]:
+    """A row's per-replicate values keyed by seed ("seeds 0,1,2: a, b, c")."""
+    match = re.search(r"seeds ([\d,]+): ", r["notes"]) if r else None
+    return dict(zip(match.group(1).split(","), per_replicate(r))) if match else {}
+
+
 def mean_std(r: dict | None) -> str:
     if r is None or r["value"] in ("", "nan"):
         return "—"
@@ -143,8 +149,8 @@ def across_studies(base: list[dict], rows: list[dict]) -> list[str]:
     for method, label in methods(rows):
         parts = []
         for c in cols:
-            new, old = (row(r, method, c, "masked_ce") for r in (rows, base))
-            diffs = [a - b for a, b in zip(per_replicate(new), per_replicate(old))] if new and old else []
+            new, old = (by_seed(row(r, method, c, "masked_ce")) for r in (rows, base))
+            diffs = [new[seed] - old[seed] for seed in new if seed in old]
             mean, _, low, high = t_interval(diffs) if len(diffs) > 1 else (None,) * 4
             parts.append("—" if mean is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| {label} | " + " | ".join(parts) + " |")
