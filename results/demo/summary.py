@@ -69,16 +69,15 @@ def row(rows: list[dict], method: str, cell: tuple[str, str], metric: str) -> di
     return None
 
 
-def per_replicate(r: dict) -> list[float]:
-    """The per-replicate values a row's notes list ("seeds 0,1,2: a, b, c")."""
-    match = re.search(r"seeds [\d,]+: ([^;]+)", r["notes"])
-    return [float(v) for v in match.group(1).split(", ")] if match else []
-
-
 def by_seed(r: dict | None) -> dict[str, float]:
-    """A row's per-replicate values keyed by seed ("seeds 0,1,2: a, b, c")."""
-    match = re.search(r"seeds ([\d,]+): ", r["notes"]) if r else None
-    return dict(zip(match.group(1).split(","), per_replicate(r))) if match else {}
+    """A row's per-replicate values keyed by seed, from its notes ("seeds 0,1,2: a, b, c")."""
+    match = re.search(r"seeds ([\d,]+): ([^;]+)", r["notes"]) if r else None
+    return dict(zip(match.group(1).split(","), map(float, match.group(2).split(", ")))) if match else {}
+
+
+def per_replicate(r: dict) -> list[float]:
+    """The per-replicate values a row's notes list, in the notes' seed order."""
+    return list(by_seed(r).values())
 
 
 def mean_std(r: dict | None) -> str:
