@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from train_helpers import (Ranks, committed, consolidated_params, deepspeed_ops,  # noqa: F401
-                           params_fingerprint, rank_state, shared_state, toy_cmd, train_records,
-                           wait_for)
+                           params_fingerprint, rank_state, shared_state, threads_after_stage,
+                           toy_cmd, train_records, wait_for)
 
 pytestmark = [pytest.mark.resume, pytest.mark.distributed]
 
@@ -196,6 +196,12 @@ def test_preemption_signal_to_one_rank_saves_everywhere_and_resumes(tmp_path, de
     assert f"(step {saved} of {steps}" in again.log_text(0)
     assert committed(ckpt)[-1] == steps
     assert sorted(train_records(run / "denoiser")) == list(range(1, steps + 1))
+    # Both ways out of a stage let go of the process group: no gloo worker is left to run into
+    # the interpreter's exit (where one can abort the process: "terminate called without an
+    # active exception"). The ZeRO-2 engine's hooks and torch.distributed.nn used to pin it.
+    for group in (ranks, again):
+        for rank in (0, 1):
+            assert threads_after_stage(group.log_text(rank)) == ["python"], group.log_text(rank)
 
 
 def test_preemption_hands_over_to_previous_handler_after_saving(tmp_path, deepspeed_ops):  # noqa: F811
@@ -205,6 +211,7 @@ def test_preemption_hands_over_to_previous_handler_after_saving(tmp_path, deepsp
     # Rank 0 was not signalled itself but, as submitit expects, calls the earlier USR2 handler
     # (here: exit 42) once the collective save is committed; rank 1 has no earlier handler.
     ranks.expect([42, 75], timeout=180)
+    assert threads_after_stage(ranks.log_text(1)) == ["python"]
     seen_by_handler = json.loads(marker.read_text())
     assert seen_by_handler == committed(run / "denoiser" / "ckpt") and len(seen_by_handler) == 1
 

@@ -15,6 +15,7 @@ these tests do not depend on the data and model packages.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -195,7 +196,26 @@ def toy_main(argv: Optional[list[str]] = None) -> int:
                      stage_input_hash(cfg, stage, None, None), ToyRecipe)
     print("RESULT " + json.dumps({"status": result.status, "step": result.step,
                                   "val_loss": result.val_loss}), flush=True)
+    print("THREADS " + json.dumps(native_threads()), flush=True)
     return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+def native_threads() -> list[str]:
+    """The names of this process's threads (Linux), the main one included."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(names)
+
+
+def threads_after_stage(log_text: str) -> list[str]:
+    """What :func:`toy_main` reported running once its stage had returned."""
+    found = re.findall(r"^THREADS (.*)$", log_text, re.MULTILINE)
+    assert found, "no THREADS line in the log"
+    return json.loads(found[-1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ is an error that says to run that command; outside SLURM it is built on first us
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
@@ -285,6 +286,10 @@ def init_distributed(env: Optional[Mapping[str, str]] = None, timeout_s: float =
     else:
         backend = "gloo"
     if not torch.distributed.is_initialized():
+        # Imported before the group exists: its functions take ``group=group.WORLD`` as a default
+        # argument, evaluated at import. Imported later (DeepSpeed does, building an optimiser),
+        # they would pin the world group, and its gloo threads, past destroy_process_group.
+        import torch.distributed.nn.functional  # noqa: F401
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s),
                                    rank=dist_env.rank, world_size=dist_env.world_size)
@@ -363,11 +368,18 @@ def shutdown(barrier: bool = True) -> None:
     built (world, data parallel, ...) in module globals, and only its own teardown drops them.
     Destroyed behind its back, the next stage in this process (the launcher's ``--cluster
     debug`` runs every task in one process) would be handed the dead group ("Group ... is not
-    registered") by ``deepspeed.initialize``."""
+    registered") by ``deepspeed.initialize``.
+
+    A group is only torn down (its gloo threads stopped) once nothing holds it any more. Left
+    running, they outlive the stage: into the next task of the process, and into interpreter
+    exit, where a rank whose peer has already exited can abort ("terminate called without an
+    active exception"). So the engine is released first (TrainState.release), the collector
+    runs here, and init_distributed keeps torch.distributed.nn from pinning the world group."""
     import torch
     if torch.distributed.is_initialized():
         if barrier:
             torch.distributed.barrier()
+        gc.collect()  # a released engine (TrainState.release) in a cycle still holds its groups
         import_deepspeed().comm.destroy_process_group()
     _host_group.clear()  # destroyed with the process group
     for key, value in _saved_env.items():

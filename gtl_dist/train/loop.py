@@ -8,8 +8,10 @@ loss, and runs its validation. Everything else happens here, once, in this order
 
 :func:`execute` sets up the signals and the process group; :func:`~gtl_dist.train.state.setup`
 builds the rest up to the RNG states into one :class:`~gtl_dist.train.state.TrainState`;
-:func:`train` runs the loop (:func:`train_step`, :func:`log_train`, :func:`maybe_validate`,
-``checkpointer.save``) and ends in :func:`export`, or in :func:`stop_for_requeue` when preempted.
+:func:`train` runs the loop (:func:`train_from`: :func:`train_step`, :func:`log_train`,
+:func:`maybe_validate`, ``checkpointer.save``), which ends in :func:`export`, or in
+:func:`stop_for_requeue` when preempted, and then releases the engine; :func:`execute` tears the
+process group down and, after a preemption, hands the signal over.
 
 Per optimiser step: ``grad_accum`` micro-batches (forward through the engine, backward, step),
 the EMA update, then one all-reduce on the host of the preemption flags (and the data
@@ -155,8 +157,16 @@ def finished_export(ctx: StageContext) -> Optional[dict[str, Any]]:
 def train(recipe: Recipe, ctx: StageContext) -> StageResult:
     """Train a stage from its newest checkpoint (or from scratch) to ``steps`` and export it; on
     preemption, save and hand the signal over instead."""
-    tc = recipe.train_config
     state = setup(recipe, ctx)
+    try:
+        return train_from(recipe, ctx, state)
+    finally:
+        state.release()
+
+
+def train_from(recipe: Recipe, ctx: StageContext, state: TrainState) -> StageResult:
+    """The loop from ``state``'s step to the export, or to the preemption's checkpoint."""
+    tc = recipe.train_config
     metrics = open_metrics(ctx, state.step)
     progress = Progress(tc.steps, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
                         initial=state.step)
@@ -353,17 +363,14 @@ def current_weights(state: TrainState) -> dict[str, torch.Tensor]:
 
 def stop_for_requeue(ctx: StageContext, state: TrainState, metrics: StageMetrics,
                      signals: list[int]) -> StageResult:
-    """After the preemption's checkpoint: leave the process group and hand the signal over to
-    the handler installed before ours (submitit's requeues the job)."""
+    """After the preemption's checkpoint: the result that makes :func:`execute` hand the agreed
+    signals over to the handler installed before ours (submitit's requeues the job)."""
     log.warning("%s: preempted; saved step %d, exiting so the job can be requeued",
                 ctx.label, state.step)
     metrics.close()
-    # Every rank leaves the process group before rank 0 hands over: submitit's handler
-    # requeues and exits, and a rank still waiting in a collective for it would hang.
-    dist.shutdown()
-    ctx.guard.hand_over(ctx.dist_env.is_main, signals)
     return StageResult("preempted", ctx.stage, ctx.target, ctx.fraction, state.step,
-                       ctx.input_hash, val_loss=state.last_val, best_step=state.best_step)
+                       ctx.input_hash, val_loss=state.last_val, best_step=state.best_step,
+                       signals=tuple(signals))
 
 
 def export(recipe: Recipe, ctx: StageContext, state: TrainState,
@@ -430,10 +437,16 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
         else:
             result = train(make_recipe(ctx), ctx)
         finished = True
-        return result
     finally:
         # Also on failure (then without the final barrier, which the other ranks may never reach):
         # a group left up is handed to the next task of this process (--cluster debug), and torn
         # down at interpreter exit instead it can abort the process with SIGABRT.
         dist.shutdown(barrier=finished)
-        guard.uninstall()
+        if not finished:
+            guard.uninstall()
+    if result.status == "preempted":
+        # Every rank has left the process group: submitit's handler requeues and exits, and a
+        # rank still waiting in a collective for this one would hang.
+        guard.hand_over(d.is_main, list(result.signals))
+    guard.uninstall()
+    return result

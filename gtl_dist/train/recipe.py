@@ -51,6 +51,7 @@ class StageResult:
     val_loss: Optional[float] = None
     best_step: Optional[int] = None
     val_metrics: dict[str, float] = field(default_factory=dict)
+    signals: tuple[int, ...] = ()  # status "preempted": the signals the ranks agreed on
 
 
 def derive_seed(*parts: Any) -> int:

@@ -56,6 +56,12 @@ class TrainState:
         """The trained network."""
         return self.engine.module.model
 
+    def release(self) -> None:
+        """Let go of DeepSpeed's engine at the end of the stage. Its ZeRO optimiser's gradient
+        hooks are held by C++, so without ``destroy`` the collector never frees the engine, nor
+        the process groups it holds (dist.shutdown)."""
+        self.engine.destroy()
+
     def state_dict(self) -> dict[str, Any]:
         """The counters every rank shares, as a checkpoint stores them."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
