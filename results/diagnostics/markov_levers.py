@@ -13,7 +13,8 @@ masks, paired over the run's replicates with 95 % t-intervals. Only ``gamma-sche
   same held-out loss. Shrinkage chosen by the n_T sequences themselves.
 - ``gamma-schedule``: the adapter's guidance strength per mask rate, chosen per rate on the test
   set from a grid: the most any γ(t) schedule (or one γ) could gain over the trained γ = 1.
-- ``lr-ensemble``: each method's three learning-rate runs averaged (mean of log-probabilities,
+- ``lr-ensemble``: each method's grid runs (its learning rates, crossed with the decays and
+  models its grid searched) averaged (mean of log-probabilities,
   renormalised) instead of the best one: does variance reduction favour gtl or the fine-tunes?
 - ``no-decay``: for a run whose stages searched ``weight_decay_grid``, each method's selection
   redone over its weight-decay-0 runs only (the same runs, the same held-out losses): the study
@@ -216,8 +217,10 @@ def gamma_schedule(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str
 
 def grid_run_export(paths: RunPaths, stage: str, target: str, fraction: float, seed: int, entry: dict) -> Path:
     """The export of one run that a task's export metadata lists (``lr_grid``; an entry carries its
-    decay where the stage searched one, as gtl_dist.eval.selection.searched_decay reads it)."""
-    return paths.export(stage, target, fraction, seed, variant=grid_variant(entry["lr"], entry.get("weight_decay")))
+    decay where the stage searched one, as gtl_dist.eval.selection.searched_decay reads it, and
+    its model's index where the stage searched ``model_grid``)."""
+    return paths.export(stage, target, fraction, seed,
+                        variant=grid_variant(entry["lr"], entry.get("weight_decay"), entry.get("model")))
 
 
 def grid_run_networks(source: torch.nn.Module, method: str, path: Path) -> MethodNetworks:
@@ -231,9 +234,8 @@ def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]
     source = load_exported(paths.export("denoiser"))
     for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
-            runs = [grid_run_networks(source, method, paths.export(stage, target, fraction, seed,
-                                                                   variant=grid_variant(lr)))
-                    for lr in getattr(run.cfg.train, stage).lr_grid]
+            runs = [grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, r))
+                    for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]]
             row[f"{method}:ensemble"] = run.ce(
                 lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
     return rows, variant_pairs("ensemble", "both ensembles")
