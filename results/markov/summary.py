@@ -27,7 +27,7 @@ RUNS = {"sticky_high": "", "sticky": "", "perturbed_high": "", "perturbed_mid": 
         "decay": "decay grid, ", "sticky_high_attention": "attention heads, ",
         "perturbed_high_attention": "attention heads, ", "sticky_high_attention_r16": "attention heads rank 16, ",
         "perturbed_high_attention_r16": "attention heads rank 16, ",
-        "perturbed_capacity": "capacity grid, "}
+        "sticky_capacity": "capacity grid, ", "perturbed_capacity": "capacity grid, "}
 ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
         ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
         ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
