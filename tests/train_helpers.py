@@ -201,9 +201,11 @@ def toy_main(argv: Optional[list[str]] = None) -> int:
 
 
 def native_threads() -> list[str]:
-    """The names of this process's threads (Linux), the main one included."""
+    """The names of this process's threads (Linux) besides the main one."""
     names = []
     for task in Path("/proc/self/task").iterdir():
+        if int(task.name) == os.getpid():
+            continue
         try:
             names.append((task / "comm").read_text().strip())
         except OSError:  # the thread ended meanwhile

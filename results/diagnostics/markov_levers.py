@@ -14,8 +14,8 @@ masks, paired over the run's replicates with 95 % t-intervals. Only ``gamma-sche
 - ``gamma-schedule``: the adapter's guidance strength per mask rate, chosen per rate on the test
   set from a grid: the most any γ(t) schedule (or one γ) could gain over the trained γ = 1.
 - ``lr-ensemble``: each method's grid runs (its learning rates, crossed with the decays and
-  models its grid searched) averaged (mean of log-probabilities,
-  renormalised) instead of the best one: does variance reduction favour gtl or the fine-tunes?
+  models its grid searched) averaged (mean of log-probabilities, renormalised) instead of the
+  best one: does variance reduction favour gtl or the fine-tunes?
 - ``no-decay``: for a run whose stages searched ``weight_decay_grid``, each method's selection
   redone over its weight-decay-0 runs only (the same runs, the same held-out losses): the study
   as it would have come out without the decay lever, for every method alike. Needs no training.
@@ -229,13 +229,19 @@ def grid_run_networks(source: torch.nn.Module, method: str, path: Path) -> Metho
     return MethodNetworks(AdaptedDenoiser(source, model).eval()) if method == "gtl" else MethodNetworks(model)
 
 
+def grid_runs(paths: RunPaths, source: torch.nn.Module, method: str, stage: str, target: str,
+              fraction: float, seed: int) -> list[MethodNetworks]:
+    """The networks of every run a task's export metadata lists (its whole grid)."""
+    return [grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, r))
+            for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]]
+
+
 def lr_ensemble(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]:
     paths, rows = RunPaths(run.root), []
     source = load_exported(paths.export("denoiser"))
     for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
-            runs = [grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, r))
-                    for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]]
+            runs = grid_runs(paths, source, method, stage, target, fraction, seed)
             row[f"{method}:ensemble"] = run.ce(
                 lambda z: torch.log_softmax(torch.stack([method_log_probs(n, z) for n in runs]).mean(0), -1), views)
     return rows, variant_pairs("ensemble", "both ensembles")
@@ -263,11 +269,9 @@ def grid_oracle(run: Run, args) -> tuple[list[dict], list[tuple[str, str, str]]]
     source = load_exported(paths.export("denoiser"))
     for row, (target, fraction, seed, views) in run.scored(STAGE_OF, rows):
         for method, stage in STAGE_OF.items():
-            scores = []
-            for r in read_export_meta(paths.export(stage, target, fraction, seed))["lr_grid"]:
-                nets = grid_run_networks(source, method, grid_run_export(paths, stage, target, fraction, seed, r))
-                scores.append(run.ce(lambda z: method_log_probs(nets, z), views))
-            row[f"{method}:test-chosen run"] = min(scores)
+            row[f"{method}:test-chosen run"] = min(
+                run.ce(lambda z, nets=nets: method_log_probs(nets, z), views)
+                for nets in grid_runs(paths, source, method, stage, target, fraction, seed))
     return rows, variant_pairs("test-chosen run", "both test-chosen")
 
 
