@@ -33,7 +33,7 @@ from unittest import mock
 
 import numpy as np
 
-from gtl_dist.config import check_holdout, load_config
+from gtl_dist.config import check_split, load_config
 from gtl_dist.data import build, loader, sets
 from gtl_dist.data.manifest import Manifest, ManifestError, ShardInfo, ShardSet
 from gtl_dist.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -104,7 +104,7 @@ def reads(cfg, manifest: Manifest):
     for t in cfg.targets:
         for f in cfg.data.target_fractions:
             n = manifest.num_samples(f"{t}/train", f)
-            _, held = check_holdout(n, cfg.protocol, f"{t} at {f}")
+            held = check_split(n, cfg.protocol, f"{t} at {f}").held
             cut = dict(fraction=f, drop_last=held)  # the stage's training part of its fraction
             yield f"{t}/train @ {f} (less {held} held out)", f"{t}/train", False, cut, 0
         yield f"{t}/evaluator (reference_lm, domain_classifier)", f"{t}/evaluator", False, {}, 0

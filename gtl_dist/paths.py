@@ -67,13 +67,9 @@ class RunPaths:
         return self.root / "data"
 
     def train_logs(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
-                   seed: Optional[int] = None,
-                   grid: Sequence[tuple[float, Optional[float], Optional[int]]] = ()) -> list[Path]:
-        """Every train_log.jsonl a task wrote: its own, or one per run of its grid (TrainConfig.grid)."""
-        if grid:
-            return [self.stage(stage, target, fraction, seed, grid_variant(*point)) / "train_log.jsonl"
-                    for point in grid]
-        return [self.stage(stage, target, fraction, seed) / "train_log.jsonl"]
+                   seed: Optional[int] = None, variants: Sequence[str] = ()) -> list[Path]:
+        """Every train_log.jsonl a task wrote: its own, or one per run (stages.run_variants)."""
+        return [self.stage(stage, target, fraction, seed, v) / "train_log.jsonl" for v in variants or [None]]
 
     def stage(self, stage: str, target: Optional[str] = None, fraction: Optional[float] = None,
               seed: Optional[int] = None, variant: Optional[str] = None) -> Path:

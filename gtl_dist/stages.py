@@ -29,7 +29,7 @@ from typing import Optional
 from gtl_dist.config import RunConfig
 from gtl_dist.io import dict_hash
 from gtl_dist.methods import METHODS, SOURCE
-from gtl_dist.paths import RunPaths, task_name
+from gtl_dist.paths import RunPaths, grid_variant, task_name
 
 # How many copies of a stage a run trains.
 SHARED = "shared"              # one per run, on source data
@@ -335,3 +335,34 @@ def stage_input_hash(cfg: RunConfig, stage: str, target: Optional[str], fraction
     """The hash a stage's checkpoints and export carry: the pipeline's input hash of its task, so
     the launcher's completion markers and the checkpoints agree."""
     return StageGraph(cfg).input_hash(Task(stage, target, fraction, seed=seed))
+
+
+def kfold_selected(cfg: RunConfig, stage: str, fraction: Optional[float]) -> bool:
+    """Whether a task of ``stage`` chooses its export by k-fold selection (gtl_dist/train/grid.py):
+    under ``protocol.selection: kfold``, a per-fraction stage that keeps its best weights on its
+    held-out part (the protocol's other stages, as under ``budget``, train once on all n_T)."""
+    return (cfg.protocol.selection == "kfold" and fraction is not None and STAGES[stage].role != "chain"
+            and HELD_OUT in STAGES[stage].val_sets.values() and getattr(cfg.train, stage).select_best)
+
+
+def run_variants(cfg: RunConfig, stage: str, fraction: Optional[float]) -> list[str]:
+    """The folders of a task's runs, in the order it trains them (gtl_dist/train/grid.py): one per
+    grid point, or under k-fold selection one per point and fold, then ``refit``; [] for a task
+    that trains once, in its own folder."""
+    if kfold_selected(cfg, stage, fraction):
+        return [fold_variant(p, f) for p in grid_points(cfg, stage) for f in range(cfg.protocol.folds)] + [REFIT]
+    return [grid_variant(*p) for p in getattr(cfg.train, stage).grid()]
+
+
+REFIT = "refit"
+
+
+def grid_points(cfg: RunConfig, stage: str) -> list[tuple[float, Optional[float], Optional[int]]]:
+    """The (lr, weight decay, model index) points a task trains: its grid, or its own settings alone."""
+    tc = getattr(cfg.train, stage)
+    return tc.grid() or [(tc.lr, None, None)]
+
+
+def fold_variant(point: tuple[float, Optional[float], Optional[int]], fold: int) -> str:
+    """The folder of one fold's run of one grid point."""
+    return f"{grid_variant(*point)}/fold-{fold}"

@@ -235,6 +235,32 @@ def test_replicate_windows_are_disjoint_blocks_that_wrap_with_their_held_out_par
     assert replicate_start(30, 12, 2, shared) == 0 and not replicates_disjoint(30, 12, [0, 1], shared)
 
 
+def test_kfold_folds_partition_a_wrapping_window_and_each_trains_on_the_rest(tmp_path):
+    """docs/method.md §12, protocol.selection=kfold: fold f of a replicate's window holds out the
+    f-th of k contiguous blocks (sizes within one of each other) and trains on the rest of the
+    window; the blocks together are the window, and the refit (no fold) trains on all of it."""
+    from gtl_dist.config import ConfigError, ProtocolConfig, check_split, replicate_start
+    from gtl_dist.data import read_samples
+    m = build(tmp_path / "d", {"tgt/train": [10, 10, 10]}, {"tgt/train": {"1": 30, "0.4": 12}})
+    protocol = ProtocolConfig(selection="kfold", folds=5)
+    start = replicate_start(30, 12, 2, protocol)  # samples 24..29, then 0..5
+    window = {(0, i // 10, i % 10) for i in [*range(24, 30), *range(6)]}
+    blocks = []
+    for fold in range(5):
+        split = check_split(12, protocol, "test", fold)
+        train = {s for b in make_loader(m, "tgt/train", 1, fraction=0.4, drop_last=split.held, start=start,
+                                        held_at=split.held_at, infinite=False) for s in ids(b)}
+        first = (start + split.held_at) % 30
+        held = {tuple(row[:3]) for row in read_samples(m, "tgt/train", first, first + split.held).tolist()}
+        assert split.held in (2, 3) and not train & held and train | held == window
+        blocks.append(held)
+    assert set().union(*blocks) == window and sum(map(len, blocks)) == 12
+    refit = check_split(12, protocol, "test")
+    assert (refit.held, refit.n_train) == (0, 12)
+    with pytest.raises(ConfigError, match=r"protocol.folds=13 splits the 12 target sequences of here"):
+        check_split(12, ProtocolConfig(selection="kfold", folds=13), "here", 0)
+
+
 def test_load_state_refuses_a_cursor_from_another_stream(uneven):
     state = make_loader(uneven, "source/train", 4, world_size=2, num_workers=1, seed=1).state_dict()
     for changes, field in (({"world_size": 3}, "world_size"), ({"num_workers": 0}, "num_workers"),

@@ -150,3 +150,60 @@ def test_a_model_grid_trains_each_model_and_keeps_the_best_with_its_own_settings
     assert out["val_loss"] == best["val_loss"] and out["kept_model"] == best["model"]
     assert f"lr-0.003-m-{best['model']}" in out["same_as"]
     assert out["kept_heads"] == (best["model"] == 1)
+
+
+KFOLD_DRIVER = """
+import json, sys
+import torch
+from gtl_dist.config import load_config
+from gtl_dist.exports import read_export
+from gtl_dist.paths import RunPaths
+from gtl_dist.stages import run_variants
+from gtl_dist.train import run_stage
+from gtl_dist.train.metrics import read_val_curve
+cfg, stage = load_config(sys.argv[1], json.loads(sys.argv[3])), sys.argv[4]
+source = run_stage(cfg, sys.argv[2], "denoiser")
+result = run_stage(cfg, sys.argv[2], stage, target="sticky", fraction=0.2)
+again = run_stage(cfg, sys.argv[2], stage, target="sticky", fraction=0.2)
+paths = RunPaths(sys.argv[2])
+kept, refit = read_export(result.export), read_export(paths.export(stage, "sticky", 0.2, 0, "refit"))
+variants = run_variants(cfg, stage, 0.2)
+curves = {v: read_val_curve(paths.stage(stage, "sticky", 0.2, 0, v) / "train_log.jsonl") for v in variants}
+train_steps = [r["step"] for r in map(json.loads, open(paths.stage(stage, "sticky", 0.2, 0, "refit") / "train_log.jsonl"))
+               if r.get("kind") == "train"]
+source_weights = read_export(source.export)["state_dict"]
+print("RESULTS " + json.dumps({
+    "variants": variants, "curves": {v: {str(s): l for s, l in c.items()} for v, c in curves.items()},
+    "grid": kept["meta"]["lr_grid"], "step": kept["meta"]["step"], "val_loss": result.val_loss,
+    "weights": kept["meta"]["weights"], "refit_steps": refit["meta"]["trained_steps"], "refit_train_steps": train_steps,
+    "same_as_refit": all(torch.equal(refit["state_dict"][k], v) for k, v in kept["state_dict"].items()),
+    "same_as_source": all(torch.equal(source_weights[k], v) for k, v in kept["state_dict"].items()),
+    "again": [again.status, again.val_loss]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("lr_grid,source_wins", [("[1e-3, 3e-2]", False), ("[300.0]", True)])
+def test_kfold_selection_averages_the_folds_and_refits_the_best_point_on_every_sequence(
+        tmp_path, deepspeed_ops, lr_grid, source_wins):  # noqa: F811
+    """docs/method.md §12, protocol.selection=kfold: every learning rate trains once per fold; the
+    point and step whose held-out loss averaged over the folds is lowest win, and the export is a
+    refit on all n_T stopped at that step. A learning rate that wrecks every step keeps step 0:
+    the refit then trains nothing and exports the source itself."""
+    settings = SETTINGS + ["protocol.selection=kfold", "protocol.folds=3", f"train.finetune.lr_grid={lr_grid}",
+                           "train.finetune.select_best=true", "train.finetune.ema=0.0", "train.finetune.steps=6",
+                           "train.finetune.val_every=2", "train.finetune.save_every=2", "train.finetune.log_every=1"]
+    _, out = run_driver(KFOLD_DRIVER, tmp_path / "run", settings, "finetune")
+    lrs = [g["lr"] for g in out["grid"]]
+    assert out["variants"] == [f"lr-{lr:g}/fold-{f}" for lr in lrs for f in range(3)] + ["refit"]
+    for g in out["grid"]:  # each point: the mean of its three folds' held-out curves, at its best step
+        folds = [out["curves"][f"lr-{g['lr']:g}/fold-{f}"] for f in range(3)]
+        assert all(list(c) == ["0", "2", "4", "6"] for c in folds)  # step 0: the source, a candidate
+        mean = {s: sum(c[s] for c in folds) / 3 for s in folds[0]}
+        best = min(mean, key=mean.get)
+        assert g["step"] == int(best) and g["val_loss"] == pytest.approx(mean[best])
+    best = min(out["grid"], key=lambda g: g["val_loss"])
+    assert out["val_loss"] == pytest.approx(best["val_loss"]) and out["step"] == best["step"]
+    assert out["weights"] == "refit" and out["same_as_refit"] and out["curves"]["refit"] == {}
+    assert out["refit_steps"] == best["step"] and out["refit_train_steps"][-1:] == ([best["step"]] if best["step"] else [])
+    assert (best["step"] == 0) == source_wins and out["same_as_source"] == source_wins
+    assert out["again"] == ["finished", out["val_loss"]]

@@ -40,7 +40,7 @@ from gtl_dist.cluster.options import LaunchOptions, time_limit_key, world_size
 from gtl_dist.cluster.sbatch import slurm_parameters
 from gtl_dist.cluster.submissions import Plan
 from gtl_dist.cluster.estimate import step_seconds
-from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_holdout
+from gtl_dist.config import ConfigError, RunConfig, TrainConfig, check_split
 from gtl_dist.paths import RunPaths
 from gtl_dist.slurm_query import SlurmCommandError, run_slurm
 from gtl_dist.stages import HELD_OUT, STAGES, StageGraph, Task
@@ -230,8 +230,8 @@ def check_target_data(ctx: Context, report: Report, manifest) -> None:
     for target, fraction in sorted(cells):
         try:
             n = manifest.num_samples(f"{target}/train", fraction)
-            check_holdout(n, ctx.cfg.protocol, f"target '{target}' at fraction {fraction} (n_T = {n}, "
-                                               f"{manifest.path})")
+            check_split(n, ctx.cfg.protocol, f"target '{target}' at fraction {fraction} (n_T = {n}, "
+                                             f"{manifest.path})")
         except (ManifestError, ConfigError) as exc:
             report.problems.append(str(exc))
 

@@ -12,7 +12,7 @@ from gtl_dist.cluster.dag import Pipeline
 from gtl_dist.config import RunConfig
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
-from gtl_dist.stages import STAGES, Task
+from gtl_dist.stages import STAGES, Task, run_variants
 
 
 def train_log_path(paths: RunPaths, task: Task) -> Path:
@@ -23,9 +23,9 @@ def train_log_path(paths: RunPaths, task: Task) -> Path:
 
 def train_logs(cfg: RunConfig, paths: RunPaths, task: Task) -> list[Path]:
     """The train_log.jsonl files a training task writes, in the order it writes them: its own, or
-    one per run of its grid (TrainConfig.grid)."""
-    grid = getattr(cfg.train, task.kind).grid()
-    return paths.train_logs(task.kind, task.target, task.fraction, task.seed, grid)
+    one per run (stages.run_variants: a grid's points, and k-fold selection's folds and refit)."""
+    return paths.train_logs(task.kind, task.target, task.fraction, task.seed,
+                            run_variants(cfg, task.kind, task.fraction))
 
 
 def train_log_records(cfg: RunConfig, paths: RunPaths, task: Task) -> list[dict]:
@@ -35,9 +35,8 @@ def train_log_records(cfg: RunConfig, paths: RunPaths, task: Task) -> list[dict]
 
 
 def task_steps(cfg: RunConfig, task: Task) -> int:
-    """A training task's optimiser steps over all the runs of its grid."""
-    tc = getattr(cfg.train, task.kind)
-    return tc.steps * max(1, len(tc.grid()))
+    """A training task's optimiser steps over all its runs (at most)."""
+    return getattr(cfg.train, task.kind).steps * max(1, len(run_variants(cfg, task.kind, task.fraction)))
 
 
 def current_train_log(cfg: RunConfig, paths: RunPaths, task: Task) -> Optional[tuple[int, Path]]:

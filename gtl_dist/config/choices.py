@@ -18,8 +18,9 @@ MauveFeaturizer = Literal["auto", "tfidf", "mauve-text"]
 PlannerScope = Literal["shared", "per_target"]
 AdapterThrough = Literal["output", "direct"]
 # Model selection of per-target stages (docs/method.md §12): on a held-out part of the method's own
-# n_T target sequences, or a fixed budget with no selection.
-SELECTIONS = ("holdout", "budget")
+# n_T target sequences, by k-fold cross-validation over all n_T then a refit on them, or a fixed
+# budget with no selection.
+SELECTIONS = ("holdout", "kfold", "budget")
 # Whether replicates (pipeline.seeds) redraw the target data (docs/method.md §12).
 Replicates = Literal["redraw", "shared"]
 

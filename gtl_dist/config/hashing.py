@@ -19,7 +19,7 @@ EXECUTION_ONLY_KEYS = ("train.*.compile",)
 # unset (besides None, an absent key): unset they change nothing a stage computes, so the tasks of
 # an earlier run directory keep their hashes and stay done.
 UNSET_UNHASHED_KEYS = {"train.*.weight_decay_grid": None, "train.*.model_grid": None,
-                       "models.adapter.offset": False, "models.adapter.heads": 1}
+                       "models.adapter.offset": False, "models.adapter.heads": 1, "protocol.folds": 5}
 
 
 def _get_path(d: Any, keys: list[str]) -> Any:

@@ -12,7 +12,7 @@ import yaml
 from gtl_dist.config.choices import (POOR_OVERLAP_ACCURACY, SELECTIONS, MauveFeaturizer, PlannerMode,
                                      PlannerScope, Replicates, Sampler, Schedule)
 from gtl_dist.config.hashing import sections_hash
-from gtl_dist.config.protocol import check_holdout, replicates_disjoint
+from gtl_dist.config.protocol import check_split, replicates_disjoint
 from gtl_dist.config.rules import ConfigError, require, require_at_least, require_in
 from gtl_dist.config.sections import DataConfig, ModelsConfig, ShardConfig, StagesConfig, TokenizerConfig
 from gtl_dist.io import dict_hash
@@ -153,13 +153,18 @@ class ProtocolConfig:
     A method given n_T target sequences uses no other target data: with ``holdout`` its early
     stopping and checkpoint selection see only a held-out part of those n_T (the last
     max(holdout_min, round(holdout_fraction * n_T)) of them; it trains on the rest); with
+    ``kfold`` every point of its grid trains once per fold of ``folds`` contiguous blocks of the
+    n_T, validated on the block left out, the point and step whose held-out loss averaged over the
+    folds is lowest win, and a refit on all n_T for that many steps is the export; with
     ``budget`` it trains on all n_T for a fixed number of steps and keeps the final (or EMA)
     weights, as the paper's baselines do. The targets' test sets serve the final evaluation only.
     """
     selection: str = "holdout"
-    """holdout | budget: a plain string, so that its check can say why "test" is refused."""
+    """holdout | kfold | budget: a plain string, so that its check can say why "test" is refused."""
     holdout_fraction: float = 0.2
     holdout_min: int = 2
+    folds: int = 5
+    """kfold: the number of folds (at most n_T: every fold holds out at least one sequence)."""
     holdout_views: int = 16
     """Each validation pass scores every held-out sequence this many times, masked afresh each
     time: a few sequences give a usable signal only over many masked views."""
@@ -180,6 +185,7 @@ class ProtocolConfig:
         require(self.holdout_min >= 1, "holdout_min",
                 f"{self.holdout_min}: holdout selection needs at least one held-out sequence")
         require_at_least(self, 1, "holdout_views")
+        require(self.folds >= 2, "folds", f"{self.folds}: k-fold selection needs at least 2 folds")
 
 
 @dataclass
@@ -277,7 +283,7 @@ class RunConfig:
             n = round(f * n_train)
             if n >= 1:  # a fraction with no target data at all: refused at submit time, with its fix
                 try:
-                    check_holdout(n, self.protocol, f"fraction {f} (n_T = {n})")
+                    check_split(n, self.protocol, f"fraction {f} (n_T = {n})")
                 except ConfigError as exc:
                     raise ConfigError(f"protocol: {exc}") from None
                 seeds = self.pipeline.seeds_at(f)

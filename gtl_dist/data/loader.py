@@ -62,7 +62,7 @@ log = get_logger("data.loader")
 STATE_VERSION = 1
 # Fields of the cursor that define the stream; a cursor from a loader that differs in any of them
 # would silently yield other batches, so loading it is refused.
-_STREAM_FIELDS = ("set", "fraction", "drop_last", "start", "world_size", "num_workers", "seed", "batch_size", "shuffle",
+_STREAM_FIELDS = ("set", "fraction", "drop_last", "held_at", "start", "world_size", "num_workers", "seed", "batch_size", "shuffle",
                   "data_hash")
 
 
@@ -246,16 +246,16 @@ class ShardLoader:
     """
 
     def __init__(self, manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                 drop_last: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 seed: int = 0, shuffle: bool = True, infinite: bool = True,
-                 expected_tokenizer_hash: str | None = None):
+                 drop_last: int = 0, start: int = 0, held_at: int | None = None, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                 infinite: bool = True, expected_tokenizer_hash: str | None = None):
         where = f"{manifest.path} [{set_name}]"
         manifest.check_tokenizer(expected_tokenizer_hash)
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or seed < 0:
             raise ValueError(f"{where}: need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, "
                              f"num_workers >= 0 and seed >= 0; got batch_size={batch_size}, rank={rank}, "
                              f"world_size={world_size}, num_workers={num_workers}, seed={seed}")
-        files = manifest.shard_files(set_name, fraction, drop_last, start)
+        files = manifest.shard_files(set_name, fraction, drop_last, start, held_at)
         workers = max(1, num_workers)
         consumers = world_size * workers
         total = sum(n for _, _, n in files)
@@ -276,7 +276,7 @@ class ShardLoader:
             self.batches_per_epoch = pass_batches(where, total, rank, world_size, workers, batch_size)
         self.manifest, self.set_name, self.fraction, self.drop_last = manifest, set_name, fraction, drop_last
         self.where = where
-        self.start = start
+        self.start, self.held_at = start, held_at
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle, self.infinite = num_workers, seed, shuffle, infinite
         self.shards = [(str(p), skip, n) for p, skip, n in files]
@@ -329,7 +329,7 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor; identical on every rank (each rank consumed the same count)."""
         return {"version": STATE_VERSION, "set": self.set_name, "fraction": self.fraction,
-                "drop_last": self.drop_last, "start": self.start, "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
+                "drop_last": self.drop_last, "held_at": self.held_at, "start": self.start, "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "data_hash": self.manifest.data_hash,
                 "batches_consumed": self._position, "epoch": self.epoch,
                 "batch_in_epoch": self._position % self.batches_per_epoch,
@@ -369,19 +369,20 @@ def pass_batches(where: str, total: int, rank: int, world_size: int, workers: in
 
 
 def make_loader(manifest: Manifest, set_name: str, batch_size: int, *, fraction: float | None = None,
-                drop_last: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                seed: int = 0, shuffle: bool = True, infinite: bool = True,
-                expected_tokenizer_hash: str | None = None) -> ShardLoader:
+                drop_last: int = 0, start: int = 0, held_at: int | None = None, rank: int = 0,
+                world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                infinite: bool = True, expected_tokenizer_hash: str | None = None) -> ShardLoader:
     """A :class:`ShardLoader` over ``set_name`` ("source/train", "physics/test", ...).
 
     ``fraction`` selects a target fraction's count of samples from sample ``start`` on (a
-    replicate's window, read cyclically; the prefix when 0) and ``drop_last`` leaves out its last
-    samples (the held-out part, :func:`read_samples`); rank and world size are explicit
+    replicate's window, read cyclically; the prefix when 0) and ``drop_last`` leaves out as many
+    of its samples, from offset ``held_at`` of the window (by default its last ones: the held-out
+    part, :func:`read_samples`); rank and world size are explicit
     (not read from the environment). Fails at once on a tokenizer mismatch, a corrupted shard, a
     fraction with no samples, or a finite pass with fewer samples than ranks.
     """
     return ShardLoader(manifest, set_name, batch_size, fraction=fraction, drop_last=drop_last, start=start,
-                       rank=rank,
+                       held_at=held_at, rank=rank,
                        world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
                        infinite=infinite, expected_tokenizer_hash=expected_tokenizer_hash)
 

@@ -181,23 +181,32 @@ class Manifest:
         return count
 
     def shard_files(self, set_name: str, fraction: float | None = None, drop_last: int = 0,
-                    start: int = 0) -> list[tuple[Path, int, int]]:
+                    start: int = 0, held_at: int | None = None) -> list[tuple[Path, int, int]]:
         """(path, samples to skip, samples to read) per piece of shard: the set, or the window of
         a target fraction's count of samples that begins at sample ``start`` (a replicate's draw,
         gtl_dist/config/protocol.py ``replicate_start``; read cyclically, so it may wrap to the
-        set's first shard), less its last ``drop_last`` samples (a held-out part, docs/method.md §12)."""
+        set's first shard), less the block of ``drop_last`` samples at offset ``held_at`` of the
+        window (a held-out part, docs/method.md §12; by default its last samples)."""
         count = self.num_samples(set_name, fraction)
-        remaining = count - drop_last
-        if remaining < 1:
+        held_at = count - drop_last if held_at is None else held_at
+        if count - drop_last < 1:
             raise ManifestError(f"{self.path} [{set_name}]: holding out {drop_last} of "
                                 f"{count} samples leaves none to read")
+        if not 0 <= held_at <= count - drop_last:
+            raise ManifestError(f"{self.path} [{set_name}]: a held-out block of {drop_last} samples at "
+                                f"offset {held_at} falls outside the window of {count}")
         shards = self.get_set(set_name).shards
         total = sum(s.samples for s in shards)
         if not 0 <= start < total:
             raise ManifestError(f"{self.path} [{set_name}]: a window starting at sample {start} is "
                                 f"outside its {total} samples")
-        out, first = [], 0
-        for lap in range(2):  # the window's part from `start` to the end, then from the beginning
+        spans = [(start, held_at), ((start + held_at + drop_last) % total, count - held_at - drop_last)]
+        return [piece for first, length in spans if length > 0 for piece in self._pieces(shards, first, length)]
+
+    def _pieces(self, shards: list, start: int, length: int) -> list[tuple[Path, int, int]]:
+        """The pieces of ``length`` samples from sample ``start`` on, wrapping once at the end."""
+        out, remaining = [], length
+        for lap in range(2):  # from `start` to the end, then from the beginning
             first = 0
             for shard in shards:
                 lo = max(start - first, 0) if lap == 0 else 0

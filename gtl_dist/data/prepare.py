@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gtl_dist.config import ConfigError, RunConfig, holdout_count
+from gtl_dist.config import ConfigError, RunConfig, check_split, holdout_count
 from gtl_dist.data.build import clean, data_dir, data_hash, finalize, prepare, repair, run_slice
 from gtl_dist.data.manifest import MANIFEST_NAME, Manifest, ManifestError, build_command, fraction_count
 from gtl_dist.log import get_logger
@@ -99,6 +99,7 @@ def check_target_fractions(cfg: RunConfig, manifest: Manifest) -> list[FractionS
     for s in sizes:
         if s.train < 1:
             raise _no_training_error(cfg, manifest, s)
+        check_split(s.n_t, cfg.protocol, f"target '{s.target}' at fraction {s.fraction} ({manifest.path})")
     return sizes
 
 

@@ -19,7 +19,7 @@ from gtl_dist.config import RunConfig
 from gtl_dist.io import read_json_lines
 from gtl_dist.paths import RunPaths
 from gtl_dist.methods import METHODS
-from gtl_dist.stages import STAGES, StageGraph, Task
+from gtl_dist.stages import STAGES, StageGraph, Task, run_variants
 from gtl_dist.exports import read_export
 
 
@@ -72,7 +72,8 @@ def stage_costs(cfg: RunConfig, paths: RunPaths) -> list[StageCost]:
         parameters = exported_parameters(paths.export(stage, first.target, first.fraction, first.seed))
         tc = getattr(cfg.train, stage)
         minutes = [sum(training_seconds(read_json_lines(log), tc.global_batch)
-                       for log in paths.train_logs(stage, t.target, t.fraction, t.seed, tc.grid())
+                       for log in paths.train_logs(stage, t.target, t.fraction, t.seed,
+                                                   run_variants(cfg, stage, t.fraction))
                        if log.is_file()) / 60 for t in tasks]
         out.append(StageCost(stage, len(tasks), parameters or 0, minutes))
     return out

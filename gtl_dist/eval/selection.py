@@ -20,9 +20,9 @@ import numpy as np
 from gtl_dist.config import RunConfig
 from gtl_dist.eval.results import ResultRow, seed_rows
 from gtl_dist.exports import read_export_meta
-from gtl_dist.io import read_json_lines
 from gtl_dist.methods import METHODS, SOURCE
 from gtl_dist.paths import RunPaths, grid_variant
+from gtl_dist.train.metrics import carried, read_val_curve
 
 SELECTION_METRICS = ("kept_lr", "kept_weight_decay", "kept_model", "kept_step", "out_of_budget", "prior_strength")
 
@@ -59,14 +59,13 @@ def kept_variant(meta: dict) -> Optional[str]:
 
 
 def heldout_curve(paths: RunPaths, meta: dict, seed: int) -> dict[int, float]:
-    """Step -> held-out loss of the kept grid run, from its train_log.jsonl (a step
-    logged twice, by a run resumed after preemption, keeps its last value); empty when the run
-    validated on nothing (selection: budget) or has no log (a closed-form stage)."""
+    """Step -> held-out loss of the kept grid run, from its train_log.jsonl (read_val_curve), or
+    under k-fold selection the kept point's loss averaged over its folds (gtl_dist/train/grid.py);
+    empty when the run validated on nothing (selection: budget) or has no log (a closed-form stage)."""
+    if "kfold" in meta:
+        return {int(s): float(v) for s, v in meta["kfold"]["curve"].items()}
     stage, target, fraction = meta["stage"], meta.get("target"), meta.get("fraction")
-    log = paths.stage(stage, target, fraction, seed, kept_variant(meta)) / "train_log.jsonl"
-    if not log.is_file():
-        return {}
-    return {int(e["step"]): float(e["loss"]) for e in read_json_lines(log) if e.get("kind") == "val"}
+    return read_val_curve(paths.stage(stage, target, fraction, seed, kept_variant(meta)) / "train_log.jsonl")
 
 
 def selection_metas(cfg: RunConfig, paths: RunPaths):
@@ -128,14 +127,6 @@ def heldout_curves(cfg: RunConfig, paths: RunPaths) -> dict[str, dict[float, dic
         out.setdefault(target, {}).setdefault(fraction, {})[method] = HeldOutCurve(
             steps, losses.mean(axis=0), sum(kept_steps) / len(kept_steps), len(curves))
     return out
-
-
-def carried(curve: dict[int, float], steps: np.ndarray) -> np.ndarray:
-    """The curve at ``steps``: before its first step its first value, after its last its last
-    (a run stopped by patience stays where it stopped)."""
-    own = np.array(sorted(curve))
-    index = np.clip(np.searchsorted(own, steps, side="right") - 1, 0, len(own) - 1)
-    return np.array([curve[int(own[i])] for i in index])
 
 
 def render_budgets(cfg: RunConfig) -> str:

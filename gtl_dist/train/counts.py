@@ -10,8 +10,10 @@ under a Dirichlet prior of ``s`` pseudo-transitions spread like the prior's cent
 with m uniform (``counts``) or the source chain's row (``counts_source``, m from the transition
 counts of the source's training set: the stage row reads that set). ``s`` is picked from
 ``models.counts.strengths`` by the same held-out rule as every other stage (masked-token
-cross-entropy of the held-out views, gtl_dist/objectives.py), and the export is the exact
-denoiser of the chain (gtl_dist/models/chain.py), sampled and scored like a trained network.
+cross-entropy of the held-out views, gtl_dist/objectives.py; under ``selection: kfold`` averaged
+over the folds, each fitted on the rest, and the chain then refitted on all n_T), and the export
+is the exact denoiser of the chain (gtl_dist/models/chain.py), sampled and scored like a trained
+network.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gtl_dist.config import ConfigError, RunConfig, check_holdout, replicate_start
+from gtl_dist.config import ConfigError, RunConfig, Split, check_split, replicate_start
 from gtl_dist.data import load_run_manifest, read_samples
 from gtl_dist.diffusion import sample_t
 from gtl_dist.log import get_logger
@@ -61,41 +63,54 @@ def fit_counts(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional
     vocab, states = VocabSpec.from_manifest(manifest), cfg.data.markov.num_states
     name = f"{target}/train"
     n, total = manifest.num_samples(name, fraction), manifest.num_samples(name)
-    n_train, held = check_holdout(n, cfg.protocol, f"target '{target}' at fraction {fraction} (n_T = {n})")
+    where = f"target '{target}' at fraction {fraction} (n_T = {n})"
+    split = check_split(n, cfg.protocol, where)
     start = replicate_start(total, n, seed, cfg.protocol)
-    counts = transition_counts(read_samples(manifest, name, start, start + n_train), states)
+
+    def rows(offset: int, count: int) -> torch.Tensor:
+        first = (start + offset) % total
+        return read_samples(manifest, name, first, first + count)
+
+    def fitted(part: Split, strength: float) -> ChainDenoiser:
+        """The chain fitted on a split's training part (the window but its held-out block)."""
+        spans = [(0, part.held_at), (part.held_at + part.held, part.n_train - part.held_at)]
+        x = torch.cat([rows(offset, count) for offset, count in spans if count > 0])
+        return ChainDenoiser(MarkovChain(posterior_mean(transition_counts(x, states), centre, strength)),
+                             cfg.seq_len)
+
     centre = np.full((states, states), 1.0 / states)
     if "source" in STAGES[stage].train_sets:
         source = transition_counts(read_samples(manifest, "source/train", 0, manifest.num_samples("source/train")),
                                    states)
         centre = source / source.sum(axis=1, keepdims=True)
     strengths = cfg.models.counts.strengths
+    # Scored on the held-out part, or under kfold on every fold (each fitted on the rest).
+    scored = ([check_split(n, cfg.protocol, where, f) for f in range(cfg.protocol.folds)]
+              if cfg.protocol.selection == "kfold" else [split] if split.held else [])
+    run_seed = cfg.seed if not seed else derive_seed(cfg.seed, "replicate", seed) % 2**31
     grid = []
-    if held:
-        x = read_samples(manifest, name, (start + n_train) % total, (start + n_train) % total + held)
-        views = x.repeat(cfg.protocol.holdout_views, 1)
-        run_seed = cfg.seed if not seed else derive_seed(cfg.seed, "replicate", seed) % 2**31
-        for strength in strengths:
+    for strength in strengths if scored else []:
+        losses = []
+        for part in scored:
+            views = rows(part.held_at, part.held).repeat(cfg.protocol.holdout_views, 1)
             g = torch.Generator().manual_seed(derive_seed(run_seed, "val-shared"))
-            chain = ChainDenoiser(MarkovChain(posterior_mean(counts, centre, strength)), cfg.seq_len)
             rates = sample_t(len(views), g, t_min=cfg.noise.t_min, antithetic=cfg.noise.antithetic)
-            loss = masked_token_ce(chain, views, rates, g, vocab=vocab)[1]["loss"]
-            grid.append({"strength": strength, "val_loss": loss})
-        best = min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"])
-    else:
-        best = {"strength": strengths[0], "val_loss": None}
-    chain = ChainDenoiser(MarkovChain(posterior_mean(counts, centre, best["strength"])), cfg.seq_len)
+            losses.append(masked_token_ce(fitted(part, strength), views, rates, g, vocab=vocab)[1]["loss"])
+        grid.append({"strength": strength, "val_loss": float(np.mean(losses))})
+    best = (min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"]) if grid
+            else {"strength": strengths[0], "val_loss": None})
+    chain = fitted(split, best["strength"])
     export = paths.export(stage, target, fraction, seed)
     meta = {"role": STAGES[stage].role, "config": cfg.to_dict(), "vocab": asdict(vocab), "seq_len": cfg.seq_len,
             "trainable_parameters": states * (states - 1), "stage": stage, "target": target,
             "fraction": fraction, "seed": seed, "input_hash": input_hash,
             "tokenizer_hash": manifest.tokenizer_hash, "step": 0, "val_loss": best["val_loss"],
-            "weights": "best" if held else "final", "trained_steps": 0, "finished": True,
-            "prior_strength": best["strength"], "strength_grid": grid, "sequences": n_train}
+            "weights": "best" if grid else "final", "trained_steps": 0, "finished": True,
+            "prior_strength": best["strength"], "strength_grid": grid, "sequences": split.n_train}
     write_export(export, chain.state_dict(), meta)
     log.info("%s: %d training sequences, prior strength %g (held-out loss %s)",
-             task_name(stage, target=target, fraction=fraction, seed=seed), n_train, best["strength"],
+             task_name(stage, target=target, fraction=fraction, seed=seed), split.n_train, best["strength"],
              best["val_loss"])
     return StageResult("finished", stage, target, fraction, 0, input_hash, export=export,
-                       val_loss=best["val_loss"], best_step=0 if held else None)
+                       val_loss=best["val_loss"], best_step=0 if grid else None)
 

@@ -168,13 +168,14 @@ def train_from(recipe: Recipe, ctx: StageContext, state: TrainState) -> StageRes
     """The loop from ``state``'s step to the export, or to the preemption's checkpoint."""
     tc = recipe.train_config
     metrics = open_metrics(ctx, state.step)
-    progress = Progress(tc.steps, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
+    last = ctx.last_step
+    progress = Progress(last, ctx.label, unit="step", enabled=ctx.dist_env.is_main,
                         initial=state.step)
     window, signals = Throughput(), []
     # A stage that starts from a model worth keeping scores it first, so selection can keep it.
     if state.step == 0 and STAGES[ctx.stage].init_is_candidate:
         validate_and_select(recipe, ctx, state, metrics)
-    while state.step < tc.steps:
+    while state.step < last:
         # One optimiser step: the micro-batches, the EMA update, then one host all-reduce of the
         # preemption flags, so that every rank stops after the same step. Its loss and
         # statistics are read from the device only when they are logged.
@@ -199,14 +200,14 @@ def train_from(recipe: Recipe, ctx: StageContext, state: TrainState) -> StageRes
             break
 
         # Checkpoint every save_every steps, after the last step and on preemption.
-        if due(state.step, tc.save_every, tc.steps) or signals:
+        if due(state.step, tc.save_every, last) or signals:
             metrics.flush()
             state.checkpointer.save(state.step)
         if signals:
             break
     progress.close()
 
-    if signals and state.step < tc.steps:  # a signal during the last step: just finish
+    if signals and state.step < last:  # a signal during the last step: just finish
         return stop_for_requeue(ctx, state, metrics, signals)
     return export(recipe, ctx, state, metrics)
 
@@ -242,7 +243,7 @@ def train_step(recipe: Recipe, ctx: StageContext, state: TrainState) -> StepOutc
     signals = ctx.guard.agreed(agreed[:len(flags)])
     state.tokens_seen += state.tokens_per_step
     tc = recipe.train_config
-    if not (due(state.step, tc.log_every, tc.steps) or signals):
+    if not (due(state.step, tc.log_every, ctx.last_step) or signals):
         return StepOutcome(None, agreed[-1], signals, None, time.perf_counter() - t0)
     loss_sum, stats_sum = sums.read()
     keys = sorted(stats_sum)
@@ -303,7 +304,7 @@ def maybe_validate(recipe: Recipe, ctx: StageContext, state: TrainState,
     """Validate every ``val_every`` steps and after the last step (if the stage has validation
     data)."""
     tc = recipe.train_config
-    if due(state.step, tc.val_every, tc.steps):
+    if due(state.step, tc.val_every, ctx.last_step):
         validate_and_select(recipe, ctx, state, metrics)
 
 
@@ -414,9 +415,11 @@ def exported_weights(recipe: Recipe, ctx: StageContext, state: TrainState
 def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[str],
             fraction: Optional[float], input_hash: str,
             make_recipe: Callable[[StageContext], Recipe], seed: int = 0,
-            variant: Optional[str] = None) -> StageResult:
+            variant: Optional[str] = None, fold: Optional[int] = None,
+            stop_at: Optional[int] = None) -> StageResult:
     """Run one stage end to end in this process (one rank of the job); ``variant`` names one run
-    of its learning-rate grid (its own folder; the caller publishes the best)."""
+    of its learning-rate grid (its own folder; the caller publishes the best), ``fold`` the fold
+    a kfold run holds out and ``stop_at`` a kfold refit's last step (gtl_dist/train/kfold.py)."""
     from gtl_dist.train.dist import init_distributed
 
     guard = PreemptionGuard().install()  # first: a USR2 during set-up must not kill the rank
@@ -424,7 +427,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
     try:
         d = init_distributed()
         ctx = StageContext(cfg, RunPaths(run_dir), stage, target, fraction, input_hash, d,
-                           detect_hardware(), guard, seed, variant)
+                           detect_hardware(), guard, seed, variant, fold, stop_at)
         done = finished_export(ctx)
         if done is not None:
             if d.is_main:

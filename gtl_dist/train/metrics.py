@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from gtl_dist.io import atomic_write_text
+from gtl_dist.io import atomic_write_text, read_json_lines
 from gtl_dist.models import count_parameters
 
 
@@ -64,6 +65,22 @@ def profile_operators(run: Callable[[], Any], device: torch.device, rows: int) -
     averages = prof.key_averages()
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return averages.table(sort_by=sort, row_limit=rows), averages
+
+
+def read_val_curve(log: Path) -> dict[int, float]:
+    """Step -> validation loss, from a run's train_log.jsonl (a step logged twice, by a run
+    resumed after preemption, keeps its last value); empty without a log or validations."""
+    if not log.is_file():
+        return {}
+    return {int(e["step"]): float(e["loss"]) for e in read_json_lines(log) if e.get("kind") == "val"}
+
+
+def carried(curve: dict[int, float], steps: np.ndarray) -> np.ndarray:
+    """The curve at ``steps``: before its first step its first value, after its last its last
+    (a run stopped by patience stays where it stopped)."""
+    own = np.array(sorted(curve))
+    index = np.clip(np.searchsorted(own, steps, side="right") - 1, 0, len(own) - 1)
+    return np.array([curve[int(own[i])] for i in index])
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:

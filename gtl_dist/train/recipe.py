@@ -171,6 +171,14 @@ class StageContext:
     guard: PreemptionGuard
     seed: int = 0  # replicate (pipeline.seeds) of a per-target stage
     variant: Optional[str] = None  # one run of the stage's learning-rate grid (lr-<value>)
+    fold: Optional[int] = None  # protocol.selection=kfold: the fold this run holds out
+    stop_at: Optional[int] = None  # a kfold refit: its last step (the schedule spans train.<stage>.steps)
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: ``train.<stage>.steps``, or a refit's ``stop_at``."""
+        steps = getattr(self.cfg.train, self.stage).steps
+        return steps if self.stop_at is None else min(self.stop_at, steps)
 
     @property
     def label(self) -> str:

@@ -9,7 +9,9 @@ in the stage table (gtl_dist/stages.py); the recipes below read them.
 The low-data protocol (``protocol``, docs/method.md §12). A per-target stage given the n_T target
 sequences of its fraction uses no other target data. Under ``selection: holdout`` it trains on the
 first n_T − k of them and early-stops / selects its checkpoint on the last k (each scored over
-``holdout_views`` masked views per pass); under ``selection: budget`` it trains on all n_T for its
+``holdout_views`` masked views per pass); under ``selection: kfold`` a fold's run (``ctx.fold``)
+trains on all but its fold's block and validates on that block, and the refit trains on all n_T
+(gtl_dist/train/kfold.py); under ``selection: budget`` it trains on all n_T for its
 fixed number of steps and validates on nothing. The targets' test sets are read by the evaluation
 only (and by the evaluator's own models, which validate on them).
 
@@ -46,7 +48,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gtl_dist.config import ConfigError, check_holdout, replicate_start
+from gtl_dist.config import ConfigError, Split, check_split, replicate_start
 from gtl_dist.data import load_run_manifest
 from gtl_dist.diffusion import NoiseSchedule, sample_t
 from gtl_dist.exports import load_exported, read_export, upstream_export_path
@@ -92,15 +94,15 @@ class ShardRecipe(Recipe):
         self.tokenizer_hash = self.manifest.tokenizer_hash
         self.target, self.fraction = ctx.target, ctx.fraction
         self._report: Optional[str] = None
-        # The fraction's n_T target sequences: the first n_train are trained on, the last
-        # `held_out` are the stage's only validation data (docs/method.md §12).
+        # The fraction's n_T target sequences: the run trains on all but the block `split.held`
+        # at offset `split.held_at`, the stage's only validation data (docs/method.md §12).
         # Replicate ctx.seed's draw starts at sample `window`.
-        self.n_train, self.held_out, self.window = 0, 0, 0
+        self.split, self.window = Split(0, 0, 0), 0
         if self.target is not None and self.fraction is not None:
             n = self.manifest.num_samples(self.target_train(), self.fraction)
-            self.n_train, self.held_out = check_holdout(
-                n, ctx.cfg.protocol, f"target '{self.target}' at fraction {self.fraction} "
-                                     f"(n_T = {n}, {self.manifest.path})")
+            self.split = check_split(n, ctx.cfg.protocol, f"target '{self.target}' at fraction "
+                                                          f"{self.fraction} (n_T = {n}, {self.manifest.path})",
+                                     ctx.fold)
             self.window = replicate_start(self.manifest.num_samples(self.target_train()), n, ctx.seed,
                                           ctx.cfg.protocol)
 
@@ -123,8 +125,9 @@ class ShardRecipe(Recipe):
         set_name = self.target_train() if per_fraction else set_name.format(target=self.target)
         return make_loader(self.manifest, set_name, batch_size,
                            fraction=self.fraction if per_fraction else None,
-                           drop_last=self.held_out if per_fraction else 0,
+                           drop_last=self.split.held if per_fraction else 0,
                            start=self.window if per_fraction else 0,
+                           held_at=self.split.held_at if per_fraction else None,
                            rank=dist_env.rank, world_size=dist_env.world_size,
                            num_workers=self.train_config.num_workers if is_source and train else 0,
                            seed=seed, shuffle=train, infinite=train,
@@ -149,7 +152,7 @@ class ShardRecipe(Recipe):
     def validation_loaders(self, micro_batch: int, dist_env: DistEnv) -> Optional[dict[str, Any]]:
         """The validation sets' loaders (held-out sequences as ready batches); None when a set
         is the held-out part and the protocol holds nothing out (selection: budget)."""
-        if HELD_OUT in self.val_sets.values() and not self.held_out:
+        if HELD_OUT in self.val_sets.values() and not self.split.held:
             return None
         sizes = self.batch_sizes(micro_batch, train=False)
         return {name: self.holdout(sizes[name], dist_env) if set_name == HELD_OUT
@@ -159,11 +162,11 @@ class ShardRecipe(Recipe):
     def holdout(self, micro_batch: int, dist_env: DistEnv) -> Optional[list[torch.Tensor]]:
         """This rank's validation batches of the held-out target sequences, every sequence
         ``protocol.holdout_views`` times (masked afresh in each view); None under budget."""
-        if not self.held_out:
+        if not self.split.held:
             return None
         from gtl_dist.data import read_samples
-        start = (self.window + self.n_train) % self.manifest.num_samples(self.target_train())
-        held = read_samples(self.manifest, self.target_train(), start, start + self.held_out,
+        start = (self.window + self.split.held_at) % self.manifest.num_samples(self.target_train())
+        held = read_samples(self.manifest, self.target_train(), start, start + self.split.held,
                             self.tokenizer_hash)
         views = held.repeat(self.cfg.protocol.holdout_views, 1)
         per_rank = len(views) // dist_env.world_size

@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from gtl_dist.config import RunConfig, check_holdout, load_config, replicate_start
+from gtl_dist.config import RunConfig, check_split, load_config, replicate_start
 from gtl_dist.data import load_run_manifest, read_samples
 from gtl_dist.eval.evaluate_markov import heldout_views
 from gtl_dist.eval.paired import t_interval
@@ -119,9 +119,9 @@ class Run:
         selection read them), each masked ``protocol.holdout_views`` times per evaluation rate."""
         cfg, man, name = self.cfg, self.manifest, f"{target}/train"
         n, total = man.num_samples(name, fraction), man.num_samples(name)
-        n_train, held = check_holdout(n, cfg.protocol, f"target '{target}' at fraction {fraction}")
-        start = (replicate_start(total, n, seed, cfg.protocol) + n_train) % total
-        x = read_samples(man, name, start, start + held, man.tokenizer_hash)
+        split = check_split(n, cfg.protocol, f"target '{target}' at fraction {fraction}")
+        start = (replicate_start(total, n, seed, cfg.protocol) + split.held_at) % total
+        x = read_samples(man, name, start, start + split.held, man.tokenizer_hash)
         return masked_views(x.repeat(cfg.protocol.holdout_views, 1), cfg.eval.ce_mask_rates,
                             cfg.sample.seed + 1 + seed, man.mask_id)
 
