@@ -104,6 +104,10 @@ def test_a_study_setting_that_cannot_work_is_refused_naming_the_key():
         load_config(CONFIGS / "demo.yaml", ["sample.methods=[gtl, counts]"])
     with pytest.raises(ConfigError, match=r"eval\.ce_mask_rates: \[0\.5, 1\.0\]"):
         load_config(CONFIGS / "tiny.yaml", ["eval.ce_mask_rates=[0.5, 1.0]"])
+    with pytest.raises(ConfigError, match=r"protocol\.folds=50 splits the 40 target sequences of fraction 0\.2"):
+        load_config(CONFIGS / "tiny.yaml", ["protocol.selection=kfold", "protocol.folds=50"])
+    with pytest.raises(ConfigError, match=r"protocol\.folds: 1: k-fold selection needs at least 2 folds"):
+        load_config(CONFIGS / "tiny.yaml", ["protocol.selection=kfold", "protocol.folds=1"])
 
 
 STUDIES = {"markov_study": ["markov.yaml", "markov_study.yaml"],
@@ -111,6 +115,7 @@ STUDIES = {"markov_study": ["markov.yaml", "markov_study.yaml"],
            "decay": ["markov.yaml", "markov_perturbed.yaml", "markov_low_end.yaml", "markov_decay.yaml"],
            "attention": ["markov.yaml", "markov_low_end.yaml", "markov_attention.yaml"],
            "capacity": ["markov.yaml", "markov_perturbed.yaml", "markov_low_end.yaml", "markov_capacity.yaml"],
+           "kfold": ["markov.yaml", "markov_perturbed.yaml", "markov_low_end.yaml", "markov_kfold.yaml"],
            "demo_rank8": ["demo.yaml", "demo_rank8.yaml"]}
 
 
@@ -127,3 +132,31 @@ def test_every_trained_method_of_a_study_gets_the_same_budget_and_search(study):
                for stage in stages for tc in [getattr(cfg.train, stage)]}
     assert len({repr(b) for b in budgets.values()}) == 1, budgets
     assert len(stages) >= 3
+
+
+@pytest.mark.parametrize("selection", ["holdout", "kfold"])
+def test_the_counts_control_picks_its_prior_by_the_protocol_and_kfold_refits_on_every_sequence(tmp_path, selection):
+    """docs/method.md §12 for the closed-form counts stage: under holdout the chain is fitted on the
+    n_T sequences less the held-out part that picked its prior strength; under kfold the strength
+    is picked by the folds (each fitted on the rest) and the chain refitted on all n_T."""
+    import numpy as np
+    import torch
+    from gtl_dist.data import prepare_data, read_samples
+    from gtl_dist.exports import read_export
+    from gtl_dist.train import run_stage
+    from gtl_dist.train.counts import posterior_mean, transition_counts
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"protocol.selection={selection}", "protocol.folds=4",
+                                              "sample.methods=[counts]"])
+    run_dir = tmp_path / "run"
+    manifest = prepare_data(cfg, run_dir)
+    n = manifest.num_samples("sticky/train", 0.2)
+    meta = read_export(run_stage(cfg, run_dir, "counts", target="sticky", fraction=0.2).export)
+    fitted_on = n if selection == "kfold" else n - max(2, round(0.2 * n))
+    assert meta["meta"]["sequences"] == fitted_on
+    grid = meta["meta"]["strength_grid"]
+    assert [g["strength"] for g in grid] == cfg.models.counts.strengths and all(np.isfinite(g["val_loss"]) for g in grid)
+    assert meta["meta"]["prior_strength"] == min(grid, key=lambda g: g["val_loss"])["strength"]
+    counts = transition_counts(read_samples(manifest, "sticky/train", 0, fitted_on), cfg.data.markov.num_states)
+    centre = np.full(counts.shape, 1.0 / counts.shape[0])
+    expected = posterior_mean(counts, centre, meta["meta"]["prior_strength"])
+    assert torch.allclose(meta["state_dict"]["matrix"].double(), torch.from_numpy(expected))

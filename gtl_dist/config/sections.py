@@ -379,21 +379,21 @@ class TrainConfig:
                 f"(or null: train once at lr)")
         require(grid is None or self.select_best, "lr_grid",
                 "picking a learning rate needs held-out validation: set select_best=true (with "
-                "protocol.selection=holdout) or lr_grid=null")
+                "protocol.selection=holdout or kfold) or lr_grid=null")
         decays = self.weight_decay_grid
         require(decays is None or (bool(decays) and min(decays) >= 0 and len(set(decays)) == len(decays)),
                 "weight_decay_grid", f"{decays}: a weight-decay grid needs distinct values of 0 or more, "
                                      f"e.g. [1, 3, 10] (or null: train at weight_decay)")
         require(decays is None or self.select_best, "weight_decay_grid",
                 "picking a weight decay needs held-out validation: set select_best=true (with "
-                "protocol.selection=holdout) or weight_decay_grid=null")
+                "protocol.selection=holdout or kfold) or weight_decay_grid=null")
         models = self.model_grid
         require(models is None or (bool(models) and all(isinstance(m, dict) for m in models)), "model_grid",
                 f"{models}: a model grid is a list of mappings of model settings, e.g. "
                 f"[{{attention: false}}, {{attention: true, heads: 4}}] (or null)")
         require(models is None or self.select_best, "model_grid",
                 "picking a model needs held-out validation: set select_best=true (with "
-                "protocol.selection=holdout) or model_grid=null")
+                "protocol.selection=holdout or kfold) or model_grid=null")
         ls = self.label_smoothing
         require(not ls or (len(ls) == 2 and min(ls) > 0), "label_smoothing",
                 "expected [] (off) or two positive Beta parameters [a, b]")

@@ -277,6 +277,11 @@ def protocol_text(cfg: RunConfig) -> str:
                 f"(max({p.holdout_min}, round({p.holdout_fraction:g} · n_T)) of them), which alone decides "
                 f"its early stopping and checkpoint (scored over {p.holdout_views} masked views per "
                 f"sequence)")
+    elif p.selection == "kfold":
+        rule = (f"every per-target network chooses its learning rate (and grid point) and its number of "
+                f"steps by {p.folds}-fold cross-validation over its own n_T target sequences (each fold "
+                f"trains on the rest and is scored over {p.holdout_views} masked views per held-out "
+                f"sequence; the lowest fold-averaged loss wins), then is refitted on all n_T for that many steps")
     else:
         rule = ("every per-target network trains on all of its n_T target sequences for its fixed number "
                 "of steps and keeps its final (or EMA) weights: no validation, no selection")

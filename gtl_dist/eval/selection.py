@@ -135,7 +135,10 @@ def render_budgets(cfg: RunConfig) -> str:
              "Every per-target stage: at most `steps` optimiser steps of `global_batch` sequences, "
              "validated every `val_every` steps on its own held-out sequences, once per learning rate "
              "of `lr_grid` (and per weight decay of `weight_decay_grid` and model of `model_grid`, where "
-             "set); the kept weights are those with the lowest held-out masked-token cross-entropy. The "
+             "set); the kept weights are those with the lowest held-out masked-token cross-entropy"
+             + (f", averaged over {cfg.protocol.folds} folds of the n_T sequences (each point trains once "
+                f"per fold), refitted on all n_T for the kept number of steps"
+                if cfg.protocol.selection == "kfold" else "") + ". The "
              "tables `kept_lr`, `kept_weight_decay`, `kept_model`, `kept_step` and `out_of_budget` above "
              "give what was kept (`out_of_budget`: share of replicates whose kept step was their last).", "",
              "| method | stage | steps | global batch | val every | learning rates | weight decays | models |",

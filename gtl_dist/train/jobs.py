@@ -15,7 +15,7 @@ from gtl_dist.stages import PER_FRACTION, PER_TARGET, STAGES, StageGraph, kfold_
 from gtl_dist.train.denoiser_recipes import ARRecipe, DiffusionRecipe
 from gtl_dist.train.guide_recipes import (AdapterRecipe, ClassifierRecipe, EditRatioRecipe, PlannerRecipe,
                                           RatioRecipe, check_classifier_micro_batch)
-from gtl_dist.train.grid import run_grid, run_kfold
+from gtl_dist.train.grid import run_selected
 from gtl_dist.train.loop import execute
 from gtl_dist.train.recipe import StageResult
 from gtl_dist.train.shard_recipe import upstream_export
@@ -77,9 +77,9 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     finished with the same inputs; returns ``status="preempted"`` after a preemption signal
     (unless an earlier handler, e.g. submitit's, took over and exited). With
     ``train.<stage>.lr_grid`` (or ``weight_decay_grid``, ``model_grid``) it trains once per point of the grid and
-    exports the best run (:func:`~gtl_dist.train.grid.run_grid`); under ``protocol.selection: kfold``
+    exports the best run (gtl_dist/train/grid.py); under ``protocol.selection: kfold``
     a stage that selects on its held-out part trains once per point and fold and exports a refit
-    (:func:`~gtl_dist.train.grid.run_kfold`).
+    (the same module).
     """
     check_stage_args(cfg, stage, target, fraction, seed)
     RunPaths(run_dir).root.mkdir(parents=True, exist_ok=True)
@@ -87,9 +87,8 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[
     if STAGES[stage].role == "chain":  # closed form, no optimiser
         from gtl_dist.train.counts import fit_counts
         return fit_counts(cfg, run_dir, stage, target, fraction, seed, input_hash)
-    if kfold_selected(cfg, stage, fraction):
-        return run_kfold(cfg, run_dir, stage, target, fraction, seed, input_hash, RECIPES[stage])
-    if getattr(cfg.train, stage).grid():
-        return run_grid(cfg, run_dir, stage, target, fraction, seed, input_hash, RECIPES[stage])
+    kfold = kfold_selected(cfg, stage, fraction)
+    if kfold or getattr(cfg.train, stage).grid():
+        return run_selected(cfg, run_dir, stage, target, fraction, seed, input_hash, RECIPES[stage], kfold)
     return execute(cfg, run_dir, stage, target, fraction, input_hash, RECIPES[stage], seed)
 
