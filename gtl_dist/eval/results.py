@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -97,6 +98,13 @@ def write_results_csv(path: str | os.PathLike, rows: Iterable[ResultRow]) -> Pat
     path = Path(path)
     atomic_write_text(path, results_csv_text(rows))
     return path
+
+
+def seed_values(notes: str) -> dict[str, float]:
+    """Seed -> value, from the notes of a row :func:`seed_rows` wrote ("seeds 0,1,2: a, b, c");
+    empty for a row of one seed or none."""
+    match = re.search(r"seeds ([\d,]+): ([^;]+)", notes)
+    return dict(zip(match.group(1).split(","), map(float, match.group(2).split(", ")))) if match else {}
 
 
 def read_results_csv(path: str | os.PathLike) -> list[ResultRow]:

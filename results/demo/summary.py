@@ -18,10 +18,10 @@ and fraction:
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 from gtl_dist.eval.paired import t_interval, verdict
+from gtl_dist.eval.results import seed_values
 from gtl_dist.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +71,7 @@ def row(rows: list[dict], method: str, cell: tuple[str, str], metric: str) -> di
 
 def by_seed(r: dict | None) -> dict[str, float]:
     """A row's per-replicate values keyed by seed, from its notes ("seeds 0,1,2: a, b, c")."""
-    match = re.search(r"seeds ([\d,]+): ([^;]+)", r["notes"]) if r else None
-    return dict(zip(match.group(1).split(","), map(float, match.group(2).split(", ")))) if match else {}
+    return seed_values(r["notes"]) if r else {}
 
 
 def per_replicate(r: dict) -> list[float]:

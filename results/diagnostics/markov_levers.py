@@ -120,6 +120,9 @@ class Run:
         cfg, man, name = self.cfg, self.manifest, f"{target}/train"
         n, total = man.num_samples(name, fraction), man.num_samples(name)
         split = check_split(n, cfg.protocol, f"target '{target}' at fraction {fraction}")
+        if not split.held:
+            raise SystemExit(f"{self.root}: protocol.selection={cfg.protocol.selection} leaves its exports no "
+                             f"held-out sequences of their own to choose on; run this lever on a holdout run")
         start = (replicate_start(total, n, seed, cfg.protocol) + split.held_at) % total
         x = read_samples(man, name, start, start + split.held, man.tokenizer_hash)
         return masked_views(x.repeat(cfg.protocol.holdout_views, 1), cfg.eval.ce_mask_rates,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from gtl_dist.eval.paired import t_interval
+from gtl_dist.eval.results import seed_values
 from gtl_dist.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +29,11 @@ RUNS = {"sticky_high": "", "sticky": "", "perturbed_high": "", "perturbed_mid": 
         "decay": "decay grid, ", "sticky_high_attention": "attention heads, ",
         "perturbed_high_attention": "attention heads, ", "sticky_high_attention_r16": "attention heads rank 16, ",
         "perturbed_high_attention_r16": "attention heads rank 16, ",
-        "sticky_capacity": "capacity grid, ", "perturbed_capacity": "capacity grid, "}
+        "sticky_capacity": "capacity grid, ", "perturbed_capacity": "capacity grid, ",
+        "perturbed_kfold": "k-fold selection, "}
+# A run -> the run whose replicates drew the same target sequences under another protocol: the
+# summary gives each method's per-replicate change between the two.
+SAME_DRAWS = {"perturbed_kfold": "perturbed"}
 ROWS = (("gtl", "**gtl** (adapter)"), ("gtl_edit", "gtl_edit (edit-ratio net)"),
         ("source", "source, unguided"), ("vanilla", "vanilla (target only)"),
         ("finetune", "finetune (all parameters)"), ("finetune_small", "finetune_small (LoRA)"),
@@ -133,6 +139,28 @@ def verdict_table(rows: list[dict], pool: int, metric: str) -> list[str]:
     return lines
 
 
+def across_runs(rows: list[dict], pool: int, run: str, base: str) -> list[str]:
+    """Each method's masked cross-entropy in ``run`` minus the same method's in ``base``, per
+    replicate over the seeds both ran (the same seeds draw the same target sequences): mean [95 %
+    t-interval]; below 0 ``run``'s protocol did better."""
+    cols = [c for c in cells(rows) if c[0] == run]
+    lines = ["| method | " + " | ".join(f"{t} {round(float(f) * pool)}" for _, t, f in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for method, label in ROWS:
+        if method not in LEARNED | {"counts", "counts_source"}:
+            continue
+        parts = []
+        for _, t, f in cols:
+            new, old = (seed_values(r["notes"]) if (r := value(rows, method, (name, t, f), "masked_ce")) else {}
+                        for name in (run, base))
+            diffs = [new[s] - old[s] for s in new if s in old]
+            mean, _, low, high = t_interval(diffs) if len(diffs) > 1 else (None,) * 4
+            parts.append("—" if mean is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] ({len(diffs)})")
+        if any(p != "—" for p in parts):
+            lines.append(f"| {label} | " + " | ".join(parts) + " |")
+    return lines
+
+
 def main() -> None:
     rows, pool = read_rows(), target_pool()
     parts = ["# Markov study: summary tables",
@@ -143,6 +171,11 @@ def main() -> None:
     for metric, label in METRICS:
         parts += ["", f"## Paired differences, {label} (method − gtl, 95 % t-interval over "
                   "replicates; ties shown with their interval)", "", *verdict_table(rows, pool, metric)]
+    for run, base in SAME_DRAWS.items():
+        if run in published() and base in published():
+            parts += ["", f"## `{run}` against `{base}`, the same draws (masked cross-entropy, {run} − {base} "
+                      "per replicate, mean [95 % t-interval] (replicates); below 0: better in "
+                      f"{run})", "", *across_runs(rows, pool, run, base)]
     out = HERE / "summary.md"
     atomic_write_text(out, "\n".join(parts) + "\n")
     print(out)
