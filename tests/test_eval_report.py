@@ -16,6 +16,7 @@ from gtl_dist.eval.paper import paper_rows
 from gtl_dist.eval.report import MarkovMatrices, render_table, seeds_text, write_report
 from gtl_dist.eval.results import ResultRow, mauve_row, read_results_csv, rows_from_metrics
 from gtl_dist.paths import RunPaths
+from gtl_dist.stages import run_variants
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -199,7 +200,7 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
         for target, fraction, seed in cells:
             write_export(paths.export(stage, target, fraction, seed), {"w": torch.zeros(size)}, meta)
             tc = getattr(cfg.train, stage)
-            for log in paths.train_logs(stage, target, fraction, seed, tc.grid()):
+            for log in paths.train_logs(stage, target, fraction, seed, run_variants(cfg, stage, fraction)):
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text(json.dumps({"kind": "train", "step": 60, "samples_per_s": tc.global_batch})
                                + "\n")  # 60 s
@@ -213,6 +214,26 @@ def test_the_cost_section_counts_exported_parameters_and_logged_step_time(tmp_pa
     assert "| edit_ratio | 4 | 50 | 2.0 | 8.0 |" in text  # two grid runs of 1 minute per task
     assert ("source denoiser's 1,000 parameters: gtl_edit trains 50 (edit_ratio, 5.0%); finetune_small "
             "trains 30 (finetune_small, 3.0%).") in text
+
+
+def test_the_cost_of_a_kfold_task_counts_every_fold_and_the_refit(tmp_path):
+    """Under protocol.selection=kfold a task trains each grid point once per fold, then the refit
+    (docs/method.md §12): its cost is all of those runs' step time."""
+    import json
+    import torch
+    from gtl_dist.eval.cost import stage_costs
+    from gtl_dist.exports import write_export
+    cfg = load_config(CONFIGS / "tiny.yaml", ["protocol.selection=kfold", "protocol.folds=3",
+                                              "train.finetune.lr_grid=[0.001, 0.01]", "train.finetune.select_best=true",
+                                              "sample.methods=[finetune, source]"])
+    paths, tc = RunPaths(tmp_path), cfg.train.finetune
+    variants = run_variants(cfg, "finetune", 0.2)
+    assert variants == [f"lr-{lr}/fold-{f}" for lr in ("0.001", "0.01") for f in range(3)] + ["refit"]
+    write_export(paths.export("finetune", "sticky", 0.2, 0), {"w": torch.zeros(10)}, {"stage": "finetune"})
+    for log in paths.train_logs("finetune", "sticky", 0.2, 0, variants):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps({"kind": "train", "step": 60, "samples_per_s": tc.global_batch}) + "\n")
+    assert [c.minutes for c in stage_costs(cfg, paths) if c.stage == "finetune"] == [[pytest.approx(7.0)]]
 
 
 @pytest.mark.parametrize("replicates,says", [
