@@ -419,7 +419,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional[st
             stop_at: Optional[int] = None) -> StageResult:
     """Run one stage end to end in this process (one rank of the job); ``variant`` names one run
     of its learning-rate grid (its own folder; the caller publishes the best), ``fold`` the fold
-    a kfold run holds out and ``stop_at`` a kfold refit's last step (gtl_dist/train/kfold.py)."""
+    a kfold run holds out and ``stop_at`` a kfold refit's last step (gtl_dist/train/grid.py)."""
     from gtl_dist.train.dist import init_distributed
 
     guard = PreemptionGuard().install()  # first: a USR2 during set-up must not kill the rank

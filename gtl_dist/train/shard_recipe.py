@@ -11,7 +11,7 @@ sequences of its fraction uses no other target data. Under ``selection: holdout`
 first n_T − k of them and early-stops / selects its checkpoint on the last k (each scored over
 ``holdout_views`` masked views per pass); under ``selection: kfold`` a fold's run (``ctx.fold``)
 trains on all but its fold's block and validates on that block, and the refit trains on all n_T
-(gtl_dist/train/kfold.py); under ``selection: budget`` it trains on all n_T for its
+(gtl_dist/train/grid.py); under ``selection: budget`` it trains on all n_T for its
 fixed number of steps and validates on nothing. The targets' test sets are read by the evaluation
 only (and by the evaluator's own models, which validate on them).
 
