@@ -341,7 +341,8 @@ def kfold_selected(cfg: RunConfig, stage: str, fraction: Optional[float]) -> boo
     """Whether a task of ``stage`` chooses its export by k-fold selection (gtl_dist/train/grid.py):
     under ``protocol.selection: kfold``, a per-fraction stage that keeps its best weights on its
     held-out part (the protocol's other stages, as under ``budget``, train once on all n_T)."""
-    return (cfg.protocol.selection == "kfold" and fraction is not None and STAGES[stage].role != "chain"
+    # A shared stage (no fraction) never reads the protocol: it is not among its inputs.
+    return (fraction is not None and cfg.protocol.selection == "kfold" and STAGES[stage].role != "chain"
             and HELD_OUT in STAGES[stage].val_sets.values() and getattr(cfg.train, stage).select_best)
 
 
