@@ -17,7 +17,7 @@ from gtl_dist.config.choices import (ATTENTION_MODES, CORPORA, DEFAULT_LABEL_SMO
 from gtl_dist.config.hashing import BUILD_ONLY_KEYS, EXECUTION_ONLY_KEYS, execution_only, is_unset, unset_unhashed
 from gtl_dist.config.loading import (check_section, config_from_dict, example_override, load_config,
                                      parse_override, validate, with_model_point)
-from gtl_dist.config.protocol import Split, check_split, fold_bounds, holdout_count, replicate_start, replicates_disjoint
+from gtl_dist.config.protocol import Split, check_split, holdout_count, replicate_start, replicates_disjoint
 from gtl_dist.config.rules import ConfigError, require, require_at_least, require_in
 from gtl_dist.config.run import (ClusterConfig, EvalConfig, NoiseConfig, PipelineConfig, ProtocolConfig,
                                  RunConfig, SampleConfig)
@@ -31,7 +31,7 @@ __all__ = [
     "AdapterConfig", "ClusterConfig", "ConfigError", "CountsConfig", "DataConfig", "EvalConfig",
     "LoraConfig", "MarkovConfig", "ModelConfig", "ModelsConfig", "NoiseConfig", "PipelineConfig",
     "ProtocolConfig", "RunConfig", "SampleConfig", "ShardConfig", "StagesConfig", "TokenizerConfig",
-    "Split", "TrainConfig", "check_section", "check_split", "fold_bounds", "config_from_dict", "example_override",
+    "Split", "TrainConfig", "check_section", "check_split", "config_from_dict", "example_override",
     "execution_only", "holdout_count", "load_config", "parse_override", "replicate_start",
     "replicates_disjoint", "require", "require_at_least", "require_in", "unset_unhashed", "is_unset", "validate",
     "with_model_point",

@@ -71,12 +71,13 @@ def fit_counts(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional
         first = (start + offset) % total
         return read_samples(manifest, name, first, first + count)
 
-    def fitted(part: Split, strength: float) -> ChainDenoiser:
-        """The chain fitted on a split's training part (the window but its held-out block)."""
+    def training_counts(part: Split) -> np.ndarray:
+        """Transition counts of a split's training part (the window but its held-out block)."""
         spans = [(0, part.held_at), (part.held_at + part.held, part.n_train - part.held_at)]
-        x = torch.cat([rows(offset, count) for offset, count in spans if count > 0])
-        return ChainDenoiser(MarkovChain(posterior_mean(transition_counts(x, states), centre, strength)),
-                             cfg.seq_len)
+        return transition_counts(torch.cat([rows(offset, count) for offset, count in spans if count > 0]), states)
+
+    def chain(counts: np.ndarray, strength: float) -> ChainDenoiser:
+        return ChainDenoiser(MarkovChain(posterior_mean(counts, centre, strength)), cfg.seq_len)
 
     centre = np.full((states, states), 1.0 / states)
     if "source" in STAGES[stage].train_sets:
@@ -87,19 +88,21 @@ def fit_counts(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional
     # Scored on the held-out part, or under kfold on every fold (each fitted on the rest).
     scored = ([check_split(n, cfg.protocol, where, f) for f in range(cfg.protocol.folds)]
               if cfg.protocol.selection == "kfold" else [split] if split.held else [])
+    # Each part's training counts and held-out views, read once for every strength.
+    parts = [(training_counts(part), rows(part.held_at, part.held).repeat(cfg.protocol.holdout_views, 1))
+             for part in scored]
     run_seed = cfg.seed if not seed else derive_seed(cfg.seed, "replicate", seed) % 2**31
     grid = []
-    for strength in strengths if scored else []:
+    for strength in strengths if parts else []:
         losses = []
-        for part in scored:
-            views = rows(part.held_at, part.held).repeat(cfg.protocol.holdout_views, 1)
+        for counts, views in parts:
             g = torch.Generator().manual_seed(derive_seed(run_seed, "val-shared"))
             rates = sample_t(len(views), g, t_min=cfg.noise.t_min, antithetic=cfg.noise.antithetic)
-            losses.append(masked_token_ce(fitted(part, strength), views, rates, g, vocab=vocab)[1]["loss"])
+            losses.append(masked_token_ce(chain(counts, strength), views, rates, g, vocab=vocab)[1]["loss"])
         grid.append({"strength": strength, "val_loss": float(np.mean(losses))})
     best = (min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"]) if grid
             else {"strength": strengths[0], "val_loss": None})
-    chain = fitted(split, best["strength"])
+    fit = chain(training_counts(split), best["strength"])
     export = paths.export(stage, target, fraction, seed)
     meta = {"role": STAGES[stage].role, "config": cfg.to_dict(), "vocab": asdict(vocab), "seq_len": cfg.seq_len,
             "trainable_parameters": states * (states - 1), "stage": stage, "target": target,
@@ -107,7 +110,7 @@ def fit_counts(cfg: RunConfig, run_dir: str | Path, stage: str, target: Optional
             "tokenizer_hash": manifest.tokenizer_hash, "step": 0, "val_loss": best["val_loss"],
             "weights": "best" if grid else "final", "trained_steps": 0, "finished": True,
             "prior_strength": best["strength"], "strength_grid": grid, "sequences": split.n_train}
-    write_export(export, chain.state_dict(), meta)
+    write_export(export, fit.state_dict(), meta)
     log.info("%s: %d training sequences, prior strength %g (held-out loss %s)",
              task_name(stage, target=target, fraction=fraction, seed=seed), split.n_train, best["strength"],
              best["val_loss"])

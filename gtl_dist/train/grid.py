@@ -89,11 +89,12 @@ class SelectedTask:
         for point in grid_points(self.cfg, self.stage):
             folds = []
             for fold in range(self.cfg.protocol.folds):
-                result = self.run(point, fold_variant(point, fold), fold=fold)
+                variant = fold_variant(point, fold)
+                result = self.run(point, variant, fold=fold)
                 if result.status != "finished":
                     return result
                 folds.append(read_val_curve(self.paths.stage(self.stage, self.target, self.fraction, self.seed,
-                                                             fold_variant(point, fold)) / "train_log.jsonl"))
+                                                             variant) / "train_log.jsonl"))
             curves[point] = mean_curve(folds)
         scores = {p: curve_minimum(c) for p, c in curves.items()}
         kept = self.best_point({p: loss for p, (loss, _) in scores.items()})
